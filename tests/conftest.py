@@ -1,0 +1,121 @@
+"""Shared fixtures. Tests that need ../shared (the corpus, which is never copied into the repo) skip on a
+fresh clone with a clear reason; CI sets HANDMODEL_REQUIRE_SHARED=1, which turns that skip into a failure."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORPUS = ROOT.parent / "shared" / "corpus" / "tinystories"
+SHIPPED = ROOT / "reference" / "default"
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip the calling test with `reason` unless CI demands it, in which case fail."""
+    if ok:
+        return
+    if os.environ.get("HANDMODEL_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{reason} (HANDMODEL_REQUIRE_SHARED=1 makes this a failure)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def shared_corpus() -> Path:
+    """Folder holding train.txt and valid.txt of ../shared/corpus/tinystories."""
+    require((SHARED_CORPUS / "valid.txt").exists() and (SHARED_CORPUS / "train.txt").exists(),
+            f"needs the shared corpus at {SHARED_CORPUS} (absent on a fresh clone)")
+    return SHARED_CORPUS
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint() -> Path:
+    require((SHIPPED / "model.safetensors").exists(), "shipped model reference/default/model.safetensors not present")
+    return SHIPPED
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache dir so cached reference log-probs never leak between tests."""
+    monkeypatch.setenv("HANDMODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+# --- foundation (reference/) fixtures: tiny synthetic data and a tiny trained checkpoint ---------------
+# Stories are generated here from templates (never copied from the shared corpus). They contain
+# typographic quotes and emoji so the tokenizer and the byte-level vocabulary see multi-byte text.
+
+_NAMES = ["Tom", "Lily", "Ben", "Mia", "Sam", "Anna"]
+_THINGS = ["ball", "cat", "red kite", "big tree", "cake", "little boat"]
+_PLACES = ["park", "garden", "beach", "forest"]
+_FEELINGS = ["happy", "sad", "sleepy", "brave"]
+_EMOJI = ["🙂", "🐶", "🌞", "🎈"]
+
+
+def make_stories(n: int, seed: int = 0) -> list[str]:
+    """`n` short template stories, deterministic in `seed`."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(_NAMES, 2)
+        thing, place, feel = rng.choice(_THINGS), rng.choice(_PLACES), rng.choice(_FEELINGS)
+        lines = [f"Once upon a time, {a} went to the {place} with a {thing}.",
+                 f"{b} saw the {thing} and said, “Can I play too?”",
+                 f"{a} said, “Yes! Let’s play.” They were {feel} {rng.choice(_EMOJI)}."]
+        if rng.random() < 0.5:
+            lines.append(f"The end. {b} went home to the {rng.choice(_PLACES)}.")
+        out.append(" ".join(lines) if rng.random() < 0.7 else "\n".join(lines))
+    return out
+
+
+def write_corpus(path: Path, stories: list[str]) -> Path:
+    """Write stories in the shared layout: each story followed by a line holding only <|endoftext|>."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """Folder with train.txt (300 stories) and valid.txt (40 other stories) of synthetic text."""
+    d = tmp_path_factory.mktemp("tiny_corpus")
+    write_corpus(d / "train.txt", make_stories(300, seed=1))
+    write_corpus(d / "valid.txt", make_stories(40, seed=2))
+    return d
+
+
+def tiny_train_config(corpus: Path, out: Path, **over):
+    """A TrainConfig for a model small enough to train in about a second on one CPU thread."""
+    from reference.model import ModelConfig
+    from reference.train import TrainConfig
+
+    model = ModelConfig(vocab_size=0, n_ctx=32, d_model=32, n_heads=4, d_mlp=64)
+    kw = dict(corpus=str(corpus / "train.txt"), valid=str(corpus / "valid.txt"), out=str(out), vocab_size=300,
+              model=model, steps=60, batch_size=8, lr=1e-2, warmup=5, eval_every=20, eval_tokens=2048,
+              ckpt_every=1000, seed=0, threads=1)
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
+    """A checkpoint folder trained by reference.train.train on the tiny corpus (60 steps)."""
+    from reference.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "ckpt"
+    train(tiny_train_config(tiny_corpus, out), resume=False, progress=False, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def story_maker():
+    """make_stories(n, seed) for tests that need their own synthetic text."""
+    return make_stories
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_train_config(corpus_dir, out_dir, **overrides) -> TrainConfig."""
+    return tiny_train_config

@@ -1,0 +1,149 @@
+"""The `handmodel` command. It lives in verify/ because verify is the one package allowed to reach both
+the reference (torch) and the hand model; each subcommand imports only what it needs, so commands
+that never touch torch (verify with a warm cache) never pay torch's import time.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from handmodel.errors import UserError
+
+app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
+                  help="Reverse-engineer a one-layer transformer with hand-written rules, and measure what is explained.")
+
+CKPT_HELP = "Checkpoint folder (default: the shipped model in reference/default)."
+
+
+@app.callback()
+def _root():
+    """Reverse-engineer a one-layer transformer with hand-written rules, and measure what is explained."""
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("runs/default"), help="Output folder (checkpoint + training state)."),
+    corpus: str = typer.Option("../shared/corpus/tinystories/train.txt",
+                               help="Training text: a .txt file, a folder of them, or 'tinystories' (the HF hub)."),
+    valid: Optional[str] = typer.Option(None, help="Held-out text (default: valid.txt beside the corpus)."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json instead of training one."),
+    vocab_size: int = typer.Option(4096, help="BPE vocabulary size when training a tokenizer."),
+    n_ctx: int = typer.Option(512, help="Context length."),
+    d_model: int = typer.Option(256, help="Residual width."),
+    n_heads: int = typer.Option(4, help="Attention heads."),
+    d_mlp: int = typer.Option(1024, help="MLP neurons."),
+    steps: int = typer.Option(2000, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, help="Global batch (sequences); split across torchrun processes."),
+    lr: float = typer.Option(3e-3, help="Peak learning rate."),
+    warmup: int = typer.Option(100, help="Linear warmup steps."),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay on matrices."),
+    grad_clip: float = typer.Option(1.0, help="Gradient norm clip."),
+    eval_every: int = typer.Option(200, help="Evaluate on the held-out text every N steps."),
+    ckpt_every: int = typer.Option(500, help="Write a checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Seed for weights and batches (same command, same model)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    threads: int = typer.Option(0, help="Torch threads per process (0: torch's default)."),
+    resume: bool = typer.Option(True, help="Continue an interrupted run found in --out."),
+    progress: bool = typer.Option(True, help="Rich progress bar (off: one JSON line per eval)."),
+):
+    """Train a one-layer reference transformer. Under `torchrun --nproc-per-node N` it trains data-parallel."""
+    from reference.model import ModelConfig
+    from reference.train import TrainConfig, train as run
+
+    cfg = TrainConfig(corpus=corpus, valid=valid, out=str(out), tokenizer=str(tokenizer) if tokenizer else None,
+                      vocab_size=vocab_size, model=ModelConfig(n_ctx=n_ctx, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp),
+                      steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                      grad_clip=grad_clip, eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=device,
+                      threads=threads)
+    card = run(cfg, resume=resume, progress=progress)
+    typer.echo(f"saved {out}: train loss {card['train_loss']}, valid loss {card.get('valid_loss_full', card['valid_loss'])}")
+
+
+@app.command()
+def info(checkpoint: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+         prompt: str = typer.Option("Once upon a time", help="Prompt for the sample continuation."),
+         seed: int = typer.Option(0, help="Sampling seed.")):
+    """Print the model card of a checkpoint and a sample continuation."""
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from reference.oracle import Oracle
+
+    o = Oracle.load(checkpoint)
+    con = Console()
+    card = (o.path / "card.md").read_text() if (o.path / "card.md").exists() else "(no model card)"
+    con.print(Markdown(card))
+    con.print(f"[bold]checkpoint[/] {o.path}  [bold]hash[/] {o.hash}  [bold]params[/] {o.model.n_params():,}")
+    con.print(f"[bold]sample[/] (top-k 40, seed {seed}): {o.sample(prompt, max_new=80, top_k=40, seed=seed)}")
+
+
+@app.command()
+def sample(prompt: str = typer.Option("Once upon a time", help="Text to continue."),
+           checkpoint: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+           max_new: int = typer.Option(200, help="Most tokens to generate (stops at <|endoftext|>)."),
+           temperature: float = typer.Option(1.0, help="Softmax temperature; 0 = greedy."),
+           top_k: int = typer.Option(0, help="Sample from the k most likely tokens only (0 = all)."),
+           seed: int = typer.Option(0, help="Sampling seed (same seed, same text)."),
+           n: int = typer.Option(1, help="How many samples (seeds seed, seed+1, ...).")):
+    """Generate text from the reference model."""
+    from reference.oracle import Oracle
+
+    o = Oracle.load(checkpoint)
+    for i in range(n):
+        typer.echo(o.sample(prompt, max_new=max_new, temperature=temperature, top_k=top_k, seed=seed + i))
+        if i + 1 < n:
+            typer.echo("---")
+
+
+@app.command()
+def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/train.txt", help="Counts come from here."),
+              valid: str = typer.Option("../shared/corpus/tinystories/valid.txt", help="Scored on this."),
+              checkpoint: Optional[Path] = typer.Option(None, help="Tokenizer from this checkpoint. " + CKPT_HELP),
+              json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
+    """Count n-gram yardsticks: unigram, bigram, interpolated trigram cross-entropy on held-out text."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from reference.baselines import ngram_baselines
+    from reference.checkpoint import DEFAULT_DIR
+    from reference.corpus import read_stories, token_stream
+    from reference.tokenizer import load_tokenizer
+
+    tok = load_tokenizer((checkpoint or DEFAULT_DIR) / "tokenizer.json")
+    tr = token_stream(tok, read_stories(train_corpus))
+    va = token_stream(tok, read_stories(valid))
+    res = ngram_baselines(tr, va, tok.get_vocab_size())
+    if json_out:
+        typer.echo(json.dumps({"train_tokens": len(tr), "valid_tokens": len(va),
+                               "results": [r.__dict__ for r in res]}, indent=2))
+        return
+    t = Table(title=f"count n-gram baselines: {len(tr):,} train tokens → {len(va):,} held-out tokens")
+    t.add_column("model"), t.add_column("CE (nats/token)", justify="right"), t.add_column("interpolation weights (l3, l2, l1, l0)")
+    for r in res:
+        t.add_row(r.name, f"{r.ce:.3f}", ", ".join(f"{x:.3f}" for x in r.lambdas))
+    Console().print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        typer.secho(f"error: {e}", err=True, fg="red")
+        return 2
+    except typer.Abort:
+        return 130
+    except Exception as e:  # usage errors from typer's click: they know how to show themselves
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
