@@ -1,0 +1,264 @@
+"""load_rules: rule files -> CompiledRules (rule metadata for the ledger + flat CSR arrays for the kernels).
+
+Array layout (all CSR: `X_ptr[k]:X_ptr[k+1]` slices the entries of key k). Keys written `h*V + tok`
+index per-head, per-token lists. Every entry carries the rule index it came from so a per-rule mask
+can switch it off at run time without recompiling.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .errors import UserError
+from .resolve import Rule, TokenSets, resolve_entry
+from .rulefile import Entry, read_rule_file
+
+
+def vocab_fingerprint(vocab: list[str]) -> str:
+    """"<size>:<8 hex>" identifying a vocabulary; write it as `vocab = "..."` at the top of a rule file."""
+    h = hashlib.sha256("\x00".join(vocab).encode("utf-8")).hexdigest()[:8]
+    return f"{len(vocab)}:{h}"
+
+
+@dataclass
+class CompiledRules:
+    vocab: list[str]
+    vocab_size: int
+    rules: list[Rule]
+    sets: TokenSets
+    n_heads: int
+    rule_ids: list[str]
+    rule_docs: list[str]
+    rule_kinds: list[str]
+    rule_files: list[str]
+    rule_lines: list[int]
+    rule_group: np.ndarray
+    groups: list[str]
+    rule_numbers: np.ndarray
+    arrays: SimpleNamespace
+
+    def mask_of(self, mask) -> np.ndarray:
+        """Normalise a user mask (None = all rules on) to bool [n_rules]."""
+        n = len(self.rules)
+        if mask is None:
+            return np.ones(n, dtype=np.bool_)
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ or m.shape != (n,):
+            raise UserError(f"mask must be a bool array of shape ({n},) (one entry per rule, True = on), got {m.dtype} {m.shape}")
+        return np.ascontiguousarray(m)
+
+
+def _rule_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".toml" and p.is_file())
+        if not files:
+            raise UserError(f"{path}: no .toml rule files in this folder; add one (see docs/rules.md)")
+        return files
+    if path.is_file():
+        return [path]
+    raise UserError(f"{path}: no such rules file or folder; pass a folder of .toml files or one .toml file")
+
+
+def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
+    """Read, check, resolve and compile every rule file (sorted by file name) against `vocab`."""
+    files = _rule_files(Path(rules_dir_or_file))
+    fp = vocab_fingerprint(vocab)
+    entries: list[Entry] = []
+    for f in files:
+        rf, es = read_rule_file(f)
+        if rf.vocab is not None and rf.vocab != fp:
+            line = next((i + 1 for i, s in enumerate(rf.lines) if s.lstrip().startswith("vocab")), 1)
+            raise UserError(f"{f}:{line}: rules were written for vocabulary {rf.vocab} but this one is {fp}; "
+                            "use the tokenizer.json the rules were written for, or update the vocab line after checking the tokens")
+        entries.extend(es)
+    first: dict[str, Entry] = {}
+    for e in entries:
+        if e.id in first:
+            o = first[e.id]
+            raise UserError(f"{e.file.path}:{e.line}: duplicate id '{e.id}' (first used at {o.file.path}:{o.line}); "
+                            "ids must be unique across all rule files and classes: rename one")
+        first[e.id] = e
+
+    sets = TokenSets(vocab)
+    sets.define_classes([e for e in entries if e.kind == "class"])
+    head_entries = [e for e in entries if e.kind == "head"]
+    heads = {e.id: i for i, e in enumerate(head_entries)}
+    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind != "class"]
+
+    groups: list[str] = []
+    gidx: dict[str, int] = {}
+    for r in rules:
+        if r.group not in gidx:
+            gidx[r.group] = len(groups)
+            groups.append(r.group)
+    return CompiledRules(
+        vocab=vocab, vocab_size=len(vocab), rules=rules, sets=sets, n_heads=len(heads),
+        rule_ids=[r.id for r in rules], rule_docs=[r.doc for r in rules], rule_kinds=[r.kind for r in rules],
+        rule_files=[r.file for r in rules], rule_lines=[r.line for r in rules],
+        rule_group=np.array([gidx[r.group] for r in rules], dtype=np.int64), groups=groups,
+        rule_numbers=np.array([r.numbers for r in rules], dtype=np.int64),
+        arrays=build_arrays(rules, sets, len(heads)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat arrays
+
+def _csr(keys: np.ndarray, n_keys: int, *vals: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Group values by key: (ptr[n_keys+1], vals sorted by key (stable)...)."""
+    keys = np.asarray(keys, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    ptr = np.zeros(n_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=n_keys), out=ptr[1:])
+    return (ptr,) + tuple(np.ascontiguousarray(np.asarray(v)[order]) for v in vals)
+
+
+class _Targets:
+    """Per-writer expanded (token, weight) lists; overlapping sids add up."""
+
+    def __init__(self, sets: TokenSets):
+        self.sets = sets
+        self.ptr = [0]
+        self.tok: list[np.ndarray] = []
+        self.w: list[np.ndarray] = []
+
+    def add(self, items: list[tuple[int, float]]) -> int:
+        V = self.sets.V
+        if items and all(s < V for s, _ in items):
+            d: dict[int, float] = {}
+            for s, w in items:
+                d[s] = d.get(s, 0.0) + w
+            tok = np.fromiter(d.keys(), dtype=np.int32, count=len(d))
+            w = np.fromiter(d.values(), dtype=np.float64, count=len(d))
+        elif items:
+            toks = np.concatenate([self.sets.members(s) for s, _ in items])
+            ws = np.concatenate([np.full(self.sets.size(s), w) for s, w in items])
+            tok, inv = np.unique(toks, return_inverse=True)
+            w = np.bincount(inv, weights=ws)
+            tok = tok.astype(np.int32)
+        else:
+            tok, w = np.zeros(0, np.int32), np.zeros(0, np.float64)
+        self.tok.append(tok)
+        self.w.append(w)
+        self.ptr.append(self.ptr[-1] + len(tok))
+        return len(self.ptr) - 2
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+        return np.array(self.ptr, dtype=np.int64), cat(self.tok, np.int32), cat(self.w, np.float64)
+
+
+def _expand(sets: TokenSets, sids: list[int], *vals) -> tuple[np.ndarray, ...]:
+    """Repeat each entry once per member token of its sid: (tokens, vals...)."""
+    if not sids:
+        return (np.zeros(0, np.int64),) + tuple(np.zeros(0, np.asarray(v).dtype) for v in vals)
+    toks = [sets.members(s) for s in sids]
+    n = np.array([len(t) for t in toks])
+    return (np.concatenate(toks).astype(np.int64),) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+
+
+def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
+    V, ALL = sets.V, sets.ALL
+    a = SimpleNamespace()
+    a.class_member = sets.member_matrix
+
+    # Base rows: prior and bigram rows as blocks (now sid, expanded targets). now = @all -> global vector.
+    bt = _Targets(sets)
+    blk_rule, blk_now = [], []
+    for ri, r in enumerate(rules):
+        if r.kind == "prior":
+            blk_rule.append(ri); blk_now.append(ALL); bt.add(r.next)
+        elif r.kind == "bigram":
+            for now, row in r.rows:
+                blk_rule.append(ri); blk_now.append(now); bt.add(row)
+    a.blk_rule = np.array(blk_rule, dtype=np.int64)
+    a.blk_ptr, a.blk_tok, a.blk_w = bt.arrays()
+    glob = [i for i, s in enumerate(blk_now) if s == ALL]
+    a.glob_blk = np.array(glob, dtype=np.int64)
+    local = [i for i, s in enumerate(blk_now) if s != ALL]
+    toks, bids = _expand(sets, [blk_now[i] for i in local], np.array(local, dtype=np.int64))
+    a.nb_ptr, a.nb_blk = _csr(toks, V, bids)
+
+    # Heads: positional scores, and token scores grouped by the `now` sid they apply to.
+    head_rules = [r for r in rules if r.kind == "head"]
+    a.head_rule = np.array([i for i, r in enumerate(rules) if r.kind == "head"], dtype=np.int64)
+    pos_ptr, pos_val, pos_def = [0], [], []
+    grp_rows: list[np.ndarray] = []
+    hg_keys, hg_grp = [], []
+    for h, r in enumerate(head_rules):
+        D = max(r.position) + 1 if r.position else 0
+        seg = np.full(D, r.pos_default)
+        for d, w in r.position.items():
+            seg[d] = w
+        pos_val.append(seg); pos_ptr.append(pos_ptr[-1] + D); pos_def.append(r.pos_default)
+        by_now: dict[int, np.ndarray] = {}
+        for now, src, w in r.scores:
+            row = by_now.setdefault(now, np.zeros(V))
+            row[sets.members(src)] += w
+        for now, row in by_now.items():
+            g = len(grp_rows)
+            grp_rows.append(row)
+            mem = sets.members(now).astype(np.int64)
+            hg_keys.append(h * V + mem); hg_grp.append(np.full(len(mem), g, dtype=np.int64))
+    a.pos_ptr = np.array(pos_ptr, dtype=np.int64)
+    a.pos_val = np.concatenate(pos_val) if pos_val else np.zeros(0)
+    a.pos_default = np.array(pos_def, dtype=np.float64)
+    a.src_score = np.array(grp_rows, dtype=np.float64).reshape(len(grp_rows), V)
+    cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+    a.hg_ptr, a.hg_grp = _csr(cat(hg_keys), H * V, cat(hg_grp))
+
+    # Head outputs: indexed by (head, source token); the `now` condition is checked per position.
+    ot = _Targets(sets)
+    ho = [(i, r) for i, r in enumerate(rules) if r.kind == "head_out"]
+    a.ho_rule = np.array([i for i, _ in ho], dtype=np.int64)
+    a.ho_head = np.array([r.head for _, r in ho], dtype=np.int64)
+    a.ho_now = np.array([r.now for _, r in ho], dtype=np.int64)
+    for _, r in ho:
+        ot.add(r.next)
+    a.ho_ptr, a.ho_tok, a.ho_w = ot.arrays()
+    toks, hs, ids = _expand(sets, [r.src for _, r in ho], a.ho_head, np.arange(len(ho), dtype=np.int64))
+    a.hos_ptr, a.hos_id = _csr(hs * V + toks, H * V, ids)
+
+    # Skip-trigrams: indexed by current token (candidates) and by earlier token (arming).
+    st = _Targets(sets)
+    sk = [(i, r) for i, r in enumerate(rules) if r.kind == "skip"]
+    a.sk_rule = np.array([i for i, _ in sk], dtype=np.int64)
+    for _, r in sk:
+        st.add(r.next)
+    a.sk_ptr, a.sk_tok, a.sk_w = st.arrays()
+    ids = np.arange(len(sk), dtype=np.int64)
+    toks, i1 = _expand(sets, [r.now for _, r in sk], ids)
+    a.skn_ptr, a.skn_id = _csr(toks, V, i1)
+    toks, i2 = _expand(sets, [r.src for _, r in sk], ids)
+    a.ske_ptr, a.ske_id = _csr(toks, V, i2)
+
+    # Neurons: threshold, output, and three input indexes (now token, present token, attended token).
+    nt = _Targets(sets)
+    nr = [(i, r) for i, r in enumerate(rules) if r.kind == "neuron"]
+    a.nr_rule = np.array([i for i, _ in nr], dtype=np.int64)
+    a.nr_thr = np.array([r.threshold for _, r in nr], dtype=np.float64)
+    a.nr_always = np.flatnonzero(a.nr_thr < 0).astype(np.int64)  # fire with no input at all
+    for _, r in nr:
+        nt.add(r.next)
+    a.nr_ptr, a.nr_tok, a.nr_w = nt.arrays()
+    s_now, n_now, w_now, s_pr, n_pr, w_pr, s_at, h_at, n_at, w_at = ([] for _ in range(10))
+    for n, (_, r) in enumerate(nr):
+        for s, w in r.n_now:
+            s_now.append(s); n_now.append(n); w_now.append(w)
+        for s, w in r.n_present:
+            s_pr.append(s); n_pr.append(n); w_pr.append(w)
+        for h, s, w in r.n_attend:
+            s_at.append(s); h_at.append(h); n_at.append(n); w_at.append(w)
+    toks, nn, ww = _expand(sets, s_now, np.array(n_now, np.int64), np.array(w_now, np.float64))
+    a.nn_ptr, a.nn_neu, a.nn_w = _csr(toks, V, nn, ww)
+    a.npe_neu = np.array(n_pr, dtype=np.int64)
+    a.npe_w = np.array(w_pr, dtype=np.float64)
+    toks, ee = _expand(sets, s_pr, np.arange(len(s_pr), dtype=np.int64))
+    a.np_ptr, a.np_ent = _csr(toks, V, ee)
+    toks, hh, nn, ww = _expand(sets, s_at, np.array(h_at, np.int64), np.array(n_at, np.int64), np.array(w_at, np.float64))
+    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww)
+    return a

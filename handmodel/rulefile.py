@@ -1,0 +1,218 @@
+"""Reading rule files: TOML text -> checked entries that still remember where they were written.
+
+tomllib parses (fast, strict); it forgets line numbers, so we recover them by scanning the text for
+each rule's `id = "..."` line. That scan also gives the order of rules inside a file (tomllib groups
+`[[bigram]]` and `[[head]]` tables by kind, losing their interleaving). Finer locations (the line of
+a bad token) are searched for only when an error is raised, so the happy path stays fast.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+# Rule kinds, the keys each may have, and the keys it must have. `class` is not a rule (no effect of
+# its own, not in the ledger) but shares the id namespace.
+KEYS: dict[str, set[str]] = {
+    "class": {"id", "doc", "tokens", "pattern", "except"},
+    "prior": {"id", "doc", "group", "next"},
+    "bigram": {"id", "doc", "group", "now", "next", "rows"},
+    "head": {"id", "doc", "group", "position", "score"},
+    "head_out": {"id", "doc", "group", "head", "src", "now", "next"},
+    "skip": {"id", "doc", "group", "earlier", "now", "next"},
+    "neuron": {"id", "doc", "group", "threshold", "now", "present", "attend", "next"},
+}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "class": ("id", "doc"),
+    "prior": ("id", "doc", "next"),
+    "bigram": ("id", "doc"),
+    "head": ("id", "doc"),
+    "head_out": ("id", "doc", "head", "src", "next"),
+    "skip": ("id", "doc", "earlier", "next"),
+    "neuron": ("id", "doc", "next"),
+}
+TOP_KEYS = {"group", "vocab"} | set(KEYS)
+ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_ID_LINE = re.compile(r"""\bid\s*=\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)')""")
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]\s]+)")
+
+
+@dataclass
+class RuleFile:
+    path: Path
+    text: str
+    data: dict
+    group: str
+    vocab: str | None
+    id_lines: dict[str, list[int]] = field(default_factory=dict)
+    _lines: list[str] | None = None
+
+    @property
+    def lines(self) -> list[str]:
+        if self._lines is None:
+            self._lines = self.text.splitlines()
+        return self._lines
+
+
+@dataclass
+class Entry:
+    """One `[[kind]]` table as written, with enough context to point at it."""
+    kind: str
+    body: dict
+    file: RuleFile
+    line: int  # line of its `id = ...` (1-based)
+    nth_same_id: int = 0  # 0 for the first table with this id in the file, 1 for a duplicate, ...
+
+    @property
+    def id(self) -> str:
+        return self.body["id"]
+
+    def where(self, *needles: str) -> str:
+        """`file:line` of the first needle found inside this entry's table (else of its id)."""
+        return f"{self.file.path}:{self.find_line(*needles)}"
+
+    def find_line(self, *needles: str) -> int:
+        lines = self.file.lines
+        start = self.line - 1
+        while start > 0 and not _HEADER.match(lines[start]) and "{" not in lines[start]:
+            start -= 1  # back to this table's header (keys may precede `id`)
+        end = self.line
+        while end < len(lines):
+            m = _HEADER.match(lines[end])
+            if m and not m.group(1).startswith(self.kind + "."):
+                break
+            end += 1
+        for needle in needles:
+            for i in range(start, end):
+                if needle in lines[i]:
+                    return i + 1
+        return self.line
+
+    def fail(self, what: str, fix: str, *needles: str) -> UserError:
+        return UserError(f"{self.where(*needles)}: {self.kind} '{self.id}': {what}; {fix}")
+
+
+def quoted(s: str) -> tuple[str, ...]:
+    """How a string is likely spelled in TOML, for locating it."""
+    return (json.dumps(s, ensure_ascii=False), f"'{s}'", s) if s else ('""',)
+
+
+def _decode_line(e: tomllib.TOMLDecodeError) -> int:
+    m = re.search(r"at line (\d+)", str(e))
+    return int(m.group(1)) if m else 1
+
+
+def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}:1: not UTF-8 text; save the rule file as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
+        raise UserError(f"{path}:{_decode_line(e)}: malformed TOML ({msg}); fix the syntax there "
+                        "(strings in double quotes, one key per line, [[kind]] headers)") from None
+    rf = RuleFile(path=path, text=text, data=data, group=path.stem, vocab=None)
+    for m in _ID_LINE.finditer(text):
+        val = m.group(1)
+        if val is not None:
+            try:
+                val = json.loads(f'"{val}"')
+            except json.JSONDecodeError:
+                pass
+        else:
+            val = m.group(2)
+        rf.id_lines.setdefault(val, []).append(text.count("\n", 0, m.start()) + 1)
+
+    def top_line(key: str) -> int:
+        for i, line in enumerate(rf.lines):
+            if re.match(rf"^\s*{re.escape(key)}\s*=", line) or re.match(rf"^\s*\[\[?\s*{re.escape(key)}\b", line):
+                return i + 1
+        return 1
+
+    for key, val in data.items():
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(key, sorted(TOP_KEYS), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(sorted(TOP_KEYS))}"
+            raise UserError(f"{path}:{top_line(key)}: unknown top-level key '{key}'; {hint}")
+    if "group" in data:
+        if not isinstance(data["group"], str) or not data["group"].strip():
+            raise UserError(f"{path}:{top_line('group')}: 'group' must be a non-empty string naming this file's rule group")
+        rf.group = data["group"]
+    if "vocab" in data:
+        if not isinstance(data["vocab"], str):
+            raise UserError(f"{path}:{top_line('vocab')}: 'vocab' must be a string like \"4096:1a2b3c4d\" (see handmodel.vocab_fingerprint)")
+        rf.vocab = data["vocab"]
+
+    entries: list[Entry] = []
+    seen: dict[str, int] = {}
+    for kind in KEYS:
+        if kind not in data:
+            continue
+        tables = data[kind]
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            raise UserError(f"{path}:{top_line(kind)}: '{kind}' must be written as [[{kind}]] tables")
+        for body in tables:
+            rid = body.get("id")
+            if not isinstance(rid, str):
+                raise UserError(f"{path}:{top_line(kind)}: a [[{kind}]] table has no string 'id'; "
+                                f"give every rule a stable id, e.g. id = \"{kind}_1\"")
+            k = seen.get(rid, 0)
+            seen[rid] = k + 1
+            lines = rf.id_lines.get(rid, [])
+            line = lines[k] if k < len(lines) else (lines[-1] if lines else top_line(kind))
+            entries.append(Entry(kind=kind, body=body, file=rf, line=line, nth_same_id=k))
+    entries.sort(key=lambda e: e.line)
+    for e in entries:
+        check_entry(e)
+    return rf, entries
+
+
+def check_entry(e: Entry) -> None:
+    """Shape checks that need no vocabulary: keys, ids, docs."""
+    body, kind = e.body, e.kind
+    for key in body:
+        if key not in KEYS[kind]:
+            close = difflib.get_close_matches(key, sorted(KEYS[kind]), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(KEYS[kind]))}"
+            raise e.fail(f"unknown key '{key}'", hint, f"{key} =", key)
+    for key in REQUIRED[kind]:
+        if key not in body:
+            raise e.fail(f"missing '{key}'", f"add {key} = ... (see docs/rules.md, [[{kind}]])")
+    if not ID_RE.match(e.id):
+        raise e.fail("id must be letters, digits, '_', '.', '-' and start with a letter or '_'",
+                     "rename it, e.g. id = \"after_the\"", "id")
+    doc = body["doc"]
+    if not isinstance(doc, str) or not doc.strip() or "\n" in doc.strip():
+        raise e.fail("'doc' must be one non-empty line of English", "say what behaviour the rule captures", "doc")
+    if "group" in body and (not isinstance(body["group"], str) or not body["group"].strip()):
+        raise e.fail("'group' must be a non-empty string", "name the ledger group, e.g. group = \"bigrams\"", "group")
+    if kind == "bigram":
+        has_row = "now" in body or "next" in body
+        if "rows" in body and has_row:
+            raise e.fail("has both 'rows' and 'now'/'next'", "write one row with now+next, or many with rows", "rows")
+        if "rows" not in body and not ("now" in body and "next" in body):
+            raise e.fail("needs 'now' and 'next' (one row) or 'rows' (a table)", "see docs/rules.md, [[bigram]]")
+    if kind == "class" and "tokens" not in body and "pattern" not in body:
+        raise e.fail("needs 'tokens' or 'pattern'", "list tokens, e.g. tokens = [\" dog\", \" cat\"], or give a regex")
+
+
+def number(e: Entry, value, what: str, *needles: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise e.fail(f"{what} must be a number, got {value!r}", "write a plain number like 1.5", *needles)
+    if not math.isfinite(value):
+        raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)
+    return float(value)
+
+
+def table(e: Entry, value, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise e.fail(f"'{key}' must be a table {{\"token or @class\" = number, ...}}", f"write {key} = {{ \" the\" = 1.0 }}", f"{key}")
+    return value
