@@ -1,0 +1,187 @@
+"""Engine == twin on random vocabularies, rule sets (written as TOML text), sequences and masks."""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from handmodel import HandModel, load_rules, twin
+
+SETTINGS = settings(deadline=None, derandomize=True, max_examples=60, suppress_health_check=list(HealthCheck))
+
+
+def q(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def tok_ref(tok: str) -> str:
+    return "@" + tok if tok.startswith("@") else tok  # '@@x' spells the token '@x'
+
+
+@st.composite
+def rulesets(draw):
+    """(vocab, {file name: TOML text}) for a random, valid rule set."""
+    vocab = draw(st.lists(st.text(alphabet=" ab@\nZ", min_size=1, max_size=3), min_size=3, max_size=14, unique=True))
+    V = len(vocab)
+    num = st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 3))
+    classes = []
+    files: dict[str, list[str]] = {"10_classes.toml": [], "00_rules.toml": [], "20_more.toml": []}
+    for k in range(draw(st.integers(0, 3))):
+        members = draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=V, unique=True))
+        lines = [f'[[class]]\nid = "c{k}"\ndoc = "class {k}"', "tokens = [" + ", ".join(q(tok_ref(vocab[i])) for i in members) + "]"]
+        if draw(st.booleans()):
+            pat = "^" + re.escape(vocab[draw(st.integers(0, V - 1))][0])
+            lines.append(f"pattern = {q(pat)}")
+        if classes and draw(st.booleans()):
+            lines[1] = lines[1][:-1] + ', "@' + draw(st.sampled_from(classes)) + '"]'
+        outside = [i for i in range(V) if i not in members]
+        if outside and draw(st.booleans()):
+            lines.append(f"except = [{q(tok_ref(vocab[draw(st.sampled_from(outside))]))}]")
+        classes.append(f"c{k}")
+        files["10_classes.toml"].append("\n".join(lines))
+    ref = st.one_of(st.integers(0, V - 1).map(lambda i: tok_ref(vocab[i])),
+                    st.sampled_from(["@" + c for c in classes] + ["@all"]))
+
+    def weights(max_size=3, min_size=1):
+        d = draw(st.dictionaries(ref, num, min_size=min_size, max_size=max_size))
+        return "{ " + ", ".join(f"{q(k)} = {v}" for k, v in d.items()) + " }"
+
+    rid = iter(range(1000))
+    heads = []
+    for h in range(draw(st.integers(0, 2))):
+        pos = draw(st.dictionaries(st.sampled_from(["0", "1", "2", "3", "default"]), num, max_size=4))
+        scores = [f"{{ now = {q(draw(ref))}, src = {q(draw(ref))}, w = {draw(num)} }}" for _ in range(draw(st.integers(0, 3)))]
+        text = f'[[head]]\nid = "h{h}"\ndoc = "head {h}"\nposition = {{ ' + ", ".join(f"{k} = {v}" for k, v in pos.items()) + " }"
+        if scores or draw(st.booleans()):
+            text += "\nscore = [" + ", ".join(scores) + "]"
+        heads.append(f"h{h}")
+        files["00_rules.toml"].append(text)
+    kinds = ["prior", "bigram", "bigram_rows", "skip", "neuron"] + (["head_out"] if heads else [])
+    for _ in range(draw(st.integers(0, 7))):
+        kind = draw(st.sampled_from(kinds))
+        i = next(rid)
+        head = f'[[{kind.split("_rows")[0]}]]\nid = "r{i}"\ndoc = "rule {i}"\n'
+        if kind == "prior":
+            body = f"next = {weights()}"
+        elif kind == "bigram":
+            body = f"now = {q(draw(ref))}\nnext = {weights()}"
+        elif kind == "bigram_rows":
+            rows = draw(st.lists(ref, min_size=1, max_size=3, unique=True))
+            body = "rows = { " + ", ".join(f"{q(r)} = {weights()}" for r in rows) + " }"
+        elif kind == "skip":
+            body = f"earlier = {q(draw(ref))}\n" + (f"now = {q(draw(ref))}\n" if draw(st.booleans()) else "") + f"next = {weights()}"
+        elif kind == "head_out":
+            body = f"head = {q(draw(st.sampled_from(heads)))}\nsrc = {q(draw(ref))}\n" + \
+                (f"now = {q(draw(ref))}\n" if draw(st.booleans()) else "") + f"next = {weights()}"
+        else:
+            body = f"threshold = {draw(st.sampled_from([-0.5, 0.0, 0.7, 100.0]))}\n"  # 100: never fires
+            if draw(st.booleans()):
+                body += f"now = {weights()}\n"
+            if draw(st.booleans()):
+                body += f"present = {weights()}\n"
+            if heads and draw(st.booleans()):
+                body += "attend = { " + ", ".join(f"{h} = {weights()}" for h in draw(st.lists(st.sampled_from(heads), min_size=1, unique=True))) + " }\n"
+            body += f"next = {weights()}"
+        files[draw(st.sampled_from(["00_rules.toml", "20_more.toml"]))].append(head + body)
+    return vocab, {k: "\n\n".join(v) + "\n" for k, v in files.items()}
+
+
+def compile_text(vocab, files):
+    with tempfile.TemporaryDirectory() as d:
+        for name, text in files.items():
+            Path(d, name).write_text(text, encoding="utf-8")
+        return load_rules(d, vocab)
+
+
+@st.composite
+def cases(draw):
+    vocab, files = draw(rulesets())
+    V = len(vocab)
+    seqs = draw(st.lists(st.lists(st.integers(0, V - 1), min_size=1, max_size=12), min_size=1, max_size=3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return vocab, files, [np.array(s, dtype=np.int32) for s in seqs], seed
+
+
+def logsumexp(x):
+    m = x.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+@SETTINGS
+@given(cases())
+def test_engine_matches_twin(case):
+    vocab, files, seqs, seed = case
+    rules = compile_text(vocab, files)
+    rng = np.random.default_rng(seed)
+    n = len(rules.rule_ids)
+    masks = [None, rng.random(n) < 0.6]
+    hm = HandModel(rules)
+    for mask in masks:
+        got = hm.log_probs_batch(seqs, mask)
+        want = [twin.log_probs(rules, s, mask) for s in seqs]
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32 and g.shape == w.shape
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(logsumexp(g.astype(np.float64)), 0.0, atol=1e-5)
+        # metrics against a random reference (float32 and float16) and against itself
+        N = sum(len(s) for s in seqs)
+        z = rng.normal(0, 2, size=(N, len(vocab)))
+        ref = (z - logsumexp(z)[:, None]).astype(np.float32)
+        tw = twin.metrics(rules, seqs, ref, mask)
+        for dtype in (np.float32, np.float16):
+            r = ref.astype(dtype)
+            m = hm.stream_metrics(seqs, r, mask)
+            tw = twin.metrics(rules, seqs, r, mask)
+            assert set(m) >= {"kl", "ce", "agree"}
+            assert all(len(v) == N for v in m.values())
+            assert (m["kl"] >= 0).all() and np.isfinite(m["kl"]).all()
+            np.testing.assert_allclose(m["kl"], tw["kl"], atol=2e-5, rtol=1e-5)
+            np.testing.assert_allclose(m["ce"], tw["ce"], atol=1e-5, rtol=0)
+            last = np.cumsum([len(s) for s in seqs]) - 1
+            assert np.isnan(m["ce"][last]).all() and np.isfinite(np.delete(m["ce"], last)).all()
+            hand = np.concatenate(want)
+            srt = np.sort(hand, axis=1)
+            clear = (srt[:, -1] - srt[:, -2] > 1e-4) if len(vocab) > 1 else np.ones(N, bool)
+            assert (m["agree"][clear] == tw["agree"][clear]).all()
+        own = hm.stream_metrics(seqs, np.concatenate(got), mask)
+        assert np.abs(own["kl"]).max() < 1e-5
+        assert own["agree"][clear].all()
+
+
+def test_kl_equals_direct_numpy():
+    vocab = ["a", "b", "c"]
+    rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "b is common"\nnext = { "b" = 1.0 }\n'})
+    hm = HandModel(rules)
+    ref = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
+    q_ = np.exp([0, 1, 0]) / np.exp([0, 1, 0]).sum()
+    m = hm.stream_metrics([np.array([0, 2])], ref.astype(np.float32))
+    want = [(np.exp(r) * (r - np.log(q_))).sum() for r in ref]
+    np.testing.assert_allclose(m["kl"], want, atol=1e-6)
+    np.testing.assert_allclose(m["ce"][0], -np.log(q_[2]), atol=1e-6)
+    assert list(m["agree"]) == [False, False]
+
+
+def test_empty_rule_set_is_uniform():
+    vocab = ["x", "y", "z", "w"]
+    rules = compile_text(vocab, {"empty.toml": "# nothing yet\n"})
+    assert rules.rule_ids == [] and rules.groups == []
+    lp = HandModel(rules).log_probs(np.array([1], dtype=np.int32))
+    np.testing.assert_allclose(lp, np.log(0.25), atol=1e-6)
+
+
+def test_mask_switches_rules_off_without_recompiling():
+    vocab = ["a", "b", "c"]
+    rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "b" = 2.0 }\n'
+                                           '[[bigram]]\nid = "q"\ndoc = "d"\nnow = "a"\nnext = { "c" = 3.0 }\n'})
+    hm = HandModel(rules)
+    seq = np.array([0, 1], dtype=np.int32)
+    on = hm.log_probs(seq)
+    off = hm.log_probs(seq, np.array([True, False]))
+    assert on[0].argmax() == 2 and off[0].argmax() == 1
+    np.testing.assert_allclose(off, twin.log_probs(rules, seq, np.array([True, False])), atol=1e-6)
