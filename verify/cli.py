@@ -129,6 +129,14 @@ def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/tra
     Console().print(t)
 
 
+# -- rule discovery: inspect / suggest / fit (verify/discover/commands.py; heavy imports stay inside) ---
+from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
+
+app.add_typer(inspect_app, name="inspect")
+app.command("suggest")(suggest_cmd)
+app.command("fit")(fit_cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)

@@ -1,0 +1,166 @@
+"""Typer commands for rule discovery, registered in verify/cli.py. Imports stay inside the functions so
+`handmodel --help` never loads torch."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+DEFAULT_CORPUS = "../shared/corpus/tinystories/train.txt"  # same as common.DEFAULT_CORPUS (kept here: no numpy at import)
+
+inspect_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                          help="Read the reference: what a token, a head or a neuron does (rich tables or --json).")
+
+CKPT = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model in reference/default).")
+CORPUS = typer.Option(DEFAULT_CORPUS, "--corpus", help="Text sampled for statistics (only its start is read).")
+TOKENS = typer.Option(16384, "--tokens", help="How many corpus tokens to run through the reference.")
+K = typer.Option(10, "-k", "--top", help="Rows per table.")
+JSON = typer.Option(False, "--json", help="Print JSON instead of tables.")
+MINC = typer.Option(3, "--min-count", help="Only tokens seen this often in the sample enter QK/OV tables.")
+
+
+def _emit(data: dict, as_json: bool, render) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        from rich.console import Console
+
+        render(Console(), data)
+
+
+def _table(title: str, cols: list[str], rows: list[list], justify_right=()):
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=escape(title), title_justify="left")
+    for c in cols:
+        t.add_column(escape(c), justify="right" if c in justify_right else "left")
+    for r in rows:
+        t.add_row(*[escape(str(x)) for x in r])
+    return t
+
+
+def _q(tok: str) -> str:
+    return repr(tok)
+
+
+@inspect_app.command("token")
+def inspect_token_cmd(token: str = typer.Argument(..., help='Token as written in the vocabulary, e.g. " dog" (or #id).'),
+                      checkpoint: Optional[Path] = CKPT, corpus: str = CORPUS, tokens: int = TOKENS, k: int = K,
+                      min_count: int = MINC, as_json: bool = JSON):
+    """Direct-path predictions after a token, heads attending from/to it, neurons it drives."""
+    from reference.oracle import Oracle
+
+    from .common import resolve_token
+    from .inspect import inspect_token
+
+    o = Oracle.load(checkpoint)
+    d = inspect_token(o, resolve_token(o.vocab, token), corpus, k=k, n_tokens=tokens, min_count=min_count)
+
+    def render(con, d):
+        from rich.markup import escape
+
+        con.print(f"[bold]token[/] {escape(_q(d['token']))} (id {d['id']}), {d['occurrences']} occurrences in the sample")
+        dp = d["direct_path"]
+        rows = [[_q(b["token"]), f"{b['value']:+.2f}", f"{b['prob']:.3f}", _q(s["token"]), f"{s['value']:+.2f}"]
+                for b, s in zip(dp["boosted"], dp["suppressed"])]
+        con.print(_table(f"direct path ({dp['note']})", ["boosted next", "logit", "p", "suppressed next", "logit "],
+                         rows, ("logit", "p", "logit ")))
+        rows = []
+        for h in d["heads"]:
+            rows.append([h["head"], ", ".join(_q(x["token"]) for x in h["qk_top_sources"][:3]),
+                         ", ".join(f"{_q(x['token'])} {x['mass']:.2f}" for x in h.get("from_top_sources", [])[:3]),
+                         h.get("attends_from_to_prev", "-"), ", ".join(_q(x["token"]) for x in h["qk_top_destinations"][:3]),
+                         h.get("attended_to_lift", "-")])
+        con.print(_table("heads: attention FROM this token (as destination) and TO it (as source)",
+                         ["head", "QK top sources", "corpus: attends to (mass)", "to prev", "QK top destinations",
+                          "attended-to lift"], rows, ("to prev", "attended-to lift")))
+        rows = [[n["neuron"], f"{n['token_alone_act']:.2f}", n["corpus_mean_act"] if n["corpus_mean_act"] is not None else "-",
+                 ", ".join(_q(x) for x in n["boosts"])] for n in d["neurons"]]
+        con.print(_table("neurons it drives", ["neuron", "act (token alone)", "mean act (corpus)", "neuron boosts"], rows,
+                         ("act (token alone)", "mean act (corpus)")))
+
+    _emit(d, as_json, render)
+
+
+@inspect_app.command("head")
+def inspect_head_cmd(head: int = typer.Argument(..., help="Head index."), checkpoint: Optional[Path] = CKPT,
+                     corpus: str = CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
+                     max_dist: int = typer.Option(16, help="Distances shown in the positional profile."),
+                     as_json: bool = JSON):
+    """Positional profile, top QK pairs, top OV effects and the skip-trigram "bugs" of one head."""
+    from reference.oracle import Oracle
+
+    from .inspect import inspect_head
+
+    o = Oracle.load(checkpoint)
+    d = inspect_head(o, head, corpus, k=k, n_tokens=tokens, min_count=min_count, max_dist=max_dist)
+
+    def render(con, d):
+        con.print(f"[bold]head {d['head']}[/]: {d['kind']} (attention to previous token {d['previous_token_score']:.2f}); "
+                  f"{d['sample_tokens']} sample tokens, LNf scale {d['ln_scale']}")
+        prof = d["profile"]
+        rows = [[dist, f"{v:.3f}", "█" * int(round(v * 40))] for dist, v in enumerate(prof)]
+        rows.append([f">{len(prof) - 1}", f"{d['profile_rest']:.3f}", "█" * int(round(d['profile_rest'] * 40))])
+        con.print(_table("positional profile: mean attention by distance dst−src (sums to 1)", ["distance", "attn", ""],
+                         rows, ("attn",)))
+        con.print(_table("top QK pairs (score centred over sources)", ["destination", "source", "score"],
+                         [[_q(r["dst"]), _q(r["src"]), f"{r['score']:+.2f}"] for r in d["qk_top_pairs"]], ("score",)))
+        con.print(_table("top OV effects: attending to source ⇒ logit change (centred)",
+                         ["source", "boosts", "logit", "source ", "suppresses", "logit "],
+                         [[_q(a["src"]), _q(a["out"]), f"{a['logit']:+.2f}", _q(b["src"]), _q(b["out"]), f"{b['logit']:+.2f}"]
+                          for a, b in zip(d["ov_top"], d["ov_bottom"])], ("logit", "logit ")))
+        con.print(_table("implied skip-trigrams 'src … dst ⇒ out' (factorised: every dst × out combination is boosted)",
+                         ["src", "dst", "out", "corpus count (src within 32)", "dst→out count", "bug?"],
+                         [[_q(r["src"]), _q(r["dst"]), _q(r["out"]), r["with_src_count"], r["bigram_count"],
+                           "BUG" if r["bug"] else ""] for r in d["skip_trigrams"]],
+                         ("corpus count (src within 32)", "dst→out count")))
+
+    _emit(d, as_json, render)
+
+
+@inspect_app.command("neuron")
+def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), checkpoint: Optional[Path] = CKPT,
+                       corpus: str = CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
+                       as_json: bool = JSON):
+    """Top-activating tokens and contexts, output effect, and the loss cost of zero-ablating one neuron."""
+    from reference.oracle import Oracle
+
+    from .inspect import inspect_neuron
+
+    o = Oracle.load(checkpoint)
+    d = inspect_neuron(o, neuron, corpus, k=k, n_tokens=tokens, min_count=min_count)
+
+    def render(con, d):
+        a = d["ablation"]
+        con.print(f"[bold]neuron {d['neuron']}[/]: fires on {d['fires_fraction']:.1%} of {d['sample_tokens']} sample tokens, "
+                  f"mean {d['mean_act']:.3f}, max {d['max_act']:.3f}")
+        con.print(f"zero-ablation: CE {a['ce']:.4f} → {a['ce_zero_ablated']:.4f} nats/token "
+                  f"(cost {a['loss_cost']:+.5f}; KL(ref‖ablated) {a['kl_ref_to_ablated']:.5f})")
+        con.print(_table("top-activating contexts ([current token] | next token)", ["act", "context"],
+                         [[f"{r['act']:.2f}", r["context"]] for r in d["top_contexts"]], ("act",)))
+        rows = [[_q(a["token"]), f"{a['mean_act']:.2f}", a["count"], _q(b["token"]), f"{b['act']:.2f}"]
+                for a, b in zip(d["top_tokens"], d["top_tokens_alone"])]
+        con.print(_table("top tokens", ["token (corpus)", "mean act", "count", "token (alone)", "act"], rows,
+                         ("mean act", "count", "act")))
+        con.print(_table("output effect (centred logits per unit activation)", ["boosts", "logit", "suppresses", "logit "],
+                         [[_q(a["token"]), f"{a['value']:+.3f}", _q(b["token"]), f"{b['value']:+.3f}"]
+                          for a, b in zip(d["output_boosted"], d["output_suppressed"])], ("logit", "logit ")))
+
+    _emit(d, as_json, render)
+
+
+def suggest_cmd():
+    """Draft rule files from the reference (bigram rows, token classes, head and neuron rules)."""
+    from handmodel.errors import UserError
+
+    raise UserError("suggest is not implemented yet")
+
+
+def fit_cmd():
+    """Calibrate the numbers of hand-written rule files to minimise KL(p_ref ‖ p_hand) on training text."""
+    from handmodel.errors import UserError
+
+    raise UserError("fit is not implemented yet")
