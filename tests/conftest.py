@@ -31,7 +31,7 @@ def shared_corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def shipped_checkpoint() -> Path:
-    require((SHIPPED / "model.safetensors").exists(), "shipped model reference/default/model.safetensors not present")
+    require((SHIPPED / "model.safetensors").exists(), "shipped model not trained yet (reference/default/model.safetensors is absent)")
     return SHIPPED
 
 
@@ -86,13 +86,13 @@ def tiny_corpus(tmp_path_factory) -> Path:
     return d
 
 
-def tiny_train_config(corpus: Path, out: Path, **over):
+def tiny_train_config(corpus_dir: Path, out_dir: Path, **over):
     """A TrainConfig for a model small enough to train in about a second on one CPU thread."""
     from reference.model import ModelConfig
     from reference.train import TrainConfig
 
     model = ModelConfig(vocab_size=0, n_ctx=32, d_model=32, n_heads=4, d_mlp=64)
-    kw = dict(corpus=str(corpus / "train.txt"), valid=str(corpus / "valid.txt"), out=str(out), vocab_size=300,
+    kw = dict(corpus=str(corpus_dir / "train.txt"), valid=str(corpus_dir / "valid.txt"), out=str(out_dir), vocab_size=300,
               model=model, steps=60, batch_size=8, lr=1e-2, warmup=5, eval_every=20, eval_tokens=2048,
               ckpt_every=1000, seed=0, threads=1)
     kw.update(over)
@@ -119,3 +119,57 @@ def story_maker():
 def tiny_config():
     """tiny_train_config(corpus_dir, out_dir, **overrides) -> TrainConfig."""
     return tiny_train_config
+
+
+# -- verify/ fixtures (tests/test_verify_*.py): a tiny random reference on a tiny vocabulary ---------
+# Stories are generated from templates here (never copied from ../shared/corpus).
+def make_stories(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    names = ["Tom", "Lily", "Sam", "Mia", "Ben", "Sue"]
+    things = ["ball", "cat", "dog", "cake", "tree", "box", "kite", "hat"]
+    adjs = ["red", "big", "small", "happy", "old", "blue"]
+    verbs = ["saw", "liked", "found", "had", "wanted"]
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(names, 2)
+        sents = [f"Once upon a time, {a} {rng.choice(verbs)} a {rng.choice(adjs)} {rng.choice(things)}."]
+        for _ in range(rng.randint(2, 6)):
+            sents.append(f"{rng.choice([a, b])} {rng.choice(verbs)} the {rng.choice(adjs)} {rng.choice(things)}.")
+        sents.append(f"{a} and {b} were happy.")
+        out.append(" ".join(sents))
+    return out
+
+
+def write_corpus(path: Path, stories: list[str]) -> Path:
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
+    return path
+
+
+def make_tiny_checkpoint(out: Path, seed: int = 0, vocab_size: int = 300, n_ctx: int = 48, unembed_scale: float = 60.0) -> Path:
+    """A random one-layer reference on a BPE vocabulary trained on the template stories; W_U is scaled
+    up so its next-token distributions are far from uniform."""
+    import torch
+
+    from reference.checkpoint import save_checkpoint
+    from reference.model import ModelConfig, OneLayerTransformer
+    from reference.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(make_stories(200, 1), vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = OneLayerTransformer(ModelConfig(vocab_size=tok.get_vocab_size(), n_ctx=n_ctx, d_model=32, n_heads=2, d_mlp=64))
+    with torch.no_grad():
+        model.W_U.mul_(unembed_scale)
+    save_checkpoint(model, out, tok.to_str(), {"note": "tiny random test reference"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """(checkpoint dir, eval corpus, train corpus) for verify tests; built once per session."""
+    d = tmp_path_factory.mktemp("tiny_world")
+    ckpt = make_tiny_checkpoint(d / "ckpt")
+    evalf = write_corpus(d / "eval.txt", make_stories(12, 2))
+    train = write_corpus(d / "train.txt", make_stories(60, 3))
+    return ckpt, evalf, train
