@@ -36,6 +36,9 @@ class HandModel:
         used[a.ho_head] = True
         for h in range(H):  # heads nobody reads need no attention computed
             used[h] |= a.na_ptr[(h + 1) * V] > a.na_ptr[h * V]
+        self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
+        self._base_cache = None
+        self._ref_cache = None
         self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
                    a.src_score, a.hg_ptr, a.hg_grp,
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
@@ -64,9 +67,7 @@ class HandModel:
         uniq = np.unique(tok)
         row_of = np.full(V, -1, dtype=np.int64)
         row_of[uniq] = np.arange(len(uniq))
-        a = rules.arrays
-        base, lse, top = kernels.build_base(uniq, V, m, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
-                                            a.glob_blk, a.nb_ptr, a.nb_blk)
+        base, lse, top = self._base(uniq, m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -89,9 +90,30 @@ class HandModel:
         agree = np.zeros(N, dtype=np.bool_)
         hand_lse = np.empty(N)
         argmax = np.empty(N, dtype=np.int64)
-        kernels.run_seqs(tok, ptr, row_of, base, lse, top, m, self._P, ref16, ref32, use16, _LUT[0], _LUT[1],
+        S, A, arg = self._ref_stats(ref, ref16, ref32, use16) if ref is not None else (np.ones(0), np.ones(0), np.zeros(0, np.int64))
+        kernels.run_seqs(tok, ptr, row_of, base, lse, top, m, self._P, ref16, ref32, use16, _LUT[0], S, A, arg,
                          want_logp, out_logp, kl, ce, agree, hand_lse, argmax)
         return ptr, out_logp, {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
+
+    def _base(self, uniq: np.ndarray, mask: np.ndarray):
+        """Base rows depend only on the current tokens and the prior/bigram part of the mask: ablating a
+        head or neuron (the usual loop) reuses them."""
+        key = (uniq.tobytes(), mask[self._base_rules].tobytes())
+        if self._base_cache is None or self._base_cache[0] != key:
+            a = self.rules.arrays
+            out = kernels.build_base(uniq, self.rules.vocab_size, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
+                                     a.glob_blk, a.nb_ptr, a.nb_blk)
+            self._base_cache = (key, out)
+        return self._base_cache[1]
+
+    def _ref_stats(self, ref, ref16, ref32, use16):
+        """sum p, sum p log p and argmax of each reference row: rule-independent, so cached for the same
+        array (identified by buffer address, shape, dtype and a sample of its bytes)."""
+        sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
+        key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
+        if self._ref_cache is None or self._ref_cache[0] != key:
+            self._ref_cache = (key, kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1]))
+        return self._ref_cache[1]
 
     # -- API ---------------------------------------------------------------------------------
     def log_probs(self, seq: np.ndarray, mask=None) -> np.ndarray:

@@ -64,6 +64,45 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
     return base, lse, top
 
 
+@njit(cache=True, parallel=True)
+def ref_stats(ref16, ref32, use16, lut_p, lut_pl):
+    """Per reference row: S = sum p, A = sum p log p, argmax p (first on ties). Independent of the rules."""
+    N = ref16.shape[0] if use16 else ref32.shape[0]
+    S = np.empty(N)
+    A = np.empty(N)
+    arg = np.empty(N, dtype=np.int64)
+    for i in prange(N):
+        s = 0.0
+        a = 0.0
+        bp = -1.0
+        best = 0
+        if use16:
+            row = ref16[i]
+            for v in range(row.shape[0]):
+                u = row[v]
+                p = lut_p[u]
+                s += p
+                a += lut_pl[u]
+                if p > bp:
+                    bp = p
+                    best = v
+        else:
+            frow = ref32[i]
+            for v in range(frow.shape[0]):
+                y = np.float64(frow[v])
+                p = math.exp(y)
+                s += p
+                if p > 0.0:
+                    a += p * y
+                if p > bp:
+                    bp = p
+                    best = v
+        S[i] = s
+        A[i] = a
+        arg[i] = best
+    return S, A, arg
+
+
 @njit(cache=True, inline="always")
 def _member(sid, c, V, class_member):
     if sid < V:
@@ -92,7 +131,7 @@ def _note(n, flag, lst, cnt):
 
 @njit(cache=True, parallel=True)
 def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
-             ref16, ref32, use16, lut_p, lut_pl, want_logp, out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax):
+             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, want_logp, out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax):
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
@@ -258,42 +297,28 @@ def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
                 for v in range(V):
                     out_logp[i, v] = base[r, v] + delta[v] - lse
             else:
-                # KL(p_ref || p_hand) with p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse
-                S = 0.0
-                A = 0.0
+                # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
+                # sum p log p, S and argmax p_ref come precomputed (ref_stats): one gather+fma per entry here.
+                brow = base[r]
                 B = 0.0
-                bp = -1.0
-                arg = 0
                 if use16:
+                    rrow = ref16[i]
                     for v in range(V):
-                        u = ref16[i, v]
-                        p = lut_p[u]
-                        S += p
-                        A += lut_pl[u]
-                        B += p * base[r, v]
-                        if p > bp:
-                            bp = p
-                            arg = v
+                        B += lut_p[rrow[v]] * brow[v]
                     for j in range(nt):
                         v = touched[j]
-                        B += lut_p[ref16[i, v]] * delta[v]
+                        B += lut_p[rrow[v]] * delta[v]
                 else:
+                    frow = ref32[i]
                     for v in range(V):
-                        y = np.float64(ref32[i, v])
-                        p = math.exp(y)
-                        S += p
-                        if p > 0.0:
-                            A += p * y
-                        B += p * base[r, v]
-                        if p > bp:
-                            bp = p
-                            arg = v
+                        B += math.exp(np.float64(frow[v])) * brow[v]
                     for j in range(nt):
                         v = touched[j]
-                        B += math.exp(np.float64(ref32[i, v])) * delta[v]
-                kl = (A - B) / S - math.log(S) + lse
+                        B += math.exp(np.float64(frow[v])) * delta[v]
+                S = ref_S[i]
+                kl = (ref_A[i] - B) / S - math.log(S) + lse
                 out_kl[i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-                out_agree[i] = arg == best
+                out_agree[i] = ref_arg[i] == best
             for j in range(nt):
                 v = touched[j]
                 delta[v] = 0.0

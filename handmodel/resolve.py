@@ -97,6 +97,9 @@ class TokenSets:
 
     def ref(self, e: Entry, s, what: str) -> int:
         """sid for a written reference: "token", "@class", or "@@..." for a token that starts with '@'."""
+        tid = self.tok_id.get(s)
+        if tid is not None and s[:1] != "@":
+            return tid
         if not isinstance(s, str):
             raise e.fail(f"{what} must be a token string or \"@class\", got {s!r}", "quote it, e.g. \" the\"")
         if s.startswith("@@"):
@@ -115,9 +118,9 @@ class TokenSets:
     def weights(self, e: Entry, key: str) -> list[tuple[int, float]]:
         """A {"token or @class" = number} table -> [(sid, w)]."""
         out = []
+        what = f"'{key}'"
         for s, w in table(e, e.body[key], key).items():
-            sid = self.ref(e, s, f"'{key}'")
-            out.append((sid, number(e, w, f"{key}[{s!r}]", *quoted(s))))
+            out.append((self.ref(e, s, what), number(e, w, key, s)))
         return out
 
     # -- classes ---------------------------------------------------------------------------------
@@ -188,9 +191,8 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         if "rows" in b:
             for now, nxt in table(e, b["rows"], "rows").items():
                 now_sid = sets.ref(e, now, "'rows'")
-                row = []
-                for s, w in table(e, nxt, f"rows[{now!r}]").items():
-                    row.append((sets.ref(e, s, f"rows[{now!r}]"), number(e, w, f"rows[{now!r}][{s!r}]", *quoted(s))))
+                what = f"rows[{now!r}]"
+                row = [(sets.ref(e, s, what), number(e, w, what, s)) for s, w in table(e, nxt, what).items()]
                 r.rows.append((now_sid, row))
         else:
             r.rows.append((sets.ref(e, b["now"], "'now'"), sets.weights(e, "next")))
@@ -199,7 +201,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         r.head = heads[e.id]
         pos = table(e, b.get("position", {}), "position")
         for k, w in pos.items():
-            w = number(e, w, f"position[{k}]", "position")
+            w = number(e, w, f"position[{k}]")
             r.numbers += 1
             if k == "default":
                 r.pos_default = w
@@ -215,7 +217,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
                 raise e.fail(f"score entry {sc!r} must have keys src, w and optionally now", "write { now = \"@all\", src = \" the\", w = 2.0 }", "score")
             now = sets.ref(e, sc.get("now", "@all"), "score 'now'")
             src = sets.ref(e, sc["src"], "score 'src'")
-            r.scores.append((now, src, number(e, sc["w"], "score w", *quoted(sc["src"]))))
+            r.scores.append((now, src, number(e, sc["w"], "score w", sc["src"])))
             r.numbers += 1
     elif kind == "head_out":
         r.head = _head(e, b["head"], heads, "head")
@@ -226,7 +228,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         r.now = sets.ref(e, b.get("now", "@all"), "'now'")
     elif kind == "neuron":
         if "threshold" in b:
-            r.threshold = number(e, b["threshold"], "threshold", "threshold")
+            r.threshold = number(e, b["threshold"], "threshold")
             r.numbers += 1
         if "now" in b:
             r.n_now = sets.weights(e, "now")
@@ -235,7 +237,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         for hname, srcs in table(e, b.get("attend", {}), "attend").items():
             h = _head(e, hname, heads, "attend")
             for s, w in table(e, srcs, f"attend.{hname}").items():
-                r.n_attend.append((h, sets.ref(e, s, f"attend.{hname}"), number(e, w, f"attend.{hname}[{s!r}]", *quoted(s))))
+                r.n_attend.append((h, sets.ref(e, s, f"attend.{hname}"), number(e, w, f"attend.{hname}", s)))
         r.numbers += len(r.n_now) + len(r.n_present) + len(r.n_attend)
     return r
 

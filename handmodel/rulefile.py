@@ -8,6 +8,9 @@ a bad token) are searched for only when an error is raised, so the happy path st
 from __future__ import annotations
 
 import difflib
+import hashlib
+import os
+import pickle
 import json
 import math
 import re
@@ -108,19 +111,18 @@ def _decode_line(e: tomllib.TOMLDecodeError) -> int:
     return int(m.group(1)) if m else 1
 
 
-def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}:1: not UTF-8 text; save the rule file as UTF-8") from None
+def _parse(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise UserError(f"{path}:{_decode_line(e)}: malformed TOML ({msg}); fix the syntax there "
                         "(strings in double quotes, one key per line, [[kind]] headers)") from None
-    rf = RuleFile(path=path, text=text, data=data, group=path.stem, vocab=None)
+    id_lines: dict[str, list[int]] = {}
+    line, last = 1, 0
     for m in _ID_LINE.finditer(text):
+        line += text.count("\n", last, m.start())
+        last = m.start()
         val = m.group(1)
         if val is not None:
             try:
@@ -129,7 +131,43 @@ def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
                 pass
         else:
             val = m.group(2)
-        rf.id_lines.setdefault(val, []).append(text.count("\n", 0, m.start()) + 1)
+        id_lines.setdefault(val, []).append(line)
+    return data, id_lines
+
+
+def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
+    """tomllib is pure Python (~0.5 s for 100k numbers); big tables rarely change, so parsed files are
+    kept on disk by content hash ($HANDMODEL_CACHE, default ~/.cache/handmodel). Any cache trouble
+    just means parsing again."""
+    root = Path(os.environ.get("HANDMODEL_CACHE", Path.home() / ".cache" / "handmodel")) / "parsed"
+    key = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    f = root / f"{key}.pickle"
+    if len(text) > 20_000:  # small files parse faster than a cache round trip
+        try:
+            with f.open("rb") as fh:
+                return pickle.load(fh)
+        except Exception:
+            pass
+    out = _parse(path, text)
+    if len(text) > 20_000:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")
+            with tmp.open("wb") as fh:
+                pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, f)
+        except OSError:
+            pass
+    return out
+
+
+def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}:1: not UTF-8 text; save the rule file as UTF-8") from None
+    data, id_lines = _parse_cached(path, text)
+    rf = RuleFile(path=path, text=text, data=data, group=path.stem, vocab=None, id_lines=id_lines)
 
     def top_line(key: str) -> int:
         for i, line in enumerate(rf.lines):
@@ -204,12 +242,15 @@ def check_entry(e: Entry) -> None:
         raise e.fail("needs 'tokens' or 'pattern'", "list tokens, e.g. tokens = [\" dog\", \" cat\"], or give a regex")
 
 
-def number(e: Entry, value, what: str, *needles: str) -> float:
+def number(e: Entry, value, ctx: str, key: str | None = None) -> float:
+    """A finite float; `ctx[key]` names it in the error (formatted only when failing: hot path)."""
+    if (type(value) is float or type(value) is int) and math.isfinite(value):
+        return float(value)
+    what = ctx if key is None else f"{ctx}[{key!r}]"
+    needles = quoted(key) if key is not None else (ctx,)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise e.fail(f"{what} must be a number, got {value!r}", "write a plain number like 1.5", *needles)
-    if not math.isfinite(value):
-        raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)
-    return float(value)
+    raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)
 
 
 def table(e: Entry, value, key: str) -> dict:

@@ -52,7 +52,7 @@ _FEELINGS = ["happy", "sad", "sleepy", "brave"]
 _EMOJI = ["🙂", "🐶", "🌞", "🎈"]
 
 
-def make_stories(n: int, seed: int = 0) -> list[str]:
+def make_ref_stories(n: int, seed: int = 0) -> list[str]:
     """`n` short template stories, deterministic in `seed`."""
     import random
 
@@ -70,7 +70,7 @@ def make_stories(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def write_corpus(path: Path, stories: list[str]) -> Path:
+def write_ref_corpus(path: Path, stories: list[str]) -> Path:
     """Write stories in the shared layout: each story followed by a line holding only <|endoftext|>."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories), encoding="utf-8")
@@ -81,8 +81,8 @@ def write_corpus(path: Path, stories: list[str]) -> Path:
 def tiny_corpus(tmp_path_factory) -> Path:
     """Folder with train.txt (300 stories) and valid.txt (40 other stories) of synthetic text."""
     d = tmp_path_factory.mktemp("tiny_corpus")
-    write_corpus(d / "train.txt", make_stories(300, seed=1))
-    write_corpus(d / "valid.txt", make_stories(40, seed=2))
+    write_ref_corpus(d / "train.txt", make_ref_stories(300, seed=1))
+    write_ref_corpus(d / "valid.txt", make_ref_stories(40, seed=2))
     return d
 
 
@@ -111,8 +111,8 @@ def tiny_checkpoint(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def story_maker():
-    """make_stories(n, seed) for tests that need their own synthetic text."""
-    return make_stories
+    """make_ref_stories(n, seed) for tests that need their own synthetic text."""
+    return make_ref_stories
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def train(
     valid: Optional[str] = typer.Option(None, help="Held-out text (default: valid.txt beside the corpus)."),
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json instead of training one."),
     vocab_size: int = typer.Option(4096, help="BPE vocabulary size when training a tokenizer."),
-    n_ctx: int = typer.Option(512, help="Context length."),
+    n_ctx: int = typer.Option(256, help="Context length."),
     d_model: int = typer.Option(256, help="Residual width."),
     n_heads: int = typer.Option(4, help="Attention heads."),
     d_mlp: int = typer.Option(1024, help="MLP neurons."),
@@ -129,6 +129,13 @@ def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/tra
     Console().print(t)
 
 
+# -- verify / report (verify/commands.py; its module imports are light, heavy ones stay inside) ---
+from verify.commands import report_cmd, verify_cmd  # noqa: E402
+
+app.command("verify")(verify_cmd)
+app.command("report")(report_cmd)
+
+
 # -- rule discovery: inspect / suggest / fit (verify/discover/commands.py; heavy imports stay inside) ---
 from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
 
@@ -139,7 +146,7 @@ app.command("fit")(fit_cmd)
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except UserError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
         return 2
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             e.show()
             return e.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -159,8 +159,36 @@ def suggest_cmd():
     raise UserError("suggest is not implemented yet")
 
 
-def fit_cmd():
-    """Calibrate the numbers of hand-written rule files to minimise KL(p_ref ‖ p_hand) on training text."""
-    from handmodel.errors import UserError
+def fit_cmd(rules: Path = typer.Argument(..., help="Rule folder (every *.toml) or one .toml file: numbers are rewritten in place."),
+            only: Optional[List[str]] = typer.Option(None, "--only", help="Fit only these rule ids (repeat, or comma-separate)."),
+            checkpoint: Optional[Path] = CKPT,
+            corpus: str = typer.Option(DEFAULT_CORPUS, "--corpus", help="TRAINING text to fit on (never valid.txt)."),
+            tokens: int = typer.Option(4096, "--tokens", help="Training positions used (memory grows with tokens × vocabulary)."),
+            steps: int = typer.Option(30, "--steps", help="L-BFGS iterations (each lowers the KL or fit stops)."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Report the KL change without writing the files."),
+            as_json: bool = JSON):
+    """Calibrate the numbers of hand-written rule files to minimise KL(p_ref ‖ p_hand) on training text.
 
-    raise UserError("fit is not implemented yet")
+    Structure is never added or removed; comments, order and formatting of the files are kept."""
+    from reference.oracle import Oracle
+
+    from .fit import fit_rules
+
+    if "valid" in Path(corpus).name:
+        from handmodel.errors import UserError
+
+        raise UserError(f"--corpus {corpus}: fit on training text; valid.txt is for reporting (never tune on what you report)")
+    o = Oracle.load(checkpoint)
+    d = fit_rules(rules, o, corpus, tokens=tokens, steps=steps, only=only, dry_run=dry_run, progress=not as_json)
+
+    def render(con, d):
+        con.print(f"fitted {d['numbers_fitted']} of {d['numbers_total']} numbers on {d['positions']} training positions "
+                  f"in {d['seconds']} s ({len(d['history']) - 1} L-BFGS steps)")
+        con.print(f"KL(ref ‖ hand): [bold]{d['kl_before']:.5f} → {d['kl_after']:.5f}[/] nats/token")
+        big = sorted(d["changes"], key=lambda c: -abs(c["after"] - c["before"]))[:10]
+        con.print(_table("largest changes", ["rule", "number", "before", "after"],
+                         [[c["rule"], c["key"], f"{c['before']:+.3f}", f"{c['after']:+.3f}"] for c in big], ("before", "after")))
+        con.print("dry run: nothing written" if d["dry_run"] else
+                  ("wrote " + ", ".join(d["written"]) if d["written"] else "no number changed"))
+
+    _emit(d, as_json, render)

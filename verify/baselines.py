@@ -1,0 +1,160 @@
+"""Baselines every ledger row is read against: uniform, unigram, oracle bigram.
+
+- uniform: log q(v) = -log V.
+- unigram: the reference's average next-token distribution over training positions.
+- oracle bigram: per current token c, the mean of the reference's next-token distributions over
+  training positions whose current token is c (the best any bigram table can do under
+  KL(p_ref || .)); tokens never seen in the training text fall back to the unigram.
+
+Tables are fitted on the training text (never the eval text) and cached under
+cache_dir()/baselines/<checkpoint hash>-<train text sha>/; their eval-set numbers are cached beside the
+reference cache entry (ref/<key>/baseline-<...>.npz).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from handmodel.errors import UserError
+
+from .data import Checkpoint, EvalSpec, RefCache, _atomic_dir, _publish, chunk, corpus_files, file_sha, load_oracle
+
+FALLBACK_SAMPLED = 256  # stories sampled from the reference when there is no training text
+FALLBACK_SEED = 1_000_003
+
+
+@dataclass
+class BaselineTables:
+    dir: Path
+    meta: dict
+    log_unigram: np.ndarray  # float32 [V]
+    log_bigram: np.ndarray  # float32 [V, V] (memmap)
+
+
+def _train_identity(train: Path | None) -> dict:
+    if train is not None:
+        return {"kind": "corpus", "path": str(train), "text_sha": file_sha(corpus_files(train))}
+    return {"kind": "sampled", "n": FALLBACK_SAMPLED, "seed": FALLBACK_SEED}
+
+
+def get_tables(ckpt: Checkpoint, train: Path | None, log=print, cache_root: Path | None = None) -> BaselineTables:
+    from reference.corpus import cache_dir
+
+    ident = _train_identity(train)
+    tag = ident.get("text_sha") or f"sampled{ident['n']}s{ident['seed']}"
+    d = (cache_root or cache_dir()) / "baselines" / f"{ckpt.hash}-{tag}"
+    if not (d / "meta.json").exists():
+        log(f"baseline cache cold: fitting unigram + oracle bigram on the training text (once) -> {d}")
+        _fit(ckpt, train, ident, d)
+    meta = json.loads((d / "meta.json").read_text())
+    return BaselineTables(d, meta, np.load(d / "log_unigram.npy"), np.load(d / "log_bigram.npy", mmap_mode="r"))
+
+
+def _fit(ckpt: Checkpoint, train: Path | None, ident: dict, d: Path) -> None:
+    import torch
+
+    from .data import sample_sequences
+
+    t0 = time.perf_counter()
+    oracle = load_oracle(ckpt)
+    if train is not None:
+        from reference.corpus import encode_stories, read_stories
+
+        seqs = encode_stories(oracle.tokenizer, read_stories(train))
+    else:
+        seqs = sample_sequences(oracle, FALLBACK_SAMPLED, FALLBACK_SEED)
+    seqs, _ = chunk(seqs, ckpt.n_ctx)
+    V = ckpt.vocab_size
+    acc = torch.zeros(V, V, dtype=torch.float64)
+    part = torch.zeros(V, V, dtype=torch.float32)  # flushed into float64 every few batches
+    counts = torch.zeros(V, dtype=torch.float64)
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k]))
+    batch_tokens = 16384
+    i = n_pos = n_batches = 0
+    torch_threads = torch.get_num_threads()
+    with torch.inference_mode():
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and len(seqs[order[j]]) * (j - i + 1) <= batch_tokens:
+                j += 1
+            group = [seqs[k] for k in order[i:j]]
+            T = max(len(s) for s in group)
+            ids = torch.zeros(len(group), T, dtype=torch.int64)
+            valid = torch.zeros(len(group), T, dtype=torch.bool)
+            for r, s in enumerate(group):
+                ids[r, : len(s)] = torch.from_numpy(s.astype(np.int64))
+                valid[r, : len(s)] = True
+            probs = torch.log_softmax(oracle.model(ids).float(), -1).exp_()
+            probs.mul_(valid[..., None])  # padding contributes nothing
+            part.index_add_(0, ids.reshape(-1), probs.reshape(-1, V))
+            counts += torch.bincount(ids[valid], minlength=V).double()
+            n_pos += int(valid.sum())
+            n_batches += 1
+            if n_batches % 16 == 0:
+                acc += part
+                part.zero_()
+            i = j
+    acc += part
+    uni = acc.sum(0) / n_pos
+    big = torch.where(counts[:, None] > 0, acc / counts.clamp(min=1)[:, None], uni[None, :])
+    log_uni = torch.log(uni.clamp(min=1e-30))
+    log_uni -= torch.logsumexp(log_uni, 0)
+    log_big = torch.log(big.clamp(min=1e-30))
+    log_big -= torch.logsumexp(log_big, 1, keepdim=True)
+    tmp = _atomic_dir(d)
+    np.save(tmp / "log_unigram.npy", log_uni.float().numpy())
+    np.save(tmp / "log_bigram.npy", log_big.float().numpy())
+    np.save(tmp / "counts.npy", counts.numpy().astype(np.int64))
+    meta = {"checkpoint_hash": ckpt.hash, "train": ident, "n_positions": int(n_pos),
+            "n_tokens_seen": int((counts > 0).sum()), "fit_seconds": round(time.perf_counter() - t0, 2),
+            "torch_threads": torch_threads}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _publish(tmp, d)
+
+
+def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 2048) -> dict[str, dict]:
+    """Per-position KL (all positions), CE (positions with a next token, NaN elsewhere) and top-1 hit
+    for uniform / unigram / oracle bigram on the eval set. Cached beside the reference cache."""
+    f = ref.dir / f"baseline-{tables.dir.name}.npz"
+    names = ("uniform", "unigram", "oracle bigram")
+    if f.exists():
+        z = np.load(f)
+        return {n: {k: z[f"{n}|{k}"] for k in ("kl", "ce", "agree")} for n in names}
+    N, V = ref.logp.shape
+    if tables.log_bigram.shape != (V, V):
+        raise UserError(f"baseline tables in {tables.dir} have vocabulary {tables.log_bigram.shape[0]} but the eval "
+                        f"cache has {V}; delete {tables.dir} and re-run")
+    tok = ref.tokens
+    nxt = ref.next_tokens
+    hn = nxt >= 0
+    out = {n: {"kl": np.zeros(N, np.float32), "ce": np.full(N, np.nan, np.float32), "agree": np.zeros(N, bool)}
+           for n in names}
+    lu = tables.log_unigram.astype(np.float32)
+    lb = tables.log_bigram
+    logV = np.float32(np.log(V))
+    for s in range(0, N, chunk_rows):
+        e = min(N, s + chunk_rows)
+        r = np.asarray(ref.logp[s:e], np.float32)
+        p = np.exp(r)
+        S = p.sum(1, dtype=np.float64)  # renormalise float16 p_ref exactly as HandModel.stream_metrics does
+        pr = (p * r).sum(1, dtype=np.float64)
+        arg = r.argmax(1)
+        rows = np.asarray(lb[tok[s:e]], np.float32)
+        fin = lambda pq: np.maximum((pr - pq) / S - np.log(S), 0.0)  # noqa: E731
+        out["uniform"]["kl"][s:e] = fin(-S * logV)
+        out["unigram"]["kl"][s:e] = fin(p @ lu)
+        out["oracle bigram"]["kl"][s:e] = fin((p * rows).sum(1, dtype=np.float64))
+        out["unigram"]["agree"][s:e] = arg == lu.argmax()
+        out["oracle bigram"]["agree"][s:e] = arg == rows.argmax(1)
+        m = hn[s:e]
+        idx = np.nonzero(m)[0]
+        out["uniform"]["ce"][s:e][m] = logV
+        out["unigram"]["ce"][s:e][m] = -lu[nxt[s:e][m]]
+        out["oracle bigram"]["ce"][s:e][m] = -rows[idx, nxt[s:e][m]]
+    out["uniform"]["agree"][:] = False  # argmax of a uniform distribution is undefined; reported as '-'
+    np.savez(f, **{f"{n}|{k}": v for n, d in out.items() for k, v in d.items()})
+    return out

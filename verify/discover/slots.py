@@ -1,0 +1,135 @@
+"""Every number written in a set of rule files, as a flat list of *slots* tied to its place in the TOML.
+
+`read_slots(rules)` walks the compiled rules (handmodel.load_rules) in the order resolve.py reads each
+table, so slot order matches the resolved Rule fields; each slot also records its key path inside the
+tomlkit document, so `write_back` can change the number in place and keep comments, order and layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from handmodel.errors import UserError
+
+
+@dataclass
+class Slot:
+    file: str
+    rule: int  # index into rules.rules
+    path: tuple  # keys from the rule's table down to the number
+    value: float
+
+
+@dataclass
+class Slots:
+    slots: list[Slot] = field(default_factory=list)
+    by_rule: list[dict] = field(default_factory=list)
+    docs: dict = field(default_factory=dict)  # file -> tomlkit document
+    tables: dict = field(default_factory=dict)  # (file, kind, rule id) -> tomlkit table
+    rule_tables: list = field(default_factory=list)  # per rule: its tomlkit table
+    file_of: list = field(default_factory=list)
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.array([s.value for s in self.slots], dtype=np.float64)
+
+    def add(self, ri: int, tbl, path: tuple) -> int:
+        v = tbl
+        for k in path:
+            v = v[k]
+        self.slots.append(Slot(file=str(self.file_of[ri]), rule=ri, path=path, value=float(v)))
+        return len(self.slots) - 1
+
+    def of_rules(self, rule_indices) -> np.ndarray:
+        """Bool mask over slots: those belonging to these rule indices."""
+        keep = set(rule_indices)
+        return np.array([s.rule in keep for s in self.slots], dtype=np.bool_)
+
+
+def read_slots(rules) -> Slots:
+    import tomlkit
+
+    S = Slots()
+    S.file_of = [r.file for r in rules.rules]
+    for f in sorted(set(S.file_of)):
+        S.docs[f] = tomlkit.parse(Path(f).read_text(encoding="utf-8"))
+        for kind, aot in S.docs[f].items():
+            if kind in ("group", "vocab") or not isinstance(aot, list):
+                continue
+            for t in aot:
+                S.tables[(f, kind, str(t.get("id")))] = t
+    for ri, r in enumerate(rules.rules):
+        t = S.tables.get((r.file, r.kind, r.id))
+        if t is None:
+            raise UserError(f"{r.file}:{r.line}: could not find rule '{r.id}' again in the TOML; is the file being edited?")
+        S.rule_tables.append(t)
+        d: dict = {}
+        if r.kind == "bigram":
+            if "rows" in t:
+                d["rows"] = [[S.add(ri, t, ("rows", now, s)) for s in t["rows"][now]] for now in t["rows"]]
+            else:
+                d["rows"] = [[S.add(ri, t, ("next", s)) for s in t["next"]]]
+        elif r.kind == "head":
+            d["position"] = {}
+            for k in t.get("position", {}):
+                if k == "default":
+                    d["default"] = S.add(ri, t, ("position", k))
+                else:
+                    d["position"][int(k)] = S.add(ri, t, ("position", k))
+            d["score"] = [S.add(ri, t, ("score", i, "w")) for i in range(len(t.get("score", [])))]
+        elif r.kind == "neuron":
+            if "threshold" in t:
+                d["threshold"] = S.add(ri, t, ("threshold",))
+            for key in ("now", "present"):
+                if key in t:
+                    d[key] = [S.add(ri, t, (key, s)) for s in t[key]]
+            d["attend"] = [S.add(ri, t, ("attend", h, s)) for h in t.get("attend", {}) for s in t["attend"][h]]
+        if r.kind in ("prior", "skip", "head_out", "neuron"):
+            d["next"] = [S.add(ri, t, ("next", s)) for s in t["next"]]
+        S.by_rule.append(d)
+    return S
+
+
+def _set(container, key, value: float) -> None:
+    import tomlkit
+
+    old = container[key]
+    new = tomlkit.item(value)
+    tv_old, tv_new = getattr(old, "trivia", None), getattr(new, "trivia", None)
+    if tv_old is not None and tv_new is not None:
+        for a in ("indent", "comment_ws", "comment", "trail"):
+            setattr(tv_new, a, getattr(tv_old, a))
+    container[key] = new
+
+
+def fmt(v: float) -> float:
+    """Numbers as written back: 4 significant decimals (a rule file is read by people)."""
+    if abs(v) < 5e-4:
+        return 0.0
+    return float(f"{v:.4g}") if abs(v) < 1000 else round(v, 1)
+
+
+def write_back(S: Slots, theta: np.ndarray, only: np.ndarray | None = None) -> list[str]:
+    """Put theta into the TOML documents and write the files that changed (atomically). Returns their paths."""
+    import tomlkit
+
+    changed = set()
+    for i, s in enumerate(S.slots):
+        if only is not None and not only[i]:
+            continue
+        v = fmt(float(theta[i]))
+        if v == s.value:
+            continue
+        c = S.rule_tables[s.rule]
+        for k in s.path[:-1]:
+            c = c[k]
+        _set(c, s.path[-1], v)
+        changed.add(s.file)
+    for f in sorted(changed):
+        p = Path(f)
+        tmp = p.with_name(p.name + ".fit-tmp")
+        tmp.write_text(tomlkit.dumps(S.docs[f]), encoding="utf-8")
+        tmp.replace(p)
+    return sorted(changed)

@@ -1,0 +1,147 @@
+"""A differentiable re-implementation of the rule semantics (handmodel/twin.py, docs/rules.md) in torch.
+
+`fit` needs gradients of KL(p_ref ‖ p_hand) with respect to every number written in the rule files.
+The hand model itself never uses this (it is numba, torch-free); tests check that this module and
+the real engine give the same log-probs for the same rules.
+
+Every number in the rule files is one *slot* (see slots.py): theta[slot]. The semantics, per position t
+of a sequence with current token c = seq[t]:
+  logits = Σ prior.next + Σ bigram rows whose `now` contains c
+         + Σ skip.next      if c ∈ now and some earlier token ∈ earlier
+         + Σ head_out.next × (attention of its head on positions whose token ∈ src)   if c ∈ now
+         + Σ neuron.next × ReLU(−threshold + Σ now w[c∈] + Σ present w[earlier ∈] + Σ attend w·attention mass)
+  attention of a head from t over s ≤ t: softmax_s(position[t−s] (else default) + Σ score w·[c ∈ now][seq[s] ∈ src])
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class TorchRules:
+    """Built once for (compiled rules, slots, windows [B, T]); forward(theta) -> logits for windows[idx]."""
+
+    def __init__(self, rules, slots, windows: np.ndarray):
+        self.rules, self.slots = rules, slots
+        self.sets = rules.sets
+        self.V = rules.vocab_size
+        self.windows = torch.as_tensor(windows, dtype=torch.int64)
+        self.n_slots = len(slots.values)
+        self.ZERO = self.n_slots  # index of a constant 0 appended to theta
+        self._member = torch.as_tensor(self.sets.member_matrix)  # [classes, V] bool
+        self._build()
+
+    # -- token-set helpers -------------------------------------------------------------------------
+    def members(self, sid: int) -> np.ndarray:
+        return self.sets.members(sid)
+
+    def in_set(self, sid: int, toks: torch.Tensor) -> torch.Tensor:
+        if sid < self.V:
+            return toks == sid
+        return self._member[sid - self.V][toks]
+
+    def _targets(self, entries):
+        """[(row, sid, slot)] -> index arrays (row, token, slot) expanding class sids to members."""
+        r, t, s = [], [], []
+        for row, sid, slot in entries:
+            m = self.members(sid)
+            r.append(np.full(len(m), row)); t.append(m); s.append(np.full(len(m), slot))
+        cat = (lambda xs: torch.as_tensor(np.concatenate(xs), dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64))
+        return cat(r), cat(t), cat(s)
+
+    # -- structure (no parameters) --------------------------------------------------------------------
+    def _build(self):
+        R, S, V = self.rules.rules, self.slots, self.V
+        ALL = self.sets.ALL
+        glob, tab = [], []  # (0, next sid, slot), (now token, next sid, slot)
+        self.skip, self.head, self.ho, self.neu = [], [], [], []
+        for ri, r in enumerate(R):
+            sl = S.by_rule[ri]
+            if r.kind == "prior":
+                glob += [(0, sid, slot) for (sid, _), slot in zip(r.next, sl["next"])]
+            elif r.kind == "bigram":
+                for j, (now, row) in enumerate(r.rows):
+                    for (sid, _), slot in zip(row, sl["rows"][j]):
+                        if now == ALL:
+                            glob.append((0, sid, slot))
+                        else:
+                            tab += [(int(m), sid, slot) for m in self.members(now)]
+            elif r.kind == "skip":
+                self.skip.append((ri, r, sl))
+            elif r.kind == "head":
+                self.head.append((ri, r, sl))
+            elif r.kind == "head_out":
+                self.ho.append((ri, r, sl))
+            elif r.kind == "neuron":
+                self.neu.append((ri, r, sl))
+        self.glob_idx = self._targets(glob)
+        # bigram table only for current tokens that occur in the windows: compact row index
+        present = torch.unique(self.windows)
+        self.row_of = torch.full((V,), -1, dtype=torch.int64)
+        self.row_of[present] = torch.arange(len(present))
+        self.n_rows = len(present)
+        tab = [(int(self.row_of[m]), sid, slot) for m, sid, slot in tab if self.row_of[m] >= 0]
+        self.tab_idx = self._targets(tab)
+        self.skip_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.skip)
+                                       for (sid, _), slot in zip(r.next, sl["next"])])
+        self.ho_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.ho)
+                                     for (sid, _), slot in zip(r.next, sl["next"])])
+        self.neu_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.neu)
+                                      for (sid, _), slot in zip(r.next, sl["next"])])
+
+    def _scatter(self, theta_ext, idx, n_rows) -> torch.Tensor:
+        rows, toks, slots = idx
+        out = torch.zeros(n_rows * self.V, dtype=theta_ext.dtype)
+        return out.index_add(0, rows * self.V + toks, theta_ext[slots]).view(n_rows, self.V)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def logits(self, theta: torch.Tensor, idx=None) -> torch.Tensor:
+        """[b, T, V] logits for windows[idx] (all windows if idx is None)."""
+        th = torch.cat([theta, theta.new_zeros(1)])
+        W = self.windows if idx is None else self.windows[idx]
+        B, T = W.shape
+        V = self.V
+        out = self._scatter(th, self.glob_idx, 1)[0].expand(B, T, V)
+        out = out + self._scatter(th, self.tab_idx, max(self.n_rows, 1))[self.row_of[W].clamp(min=0)]
+        prev_any = lambda m: torch.cumsum(m.to(torch.int32), dim=1) - m.to(torch.int32) > 0  # noqa: E731  earlier only
+        if self.skip:
+            act = torch.stack([self.in_set(r.now, W) & prev_any(self.in_set(r.src, W)) for _, r, _ in self.skip], -1)
+            out = out + act.to(th.dtype) @ self._scatter(th, self.skip_idx, len(self.skip))
+        att = self._attention(th, W) if self.head else []
+        if self.ho:
+            mass = torch.stack([(att[r.head] * self.in_set(r.src, W)[:, None, :].to(th.dtype)).sum(-1)
+                                * self.in_set(r.now, W).to(th.dtype) for _, r, _ in self.ho], -1)
+            out = out + mass @ self._scatter(th, self.ho_idx, len(self.ho))
+        if self.neu:
+            acts = []
+            for _, r, sl in self.neu:
+                pre = (-th[sl["threshold"]] if "threshold" in sl else th.new_zeros(())).expand(B, T)
+                for (sid, _), slot in zip(r.n_now, sl.get("now", [])):
+                    pre = pre + th[slot] * self.in_set(sid, W).to(th.dtype)
+                for (sid, _), slot in zip(r.n_present, sl.get("present", [])):
+                    pre = pre + th[slot] * prev_any(self.in_set(sid, W)).to(th.dtype)
+                for (h, sid, _), slot in zip(r.n_attend, sl.get("attend", [])):
+                    pre = pre + th[slot] * (att[h] * self.in_set(sid, W)[:, None, :].to(th.dtype)).sum(-1)
+                acts.append(torch.relu(pre))
+            out = out + torch.stack(acts, -1) @ self._scatter(th, self.neu_idx, len(self.neu))
+        return out
+
+    def _attention(self, th, W) -> list[torch.Tensor]:
+        B, T = W.shape
+        dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [T, T] t - s
+        causal = dist >= 0
+        res = []
+        for _, r, sl in self.head:
+            pos_slot = np.full(T, sl.get("default", self.ZERO), dtype=np.int64)
+            D = max(r.position) + 1 if r.position else 0
+            for d, slot in sl.get("position", {}).items():
+                if d < T:
+                    pos_slot[d] = slot
+            pos_slot[: min(D, T)] = [sl["position"].get(d, sl.get("default", self.ZERO)) for d in range(min(D, T))]
+            posvec = th[torch.as_tensor(pos_slot)]
+            score = posvec[dist.clamp(min=0)].expand(B, T, T)
+            for (now, src, _), slot in zip(r.scores, sl.get("score", [])):
+                score = score + th[slot] * (self.in_set(now, W)[:, :, None] & self.in_set(src, W)[:, None, :]).to(th.dtype)
+            score = score.masked_fill(~causal, float("-inf"))
+            res.append(torch.softmax(score, -1))
+        return res

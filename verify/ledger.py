@@ -1,0 +1,149 @@
+"""The KL ledger: rule groups added cumulatively, ablations, and where the remaining gap sits.
+
+Everything here returns plain dicts/lists (what `--json` prints); verify/render.py draws them.
+Definitions (also printed by `handmodel verify --help`):
+- KL = mean over eval positions of KL(p_ref || p_hand) = sum_v p_ref(v) (log p_ref(v) - log p_hand(v)),
+  reference first, nats/token, from log-softmax outputs. All positions count, including each
+  sequence's last one (its distribution is defined; only its true next token is not).
+- 95% CI: percentile bootstrap over sequences (resample sequences with replacement, fixed seed;
+  KL of a resample = its summed KL / its position count).
+- CE_hand, CE_ref = mean -log p(true next token) over positions that have a next token.
+- unexplained loss = CE_hand - CE_ref.
+- explained = 1 - KL_hand / KL_unigram (unigram = the reference's mean next-token distribution).
+- top-1 = share of positions where argmax p_hand = argmax p_ref.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+N_BOOT = 1000
+BOOT_SEED = 0
+
+
+def boot_weights(n_seqs: int, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> np.ndarray:
+    """[n_boot, n_seqs] multiplicities of a sequence-level bootstrap (same for every row: paired)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_seqs, np.full(n_seqs, 1.0 / n_seqs), size=n_boot).astype(np.float64)
+
+
+def mean_ci(kl: np.ndarray, offsets: np.ndarray, weights: np.ndarray) -> tuple[float, float, float]:
+    kl = np.asarray(kl, np.float64)
+    sums = np.add.reduceat(kl, offsets[:-1])
+    lens = np.diff(offsets).astype(np.float64)
+    boots = (weights @ sums) / (weights @ lens)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(kl.mean()), float(lo), float(hi)
+
+
+def summarize(name: str, m: dict, ref, weights: np.ndarray, kl_unigram: float | None,
+              n_rules: int | None = None, n_numbers: int | None = None, has_agree: bool = True) -> dict:
+    """One ledger/baseline row from per-position arrays m['kl'], m['ce'], m['agree']."""
+    kl = np.asarray(m["kl"], np.float64)
+    if not np.all(np.isfinite(kl)):
+        bad = int(np.nonzero(~np.isfinite(kl))[0][0])
+        raise FloatingPointError(f"{name}: KL is not finite at eval position {bad}; the hand model returned "
+                                 "-inf/NaN log-probs (every token needs probability > 0)")
+    mean, lo, hi = mean_ci(kl, ref.offsets, weights)
+    hn = ref.has_next
+    ce_hand = float(np.asarray(m["ce"], np.float64)[hn].mean())
+    ce_ref = float(np.asarray(ref.ce, np.float64)[hn].mean())
+    row = {"name": name, "kl": mean, "kl_lo": lo, "kl_hi": hi, "ce_hand": ce_hand, "ce_ref": ce_ref,
+           "unexplained": ce_hand - ce_ref,
+           "explained": (1.0 - mean / kl_unigram) if kl_unigram else None,
+           "top1": float(np.mean(m["agree"])) if has_agree else None}
+    if n_rules is not None:
+        row["rules"] = int(n_rules)
+        row["numbers"] = int(n_numbers)
+    return row
+
+
+def group_masks(rules) -> list[tuple[str, np.ndarray]]:
+    """(label, mask) per ledger row: no rules, then each rule group added in file order."""
+    g = np.asarray(rules.rule_group)
+    rows = [("(no rules)", np.zeros(len(g), bool))]
+    for i, name in enumerate(rules.groups):
+        rows.append((f"+ {name}", g <= i))
+    return rows
+
+
+def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False):
+    """-> (rows, per-position metrics of the last row (all rules on))."""
+    masks = group_masks(rules)
+    if final_only:
+        masks = masks[-1:]
+    numbers = np.asarray(rules.rule_numbers)
+    rows, last = [], None
+    for label, mask in masks:
+        m = hm.stream_metrics(ref.seqs, ref.logp, mask=mask)
+        rows.append(summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum())))
+        last = m
+    return rows, last
+
+
+def run_ablation(hm, rules, ref, kl_full: float) -> list[dict]:
+    """KL increase when only that rule is off, sorted (largest first); negative = removal helps."""
+    n = len(rules.rule_ids)
+    out = []
+    for i in range(n):
+        mask = np.ones(n, bool)
+        mask[i] = False
+        kl = float(np.mean(hm.stream_metrics(ref.seqs, ref.logp, mask=mask)["kl"]))
+        out.append({"rule": rules.rule_ids[i], "file": str(rules.rule_files[i]), "group": rules.groups[int(rules.rule_group[i])],
+                    "kl_without": kl, "delta": kl - kl_full, "hurts": kl < kl_full,
+                    "doc": rules.rule_docs[i]})
+    out.sort(key=lambda r: -r["delta"])
+    return out
+
+
+def topk(logp_row: np.ndarray, vocab: list[str], k: int = 5) -> list[dict]:
+    r = np.asarray(logp_row, np.float32)
+    idx = np.argpartition(-r, k)[:k]
+    idx = idx[np.argsort(-r[idx])]
+    return [{"token": vocab[i], "id": int(i), "p": float(np.exp(r[i]))} for i in idx]
+
+
+def context_text(vocab: list[str], seq: np.ndarray, t: int, width: int = 12) -> str:
+    return "".join(vocab[int(x)] for x in seq[max(0, t - width + 1): t + 1])
+
+
+def worst_positions(hm, ref, kl: np.ndarray, vocab: list[str], k: int, mask=None) -> list[dict]:
+    kl = np.asarray(kl, np.float64)
+    k = min(k, len(kl))
+    if k <= 0:
+        return []
+    top = np.argpartition(-kl, k - 1)[:k]
+    top = top[np.argsort(-kl[top])]
+    sid = ref.seq_id
+    nxt = ref.next_tokens
+    hand_cache: dict[int, np.ndarray] = {}
+    out = []
+    for pos in top:
+        s = int(sid[pos])
+        t = int(pos - ref.offsets[s])
+        if s not in hand_cache:
+            hand_cache[s] = hm.log_probs(ref.seqs[s], mask=mask)
+        out.append({"position": int(pos), "seq": s, "t": t, "kl": float(kl[pos]),
+                    "context": context_text(vocab, ref.seqs[s], t),
+                    "current": vocab[int(ref.tokens[pos])],
+                    "next": vocab[int(nxt[pos])] if nxt[pos] >= 0 else None,
+                    "ref_top5": topk(ref.logp[pos], vocab), "hand_top5": topk(hand_cache[s][t], vocab)})
+    return out
+
+
+def gap_by(ref, kl: np.ndarray, vocab: list[str], by: str, k: int = 10) -> list[dict]:
+    """Total residual KL aggregated by current token (by='current') or true next token (by='next')."""
+    kl = np.asarray(kl, np.float64)
+    if by == "current":
+        keys, w = ref.tokens.astype(np.int64), kl
+    else:
+        nxt = ref.next_tokens
+        keep = nxt >= 0
+        keys, w = nxt[keep], kl[keep]
+    V = len(vocab)
+    tot = np.bincount(keys, weights=w, minlength=V)
+    cnt = np.bincount(keys, minlength=V)
+    grand = float(kl.sum())
+    order = np.argsort(-tot)[:k]
+    return [{"token": vocab[i], "id": int(i), "total": float(tot[i]), "count": int(cnt[i]),
+             "mean": float(tot[i] / cnt[i]), "share": float(tot[i] / grand) if grand > 0 else 0.0}
+            for i in order if cnt[i] > 0]

@@ -1,0 +1,202 @@
+"""`handmodel report`: one self-contained HTML file (inline CSS, JS and SVG; nothing fetched at view time).
+
+- the ledger as an SVG bar chart (KL per cumulative rule group) with the baselines as dashed lines,
+  plus the baseline and ledger tables;
+- the eval text, each token coloured by its residual KL(p_ref || p_hand) with all rules on; hover or
+  click a token to see the reference's and the hand model's top-5 and the rules that fired there.
+  Opening the file with `#pos=N` selects token N (used by the headless-browser test).
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+h1{font-size:20px} h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}
+td:first-child,th:first-child{text-align:left}
+#meta td{text-align:left}
+#text{font-family:ui-monospace,monospace;font-size:13px;line-height:1.9;white-space:pre-wrap;border:1px solid #ccc;
+ padding:10px;max-height:520px;overflow-y:auto;margin-right:340px}
+.tok{cursor:pointer;border-radius:2px} .tok.sel{outline:2px solid #06c}
+.seq{display:block;border-bottom:1px dashed #ccc;padding:4px 0}
+#detail{position:fixed;right:16px;top:80px;width:310px;background:#fafafa;border:1px solid #bbb;padding:10px;
+ font-size:12px;max-height:80vh;overflow-y:auto}
+#detail table{width:100%} .muted{color:#777} .rule{margin:2px 0} .rid{font-weight:600}
+.legend{font-size:12px;color:#555}
+"""
+
+JS = r"""
+(function(){
+const D = JSON.parse(document.getElementById('data').textContent);
+const T = D.toks;
+const box = document.getElementById('text');
+const scale = D.scale > 0 ? D.scale : 1;
+function colour(kl){ const a = Math.min(1, kl / scale); return 'rgba(220,40,30,' + (0.05 + 0.85 * a).toFixed(3) + ')'; }
+function show(s){ return JSON.stringify(s).slice(1, -1); }
+let cur = null;
+const frag = document.createDocumentFragment();
+let line = null;
+for (let i = 0; i < D.pos.length; i++) {
+  const p = D.pos[i];
+  if (p.t === 0) { line = document.createElement('span'); line.className = 'seq'; frag.appendChild(line); }
+  const s = document.createElement('span');
+  s.className = 'tok'; s.id = 'tok-' + i; s.dataset.i = i;
+  s.textContent = T[p.tok].replace(/\n/g, '\u21b5\n');
+  s.style.background = colour(p.kl);
+  s.title = 'KL ' + p.kl.toFixed(3);
+  line.appendChild(s);
+}
+box.appendChild(frag);
+function topTable(title, top){
+  let h = '<table><tr><th>' + title + '</th><th>p</th></tr>';
+  for (const [id, pr] of top) h += '<tr><td>' + esc(show(T[id])) + '</td><td>' + pr.toFixed(3) + '</td></tr>';
+  return h + '</table>';
+}
+function esc(s){ return s.replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c])); }
+function select(i, sticky){
+  const p = D.pos[i]; if (!p) return;
+  if (cur !== null) document.getElementById('tok-' + cur).classList.remove('sel');
+  cur = i; document.getElementById('tok-' + i).classList.add('sel');
+  const nxt = p.next >= 0 ? esc(show(T[p.next])) : '<span class="muted">(end)</span>';
+  let h = '<div><b>' + esc(show(T[p.tok])) + '</b> &rarr; ' + nxt + '</div>';
+  h += '<div>KL(p_ref&#8214;p_hand) = <b id="detail-kl">' + p.kl.toFixed(4) + '</b> nats</div>';
+  h += '<div id="detail-ref">' + topTable('reference top-5', p.ref) + '</div>';
+  h += '<div id="detail-hand">' + topTable('hand top-5', p.hand) + '</div>';
+  h += '<div id="detail-rules"><b>rules fired</b> (' + p.rules.length + ')';
+  for (const [rid, desc] of p.rules) h += '<div class="rule"><span class="rid">' + esc(rid) + '</span> ' + esc(desc) + '</div>';
+  if (!p.rules.length) h += '<div class="muted">none</div>';
+  h += '</div>';
+  document.getElementById('detail').innerHTML = h;
+}
+box.addEventListener('mouseover', e => { if (e.target.dataset.i !== undefined) select(+e.target.dataset.i); });
+box.addEventListener('click', e => { if (e.target.dataset.i !== undefined) select(+e.target.dataset.i, true); });
+const m = location.hash.match(/pos=(\d+)/);
+select(m ? +m[1] : 0);
+document.getElementById('status').textContent = 'rendered ' + D.pos.length + ' tokens';
+})();
+"""
+
+
+def _fmt(x, f=".4f"):
+    return "-" if x is None else format(x, f)
+
+
+def ledger_svg(rows: list[dict], baselines: list[dict], width: int = 760, height: int = 300) -> str:
+    """Bars = KL per cumulative rule group (with 95% CI whiskers); dashed lines = baselines."""
+    ml, mr, mt, mb = 60, 150, 20, 70
+    W, H = width - ml - mr, height - mt - mb
+    vmax = max([r["kl_hi"] for r in rows] + [b["kl"] for b in baselines] + [1e-9]) * 1.08
+    y = lambda v: mt + H * (1 - v / vmax)  # noqa: E731
+    n = len(rows)
+    bw = W / max(n, 1)
+    parts = [f'<svg id="ledger-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+             f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{mt + H}" stroke="#333"/>',
+             f'<line x1="{ml}" y1="{mt + H}" x2="{ml + W}" y2="{mt + H}" stroke="#333"/>']
+    for k in range(5):
+        v = vmax * k / 4
+        parts.append(f'<text x="{ml - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>'
+                     f'<line x1="{ml}" y1="{y(v):.1f}" x2="{ml + W}" y2="{y(v):.1f}" stroke="#eee"/>')
+    parts.append(f'<text x="14" y="{mt + H / 2}" transform="rotate(-90 14 {mt + H / 2})" text-anchor="middle">'
+                 'KL(p_ref ‖ p_hand), nats/token</text>')
+    for i, r in enumerate(rows):
+        x = ml + i * bw + bw * 0.15
+        w = bw * 0.7
+        parts.append(f'<rect class="bar" x="{x:.1f}" y="{y(r["kl"]):.1f}" width="{w:.1f}" height="{mt + H - y(r["kl"]):.1f}" '
+                     f'fill="#4a7fc1"><title>{html.escape(r["name"])}: KL {r["kl"]:.4f} '
+                     f'[{r["kl_lo"]:.4f}, {r["kl_hi"]:.4f}], {r["rules"]} rules</title></rect>')
+        cx = x + w / 2
+        parts.append(f'<line x1="{cx:.1f}" y1="{y(r["kl_lo"]):.1f}" x2="{cx:.1f}" y2="{y(r["kl_hi"]):.1f}" stroke="#123"/>')
+        label = html.escape(r["name"][:18])
+        parts.append(f'<text x="{cx:.1f}" y="{mt + H + 14}" text-anchor="end" transform="rotate(-35 {cx:.1f} {mt + H + 14})">{label}</text>')
+    colours = {"uniform": "#999", "unigram": "#d08000", "oracle bigram": "#2a9d2a"}
+    for b in baselines:
+        c = colours.get(b["name"], "#666")
+        parts.append(f'<line class="baseline" x1="{ml}" y1="{y(b["kl"]):.1f}" x2="{ml + W}" y2="{y(b["kl"]):.1f}" '
+                     f'stroke="{c}" stroke-dasharray="5,4"/><text x="{ml + W + 6}" y="{y(b["kl"]) + 4:.1f}" fill="{c}">'
+                     f'{html.escape(b["name"])} {b["kl"]:.3f}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _table(rows: list[dict], ledger: bool, tid: str) -> str:
+    head = ["row" if ledger else "baseline", "KL", "95% CI", "CE_hand", "CE_ref", "unexplained", "explained", "top-1"]
+    if ledger:
+        head += ["rules", "numbers"]
+    h = [f'<table id="{tid}"><tr>' + "".join(f"<th>{c}</th>" for c in head) + "</tr>"]
+    for r in rows:
+        cells = [html.escape(r["name"]), _fmt(r["kl"]), f"[{r['kl_lo']:.4f}, {r['kl_hi']:.4f}]", _fmt(r["ce_hand"]),
+                 _fmt(r["ce_ref"]), _fmt(r["unexplained"], "+.4f"),
+                 "-" if r["explained"] is None else f"{100 * r['explained']:.1f}%",
+                 "-" if r["top1"] is None else f"{100 * r['top1']:.1f}%"]
+        if ledger:
+            cells += [str(r["rules"]), str(r["numbers"])]
+        h.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return "".join(h) + "</table>"
+
+
+def token_data(res: dict, max_tokens: int) -> tuple[dict, int]:
+    ref, hm, rules, vocab, last = res["_objects"]
+    kl = np.asarray(last["kl"], np.float64)
+    seqs = []
+    n = 0
+    for s in ref.seqs:  # whole sequences from the start, at least one
+        if seqs and n + len(s) > max_tokens:
+            break
+        seqs.append(s)
+        n += len(s)
+    hand = hm.log_probs_batch(seqs)
+    nxt = ref.next_tokens
+    pos = []
+    i = 0
+    for s, hl in zip(seqs, hand):
+        for t in range(len(s)):
+            r = np.asarray(ref.logp[i], np.float32)
+            rt = np.argsort(-r)[:5]
+            ht = np.argsort(-hl[t])[:5]
+            fired = [(str(rid), str(desc)) for rid, desc in hm.explain(s, t)]
+            pos.append({"tok": int(s[t]), "t": t, "next": int(nxt[i]), "kl": round(float(kl[i]), 5),
+                        "ref": [[int(v), round(float(np.exp(r[v])), 4)] for v in rt],
+                        "hand": [[int(v), round(float(np.exp(hl[t, v])), 4)] for v in ht], "rules": fired})
+            i += 1
+    scale = float(np.percentile(kl[:n], 95)) if n else 1.0
+    return {"toks": vocab, "pos": pos, "scale": scale}, n
+
+
+def write_report(out: Path, res: dict, max_tokens: int = 3000) -> int:
+    data, n = token_data(res, max_tokens)
+    h = res["header"]
+    meta_rows = [("eval set", h["eval_set"]), ("tokens", f"{h['n_tokens']:,} in {h['n_sequences']} sequences"
+                                                + (f" ({h['n_split']} split at n_ctx={h['n_ctx']})" if h["n_split"] else "")),
+                 ("checkpoint", f"{h['checkpoint']} (hash {h['checkpoint_hash']})"),
+                 ("rules", f"{h['rules']} ({h['n_rules']} rules, {h['n_groups']} groups)"),
+                 ("baselines fitted on", h["train_text"])]
+    meta = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in meta_rows)
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    f = res["final"]
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>handmodel report</title><style>{CSS}</style></head>
+<body>
+<h1>handmodel report: KL {f['kl']:.4f} nats/token, {'-' if f['explained'] is None else f"{100 * f['explained']:.1f}%"} of KL explained</h1>
+<table id="meta">{meta}</table>
+<h2>Ledger (rule groups added cumulatively)</h2>
+{ledger_svg(res['ledger'], res['baselines'])}
+{_table(res['ledger'], True, 'ledger-table')}
+<h2>Baselines</h2>
+{_table(res['baselines'], False, 'baseline-table')}
+<h2>Eval text coloured by residual KL (all rules on)</h2>
+<div class="legend">first {n:,} tokens (whole sequences); redder = larger KL(p_ref&#8214;p_hand), full colour at the
+95th percentile ({data['scale']:.3f} nats). Hover or click a token. <span id="status">(needs JavaScript)</span></div>
+<div id="detail"></div>
+<div id="text"></div>
+<script type="application/json" id="data">{blob}</script>
+<script>{JS}</script>
+</body></html>
+"""
+    Path(out).write_text(doc, encoding="utf-8")
+    return n
