@@ -97,7 +97,7 @@ class TokenSets:
 
     def ref(self, e: Entry, s, what: str) -> int:
         """sid for a written reference: "token", "@class", or "@@..." for a token that starts with '@'."""
-        tid = self.tok_id.get(s)
+        tid = self.tok_id.get(s) if type(s) is str else None  # fast path; anything odd gets the checks below
         if tid is not None and s[:1] != "@":
             return tid
         if not isinstance(s, str):
