@@ -152,11 +152,46 @@ def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), 
     _emit(d, as_json, render)
 
 
-def suggest_cmd():
-    """Draft rule files from the reference (bigram rows, token classes, head and neuron rules)."""
+def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft rule files into (new or empty)."),
+                checkpoint: Optional[Path] = CKPT,
+                corpus: str = typer.Option(DEFAULT_CORPUS, "--corpus", help="TRAINING text the numbers are fitted on (never valid.txt)."),
+                budget: int = typer.Option(90_000, "--budget", help="Numbers for per-token bigram exceptions (rows of frequent tokens get more)."),
+                classes: int = typer.Option(64, "--classes", help="Token classes proposed by clustering next-token rows (0: none)."),
+                class_k: int = typer.Option(96, "--class-k", help="Entries per class-level bigram row."),
+                k_max: int = typer.Option(256, "--k-max", help="Most entries in one token's bigram row."),
+                heads: bool = typer.Option(True, "--heads/--no-heads", help="Draft \\[\\[head]] + \\[\\[head_out]] rules for every reference head."),
+                n_src: int = typer.Option(300, "--sources", help="Source tokens per head that get a \\[\\[head_out]] rule (most attended first)."),
+                k_out: int = typer.Option(24, "--k-out", help="Entries per \\[\\[head_out]] row."),
+                n_scores: int = typer.Option(400, "--scores", help="Source-token attention scores per head."),
+                positions: int = typer.Option(32_768, "--positions", help="Training positions used to fit heads (memory ~ 8 bytes x positions x vocabulary)."),
+                rounds: int = typer.Option(4, "--rounds", help="Moment-matching rounds for \\[\\[head_out]] rows."),
+                min_count: int = typer.Option(20, "--min-count", help="Tokens rarer than this in the training text get no class/score/source."),
+                as_json: bool = JSON):
+    """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
+    class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
+    rules (fitted by moment matching). Each rule has an id, a provisional doc and a provenance comment."""
     from handmodel.errors import UserError
+    from reference.oracle import Oracle
 
-    raise UserError("suggest is not implemented yet")
+    from .suggest import suggest
+
+    if "valid" in Path(corpus).name:
+        raise UserError(f"--corpus {corpus}: suggest fits on training text; valid.txt is for reporting (never tune on what you report)")
+    if not Path(corpus).exists():
+        raise UserError(f"--corpus {corpus}: not found; pass the training text (train.txt)")
+    o = Oracle.load(checkpoint)
+    log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
+    d = suggest(o, out, Path(corpus), budget=budget, n_classes=classes, class_k=class_k, k_max=k_max, with_heads=heads,
+                n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count, log=log)
+
+    def render(con, d):
+        con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")
+        if d.get("history"):
+            con.print(_table("training-sample KL(ref ‖ hand) by stage", ["stage", "KL"],
+                             [[h["stage"], f"{h['train_kl']:.4f}"] for h in d["history"]], ("KL",)))
+        con.print(f"next: handmodel verify --rules {out}")
+
+    _emit(d, as_json, render)
 
 
 def fit_cmd(rules: Path = typer.Argument(..., help="Rule folder (every *.toml) or one .toml file: numbers are rewritten in place."),

@@ -1,0 +1,123 @@
+"""`handmodel suggest` on a tiny reference trained on text with planted regularities
+(verify/discover/planted.py): it must find the planted bigrams and the planted skip-trigram again."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from handmodel.errors import UserError
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    from verify.discover.planted import train_planted
+
+    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
+    ckpt = train_planted(folder)
+    return ckpt, folder / "corpus" / "train.txt"
+
+
+@pytest.fixture(scope="session")
+def drafted(planted, tmp_path_factory):
+    from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
+
+    ckpt, train = planted
+    out = tmp_path_factory.mktemp("suggest") / "rules"
+    o = Oracle.load(ckpt)
+    summary = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30,
+                      positions=2048, rounds=3, min_count=5, att_positions=1024, att_steps=60, log=lambda m: None)
+    return o, out, summary
+
+
+def test_draft_recovers_planted_bigrams(drafted):
+    from handmodel import HandModel, load_rules
+    from verify.discover.planted import B, BIGRAMS
+
+    o, out, _ = drafted
+    rules = load_rules(out, o.vocab)
+    hm = HandModel(rules)
+    bigram_only = np.array([k in ("prior", "bigram") for k in rules.rule_kinds])
+    index = {s: i for i, s in enumerate(o.vocab)}
+    for word, succ in BIGRAMS.items():
+        if word not in index or word == B:  # after B the planted skip-trigram mixes C into the bigram statistics
+            continue
+        lp = hm.log_probs(np.array([index[word]], dtype=np.int32), mask=bigram_only)[0]
+        best = succ[0][0]
+        assert o.vocab[int(lp.argmax())] == best, f"after {word!r} the draft prefers {o.vocab[int(lp.argmax())]!r}, planted {best!r}"
+
+
+def test_draft_recovers_planted_skip_trigram(drafted):
+    """Some head attends to A (' zap' / 'zap') and its [[head_out]] row for A boosts C (' moon') most."""
+    import tomllib
+
+    from verify.discover.planted import A, A_TOKEN, C
+
+    o, out, _ = drafted
+    found = []
+    for f in sorted(out.glob("4*_head*.toml")):
+        data = tomllib.loads(f.read_text())
+        for r in data.get("head_out", []):
+            if r["src"] in (A, A_TOKEN):
+                top = max(r["next"], key=r["next"].get)
+                found.append((r["id"], top))
+    assert found, "no [[head_out]] rule for the planted source token"
+    assert any(top == C for _, top in found), found
+
+
+def test_draft_is_readable_and_fit_lowers_train_kl(drafted):
+    from handmodel import load_rules
+
+    o, out, s = drafted
+    rules = load_rules(out, o.vocab)
+    assert all(d.strip() for d in rules.rule_docs)
+    assert len(set(rules.rule_ids)) == len(rules.rule_ids) == s["rules"]
+    assert int(np.sum(rules.rule_numbers)) == s["numbers"]
+    text = (out / "40_head0.toml").read_text()
+    assert "# fitted to the reference head's attention" in text and "# drafted by `handmodel suggest`" in text
+    classes = rules.sets.class_names[1:]
+    assert classes and all(c.startswith("like_") for c in classes) and not any("cluster" in c for c in classes)
+    kl = [h["train_kl"] for h in s["history"]]
+    assert kl[-1] < kl[0] * 0.95, kl  # heads explain part of what the bigram draft leaves
+    assert all(b <= a + 1e-3 for a, b in zip(kl[1:], kl[2:])), kl
+
+
+def test_project_is_the_kl_optimal_sparse_row():
+    """bigrams.project puts exactly the target mass on its support and keeps the base shape elsewhere."""
+    from verify.discover.bigrams import log_softmax, project
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=50)
+    target = np.exp(log_softmax(rng.normal(size=50) * 2))
+    row = project(target, base, 7)
+    z = base.copy()
+    z[row.support] += row.delta
+    q = np.exp(log_softmax(z))
+    np.testing.assert_allclose(q[row.support], target[row.support], rtol=1e-9)
+    off = np.setdiff1d(np.arange(50), row.support)
+    np.testing.assert_allclose(q[off] / q[off].sum(), np.exp(log_softmax(base[off])), rtol=1e-9)
+    kl = lambda qq: float(np.sum(target * (np.log(target) - np.log(qq))))  # noqa: E731
+    for _ in range(5):  # no other 7-sparse change on that support does better
+        z2 = z.copy()
+        z2[row.support] += rng.normal(size=7) * 0.1
+        assert kl(q) <= kl(np.exp(log_softmax(z2))) + 1e-12
+
+
+def test_bad_input(planted, tmp_path):
+    from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
+
+    ckpt, train = planted
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "a.toml").write_text("# mine\n")
+    with pytest.raises(UserError, match="already holds rule files"):
+        suggest(Oracle.load(ckpt), full, train, log=lambda m: None)
+    assert (full / "a.toml").read_text() == "# mine\n"
+    r = subprocess.run([sys.executable, "-m", "verify.cli", "suggest", str(tmp_path / "x"), "--checkpoint", str(ckpt),
+                        "--corpus", str(train.with_name("valid.txt"))], capture_output=True, text=True)
+    assert r.returncode == 2 and "valid.txt is for reporting" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,250 @@
+"""`handmodel suggest`: draft a whole ruleset from the reference, for a person to read, edit and refit.
+
+Pipeline (every number fitted on TRAINING text; valid.txt is only ever scored by `verify`):
+1. bigram structure (bigrams.py): unigram prior, token classes, class rows, per-token exceptions,
+   from the oracle bigram table that `verify` also uses as a baseline;
+2. heads (heads.py): one hand [[head]] per reference head, its position/source-score tables fitted
+   to the reference's attention patterns;
+3. [[head_out]] rows for the source tokens each head attends to most, and a refit of the frequent
+   tokens' bigram rows with the heads in place, by moment matching (iterative scaling): for a rule
+   whose contribution is (activation φ) × (logit δ_v on its support), the KL(p_ref ‖ p_hand)-optimal
+   δ makes Σ_t φ_t p_hand,t(v) = Σ_t φ_t p_ref,t(v) on the support; each round moves
+   δ_v += η (log E_ref − log E_hand), with p_hand computed by the real engine from the written files.
+Files are rewritten every round and reloaded with handmodel.load_rules, so what is fitted is exactly
+what the engine runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from handmodel.errors import UserError
+from handmodel.writer import inline_table, name_part, num, q
+
+from .bigrams import draft_bigrams
+from .draft_files import FileSet, write_bigram_files
+from .heads import HeadDraft, draft_heads, hand_attention
+
+EPS = 1e-9
+
+
+@dataclass
+class HeadOut:
+    head: int  # index into the head drafts
+    src: int
+    support: np.ndarray
+    delta: np.ndarray
+    mass: float = 0.0  # attention mass the source receives on the training sample (per position)
+
+
+@dataclass
+class Draft:
+    files: FileSet
+    heads: list[HeadDraft] = field(default_factory=list)
+    outs: list[HeadOut] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+
+
+def head_id(h: HeadDraft) -> str:
+    return f"head{h.ref_head}"
+
+
+def head_block(h: HeadDraft, vocab: list[str]) -> tuple[str, int]:
+    pos = ", ".join(f"{d} = {num(w)}" for d, w in enumerate(h.position)) + f", default = {num(h.pos_default)}"
+    scores = ",\n  ".join(f"{{ src = {q(vocab[t])}, w = {num(w)} }}" for t, w in zip(h.score_tok, h.score_w))
+    what = {"previous-token": "a previous-token head: it mostly attends to the token just before the current one",
+            "self": "it mostly attends to the current token itself",
+            "content": "a content head: where it looks depends mostly on which tokens are in the context"}[h.kind]
+    doc = f"Reference head {h.ref_head} is {what}."
+    text = (f"# fitted to the reference head's attention on training text: KL(ref attention ‖ this) = {h.fit_kl:.3f} nats "
+            f"(position table alone: {h.uniform_kl:.3f}); mean reference attention at distance 1: {h.prev_share:.2f}, "
+            f"at distance 0: {h.self_share:.2f}\n"
+            f"[[head]]\nid = \"{head_id(h)}\"\ndoc = {q(doc)}\nposition = {{ {pos} }}\n"
+            + (f"score = [\n  {scores}\n]\n" if len(h.score_tok) else ""))
+    return text, len(h.position) + 1 + len(h.score_tok)
+
+
+def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
+    order = np.argsort(-o.delta)[:3]
+    top = ", ".join(repr(vocab[o.support[i]]) for i in order)
+    doc = f"When head {h.ref_head} attends to {vocab[o.src]!r}, the reference favours {top}."
+    items = [(q(vocab[t]), float(w)) for t, w in zip(o.support, o.delta)]
+    return (f"# attention mass on this source per training position: {o.mass:.4f}; fitted by moment matching\n"
+            f"[[head_out]]\nid = \"{rid}\"\ndoc = {q(doc)}\nhead = \"{head_id(h)}\"\nsrc = {q(vocab[o.src])}\n"
+            f"next = {inline_table(items)}\n")
+
+
+def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut]) -> None:
+    V = fs.vocab
+    for h in heads:
+        fname = f"{40 + h.ref_head}_head{h.ref_head}.toml"
+        fs.start(fname, f"head {h.ref_head} ({h.kind})",
+                 f"Reference head {h.ref_head}: where it looks ([[head]], fitted to its attention patterns) and\n"
+                 "what each attended source token adds to the logits ([[head_out]], fitted by moment matching).")
+        fs.add(fname, head_block(h, V)[0])
+        used: set[str] = set()
+        for o in outs:
+            if heads[o.head] is not h or not len(o.support):
+                continue
+            rid = f"{head_id(h)}.{name_part(V[o.src])}"
+            while rid in used:
+                rid += "_"
+            used.add(rid)
+            fs.add(fname, head_out_block(o, h, V, rid))
+
+
+class TrainSample:
+    """Training windows with the reference's next-token probabilities (float32, in memory)."""
+
+    def __init__(self, oracle, windows: np.ndarray):
+        self.windows = windows
+        self.seqs = [w.astype(np.int32) for w in windows]
+        lp = np.concatenate(oracle.log_probs(list(windows)))
+        self.logp = lp
+        self.p = np.exp(lp)
+        self.tokens = windows.ravel()
+
+    def hand_p(self, hm) -> np.ndarray:
+        return np.exp(np.concatenate(hm.log_probs_batch(self.seqs)))
+
+    def kl(self, hm) -> float:
+        return float(np.mean(hm.stream_metrics(self.seqs, self.logp)["kl"]))
+
+
+def attention_masses(sample: TrainSample, h: HeadDraft, V: int, src: np.ndarray) -> np.ndarray:
+    """[N, len(src)] attention mass of hand head h on each source token, per position."""
+    col = np.full(V, -1)
+    col[src] = np.arange(len(src))
+    score = np.zeros(V)
+    score[h.score_tok] = h.score_w
+    out = np.zeros((sample.windows.size, len(src)), np.float32)
+    T = sample.windows.shape[1]
+    for b, w in enumerate(sample.windows):
+        A = hand_attention(w, h.position, h.pos_default, score)  # [T, T]
+        c = col[w]
+        keep = c >= 0
+        block = np.zeros((T, len(src)), np.float32)
+        np.add.at(block.T, c[keep], A[:, keep].T)
+        out[b * T:(b + 1) * T] = block
+    return out
+
+
+def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, n_classes: int = 64,
+            class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
+            n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
+            att_positions: int = 16_384, att_steps: int = 100, log=print) -> dict:
+    from verify import data as D
+    from verify.baselines import get_tables
+
+    from handmodel import HandModel, load_rules
+
+    from .common import sample_windows
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.glob("*.toml")):
+        raise UserError(f"{out_dir}: already holds rule files; suggest writes a fresh draft into an empty or new folder")
+    ckpt = D.checkpoint_info(oracle.path)
+    tables = get_tables(ckpt, Path(train_corpus), log=log)
+    counts = np.load(tables.dir / "counts.npy")
+    vocab = oracle.vocab
+    V = len(vocab)
+    fs = FileSet(out_dir, vocab, f"checkpoint {ckpt.hash}, training text {Path(train_corpus).name}")
+    log("drafting bigram structure from the oracle bigram table")
+    bd = draft_bigrams(tables.log_unigram, tables.log_bigram, counts, vocab, budget, n_classes, class_k, k_max,
+                       min_count=min_count)
+    write_bigram_files(fs, bd, counts)
+    draft = Draft(fs)
+    summary: dict = {"bigram_numbers": bd.n_numbers, "classes": len(bd.class_names)}
+    if not with_heads:
+        fs.write()
+        rules = load_rules(out_dir, vocab)
+        summary.update(rules=len(rules.rule_ids), numbers=int(np.sum(rules.rule_numbers)),
+                       seconds=round(time.perf_counter() - t0, 1))
+        return summary
+
+    windows = sample_windows(oracle, train_corpus, positions, window=min(256, oracle.cfg.n_ctx),
+                             max_chars=positions * 8)
+    log(f"training sample: {windows.size:,} positions in {len(windows)} windows")
+    sample = TrainSample(oracle, windows)
+    fs.write()
+    hm = HandModel(load_rules(out_dir, vocab))
+    kl_bigram = sample.kl(hm)
+    draft.history.append({"stage": "bigram draft", "train_kl": kl_bigram})
+    log(f"train KL with the bigram draft: {kl_bigram:.4f}")
+
+    n_att = max(4, min(len(windows), att_positions // windows.shape[1]))  # attention fit: [B, T, T] per step
+    heads = draft_heads(oracle, windows[:n_att], n_scores=n_scores, min_count=min_count, steps=att_steps, log=log)
+    draft.heads = heads
+    # sources: the tokens each head puts most attention mass on
+    masses = []
+    for hi, h in enumerate(heads):
+        cand = np.flatnonzero(counts >= min_count)
+        M = attention_masses(sample, h, V, cand)
+        tot = M.sum(0)
+        keep = np.argsort(-tot)[:n_src]
+        src = cand[keep]
+        M = np.ascontiguousarray(M[:, keep])
+        masses.append((hi, src, M, M.T @ sample.p))
+        for j, s in enumerate(src):
+            draft.outs.append(HeadOut(hi, int(s), np.zeros(0, np.int64), np.zeros(0), float(tot[keep[j]] / len(M))))
+    # choose each head_out row's support from the gap between the reference and the bigram draft
+    P_hand = sample.hand_p(hm)
+    k = 0
+    for hi, src, M, E_ref in masses:
+        E_hand = M.T @ P_hand
+        for j in range(len(src)):
+            o = draft.outs[k]
+            k += 1
+            er, eh = E_ref[j], E_hand[j]
+            gain = er * (np.log(er + EPS) - np.log(eh + EPS))
+            sup = np.argsort(-gain)[:k_out]
+            sup = sup[gain[sup] > 0]
+            o.support = sup.astype(np.int64)
+            o.delta = np.zeros(len(sup))
+    # frequent tokens' rows are refitted with the heads in place (rare rows keep the oracle-bigram fit)
+    sample_counts = np.bincount(sample.tokens, minlength=V)
+    refit = [c for c in bd.token_rows if sample_counts[c] >= 200]
+    order = np.argsort(sample.tokens, kind="stable")
+    bounds = np.searchsorted(sample.tokens[order], np.arange(V + 1))
+    where = {c: order[bounds[c]:bounds[c + 1]] for c in refit}
+    write_head_files(fs, heads, draft.outs)
+    for r in range(rounds):
+        fs.write()
+        hm = HandModel(load_rules(out_dir, vocab))
+        kl = sample.kl(hm)
+        draft.history.append({"stage": f"heads round {r}", "train_kl": kl})
+        log(f"round {r}: train KL {kl:.4f}")
+        P_hand = sample.hand_p(hm)
+        k = 0
+        eta = 0.8
+        for hi, src, M, E_ref in masses:
+            E_hand = M.T @ P_hand
+            for j in range(len(src)):
+                o = draft.outs[k]
+                k += 1
+                if len(o.support):
+                    step = np.log(E_ref[j, o.support] + EPS) - np.log(E_hand[j, o.support] + EPS)
+                    o.delta = o.delta + eta * np.clip(step, -2, 2)
+        if r < rounds - 1 and refit:
+            for c in refit:
+                idx = where[c]
+                row = bd.token_rows[c]
+                er = sample.p[idx][:, row.support].mean(0)
+                eh = P_hand[idx][:, row.support].mean(0)
+                row.delta = row.delta + 0.5 * np.clip(np.log(er + EPS) - np.log(eh + EPS), -2, 2)
+            write_bigram_files(fs, bd, counts)
+        write_head_files(fs, heads, draft.outs)
+    fs.write()
+    hm = HandModel(load_rules(out_dir, vocab))
+    rules = hm.rules
+    kl = sample.kl(hm)
+    draft.history.append({"stage": "final", "train_kl": kl})
+    log(f"final train KL {kl:.4f}")
+    summary.update(rules=len(rules.rule_ids), numbers=int(np.sum(rules.rule_numbers)), history=draft.history,
+                   heads=[{"head": h.ref_head, "kind": h.kind, "attention_kl": h.fit_kl} for h in heads],
+                   seconds=round(time.perf_counter() - t0, 1))
+    return summary
