@@ -49,11 +49,27 @@ class Objective:
         return total
 
 
+def check_training_text(corpus) -> None:
+    """Refuse held-out text: a file named (or linking to) valid*, or a folder that holds one."""
+    from pathlib import Path
+
+    p = Path(corpus)
+    names = [p.name, p.resolve().name] if p.is_file() or not p.exists() else \
+        [f.name for f in p.glob("*.txt")] + [f.resolve().name for f in p.glob("*.txt")]
+    bad = next((n for n in names if "valid" in n), None)
+    if bad is not None:
+        where = "" if bad == p.name else f" (it holds {bad})"
+        raise UserError(f"--corpus {corpus}{where}: fit on training text; valid.txt is for reporting "
+                        "(never tune on what you report)")
+
+
 def fit_rules(rules_path, oracle, corpus, tokens: int = 4096, steps: int = 30, only: list[str] | None = None,
               window: int = 128, dry_run: bool = False, progress: bool = True, log=None) -> dict:
     import torch
 
     from handmodel import load_rules
+
+    check_training_text(corpus)
 
     from .slots import read_slots, write_back
     from .torchrules import TorchRules
@@ -110,7 +126,7 @@ def fit_rules(rules_path, oracle, corpus, tokens: int = 4096, steps: int = 30, o
             opt.step(closure)
             with torch.no_grad():
                 kl = obj(full(x))
-            if not np.isfinite(kl) or kl > history[-1] + 1e-9:  # never accept a worse point
+            if not np.isfinite(kl) or kl > history[-1]:  # never accept a worse point (history never rises)
                 with torch.no_grad():
                     x.copy_(best)
                 break

@@ -54,7 +54,8 @@ def read_slots(rules) -> Slots:
     S = Slots()
     S.file_of = [r.file for r in rules.rules]
     for f in sorted(set(S.file_of)):
-        S.docs[f] = tomlkit.parse(Path(f).read_text(encoding="utf-8"))
+        with open(f, encoding="utf-8", newline="") as fh:  # newline="": keep CRLF files CRLF
+            S.docs[f] = tomlkit.parse(fh.read())
         for kind, aot in S.docs[f].items():
             if kind in ("group", "vocab") or not isinstance(aot, list):
                 continue
@@ -130,6 +131,6 @@ def write_back(S: Slots, theta: np.ndarray, only: np.ndarray | None = None) -> l
     for f in sorted(changed):
         p = Path(f)
         tmp = p.with_name(p.name + ".fit-tmp")
-        tmp.write_text(tomlkit.dumps(S.docs[f]), encoding="utf-8")
+        tmp.write_text(tomlkit.dumps(S.docs[f]), encoding="utf-8", newline="")
         tmp.replace(p)
     return sorted(changed)
