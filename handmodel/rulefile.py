@@ -24,13 +24,15 @@ from .errors import UserError
 # its own, not in the ledger) but shares the id namespace.
 KEYS: dict[str, set[str]] = {
     "class": {"id", "doc", "tokens", "pattern", "except"},
-    "prior": {"id", "doc", "group", "next"},
-    "bigram": {"id", "doc", "group", "now", "next", "rows"},
-    "head": {"id", "doc", "group", "position", "score"},
-    "head_out": {"id", "doc", "group", "head", "src", "now", "next"},
-    "skip": {"id", "doc", "group", "earlier", "now", "next"},
-    "neuron": {"id", "doc", "group", "threshold", "now", "present", "attend", "next"},
+    "prior": {"id", "doc", "group", "next", "check"},
+    "bigram": {"id", "doc", "group", "now", "next", "rows", "check"},
+    "head": {"id", "doc", "group", "position", "score", "check"},
+    "head_out": {"id", "doc", "group", "head", "src", "now", "next", "check"},
+    "skip": {"id", "doc", "group", "earlier", "now", "next", "check"},
+    "neuron": {"id", "doc", "group", "threshold", "now", "present", "attend", "next", "check"},
 }
+# `check = { margin = 0.5, fraction = 0.8, ... }` on a rule: the claim `handmodel check-rules` tests
+# against the reference (verify/checkrules.py). A flat table of numbers/strings; the engine ignores it.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "class": ("id", "doc"),
     "prior": ("id", "doc", "next"),
@@ -232,6 +234,14 @@ def check_entry(e: Entry) -> None:
         raise e.fail("'doc' must be one non-empty line of English", "say what behaviour the rule captures", "doc")
     if "group" in body and (not isinstance(body["group"], str) or not body["group"].strip()):
         raise e.fail("'group' must be a non-empty string", "name the ledger group, e.g. group = \"bigrams\"", "group")
+    if "check" in body:
+        chk = body["check"]
+        if not isinstance(chk, dict):
+            raise e.fail("'check' must be a table of numbers/strings", "write check = { margin = 0.5, fraction = 0.8 }", "check")
+        for k, v in chk.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, str)) or (isinstance(v, float) and not math.isfinite(v)):
+                raise e.fail(f"check.{k} must be a finite number or a string, got {v!r}",
+                             "write check = { margin = 0.5, fraction = 0.8 } (see handmodel check-rules --help)", "check")
     if kind == "bigram":
         has_row = "now" in body or "next" in body
         if "rows" in body and has_row:

@@ -222,6 +222,16 @@ def _cfg_key(cfg: TrainConfig) -> dict:
     return d
 
 
+def _command_line() -> str:
+    """How this run was started, for the model card (argv of the console script or of torchrun's worker)."""
+    import shlex
+    import sys
+
+    prog = Path(sys.argv[0]).name if sys.argv else "handmodel"
+    prog = "handmodel" if prog in ("handmodel", "cli.py", "__main__.py") else prog
+    return " ".join([prog] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
 def _card(cfg, step, tokens_per_step, history, model, vstream, stream, device, final) -> dict:
     last = history[-1] if history else {}
     card = {
@@ -235,6 +245,7 @@ def _card(cfg, step, tokens_per_step, history, model, vstream, stream, device, f
         "params": model.n_params(),
         "model": cfg.model.to_dict(),
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("model", "out")},
+        "command": _command_line(),
         "finished": final,
     }
     if final and vstream is not None:

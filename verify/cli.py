@@ -135,6 +135,10 @@ from verify.commands import report_cmd, verify_cmd  # noqa: E402
 app.command("verify")(verify_cmd)
 app.command("report")(report_cmd)
 
+from verify.catalog import catalog_cmd  # noqa: E402
+
+app.command("catalog")(catalog_cmd)
+
 
 # -- rule discovery: inspect / suggest / fit (verify/discover/commands.py; heavy imports stay inside) ---
 from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
@@ -142,6 +146,11 @@ from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: 
 app.add_typer(inspect_app, name="inspect")
 app.command("suggest")(suggest_cmd)
 app.command("fit")(fit_cmd)
+
+# -- check-rules: property-test each rule against the reference (verify/checkrules.py) ---
+from verify.checkrules_cli import check_rules_cmd  # noqa: E402
+
+app.command("check-rules")(check_rules_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,281 @@
+"""`handmodel check-rules` on a tiny reference trained on text with a planted skip-trigram
+(verify/discover/planted.py: after ' blue' comes ' moon' when 'zap' occurred earlier)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from handmodel.errors import UserError
+
+EXAMPLES = 30
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    from verify.discover.planted import train_planted
+
+    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared with tests/test_discover_*.py
+    ckpt = train_planted(folder)
+    return ckpt, folder / "corpus" / "train.txt"
+
+
+@pytest.fixture(scope="module")
+def oracle(planted):
+    from reference.oracle import Oracle
+
+    return Oracle.load(planted[0])
+
+
+def _ids(o, *toks):
+    return [o.vocab.index(t) for t in toks]
+
+
+def _last_lp(o, toks):
+    return o.log_probs([np.array(_ids(o, *toks))])[0][-1]
+
+
+@pytest.fixture(scope="module")
+def facts(oracle, planted):
+    """Numbers read off this particular trained reference, so the rules below are true/false by construction."""
+    from verify.discover.common import run_pass, sample_windows
+
+    w = sample_windows(oracle, planted[1], 4096, window=32)
+    p = run_pass(oracle, w, lambda c, b: {"post": c["mlp.post"]})
+    post = p.data["post"].reshape(-1, oracle.cfg.d_mlp)
+    is_the = w.reshape(-1) == oracle.vocab.index(" the")
+    sel = (post[is_the] > 0).mean(0) - (post[~is_the] > 0).mean(0)  # fires on ' the', rarely elsewhere
+    neuron = int(np.argmax(sel))
+    assert sel[neuron] > 0.7, "the planted reference should have a neuron that fires on ' the'"
+    # which head moves 'zap' to ' blue'
+    seq = np.array(_ids(oracle, "zap", " the", " big", " cat", " blue"))
+    pat = oracle.run_with_cache(seq)["attn.pattern"]  # [H, T, T]
+    zap_head = int(np.argmax(pat[:, -1, 0]))
+    assert pat[zap_head, -1, 0] > 0.5
+    moon = oracle.vocab.index(" moon")
+    with_zap = _last_lp(oracle, ["zap", " the", " big", " cat", " blue"])[moon]
+    without = _last_lp(oracle, [" the", " big", " cat", " blue"])[moon]
+    assert with_zap - without > 0.3, "the planted skip-trigram should be learnt"
+    return {"neuron": neuron, "zap_head": zap_head, "other_head": 1 - zap_head, "moon_with": float(with_zap),
+            "moon_without": float(without)}
+
+
+RULES = """
+[[bigram]]
+id = "bigram.the_dog"
+doc = "After ' the' comes ' dog' (planted bigram, p = 0.75)."
+now = " the"
+next = {{ " dog" = 1.0 }}
+
+[[bigram]]
+id = "bigram.wrong_sign"
+doc = "Wrong sign: claims ' dog' is unlikely after ' the'."
+now = " the"
+next = {{ " dog" = -1.0 }}
+
+[[bigram]]
+id = "bigram.wrong_token"
+doc = "Wrong token: ' moon' never follows ' the'."
+now = " the"
+next = {{ " moon" = 1.0 }}
+
+[[bigram]]
+id = "bigram.blue_moon_sharp"
+doc = "' moon' after ' blue', as sharply as after 'zap ... blue': true only when zap came earlier."
+now = " blue"
+next = {{ " moon" = 1.0 }}
+check = {{ margin = {sharp_margin}, fraction = 1.0 }}
+
+[[bigram]]
+id = "bigram.known_false"
+doc = "Known false, marked so."
+now = " the"
+next = {{ " dog" = -1.0 }}
+check = {{ expect = "fail", why = "kept for the ledger" }}
+
+[[bigram]]
+id = "bigram.not_false"
+doc = "Marked known-false but true."
+now = " the"
+next = {{ " dog" = 1.0 }}
+check = {{ expect = "fail", why = "stale mark" }}
+
+[[bigram]]
+id = "bigram.nothing"
+doc = "Writes only zeros: claims nothing."
+now = " the"
+next = {{ " dog" = 0.0 }}
+
+[[prior]]
+id = "prior.the"
+doc = "' the' is a common token."
+next = {{ " the" = 1.0 }}
+
+[[skip]]
+id = "skip.zap_blue_moon"
+doc = "The planted skip-trigram: zap earlier, ' blue' now => ' moon'."
+earlier = "zap"
+now = " blue"
+next = {{ " moon" = 2.0 }}
+
+[[skip]]
+id = "skip.wrong_sign"
+doc = "The planted skip-trigram with the wrong sign."
+earlier = "zap"
+now = " blue"
+next = {{ " moon" = -2.0 }}
+
+[[head]]
+id = "head.zap"
+doc = "' blue' attends to 'zap'."
+score = [{{ now = " blue", src = "zap", w = 5.0 }}]
+check = {{ ref_head = {zap_head} }}
+
+[[head]]
+id = "head{other_head}.zap"
+doc = "The same claim, mapped by its id to the other head: false."
+score = [{{ now = " blue", src = "zap", w = 5.0 }}]
+
+[[head]]
+id = "head.unmapped"
+doc = "No reference head named: cannot be checked."
+position = {{ 1 = 4.0 }}
+
+[[head_out]]
+id = "head.zap.moon"
+doc = "What head.zap writes: ' moon'."
+head = "head.zap"
+src = "zap"
+now = " blue"
+next = {{ " moon" = 2.0 }}
+
+[[neuron]]
+id = "neuron.{neuron}.the"
+doc = "A neuron that fires on ' the'."
+now = {{ " the" = 1.0 }}
+next = {{ " dog" = 0.1 }}
+check = {{ level = 0.5 }}
+
+[[neuron]]
+id = "neuron.blue"
+doc = "Claims the ' the' neuron fires on ' blue': false."
+now = {{ " blue" = 1.0 }}
+next = {{ " moon" = 0.1 }}
+check = {{ ref_neuron = {neuron}, level = 0.5 }}
+"""
+
+
+@pytest.fixture(scope="module")
+def rules_file(tmp_path_factory, facts, oracle, planted):
+    from verify.checkrules import unigram_logp, context_pool
+
+    pool, _ = context_pool(oracle, planted[1])
+    uni = unigram_logp(oracle, pool)[oracle.vocab.index(" moon")]
+    # between the lift after a bare ' blue' and the lift after 'zap ... blue'
+    sharp = round(((facts["moon_with"] - uni) + (facts["moon_without"] - uni)) / 2, 3)
+    d = tmp_path_factory.mktemp("checkrules")
+    f = d / "rules.toml"
+    f.write_text(RULES.format(sharp_margin=sharp, **facts), encoding="utf-8")
+    return f
+
+
+@pytest.fixture(scope="module")
+def checker(rules_file, planted):
+    from verify.checkrules import Checker
+
+    return Checker.from_paths(rules_file, planted[0], planted[1], examples=EXAMPLES)
+
+
+@pytest.fixture(scope="module")
+def results(checker):
+    return {r.id: r for r in checker.check_all()}
+
+
+def test_true_rules_pass(results, facts):
+    for rid in ("bigram.the_dog", "prior.the", "skip.zap_blue_moon", "head.zap", "head.zap.moon", f"neuron.{facts['neuron']}.the"):
+        r = results[rid]
+        assert r.status == "pass", (rid, r.measured, r.counterexample, r.counter_detail)
+        assert r.examples == EXAMPLES and r.share >= 0.8 and r.counterexample is None
+
+
+@pytest.mark.parametrize("rid", ["bigram.wrong_sign", "bigram.wrong_token"])
+def test_false_bigram_fails_with_minimal_counterexample(results, rid):
+    r = results[rid]
+    assert r.status == "fail" and not r.ok and r.share < 0.8
+    assert r.shrunk and r.counterexample == "[ the]"  # shrunk all the way: the row token alone
+    assert "vs unigram" in r.counter_detail and ("' dog'" if rid == "bigram.wrong_sign" else "' moon'") in r.counter_detail
+
+
+def test_wrong_sign_skip_fails_with_the_insertion_shown(results):
+    r = results["skip.wrong_sign"]
+    assert r.status == "fail" and r.shrunk
+    assert r.counterexample.startswith("«zap»") and "[ blue]" in r.counterexample and "neutral" in r.counterexample
+    assert "with 'zap' vs" in r.counter_detail
+
+
+def test_rule_true_only_in_some_contexts_fails_outside_them(results):
+    r = results["bigram.blue_moon_sharp"]
+    assert r.status == "fail" and 0.0 < r.share < 1.0, (r.measured,)  # some generated contexts do hold ' zap'
+    assert r.shrunk and r.counterexample.endswith("[ blue]") and "zap" not in r.counterexample
+
+
+def test_attention_and_neuron_claims_can_fail(results, facts):
+    other = results[f"head{facts['other_head']}.zap"]
+    assert other.status == "fail" and f"reference head {facts['other_head']}" in other.counter_detail
+    n = results["neuron.blue"]
+    assert n.status == "fail" and n.counterexample.startswith("[ blue]") and "without trigger" in n.counterexample
+
+
+def test_unmappable_rule_is_an_error_and_no_claim_is_reported(results):
+    u = results["head.unmapped"]
+    assert u.status == "error" and not u.ok and "ref_head" in u.measured and "head<K>" in u.measured
+    z = results["bigram.nothing"]
+    assert z.status == "no claim" and z.ok
+
+
+def test_expect_fail(results):
+    assert results["bigram.known_false"].status == "xfail" and results["bigram.known_false"].ok
+    assert results["bigram.known_false"].why == "kept for the ledger"
+    assert results["bigram.not_false"].status == "xpass" and not results["bigram.not_false"].ok
+
+
+def test_deterministic(checker, results):
+    again = checker.check(next(r for r in checker.rules.rules if r.id == "bigram.blue_moon_sharp"))
+    first = results["bigram.blue_moon_sharp"]
+    assert (again.measured, again.counterexample, again.counter_detail) == (first.measured, first.counterexample, first.counter_detail)
+
+
+def test_check_table_is_validated(tmp_path, oracle, planted):
+    from handmodel import load_rules
+    from verify.checkrules import Checker
+
+    f = tmp_path / "r.toml"
+    f.write_text('[[bigram]]\nid = "b"\ndoc = "d"\nnow = " the"\nnext = { " dog" = 1.0 }\ncheck = { margn = 0.5 }\n')
+    assert load_rules(f, oracle.vocab).rule_ids == ["b"]  # the engine accepts and ignores it
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    with pytest.raises(UserError, match="unknown check key 'margn'; did you mean 'margin'"):
+        c.check(c.rules.rules[0])
+    for bad, msg in (("check = 3", "'check' must be a table"), ("check = { margin = true }", "check.margin must be a finite number"),
+                     ("check = { why = [1] }", "check.why must be")):
+        f.write_text(f'[[bigram]]\nid = "b"\ndoc = "d"\nnow = " the"\nnext = {{ " dog" = 1.0 }}\n{bad}\n')
+        with pytest.raises(UserError, match=msg):
+            load_rules(f, oracle.vocab)
+    f.write_text('[[bigram]]\nid = "b"\ndoc = "d"\nnow = " the"\nnext = { " dog" = 1.0 }\ncheck = { fraction = 2 }\n')
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    with pytest.raises(UserError, match=r"r.toml:\d+: rule 'b': check.fraction must be in \(0, 1\]"):
+        c.check(c.rules.rules[0])
+
+
+def test_cli_json_only_and_exit_codes(rules_file, planted, capsys):
+    from verify.cli import main
+
+    base = ["check-rules", str(rules_file), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]), "-n", "10"]
+    assert main(base + ["--json", "--only", "bigram.the_dog,skip.zap_blue_moon"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in d["results"]] == ["bigram.the_dog", "skip.zap_blue_moon"] and d["ok"]
+    assert main(base + ["--only", "bigram.wrong_sign"]) == 1
+    out = capsys.readouterr().out
+    assert "minimal counterexample" in out and "[ the]" in out and "fail" in out
+    assert main(base + ["--only", "bigram.the_dgo"]) == 2
+    assert "did you mean 'bigram.the_dog'" in capsys.readouterr().err

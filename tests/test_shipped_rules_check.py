@@ -1,0 +1,73 @@
+"""Every rule of the shipped ruleset (rules/) is a claim about the shipped reference (reference/default/):
+one test per rule id, checked by `handmodel check-rules` logic (verify/checkrules.py).
+
+Budget: HANDMODEL_CHECK_EXAMPLES contexts per rule (default 10: the file stays fast); set it higher for
+a deeper run. Rules marked `check = { expect = "fail", why = "..." }` are expected failures (strict: a
+rule that starts to hold fails the test until the mark is removed); `expect = "none"` or a rule with no
+testable claim is skipped with the reason. HANDMODEL_CHECK_RULES / HANDMODEL_CHECK_CHECKPOINT point the
+file at another ruleset / checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SHARED_CORPUS, require
+
+RULES = Path(os.environ.get("HANDMODEL_CHECK_RULES", ROOT / "rules"))
+CHECKPOINT = Path(os.environ.get("HANDMODEL_CHECK_CHECKPOINT", ROOT / "reference" / "default"))
+EXAMPLES = int(os.environ.get("HANDMODEL_CHECK_EXAMPLES", "10"))
+
+
+def _rule_ids() -> tuple[list[str] | None, str]:
+    """Rule ids in file order (read without the vocabulary, so collection needs no torch), or the reason there are none."""
+    if not (CHECKPOINT / "model.safetensors").exists():
+        return None, f"shipped model not trained yet ({CHECKPOINT}/model.safetensors is absent)"
+    if not RULES.exists():
+        return None, f"shipped ruleset not written yet ({RULES} is absent)"
+    from handmodel.compiled import _rule_files
+    from handmodel.errors import UserError
+    from handmodel.rulefile import read_rule_file
+
+    try:
+        ids = [e.id for f in _rule_files(RULES) for e in read_rule_file(f)[1] if e.kind != "class"]
+    except UserError as e:
+        return [], f"cannot read the shipped ruleset: {e}"
+    return ids, "" if ids else f"{RULES} holds no rules"
+
+
+IDS, REASON = _rule_ids()
+
+if not IDS:
+    if IDS is None:
+        def test_shipped_rules_check():
+            require(False, REASON)
+    else:
+        def test_shipped_rules_check():
+            pytest.fail(REASON)
+else:
+    @pytest.fixture(scope="module")
+    def checker():
+        from verify.checkrules import Checker
+
+        corpus = SHARED_CORPUS / "train.txt"
+        return Checker.from_paths(RULES, CHECKPOINT, corpus if corpus.exists() else None, examples=EXAMPLES,
+                                  shrink_calls=max(100, 5 * EXAMPLES))
+
+    @pytest.mark.parametrize("rule_id", IDS)
+    def test_shipped_rule(checker, rule_id):
+        rule = next(r for r in checker.rules.rules if r.id == rule_id)
+        res = checker.check(rule)
+        report = (f"{res.where}: {res.kind} '{res.id}' {res.status}: claimed {res.claimed}; measured {res.measured}"
+                  + (f"\n  counterexample: {res.counterexample}\n  {res.counter_detail}" if res.counterexample else ""))
+        if res.status == "no claim":
+            pytest.skip(f"no claim: {res.measured}")
+        if res.status == "xfail":
+            pytest.xfail(f"known false ({res.why or 'no reason given'}): {res.measured}")
+        if res.status == "xpass":
+            pytest.fail(f"{report}\n  marked expect = \"fail\" ({res.why}) but the claim holds: remove the mark")
+        if res.status == "error":
+            pytest.fail(f"{res.where}: {res.kind} '{res.id}' cannot be checked: {res.measured}")
+        assert res.status == "pass", report
