@@ -29,7 +29,8 @@ def drafted(planted, tmp_path_factory):
     out = tmp_path_factory.mktemp("suggest") / "rules"
     o = Oracle.load(ckpt)
     summary = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30,
-                      positions=2048, rounds=3, min_count=5, att_positions=1024, att_steps=60, log=lambda m: None)
+                      positions=2048, rounds=3, min_count=5, att_positions=1024, att_steps=60, n_neurons=4,
+                      log=lambda m: None)
     return o, out, summary
 
 
@@ -80,6 +81,8 @@ def test_draft_is_readable_and_fit_lowers_train_kl(drafted):
     assert "# fitted to the reference head's attention" in text and "# drafted by `handmodel suggest`" in text
     classes = rules.sets.class_names[1:]
     assert classes and all(c.startswith("like_") for c in classes) and not any("cluster" in c for c in classes)
+    assert [k for k in rules.rule_kinds if k == "neuron"] == ["neuron"] * 4
+    assert all(f"neuron.{n}" in rules.rule_ids for n in s["neurons"])
     kl = [h["train_kl"] for h in s["history"]]
     assert kl[-1] < kl[0] * 0.95, kl  # heads explain part of what the bigram draft leaves
     assert all(b <= a + 1e-3 for a, b in zip(kl[1:], kl[2:])), kl

@@ -27,6 +27,7 @@ from handmodel.writer import inline_table, name_part, num, q
 from .bigrams import draft_bigrams
 from .draft_files import FileSet, write_bigram_files
 from .heads import HeadDraft, draft_heads, hand_attention
+from .neurons import NeuronDraft, draft_neurons, hand_activation, reference_activations
 
 EPS = 1e-9
 
@@ -45,6 +46,7 @@ class Draft:
     files: FileSet
     heads: list[HeadDraft] = field(default_factory=list)
     outs: list[HeadOut] = field(default_factory=list)
+    neurons: list[NeuronDraft] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
 
@@ -96,6 +98,36 @@ def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut]) -
             fs.add(fname, head_out_block(o, h, V, rid))
 
 
+def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft]) -> None:
+    if not neurons:
+        return
+    V = fs.vocab
+    fname = "50_neurons.toml"
+    fs.start(fname, "neurons", "MLP neurons whose firing depends on context, not only on the current token\n"
+             "(largest contextual activation variance x logit effect first). `now`: mean activation after each\n"
+             "token; `attend`: what the head outputs add; `next`: fitted by moment matching.")
+    for d in neurons:
+        now = inline_table((q(V[t]), float(w)) for t, w in zip(d.now_tok, d.now_w))
+        att: dict[str, list[str]] = {}
+        for hi, src, w in d.attend:
+            att.setdefault(head_id(heads[hi]), []).append(f"{q(V[src])} = {num(w)}")
+        attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
+        order = np.argsort(-d.delta)
+        up = ", ".join(repr(V[d.support[i]]) for i in order[:3])
+        down = ", ".join(repr(V[d.support[i]]) for i in order[::-1][:2])
+        fires = ", ".join(repr(V[t]) for t in d.now_tok[:3])
+        ctx = ""
+        if d.attend:
+            hi, src, w = max(d.attend, key=lambda a: abs(a[2]))
+            ctx = f"; {'more' if w > 0 else 'less'} when head {heads[hi].ref_head} attends to {V[src]!r}"
+        doc = f"Reference neuron {d.neuron} fires after {fires}{ctx}; it pushes {up} up and {down} down."
+        nxt = inline_table((q(V[t]), float(w)) for t, w in zip(d.support, d.delta))
+        fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
+                      f"mean activation {d.mean_act:.3f}\n"
+                      f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\nthreshold = 0.0\nnow = {now}\n"
+                      + (f"attend = {{ {attend} }}\n" if attend else "") + f"next = {nxt}\n")
+
+
 class TrainSample:
     """Training windows with the reference's next-token probabilities (float32, in memory)."""
 
@@ -135,7 +167,7 @@ def attention_masses(sample: TrainSample, h: HeadDraft, V: int, src: np.ndarray)
 def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, n_classes: int = 64,
             class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
-            att_positions: int = 16_384, att_steps: int = 100, log=print) -> dict:
+            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, log=print) -> dict:
     from verify import data as D
     from verify.baselines import get_tables
 
@@ -205,22 +237,56 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             sup = sup[gain[sup] > 0]
             o.support = sup.astype(np.int64)
             o.delta = np.zeros(len(sup))
+    if n_neurons > 0:
+        from .common import typical_ln_scale
+
+        acts = reference_activations(oracle, windows)
+        draft.neurons = draft_neurons(oracle, acts, sample.tokens, [(hi, src, M) for hi, src, M, _ in masses],
+                                      typical_ln_scale(oracle, windows), n_neurons=n_neurons, min_count=min_count)
+        del acts
+        by_head = {hi: (src, M) for hi, src, M, _ in masses}
+        neuron_feats = []
+        for nd in draft.neurons:
+            a = hand_activation(nd, sample.tokens, by_head).astype(np.float32)
+            neuron_feats.append((a, a @ sample.p[:, nd.support]))
+        log(f"neurons: {len(draft.neurons)} drafted (most contextual first: "
+            + ", ".join(str(nd.neuron) for nd in draft.neurons[:8]) + ", ...)")
     # frequent tokens' rows are refitted with the heads in place (rare rows keep the oracle-bigram fit)
     sample_counts = np.bincount(sample.tokens, minlength=V)
     refit = [c for c in bd.token_rows if sample_counts[c] >= 200]
     order = np.argsort(sample.tokens, kind="stable")
     bounds = np.searchsorted(sample.tokens[order], np.arange(V + 1))
     where = {c: order[bounds[c]:bounds[c + 1]] for c in refit}
-    write_head_files(fs, heads, draft.outs)
-    for r in range(rounds):
+    def snapshot():
+        return ([o.delta.copy() for o in draft.outs], [nd.delta.copy() for nd in draft.neurons],
+                {c: bd.token_rows[c].delta.copy() for c in refit})
+
+    def restore(snap):
+        for o, d in zip(draft.outs, snap[0]):
+            o.delta = d
+        for nd, d in zip(draft.neurons, snap[1]):
+            nd.delta = d
+        for c, d in snap[2].items():
+            bd.token_rows[c].delta = d
+
+    def rewrite():
+        write_bigram_files(fs, bd, counts)
+        write_head_files(fs, heads, draft.outs)
+        write_neuron_file(fs, heads, draft.neurons)
         fs.write()
-        hm = HandModel(load_rules(out_dir, vocab))
-        kl = sample.kl(hm)
-        draft.history.append({"stage": f"heads round {r}", "train_kl": kl})
-        log(f"round {r}: train KL {kl:.4f}")
+        return HandModel(load_rules(out_dir, vocab))
+
+    # Moment-matching rounds. The features overlap (a position feeds several head_out rows, a neuron and
+    # its bigram row), so a full step can overshoot: a round that raises the training KL is undone and
+    # the step halved, which keeps the recorded KL monotone.
+    hm = rewrite()
+    best_kl = sample.kl(hm)
+    draft.history.append({"stage": "heads + neurons drafted", "train_kl": best_kl})
+    eta = 0.8
+    for r in range(rounds):
         P_hand = sample.hand_p(hm)
+        snap = snapshot()
         k = 0
-        eta = 0.8
         for hi, src, M, E_ref in masses:
             E_hand = M.T @ P_hand
             for j in range(len(src)):
@@ -229,22 +295,30 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
                 if len(o.support):
                     step = np.log(E_ref[j, o.support] + EPS) - np.log(E_hand[j, o.support] + EPS)
                     o.delta = o.delta + eta * np.clip(step, -2, 2)
-        if r < rounds - 1 and refit:
-            for c in refit:
-                idx = where[c]
-                row = bd.token_rows[c]
-                er = sample.p[idx][:, row.support].mean(0)
-                eh = P_hand[idx][:, row.support].mean(0)
-                row.delta = row.delta + 0.5 * np.clip(np.log(er + EPS) - np.log(eh + EPS), -2, 2)
-            write_bigram_files(fs, bd, counts)
-        write_head_files(fs, heads, draft.outs)
-    fs.write()
-    hm = HandModel(load_rules(out_dir, vocab))
+        for nd, (a, e_ref) in zip(draft.neurons, neuron_feats if draft.neurons else []):
+            e_hand = a @ P_hand[:, nd.support]
+            scale = max(float(np.percentile(a[a > 0], 99)) if (a > 0).any() else 1.0, 1e-6)  # GIS: step / feature size
+            nd.delta = nd.delta + (eta / scale) * np.clip(np.log(e_ref + EPS) - np.log(e_hand + EPS), -2, 2)
+        for c in refit:
+            idx = where[c]
+            row = bd.token_rows[c]
+            er = sample.p[idx][:, row.support].mean(0)
+            eh = P_hand[idx][:, row.support].mean(0)
+            row.delta = row.delta + 0.5 * eta * np.clip(np.log(er + EPS) - np.log(eh + EPS), -2, 2)
+        hm = rewrite()
+        kl = sample.kl(hm)
+        if kl > best_kl:
+            log(f"round {r}: train KL {kl:.4f} > {best_kl:.4f}: step undone, halved")
+            restore(snap)
+            eta /= 2
+            hm = rewrite()
+            continue
+        best_kl = kl
+        draft.history.append({"stage": f"moment matching round {r}", "train_kl": kl})
+        log(f"round {r}: train KL {kl:.4f}")
     rules = hm.rules
-    kl = sample.kl(hm)
-    draft.history.append({"stage": "final", "train_kl": kl})
-    log(f"final train KL {kl:.4f}")
     summary.update(rules=len(rules.rule_ids), numbers=int(np.sum(rules.rule_numbers)), history=draft.history,
                    heads=[{"head": h.ref_head, "kind": h.kind, "attention_kl": h.fit_kl} for h in heads],
+                   neurons=[nd.neuron for nd in draft.neurons],
                    seconds=round(time.perf_counter() - t0, 1))
     return summary
