@@ -52,7 +52,8 @@ class CompiledRules:
         return np.ascontiguousarray(m)
 
 
-def _rule_files(path: Path) -> list[Path]:
+def rule_file_paths(path: Path) -> list[Path]:
+    """The rule files of a folder (sorted: the ledger order) or the one file given."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".toml" and p.is_file())
         if not files:
@@ -65,7 +66,7 @@ def _rule_files(path: Path) -> list[Path]:
 
 def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
     """Read, check, resolve and compile every rule file (sorted by file name) against `vocab`."""
-    files = _rule_files(Path(rules_dir_or_file))
+    files = rule_file_paths(Path(rules_dir_or_file))
     fp = vocab_fingerprint(vocab)
     entries: list[Entry] = []
     for f in files:

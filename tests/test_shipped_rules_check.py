@@ -27,12 +27,12 @@ def _rule_ids() -> tuple[list[str] | None, str]:
         return None, f"shipped model not trained yet ({CHECKPOINT}/model.safetensors is absent)"
     if not RULES.exists():
         return None, f"shipped ruleset not written yet ({RULES} is absent)"
-    from handmodel.compiled import _rule_files
+    from handmodel.compiled import rule_file_paths
     from handmodel.errors import UserError
     from handmodel.rulefile import read_rule_file
 
     try:
-        ids = [e.id for f in _rule_files(RULES) for e in read_rule_file(f)[1] if e.kind != "class"]
+        ids = [e.id for f in rule_file_paths(RULES) for e in read_rule_file(f)[1] if e.kind != "class"]
     except UserError as e:
         return [], f"cannot read the shipped ruleset: {e}"
     return ids, "" if ids else f"{RULES} holds no rules"

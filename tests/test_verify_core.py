@@ -331,3 +331,26 @@ def test_real_text_from_shared_corpus(shared_corpus, rules_dir, tmp_path, tiny_w
     res = run(ckpt, rules_dir, ev, tr, worst=3)
     assert res["header"]["n_tokens"] > 500 and np.isfinite(res["final"]["kl"])
     assert res["header"]["n_split"] > 0  # real stories are longer than this tiny model's context
+
+
+def test_ledger_row_cache_recomputes_only_changed_rows(tiny_world, tmp_path):
+    """Rows come back from the cache when their rules are unchanged; editing the last file changes only
+    the rows that include it, and cached rows equal freshly computed ones."""
+    ckpt, evalf, train = tiny_world
+    rules = write_rules(tmp_path / "r", {"10_prior.toml": PRIOR, "20_bigrams.toml": BIGRAMS})
+    first = run(ckpt, rules, evalf, train)
+    ref, hm, compiled, _, _ = first["_objects"]
+    masks = [m for _, m in L.group_masks(compiled)]
+    k1 = L.row_keys(compiled, masks, ref)
+    assert all((ref.dir / "ledger" / f"{k}.npz").exists() for k in k1)
+    (rules / "20_bigrams.toml").write_text(BIGRAMS.replace('" happy" = 1.0', '" happy" = 2.5'), encoding="utf-8")
+    second = run(ckpt, rules, evalf, train)
+    from handmodel import load_rules
+
+    k2 = L.row_keys(load_rules(rules, compiled.vocab), masks, ref)
+    assert k2[:2] == k1[:2] and k2[2] != k1[2]  # (no rules), + prior unchanged; + bigrams recomputed
+    assert second["ledger"][:2] == first["ledger"][:2]
+    assert second["ledger"][2]["kl"] != first["ledger"][2]["kl"]
+    fresh, _ = L.run_ledger(second["_objects"][1], second["_objects"][2], ref, second["baselines"][1]["kl"],
+                            L.boot_weights(len(ref.offsets) - 1), cache=False)
+    assert [r["kl"] for r in fresh] == pytest.approx([r["kl"] for r in second["ledger"]], abs=1e-12)

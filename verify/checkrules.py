@@ -141,11 +141,11 @@ class Plan:
 # reading `check` tables (the engine ignores them; rulefile only checks they are flat tables)
 
 def read_checks(rules_path: Path) -> dict[str, dict]:
-    from handmodel.compiled import _rule_files
+    from handmodel.compiled import rule_file_paths
     from handmodel.rulefile import read_rule_file
 
     out: dict[str, dict] = {}
-    for f in _rule_files(Path(rules_path)):
+    for f in rule_file_paths(Path(rules_path)):
         _, entries = read_rule_file(f)
         for e in entries:
             if e.kind != "class":

@@ -66,15 +66,90 @@ def group_masks(rules) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False):
-    """-> (rows, per-position metrics of the last row (all rules on))."""
+ROW_CACHE_VERSION = 1
+
+
+def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
+    """A content key per ledger row: the logits under a row's mask depend only on the rules it switches
+    on (switched-off rules contribute nothing, and a head that is off gives its readers nothing), on
+    the classes, and on the eval set. So a row's key hashes the text of every file holding one of its
+    rules or a class: editing the last rule file recomputes only the rows that include it."""
+    import hashlib
+    from pathlib import Path
+
+    texts: dict[str, bytes] = {}
+    for f in dict.fromkeys(rules.rule_files):
+        texts[f] = Path(f).read_bytes()
+    folder = Path(rules.rule_files[0]).parent if rules.rule_files else None
+    class_files = []
+    if folder is not None:
+        for f in sorted(folder.glob("*.toml")):
+            b = texts.get(str(f)) or f.read_bytes()
+            if b"[[class]]" in b:
+                texts[str(f)] = b
+                class_files.append(str(f))
+    sha = {f: hashlib.sha256(b).hexdigest() for f, b in texts.items()}
+    engine = _engine_sha()
+    files = np.asarray(rules.rule_files, dtype=object)
+    keys = []
+    for m in masks:
+        used = sorted(set(files[m].tolist()) | set(class_files))
+        blob = repr((ROW_CACHE_VERSION, engine, ref.meta.get("key"), len(rules.vocab), [(Path(f).name, sha[f]) for f in used],
+                     [rules.rule_ids[i] for i in np.flatnonzero(m)]))
+        keys.append(hashlib.sha256(blob.encode()).hexdigest()[:24])
+    return keys
+
+
+_ENGINE_SHA: str | None = None
+
+
+def _engine_sha() -> str:
+    """The hand model's source (semantics live there): a changed engine never reuses old rows."""
+    global _ENGINE_SHA
+    if _ENGINE_SHA is None:
+        import hashlib
+        from pathlib import Path
+
+        import handmodel
+
+        h = hashlib.sha256()
+        for f in sorted(Path(handmodel.__file__).parent.glob("*.py")):
+            h.update(f.read_bytes())
+        _ENGINE_SHA = h.hexdigest()[:16]
+    return _ENGINE_SHA
+
+
+def _cached_metrics(hm, ref, mask, key: str | None) -> dict:
+    f = ref.dir / "ledger" / f"{key}.npz" if key else None
+    if f is not None and f.exists():
+        try:
+            z = np.load(f)
+            return {k: z[k] for k in ("kl", "ce", "agree")}
+        except Exception:
+            pass  # a damaged entry is recomputed
+    m = hm.stream_metrics(ref.seqs, ref.logp, mask=mask)
+    if f is not None:
+        try:
+            f.parent.mkdir(exist_ok=True)
+            tmp = f.with_suffix(".tmp.npz")
+            np.savez(tmp, kl=m["kl"], ce=m["ce"], agree=m["agree"])
+            tmp.replace(f)
+        except OSError:
+            pass
+    return m
+
+
+def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True):
+    """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
+    since the last run on this eval set come from the row cache (row_keys)."""
     masks = group_masks(rules)
     if final_only:
         masks = masks[-1:]
+    keys = row_keys(rules, [m for _, m in masks], ref) if cache else [None] * len(masks)
     numbers = np.asarray(rules.rule_numbers)
     rows, last = [], None
-    for label, mask in masks:
-        m = hm.stream_metrics(ref.seqs, ref.logp, mask=mask)
+    for (label, mask), key in zip(masks, keys):
+        m = _cached_metrics(hm, ref, mask, key)
         rows.append(summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum())))
         last = m
     return rows, last
