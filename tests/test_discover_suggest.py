@@ -124,3 +124,30 @@ def test_bad_input(planted, tmp_path):
                         "--corpus", str(train.with_name("valid.txt"))], capture_output=True, text=True)
     assert r.returncode == 2 and "valid.txt is for reporting" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_target_spends_numbers_where_the_given_rules_leave_kl(drafted, planted, tmp_path):
+    """--target: token rows go to the tokens after which the target rules leave the most KL."""
+    import shutil
+
+    from handmodel import HandModel, load_rules
+    from verify.discover.common import sample_windows
+    from verify.discover.suggest import suggest
+
+    o, out, _ = drafted
+    ckpt, train = planted
+    prior_only = tmp_path / "prior_only"
+    prior_only.mkdir()
+    shutil.copy(out / "00_prior.toml", prior_only / "00_prior.toml")
+    w = sample_windows(o, train, 2048, window=min(256, o.cfg.n_ctx), max_chars=2048 * 8)
+    seqs = [x.astype(np.int32) for x in w]
+    kl = HandModel(load_rules(prior_only, o.vocab)).stream_metrics(seqs, np.concatenate(o.log_probs(list(w))))["kl"]
+    left = np.bincount(w.ravel(), weights=kl, minlength=len(o.vocab))
+    worst = int(np.argmax(left))
+    s = suggest(o, tmp_path / "t", train, budget=40, n_classes=0, with_heads=False, positions=2048, min_count=5,
+                target=prior_only, log=lambda m: None)
+    assert s["rules"] >= 2
+    rules = load_rules(tmp_path / "t", o.vocab)
+    rows = {r.rows[0][0] for r in rules.rules if r.kind == "bigram" and len(r.rows) == 1}
+    rows |= {now for r in rules.rules if r.kind == "bigram" for now, _ in r.rows}
+    assert worst in rows, f"no row for {o.vocab[worst]!r}, where the prior alone leaves the most KL"

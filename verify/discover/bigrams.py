@@ -117,9 +117,12 @@ def class_name(members: np.ndarray, counts: np.ndarray, vocab: list[str], taken:
     return name
 
 
-def allocate(counts: np.ndarray, budget: int, k_max: int, alpha: float = 0.5) -> np.ndarray:
-    """Entries per row ∝ count^alpha, capped at k_max, summing to about `budget`."""
+def allocate(counts: np.ndarray, budget: int, k_max: int, alpha: float = 0.5, weight: np.ndarray | None = None) -> np.ndarray:
+    """Entries per row ∝ count^alpha (or ∝ `weight`, e.g. the KL current rules leave after each token),
+    capped at k_max, summing to about `budget`."""
     w = np.where(counts > 0, counts.astype(np.float64) ** alpha, 0.0)
+    if weight is not None:
+        w = np.where(counts > 0, np.maximum(weight, 0.0) + 1e-9, 0.0)
     k = np.zeros(len(counts), np.int64)
     free = w > 0
     left = budget
@@ -138,7 +141,7 @@ def allocate(counts: np.ndarray, budget: int, k_max: int, alpha: float = 0.5) ->
 
 def draft_bigrams(log_unigram: np.ndarray, log_bigram: np.ndarray, counts: np.ndarray, vocab: list[str],
                   budget: int, n_classes: int = 64, class_k: int = 96, k_max: int = 256,
-                  min_count: int = 20, seed: int = 0) -> BigramDraft:
+                  min_count: int = 20, seed: int = 0, row_weight: np.ndarray | None = None) -> BigramDraft:
     """Prior + classes + class rows + token exceptions; `budget` counts the token-exception numbers."""
     V = len(vocab)
     prior = np.maximum(log_unigram.astype(np.float64), PRIOR_FLOOR)
@@ -156,7 +159,7 @@ def draft_bigrams(log_unigram: np.ndarray, log_bigram: np.ndarray, counts: np.nd
             d.class_members.append(np.sort(mem))
             d.class_rows.append(project(pooled, prior, class_k if len(mem) > 1 else 0))
             d.label[mem] = len(d.class_names) - 1
-    ks = allocate(counts, budget, k_max)
+    ks = allocate(counts, budget, k_max, weight=row_weight)
     for c in np.flatnonzero(ks):
         base = prior.copy()
         if d.label[c] >= 0:

@@ -167,7 +167,10 @@ def attention_masses(sample: TrainSample, h: HeadDraft, V: int, src: np.ndarray)
 def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, n_classes: int = 64,
             class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
-            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, log=print) -> dict:
+            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, log=print) -> dict:
+    """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
+    spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
+    after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
     from verify import data as D
     from verify.baselines import get_tables
 
@@ -184,10 +187,20 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     counts = np.load(tables.dir / "counts.npy")
     vocab = oracle.vocab
     V = len(vocab)
-    fs = FileSet(out_dir, vocab, f"checkpoint {ckpt.hash}, training text {Path(train_corpus).name}")
+    fs = FileSet(out_dir, vocab, f"checkpoint {ckpt.hash}, training text {Path(train_corpus).name}"
+                 + (f", targeting where {Path(target).name}/ leaves KL" if target is not None else ""))
+    windows = sample_windows(oracle, train_corpus, positions, window=min(256, oracle.cfg.n_ctx),
+                             max_chars=positions * 8)
+    sample = TrainSample(oracle, windows)
+    pos_weight = None  # per training position: how much the target rules leave unexplained
+    row_weight = None
+    if target is not None:
+        pos_weight = HandModel(load_rules(target, vocab)).stream_metrics(sample.seqs, sample.logp)["kl"]
+        row_weight = np.bincount(sample.tokens, weights=pos_weight, minlength=V)
+        log(f"targeting {target}: its training-sample KL is {pos_weight.mean():.4f}")
     log("drafting bigram structure from the oracle bigram table")
     bd = draft_bigrams(tables.log_unigram, tables.log_bigram, counts, vocab, budget, n_classes, class_k, k_max,
-                       min_count=min_count)
+                       min_count=min_count, row_weight=row_weight)
     write_bigram_files(fs, bd, counts)
     draft = Draft(fs)
     summary: dict = {"bigram_numbers": bd.n_numbers, "classes": len(bd.class_names)}
@@ -198,10 +211,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
                        seconds=round(time.perf_counter() - t0, 1))
         return summary
 
-    windows = sample_windows(oracle, train_corpus, positions, window=min(256, oracle.cfg.n_ctx),
-                             max_chars=positions * 8)
     log(f"training sample: {windows.size:,} positions in {len(windows)} windows")
-    sample = TrainSample(oracle, windows)
     fs.write()
     hm = HandModel(load_rules(out_dir, vocab))
     kl_bigram = sample.kl(hm)
@@ -216,13 +226,13 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     for hi, h in enumerate(heads):
         cand = np.flatnonzero(counts >= min_count)
         M = attention_masses(sample, h, V, cand)
-        tot = M.sum(0)
+        tot = M.sum(0) if pos_weight is None else pos_weight.astype(np.float32) @ M
         keep = np.argsort(-tot)[:n_src]
         src = cand[keep]
         M = np.ascontiguousarray(M[:, keep])
         masses.append((hi, src, M, M.T @ sample.p))
         for j, s in enumerate(src):
-            draft.outs.append(HeadOut(hi, int(s), np.zeros(0, np.int64), np.zeros(0), float(tot[keep[j]] / len(M))))
+            draft.outs.append(HeadOut(hi, int(s), np.zeros(0, np.int64), np.zeros(0), float(M[:, j].mean())))
     # choose each head_out row's support from the gap between the reference and the bigram draft
     P_hand = sample.hand_p(hm)
     k = 0

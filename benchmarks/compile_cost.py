@@ -1,0 +1,69 @@
+"""Section 6: rule compilation (load_rules) and numba kernel compile, cold (empty NUMBA_CACHE_DIR, in a
+fresh process) vs warm (the same cache dir, filled by the cold run)."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .child import run_probe
+from .results import Section
+from .stats import summarize
+
+
+def run(w, cfg, log=print) -> Section:
+    from handmodel import load_rules
+
+    sec = Section("compile")
+    # load_rules in this process: a cold parse cache (fresh HANDMODEL_CACHE), then warm repeats
+    old = os.environ.get("HANDMODEL_CACHE")
+    pdir = Path(tempfile.mkdtemp(prefix="parse-", dir=w.work))
+    try:
+        os.environ["HANDMODEL_CACHE"] = str(pdir)
+        t = time.perf_counter()
+        load_rules(w.rules_dir, w.vocab)
+        cold_parse = time.perf_counter() - t
+        warm_parse = []
+        for _ in range(cfg.repeats):
+            t = time.perf_counter()
+            load_rules(w.rules_dir, w.vocab)
+            warm_parse.append(time.perf_counter() - t)
+    finally:
+        if old is None:
+            os.environ.pop("HANDMODEL_CACHE", None)
+        else:
+            os.environ["HANDMODEL_CACHE"] = old
+        shutil.rmtree(pdir, ignore_errors=True)
+    sec.add("load_rules_warm_s", "load_rules (parse cache warm)", "s", "lower", warm_parse)
+    sec.add("load_rules_cold_s", "load_rules (parse cache empty)", "s", "lower", cold_parse)
+
+    files = w.files()
+    spec = {"kind": "compile", "checkpoint": str(w.ckpt), "rules": str(w.rules_dir), **files}
+    ndir = Path(tempfile.mkdtemp(prefix="numba-", dir=w.work))
+    try:
+        env = {"NUMBA_CACHE_DIR": str(ndir)}
+        log("  numba cold compile (empty NUMBA_CACHE_DIR) ...")
+        cold, cold_child = run_probe(spec, env=env)
+        warm = [run_probe(spec, env=env) for _ in range(cfg.compile_repeats)]
+    finally:
+        shutil.rmtree(ndir, ignore_errors=True)
+
+    def first(rep):
+        return rep["first_logp_s"] + rep["first_kl_s"]
+
+    def compiled(rep):
+        return max(1e-6, first(rep) - rep["second_logp_s"] - rep["second_kl_s"])
+
+    wf = [first(r) for r, _ in warm]
+    sec.add("numba_cold_first_calls_s", "first log-probs + KL call, numba cache empty (compile)", "s", "lower",
+            first(cold), note=f"of which compile ~{compiled(cold):.1f} s; one run")
+    sec.add("numba_warm_first_calls_s", "first log-probs + KL call, numba cache warm (load)", "s", "lower", wf)
+    sec.add("numba_cold_over_warm", "cold / warm first calls", "x", "none", first(cold) / summarize(wf)["median"])
+    sec.add("process_cold_s", "whole probe process, numba cache empty", "s", "lower", cold_child.wall)
+    sec.add("process_warm_s", "whole probe process, numba cache warm", "s", "lower", [c.wall for _, c in warm])
+    sec.details = {"cold": cold, "warm": [r for r, _ in warm], "n_rules": len(w.rules.rule_ids)}
+    sec.notes.append("probe process: import handmodel, load_rules, first + second log_probs_batch and stream_metrics "
+                     "calls on 4 short sequences; compile = first - second")
+    return sec

@@ -1,0 +1,91 @@
+"""`python -m benchmarks`: the --quick run on a tiny checkpoint with a tiny generated ruleset produces every
+section with finite, positive numbers, and `compare` reads two result files. No timing thresholds:
+the machine is shared, so only the shape and sanity of the results are checked."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.report import compare
+from benchmarks.results import SECTIONS, all_metrics, load
+from benchmarks.stats import interleaved, loglog_slope, summarize
+
+MACHINE_KEYS = ("cpu_model", "cores_logical", "python", "numpy", "numba", "torch", "git_commit", "loadavg_start")
+
+
+def test_stats_helpers():
+    s = summarize([3.0, 1.0, 2.0, 4.0])
+    assert s["median"] == 2.5 and s["min"] == 1.0 and s["max"] == 4.0 and s["n"] == 4 and s["q1"] <= s["q3"]
+    assert loglog_slope([1, 2, 4, 8], [3, 6, 12, 24]) == pytest.approx(1.0)
+    assert loglog_slope([1, 2, 4], [5, 20, 80]) == pytest.approx(2.0)
+    calls = []
+    out = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and len(out["a"]) == len(out["b"]) == 3
+    # a budget stops early, but never before min_repeats
+    out = interleaved({"a": lambda: None}, repeats=50, warmup=0, budget_s=0.0, min_repeats=2)
+    assert len(out["a"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_run_and_compare(tiny_world, tmp_path, capsys):
+    ckpt, evalf, train = tiny_world
+    out = tmp_path / "a.json"
+    rc = main(["--quick", "--checkpoint", str(ckpt), "--corpus", str(evalf), "--train-corpus", str(train),
+               "--rules", str(tmp_path / "no-rules-here"), "--work", str(tmp_path / "work"),
+               "--out", str(out), "--no-latest"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "GENERATED ruleset" in printed  # the fallback is announced
+    assert "handmodel benchmarks" in printed  # the table
+    res = load(out)
+    assert res["quick"] is True
+    for k in MACHINE_KEYS:
+        assert k in res["machine"], k
+    wl = res["workload"]
+    assert wl["rules_generated"] and "GENERATED" in wl["rules_source"] and wl["n_rules"] > 0 and wl["tokens"] > 0
+    assert set(res["sections"]) == set(SECTIONS)
+    for name, sec in res["sections"].items():
+        assert sec["metrics"], f"section {name} has no metrics"
+        for m in sec["metrics"]:
+            assert m["id"].startswith(name + "."), m["id"]
+            for k in ("median", "q1", "q3", "min", "max"):
+                v = m[k]
+                assert isinstance(v, (int, float)) and math.isfinite(v), (m["id"], k, v)
+                if m["unit"] != "slope":  # a log-log slope may legitimately be <= 0; everything else is > 0
+                    assert v > 0, (m["id"], k, v)
+            assert m["min"] <= m["median"] <= m["max"] and m["n"] >= 1
+    ids = {m["id"] for m in all_metrics(res)}
+    for needed in ("throughput.reference_tokens_per_s", "throughput.hand_tokens_per_s", "throughput.hand_over_reference",
+                   "kl_throughput.kl_tokens_per_s", "inner_loop.verify_warm_s", "inner_loop.verify_cold_s",
+                   "memory.peak_rss_reference", "memory.peak_rss_hand_logp", "memory.ruleset_array_bytes",
+                   "memory.reference_param_bytes", "scaling.tokens_slope_kl", "scaling.context_slope_kl",
+                   "scaling.rules_slope_kl", "scaling.threads_speedup_kl", "compile.load_rules_warm_s",
+                   "compile.numba_cold_first_calls_s", "compile.numba_warm_first_calls_s"):
+        assert needed in ids, needed
+    # the hand model produced a real number for the ledger in the verify subprocess
+    assert math.isfinite(res["sections"]["inner_loop"]["details"]["final_kl"])
+
+    # compare: a second file with the hand model twice as fast and one metric missing
+    b = json.loads(out.read_text())
+    for m in b["sections"]["throughput"]["metrics"]:
+        if m["id"] == "throughput.hand_tokens_per_s":
+            m["median"] *= 2
+    b["sections"]["compile"]["metrics"] = b["sections"]["compile"]["metrics"][1:]
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main(["compare", str(out), str(tmp_path / "b.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "throughput.hand_tokens_per_s" in printed and "in one file only" in printed
+    rows = {r["id"]: r for r in compare(res, load(tmp_path / "b.json"))}
+    assert rows["throughput.hand_tokens_per_s"]["ratio"] == pytest.approx(2.0)
+    assert rows["throughput.hand_tokens_per_s"]["verdict"] == "better"
+    assert rows["throughput.reference_tokens_per_s"]["ratio"] == pytest.approx(1.0)
+
+
+def test_compare_rejects_a_non_result_file(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    assert main(["compare", str(bad), str(bad)]) == 2
+    assert "not a benchmark results file" in capsys.readouterr().out
