@@ -24,6 +24,101 @@ def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _LUT: tuple[np.ndarray, np.ndarray] | None = None
+_BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
+_POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
+
+
+class _BasePool:
+    """Dense base rows (float32 logits, float64 probabilities, log-sum-exp, top-K) for the current tokens seen so far."""
+
+    def __init__(self, V: int):
+        self.V = V
+        self.slot = np.full(V, -1, dtype=np.int64)  # token -> row, -1 = not built
+        self.reset()
+
+    def reset(self) -> None:
+        self.slot[:] = -1
+        self.n = 0
+        self.base = np.zeros((0, self.V), dtype=np.float32)
+        self.prob = np.zeros((0, self.V))
+        self.lse = np.zeros(0)
+        self.top = np.zeros((0, kernels.TOP_K), dtype=np.int64)
+
+    def add(self, toks: np.ndarray, base: np.ndarray, prob: np.ndarray, lse: np.ndarray, top: np.ndarray) -> None:
+        n, k = self.n, len(toks)
+        if n + k > len(self.base):
+            cap = min(max(n + k, 2 * len(self.base), 64), max(self.V, n + k))
+            for name in ("base", "prob", "lse", "top"):
+                old = getattr(self, name)
+                new = np.empty((cap,) + old.shape[1:], dtype=old.dtype)
+                new[:n] = old[:n]
+                setattr(self, name, new)
+        self.base[n:n + k] = base
+        self.prob[n:n + k] = prob
+        self.lse[n:n + k] = lse
+        self.top[n:n + k] = top
+        self.slot[toks] = np.arange(n, n + k)
+        self.n = n + k
+
+
+def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
+    """Arrays for the incremental attention in kernels.run_seqs.
+
+    Score combinations: the current token c selects a set of score groups of head h (hg_ptr/hg_grp);
+    tokens selecting the same set share a combination, numbered per head (cb_of[h*V + c]; global id
+    cb_ptr[h] + local), represented by one of its tokens (cb_rep). Reader slots: per head, one per
+    head_out reading it (kind 0) and one per neuron attending to it (kind 1); re_* lists, per
+    (head, source token), the slots it feeds and the weight (1 for a head_out, the attend weight)."""
+    cb_of = np.zeros(H * V, dtype=np.int64)
+    cb_ptr = np.zeros(H + 1, dtype=np.int64)
+    reps = []
+    for h in range(H):
+        lo, hi = a.hg_ptr[h * V], a.hg_ptr[(h + 1) * V]
+        grp = a.hg_grp[lo:hi]
+        if len(grp) == 0:  # no score entries: one combination (score 0 for every source)
+            reps.append(np.zeros(1, dtype=np.int64))
+            cb_ptr[h + 1] = cb_ptr[h] + 1
+            continue
+        ug, gi = np.unique(grp, return_inverse=True)
+        member = np.zeros((V, len(ug)), dtype=np.bool_)
+        toks = np.repeat(np.arange(V), np.diff(a.hg_ptr[h * V:(h + 1) * V + 1]))
+        member[toks, gi] = True
+        _, first, inv = np.unique(np.packbits(member, axis=1), axis=0, return_index=True, return_inverse=True)
+        cb_of[h * V:(h + 1) * V] = inv.ravel()
+        reps.append(first.astype(np.int64))
+        cb_ptr[h + 1] = cb_ptr[h] + len(first)
+    cb_rep = np.concatenate(reps) if reps else np.zeros(0, np.int64)
+    # head_outs with now = @all are routed through kernels.build_uncond's merged outputs, not slots
+
+    ho_head = np.asarray(a.ho_head, dtype=np.int64)
+    na_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.na_ptr))
+    na_head = na_keys // V if V else na_keys
+    sl_ptr = np.zeros(H + 1, dtype=np.int64)
+    sl_kind, sl_id = [], []
+    ho_slot = np.zeros(len(ho_head), dtype=np.int64)
+    neu_slot = {}
+    for h in range(H):
+        hos = np.flatnonzero((ho_head == h) & ~ho_uncond)
+        ho_slot[hos] = np.arange(len(hos))
+        neus = np.unique(np.asarray(a.na_neu)[na_head == h])
+        for j, n in enumerate(neus):
+            neu_slot[(h, int(n))] = len(hos) + j
+        sl_kind += [0] * len(hos) + [1] * len(neus)
+        sl_id += list(hos) + list(neus)
+        sl_ptr[h + 1] = sl_ptr[h] + len(hos) + len(neus)
+    hos_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.hos_ptr))
+    hos_id = np.asarray(a.hos_id, dtype=np.int64)
+    cond = ~ho_uncond[hos_id]
+    hos_keys, hos_id = hos_keys[cond], hos_id[cond]
+    keys = np.concatenate([hos_keys, na_keys])
+    slots = np.concatenate([ho_slot[hos_id],
+                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64)])
+    ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64)])
+    order = np.argsort(keys, kind="stable")
+    re_ptr = np.zeros(H * V + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=H * V), out=re_ptr[1:])
+    return (cb_of, cb_ptr, cb_rep, sl_ptr, np.array(sl_kind, dtype=np.int64), np.array(sl_id, dtype=np.int64),
+            re_ptr, np.ascontiguousarray(slots[order]), np.ascontiguousarray(ws[order]))
 
 
 class HandModel:
@@ -37,8 +132,12 @@ class HandModel:
         for h in range(H):  # heads nobody reads need no attention computed
             used[h] |= a.na_ptr[(h + 1) * V] > a.na_ptr[h * V]
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
-        self._base_cache = None
+        self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
+        # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond)
+        self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
+        self._uo_cache = None
+        self._A = _attention_arrays(a, V, H, self._ho_uncond)
         self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
                    a.src_score, a.hg_ptr, a.hg_grp,
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
@@ -64,10 +163,7 @@ class HandModel:
         m = rules.mask_of(mask)
         tok, ptr = self._tokens(seqs)
         N = len(tok)
-        uniq = np.unique(tok)
-        row_of = np.full(V, -1, dtype=np.int64)
-        row_of[uniq] = np.arange(len(uniq))
-        base, lse, top = self._base(uniq, m)
+        pool = self._base(np.unique(tok), m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -90,30 +186,69 @@ class HandModel:
         agree = np.zeros(N, dtype=np.bool_)
         hand_lse = np.empty(N)
         argmax = np.empty(N, dtype=np.int64)
-        S, A, arg = self._ref_stats(ref, ref16, ref32, use16) if ref is not None else (np.ones(0), np.ones(0), np.zeros(0, np.int64))
-        kernels.run_seqs(tok, ptr, row_of, base, lse, top, m, self._P, ref16, ref32, use16, _LUT[0], S, A, arg,
+        if ref is not None:
+            S, A, arg, B = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
+        else:
+            S, A, arg, B = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0)
+        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.top, m, self._P, self._A, self._uncond(m),
+                         ref16, ref32, use16, _LUT[0], S, A, arg, B,
                          want_logp, out_logp, kl, ce, agree, hand_lse, argmax)
         return ptr, out_logp, {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
 
-    def _base(self, uniq: np.ndarray, mask: np.ndarray):
-        """Base rows depend only on the current tokens and the prior/bigram part of the mask: ablating a
-        head or neuron (the usual loop) reuses them."""
-        key = (uniq.tobytes(), mask[self._base_rules].tobytes())
-        if self._base_cache is None or self._base_cache[0] != key:
-            a = self.rules.arrays
-            out = kernels.build_base(uniq, self.rules.vocab_size, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
-                                     a.glob_blk, a.nb_ptr, a.nb_blk)
-            self._base_cache = (key, out)
-        return self._base_cache[1]
+    def _uncond(self, mask: np.ndarray) -> tuple:
+        a = self.rules.arrays
+        key = mask[a.ho_rule].tobytes() if len(a.ho_rule) else b""
+        if self._uo_cache is None or self._uo_cache[0] != key:
+            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), mask, a.ho_rule,
+                                       a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond)
+            self._uo_cache = (key, out)
+        return self._uo_cache[1]
 
-    def _ref_stats(self, ref, ref16, ref32, use16):
+    def _base_key(self, mask: np.ndarray) -> bytes:
+        return mask[self._base_rules].tobytes()
+
+    def _base(self, uniq: np.ndarray, mask: np.ndarray) -> "_BasePool":
+        """Base rows (prior + bigram rules for one current token) depend only on that token and the
+        prior/bigram part of the mask, so they are kept across calls (ablating a head, neuron, skip or
+        head_out reuses them) and only tokens never seen before are built."""
+        key = self._base_key(mask)
+        if self._base_cache is None:
+            self._base_cache = {}
+        pools = self._base_cache
+        pool = pools.pop(key, None)
+        if pool is None:
+            while len(pools) >= _BASE_POOLS:
+                pools.pop(next(iter(pools)))
+            pool = _BasePool(self.rules.vocab_size)
+        pools[key] = pool  # most recently used last
+        need = uniq[pool.slot[uniq] < 0]
+        if len(need):
+            V = self.rules.vocab_size
+            if pool.n + len(need) > max(_POOL_BYTES // (12 * max(V, 1)), len(uniq)):
+                pool.reset()  # over the memory budget: keep only this call's tokens
+                need = uniq
+            a = self.rules.arrays
+            base, prob, lse, top = kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
+                                                      a.glob_blk, a.nb_ptr, a.nb_blk)
+            pool.add(need, base, prob, lse, top)
+        return pool
+
+    def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):
         """sum p, sum p log p and argmax of each reference row: rule-independent, so cached for the same
-        array (identified by buffer address, shape, dtype and a sample of its bytes)."""
+        array (identified by buffer address, shape, dtype and a sample of its bytes). Also p . base row
+        per position, cached for the same array, tokens and prior/bigram mask."""
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
-            self._ref_cache = (key, kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1]))
-        return self._ref_cache[1]
+            self._ref_cache = (key, kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1]), {})
+        _, (S, A, arg), dots = self._ref_cache
+        dkey = (self._base_key(mask), tok.tobytes())
+        B = dots.get(dkey)
+        if B is None:
+            dots.clear()
+            B = kernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
+            dots[dkey] = B
+        return S, A, arg, B
 
     # -- API ---------------------------------------------------------------------------------
     def log_probs(self, seq: np.ndarray, mask=None) -> np.ndarray:

@@ -13,13 +13,13 @@ import math
 import numpy as np
 from numba import njit, prange
 
-TOP_K = 8
+TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
 
 
 @njit(cache=True, parallel=True)
 def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk):
-    """Dense base rows for the current tokens in `uniq`: logits, their log-sum-exp, top-K token ids."""
+    """Dense base rows for the current tokens in `uniq`: logits, probabilities, log-sum-exp, top-K token ids."""
     U = len(uniq)
     glob = np.zeros(V)
     for b in glob_blk:
@@ -27,6 +27,7 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
             for j in range(blk_ptr[b], blk_ptr[b + 1]):
                 glob[blk_tok[j]] += blk_w[j]
     base = np.empty((U, V), dtype=np.float32)
+    prob = np.empty((U, V))
     lse = np.empty(U)
     top = np.empty((U, TOP_K), dtype=np.int64)
     for u in prange(U):
@@ -45,8 +46,13 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
                 m = x
         s = 0.0
         for v in range(V):
-            s += math.exp(base[u, v] - m)
+            e = math.exp(base[u, v] - m)
+            prob[u, v] = e
+            s += e
         lse[u] = m + math.log(s)
+        inv = 1.0 / s
+        for v in range(V):
+            prob[u, v] *= inv
         # top-K by (value desc, index asc): insertion, entering only when strictly larger
         tv = np.full(TOP_K, -np.inf)
         ti = np.full(TOP_K, -1, dtype=np.int64)
@@ -61,7 +67,7 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
                 tv[k] = x
                 ti[k] = v
         top[u, :] = ti
-    return base, lse, top
+    return base, prob, lse, top
 
 
 @njit(cache=True, parallel=True)
@@ -130,17 +136,128 @@ def _note(n, flag, lst, cnt):
 
 
 @njit(cache=True, parallel=True)
-def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
-             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, want_logp, out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax):
+def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
+    """sum_v p_ref[i, v] * base[row of tok[i], v] per position: the rule-independent part of the KL dot
+    product (depends only on the reference rows, the tokens and the prior/bigram rules), cached by the engine."""
+    N = len(tok)
+    out = np.empty(N)
+    for i in prange(N):
+        brow = base[row_of[tok[i]]]
+        B = 0.0
+        if use16:
+            rrow = ref16[i]
+            for v in range(brow.shape[0]):
+                B += lut_p[rrow[v]] * brow[v]
+        else:
+            frow = ref32[i]
+            for v in range(brow.shape[0]):
+                B += math.exp(np.float64(frow[v])) * brow[v]
+        out[i] = B
+    return out
+
+
+@njit(cache=True)
+def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond):
+    """Per (head, source token): the merged output of every switched-on head_out with now = @all reading
+    that source (their contributions scale with the same attention weight, so they add into one sparse
+    vector). Returns CSR (ptr[H*V+1], tok, w) and per head the number of distinct target tokens."""
+    total = 0
+    for key in range(H * V):
+        for j in range(hos_ptr[key], hos_ptr[key + 1]):
+            k = hos_id[j]
+            if ho_uncond[k] and mask[ho_rule[k]]:
+                total += ho_ptr[k + 1] - ho_ptr[k]
+    ptr = np.zeros(H * V + 1, dtype=np.int64)
+    otok = np.empty(total, dtype=np.int64)
+    ow = np.empty(total)
+    acc = np.zeros(V)
+    flag = np.zeros(V, dtype=np.bool_)
+    lst = np.empty(V, dtype=np.int64)
+    hflag = np.zeros(V, dtype=np.bool_)
+    hlist = np.empty(V, dtype=np.int64)
+    ucap = np.zeros(H, dtype=np.int64)
+    n = 0
+    for h in range(H):
+        nh = 0
+        for x in range(V):
+            key = h * V + x
+            cnt = 0
+            for j in range(hos_ptr[key], hos_ptr[key + 1]):
+                k = hos_id[j]
+                if ho_uncond[k] and mask[ho_rule[k]]:
+                    for e in range(ho_ptr[k], ho_ptr[k + 1]):
+                        v = ho_tok[e]
+                        if not flag[v]:
+                            flag[v] = True
+                            lst[cnt] = v
+                            cnt += 1
+                        acc[v] += ho_w[e]
+            for e in range(cnt):
+                v = lst[e]
+                otok[n] = v
+                ow[n] = acc[v]
+                n += 1
+                acc[v] = 0.0
+                flag[v] = False
+                if not hflag[v]:
+                    hflag[v] = True
+                    hlist[nh] = v
+                    nh += 1
+            ptr[key + 1] = n
+        ucap[h] = nh
+        for e in range(nh):
+            hflag[hlist[e]] = False
+    return ptr, otok[:n].copy(), ow[:n].copy(), ucap
+
+
+@njit(cache=True, inline="always")
+def _add(v, val, delta, dflag, touched, cnt):
+    if not dflag[v]:
+        dflag[v] = True
+        touched[cnt[0]] = v
+        cnt[0] += 1
+    delta[v] += val
+
+
+@njit(cache=True, inline="always")
+def _route(sl, mass, k, kind, c, V, mask, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
+           pre, pflag, plist, pcnt):
+    """Attention mass `mass` reaching reader slot `sl` (a head_out or a neuron attending to this head)."""
+    if kind == 0:
+        if mask[ho_rule[k]] and _member(ho_now[k], c, V, class_member):
+            ov_acc[k] += mass
+            _note(k, ov_flag, ov_list, ocnt)
+    else:
+        pre[k] += mass
+        _note(k, pflag, plist, pcnt)
+
+
+@njit(cache=True, parallel=True)
+def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A, U,
+             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, want_logp, out_logp, out_kl, out_ce, out_agree,
+             out_lse, out_argmax):
+    """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
+    full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
+
+    Attention is incremental: a position at distance >= D (the head's position-table length) from t has
+    score default + srcscore(token), the same for every later t, so it is folded once into running sums
+    per head and *score combination* (the set of score groups the current token selects; `A`): F = sum of
+    exp(srcscore - ref) and, per reader slot (head_out or attending neuron), G = sum of w exp(srcscore - ref),
+    ref being the running max (sums rescaled when it grows). Each t then costs O(D + active reader slots).
+    """
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
      nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, nn_ptr, nn_neu, nn_w,
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w) = P
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (uo_ptr, uo_tok, uo_w, ucap) = U
     H = len(head_rule)
     n_ho = len(ho_rule)
     n_sk = len(sk_rule)
     n_nr = len(nr_rule)
+    n_cb = len(cb_rep)
+    n_sl = len(sl_kind)
     for q in prange(len(seq_ptr) - 1):
         lo = seq_ptr[q]
         T = seq_ptr[q + 1] - lo
@@ -157,12 +274,58 @@ def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
         pres_sum = np.zeros(n_nr)
-        pres_flag = np.zeros(n_nr, dtype=np.bool_)
-        pres_list = np.empty(n_nr, dtype=np.int64)
-        prcnt = np.zeros(1, dtype=np.int64)
+        # neurons whose presence inputs minus threshold are > 0: they fire even with no other input at t
+        live_idx = np.full(n_nr, -1, dtype=np.int64)
+        live = np.empty(n_nr, dtype=np.int64)
+        n_live = 0
+        for n in nr_always:
+            live_idx[n] = n_live
+            live[n_live] = n
+            n_live += 1
         pres_seen = np.zeros(len(npe_neu), dtype=np.bool_)
         sk_first = np.full(n_sk, NEVER, dtype=np.int64)
-        att = np.empty(T)
+        # attention state: active score combinations (those of this sequence's tokens) per head
+        act_of = np.full(n_cb, -1, dtype=np.int64)
+        act_cb = np.empty(n_cb, dtype=np.int64)
+        act_lo = np.zeros(H + 1, dtype=np.int64)
+        n_act = 0
+        for h in range(H):
+            act_lo[h] = n_act
+            if not head_used[h] or not mask[head_rule[h]]:
+                continue
+            for t in range(T):
+                g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
+                if act_of[g] < 0:
+                    act_of[g] = n_act
+                    act_cb[n_act] = g
+                    n_act += 1
+        act_lo[H] = n_act
+        g_off = np.empty(n_act + 1, dtype=np.int64)
+        g_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                g_off[a + 1] = g_off[a] + (sl_ptr[h + 1] - sl_ptr[h])
+        G = np.zeros(g_off[n_act])
+        # unconditional head_outs: running far output per active combination, over a per-head support
+        w_off = np.empty(n_act + 1, dtype=np.int64)
+        w_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                w_off[a + 1] = w_off[a] + ucap[h]
+        W = np.zeros(w_off[n_act])
+        wix = np.full(H * V if w_off[n_act] > 0 else 0, -1, dtype=np.int64)
+        wsup = np.empty(H * V if w_off[n_act] > 0 else 0, dtype=np.int64)
+        wcnt = np.zeros(H, dtype=np.int64)
+        F = np.zeros(n_act)
+        fref = np.full(n_act, -np.inf)
+        sl_on = np.zeros(n_sl, dtype=np.bool_)
+        sl_list = np.empty(n_sl, dtype=np.int64)  # per head: sl_list[sl_ptr[h] : sl_ptr[h] + sl_cnt[h]]
+        sl_cnt = np.zeros(H, dtype=np.int64)
+        maxD = 1
+        for h in range(H):
+            if pos_ptr[h + 1] - pos_ptr[h] > maxD:
+                maxD = pos_ptr[h + 1] - pos_ptr[h]
+        att = np.empty(maxD)
         for t in range(T):
             i = lo + t
             c = tok[i]
@@ -179,60 +342,124 @@ def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
                         pres_seen[e] = True
                         n = npe_neu[e]
                         pres_sum[n] += npe_w[e]
-                        _note(n, pres_flag, pres_list, prcnt)
+                        if pres_sum[n] - nr_thr[n] > 0.0:
+                            if live_idx[n] < 0:
+                                live_idx[n] = n_live
+                                live[n_live] = n
+                                n_live += 1
+                        elif live_idx[n] >= 0:
+                            n_live -= 1
+                            last = live[n_live]
+                            live[live_idx[n]] = last
+                            live_idx[last] = live_idx[n]
+                            live_idx[n] = -1
             for j in range(skn_ptr[c], skn_ptr[c + 1]):
                 k = skn_id[j]
                 if mask[sk_rule[k]] and sk_first[k] < t:
                     _write(k, 1.0, sk_ptr, sk_tok, sk_w, delta, dflag, touched, dcnt)
-            # attention heads: softmax over positions 0..t, then route weight to readers of each source
+            # attention heads
             for h in range(H):
                 if not head_used[h] or not mask[head_rule[h]]:
                     continue
-                D = pos_ptr[h + 1] - pos_ptr[h]
+                p0 = pos_ptr[h]
+                D = pos_ptr[h + 1] - p0
+                s0 = sl_ptr[h]
+                # position t - D leaves the position table: fold it into the running sums of every combination
+                sf = t - D
+                if sf >= 0:
+                    x = tok[lo + sf]
+                    e0 = re_ptr[h * V + x]
+                    e1 = re_ptr[h * V + x + 1]
+                    for j in range(e0, e1):
+                        sl = re_slot[j]
+                        if not sl_on[s0 + sl]:
+                            sl_on[s0 + sl] = True
+                            sl_list[s0 + sl_cnt[h]] = sl
+                            sl_cnt[h] += 1
+                    u0 = uo_ptr[h * V + x]
+                    u1 = uo_ptr[h * V + x + 1]
+                    for j in range(u0, u1):
+                        v = uo_tok[j]
+                        if wix[h * V + v] < 0:
+                            wix[h * V + v] = wcnt[h]
+                            wsup[h * V + wcnt[h]] = v
+                            wcnt[h] += 1
+                    for a in range(act_lo[h], act_lo[h + 1]):
+                        r0 = cb_rep[act_cb[a]]
+                        sc = 0.0
+                        for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
+                            sc += src_score[hg_grp[g], x]
+                        if sc > fref[a]:
+                            if F[a] > 0.0:
+                                scale = math.exp(fref[a] - sc)
+                                F[a] *= scale
+                                for u in range(sl_cnt[h]):
+                                    G[g_off[a] + sl_list[s0 + u]] *= scale
+                                for u in range(wcnt[h]):
+                                    W[w_off[a] + u] *= scale
+                            fref[a] = sc
+                        ex = math.exp(sc - fref[a])
+                        F[a] += ex
+                        for j in range(e0, e1):
+                            G[g_off[a] + re_slot[j]] += re_w[j] * ex
+                        for j in range(u0, u1):
+                            W[w_off[a] + wix[h * V + uo_tok[j]]] += uo_w[j] * ex
+                a = act_of[cb_ptr[h] + cb_of[h * V + c]]
                 g0 = hg_ptr[h * V + c]
                 g1 = hg_ptr[h * V + c + 1]
                 m = -np.inf
-                for s in range(t + 1):
-                    d = t - s
-                    sc = pos_val[pos_ptr[h] + d] if d < D else pos_default[h]
-                    xs = tok[lo + s]
+                nd = D if D <= t + 1 else t + 1
+                for d in range(nd):
+                    xs = tok[i - d]
+                    sc = pos_val[p0 + d]
                     for g in range(g0, g1):
                         sc += src_score[hg_grp[g], xs]
-                    att[s] = sc
+                    att[d] = sc
                     if sc > m:
                         m = sc
+                far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
+                if far > m:
+                    m = far
                 z = 0.0
-                for s in range(t + 1):
-                    att[s] = math.exp(att[s] - m)
-                    z += att[s]
-                for s in range(t + 1):
-                    a = att[s] / z
-                    xs = tok[lo + s]
-                    key = h * V + xs
-                    for j in range(hos_ptr[key], hos_ptr[key + 1]):
-                        k = hos_id[j]
-                        if mask[ho_rule[k]] and _member(ho_now[k], c, V, class_member):
-                            ov_acc[k] += a
-                            _note(k, ov_flag, ov_list, ocnt)
-                    for j in range(na_ptr[key], na_ptr[key + 1]):
-                        n = na_neu[j]
-                        pre[n] += a * na_w[j]
-                        _note(n, pflag, plist, pcnt)
+                for d in range(nd):
+                    att[d] = math.exp(att[d] - m)
+                    z += att[d]
+                ef = 0.0
+                if F[a] > 0.0:
+                    ef = math.exp(far - m)
+                    z += F[a] * ef
+                    ef /= z
+                for d in range(nd):
+                    w = att[d] / z
+                    key = h * V + tok[i - d]
+                    for j in range(uo_ptr[key], uo_ptr[key + 1]):
+                        _add(uo_tok[j], w * uo_w[j], delta, dflag, touched, dcnt)
+                    for j in range(re_ptr[key], re_ptr[key + 1]):
+                        sl = re_slot[j]
+                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, mask, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
+                if ef > 0.0:
+                    wo = w_off[a]
+                    for u in range(wcnt[h]):
+                        _add(wsup[h * V + u], W[wo + u] * ef, delta, dflag, touched, dcnt)
+                    go = g_off[a]
+                    for u in range(sl_cnt[h]):
+                        sl = sl_list[s0 + u]
+                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, mask, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
             for j in range(ocnt[0]):
                 k = ov_list[j]
                 _write(k, ov_acc[k], ho_ptr, ho_tok, ho_w, delta, dflag, touched, dcnt)
                 ov_acc[k] = 0.0
                 ov_flag[k] = False
             ocnt[0] = 0
-            # neurons: every neuron with any input (or a negative threshold) is a candidate
+            # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
             for j in range(nn_ptr[c], nn_ptr[c + 1]):
                 n = nn_neu[j]
                 pre[n] += nn_w[j]
                 _note(n, pflag, plist, pcnt)
-            for j in range(prcnt[0]):
-                _note(pres_list[j], pflag, plist, pcnt)
-            for n in nr_always:
-                _note(n, pflag, plist, pcnt)
+            for j in range(n_live):
+                _note(live[j], pflag, plist, pcnt)
             for j in range(pcnt[0]):
                 n = plist[j]
                 act = pre[n] + pres_sum[n] - nr_thr[n]
@@ -250,10 +477,10 @@ def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
             hi = -np.inf
             for j in range(nt):
                 v = touched[j]
-                b = np.float64(base[r, v])
-                if b + delta[v] > hi:
-                    hi = b + delta[v]
-                zrel += math.exp(b + delta[v] - lb) - math.exp(b - lb)
+                dv = delta[v]
+                if base[r, v] + dv > hi:
+                    hi = base[r, v] + dv
+                zrel += base_p[r, v] * (math.exp(dv) - 1.0)
             if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
                 m = -np.inf
                 for v in range(V):
@@ -294,24 +521,24 @@ def run_seqs(tok, seq_ptr, row_of, base, base_lse, base_top, mask, P,
                     bv = y
             out_argmax[i] = best
             if want_logp:
+                orow = out_logp[i]
+                brow = base[r]
                 for v in range(V):
-                    out_logp[i, v] = base[r, v] + delta[v] - lse
+                    orow[v] = brow[v] - lse
+                for j in range(nt):
+                    v = touched[j]
+                    orow[v] = brow[v] + delta[v] - lse
             else:
                 # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
-                # sum p log p, S and argmax p_ref come precomputed (ref_stats): one gather+fma per entry here.
-                brow = base[r]
-                B = 0.0
+                # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
+                B = ref_B[i]
                 if use16:
                     rrow = ref16[i]
-                    for v in range(V):
-                        B += lut_p[rrow[v]] * brow[v]
                     for j in range(nt):
                         v = touched[j]
                         B += lut_p[rrow[v]] * delta[v]
                 else:
                     frow = ref32[i]
-                    for v in range(V):
-                        B += math.exp(np.float64(frow[v])) * brow[v]
                     for j in range(nt):
                         v = touched[j]
                         B += math.exp(np.float64(frow[v])) * delta[v]
