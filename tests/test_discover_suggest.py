@@ -75,6 +75,15 @@ def test_draft_is_readable_and_fit_lowers_train_kl(drafted):
     o, out, s = drafted
     rules = load_rules(out, o.vocab)
     assert all(d.strip() for d in rules.rule_docs)
+    import tomllib
+
+    for f in out.glob("*.toml"):  # a draft states no claims: check-rules reports "no claim" until a person does
+        data = tomllib.loads(f.read_text())
+        for kind, tables in data.items():
+            if kind in ("class", "group", "vocab"):
+                continue
+            assert all(t["check"]["expect"] == "none" for t in tables), f"{f.name}: {kind}"
+
     assert len(set(rules.rule_ids)) == len(rules.rule_ids) == s["rules"]
     assert int(np.sum(rules.rule_numbers)) == s["numbers"]
     text = (out / "40_head0.toml").read_text()

@@ -16,6 +16,12 @@ from handmodel.writer import inline_table, name_part, num, q
 from .bigrams import BigramDraft
 
 
+# Every drafted rule says it makes no claim yet (`handmodel check-rules` reports "no claim" instead of
+# testing a fitted correction as if a person had asserted it); the researcher states the claim
+# (margin, fraction, ...) when they adopt the rule. See verify/checkrules.py.
+DRAFT_CHECK = 'check = { expect = "none", why = "drafted by suggest: a fitted correction, no claim stated yet" }\n'
+
+
 def _show(tok: str) -> str:
     return repr(tok)
 
@@ -65,7 +71,7 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
     items = [(q(V[t]), float(d.prior[t])) for t in range(len(V))]
     fs.add("00_prior.toml", "[[prior]]\nid = \"prior.unigram\"\n"
            "doc = \"Before context is read, each token is as likely as the reference predicts it on average.\"\n"
-           f"next = {inline_table(items)}\n")
+           + DRAFT_CHECK + f"next = {inline_table(items)}\n")
 
     fs.start("10_classes.toml", None, "Token classes: tokens after which the reference predicts alike (k-means on the\n"
              "oracle-bigram rows, Hellinger distance). Named after their most frequent members.")
@@ -83,7 +89,7 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
         items = [(q(V[t]), float(w)) for t, w in zip(row.support, row.delta)]
         fs.add("20_bigram_classes.toml",
                f"[[bigram]]\nid = \"after.{name}\"\ndoc = {q(f'After a @{name} token the reference favours ' + _top_desc(V, row))}\n"
-               f"now = \"@{name}\"\nnext = {inline_table(items)}\n")
+               + DRAFT_CHECK + f"now = \"@{name}\"\nnext = {inline_table(items)}\n")
 
     fs.start("30_bigram_tokens.toml", "bigram: token rows", "Per-token exceptions on top of the class row: where the\n"
              "reference's prediction after one token differs from its class (largest KL contributions first).")
@@ -101,7 +107,7 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
         fs.add("30_bigram_tokens.toml",
                f"# seen {int(counts[c])} times in the training text{cls}\n"
                f"[[bigram]]\nid = \"{rid}\"\ndoc = {q(f'After {_show(V[c])} the reference favours ' + _top_desc(V, row))}\n"
-               f"now = {q(V[c])}\nnext = {inline_table(items)}\n")
+               + DRAFT_CHECK + f"now = {q(V[c])}\nnext = {inline_table(items)}\n")
     rest: dict[int, list[int]] = {}
     for c in order[per_token_rules:]:
         rest.setdefault(int(d.label[c]), []).append(c)
@@ -114,8 +120,8 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
             body.append(f"{q(V[c])} = {inline_table((q(V[t]), float(w)) for t, w in zip(row.support, row.delta))}")
         doc = (f"Rarer tokens of @{name}: where each one's next-token prediction departs from the class row"
                if lab >= 0 else "Tokens too rare to cluster: their own next-token rows")
-        fs.add("30_bigram_tokens.toml", f"[[bigram]]\nid = \"rare.{name}\"\ndoc = {q(doc)}\n"
-               f"[bigram.rows]\n" + "\n".join(body) + "\n")
+        fs.add("30_bigram_tokens.toml", f"[[bigram]]\nid = \"rare.{name}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK
+               + "[bigram.rows]\n" + "\n".join(body) + "\n")
 
 
 __all__ = ["FileSet", "write_bigram_files", "num"]

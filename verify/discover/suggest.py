@@ -25,11 +25,20 @@ from handmodel.errors import UserError
 from handmodel.writer import inline_table, name_part, num, q
 
 from .bigrams import draft_bigrams
-from .draft_files import FileSet, write_bigram_files
+from .draft_files import DRAFT_CHECK, FileSet, write_bigram_files
 from .heads import HeadDraft, draft_heads, hand_attention
 from .neurons import NeuronDraft, draft_neurons, hand_activation, reference_activations
 
 EPS = 1e-9
+# Moment matching on a sample over-trusts rare tokens (a token seen twice after a source gets a huge
+# ratio). Both expectations get a pseudo-probability SMOOTH per unit of feature mass, which shrinks
+# those ratios toward 1, and a support entry must carry at least that much reference mass.
+SMOOTH = 2e-4
+
+
+def _ratio_step(e_ref: np.ndarray, e_hand: np.ndarray, mass: float) -> np.ndarray:
+    lam = SMOOTH * max(mass, EPS)
+    return np.clip(np.log(e_ref + lam) - np.log(e_hand + lam), -2, 2)
 
 
 @dataclass
@@ -64,7 +73,7 @@ def head_block(h: HeadDraft, vocab: list[str]) -> tuple[str, int]:
     text = (f"# fitted to the reference head's attention on training text: KL(ref attention ‖ this) = {h.fit_kl:.3f} nats "
             f"(position table alone: {h.uniform_kl:.3f}); mean reference attention at distance 1: {h.prev_share:.2f}, "
             f"at distance 0: {h.self_share:.2f}\n"
-            f"[[head]]\nid = \"{head_id(h)}\"\ndoc = {q(doc)}\nposition = {{ {pos} }}\n"
+            f"[[head]]\nid = \"{head_id(h)}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"position = {{ {pos} }}\n"
             + (f"score = [\n  {scores}\n]\n" if len(h.score_tok) else ""))
     return text, len(h.position) + 1 + len(h.score_tok)
 
@@ -75,7 +84,7 @@ def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
     doc = f"When head {h.ref_head} attends to {vocab[o.src]!r}, the reference favours {top}."
     items = [(q(vocab[t]), float(w)) for t, w in zip(o.support, o.delta)]
     return (f"# attention mass on this source per training position: {o.mass:.4f}; fitted by moment matching\n"
-            f"[[head_out]]\nid = \"{rid}\"\ndoc = {q(doc)}\nhead = \"{head_id(h)}\"\nsrc = {q(vocab[o.src])}\n"
+            f"[[head_out]]\nid = \"{rid}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = {q(vocab[o.src])}\n"
             f"next = {inline_table(items)}\n")
 
 
@@ -124,7 +133,7 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
         nxt = inline_table((q(V[t]), float(w)) for t, w in zip(d.support, d.delta))
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
-                      f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\nthreshold = 0.0\nnow = {now}\n"
+                      f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"threshold = 0.0\nnow = {now}\n"
                       + (f"attend = {{ {attend} }}\n" if attend else "") + f"next = {nxt}\n")
 
 
@@ -242,9 +251,10 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             o = draft.outs[k]
             k += 1
             er, eh = E_ref[j], E_hand[j]
-            gain = er * (np.log(er + EPS) - np.log(eh + EPS))
+            lam = SMOOTH * max(float(M[:, j].sum()), EPS)
+            gain = er * (np.log(er + lam) - np.log(eh + lam))
             sup = np.argsort(-gain)[:k_out]
-            sup = sup[gain[sup] > 0]
+            sup = sup[(gain[sup] > 0) & (er[sup] >= lam)]
             o.support = sup.astype(np.int64)
             o.delta = np.zeros(len(sup))
     if n_neurons > 0:
@@ -267,6 +277,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     order = np.argsort(sample.tokens, kind="stable")
     bounds = np.searchsorted(sample.tokens[order], np.arange(V + 1))
     where = {c: order[bounds[c]:bounds[c + 1]] for c in refit}
+    W = [float(o.mass) * sample.windows.size for o in draft.outs]  # total attention mass per head_out source
+
     def snapshot():
         return ([o.delta.copy() for o in draft.outs], [nd.delta.copy() for nd in draft.neurons],
                 {c: bd.token_rows[c].delta.copy() for c in refit})
@@ -303,18 +315,17 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
                 o = draft.outs[k]
                 k += 1
                 if len(o.support):
-                    step = np.log(E_ref[j, o.support] + EPS) - np.log(E_hand[j, o.support] + EPS)
-                    o.delta = o.delta + eta * np.clip(step, -2, 2)
+                    o.delta = o.delta + eta * _ratio_step(E_ref[j, o.support], E_hand[j, o.support], W[k - 1])
         for nd, (a, e_ref) in zip(draft.neurons, neuron_feats if draft.neurons else []):
             e_hand = a @ P_hand[:, nd.support]
             scale = max(float(np.percentile(a[a > 0], 99)) if (a > 0).any() else 1.0, 1e-6)  # GIS: step / feature size
-            nd.delta = nd.delta + (eta / scale) * np.clip(np.log(e_ref + EPS) - np.log(e_hand + EPS), -2, 2)
+            nd.delta = nd.delta + (eta / scale) * _ratio_step(e_ref, e_hand, float(a.sum()))
         for c in refit:
             idx = where[c]
             row = bd.token_rows[c]
             er = sample.p[idx][:, row.support].mean(0)
             eh = P_hand[idx][:, row.support].mean(0)
-            row.delta = row.delta + 0.5 * eta * np.clip(np.log(er + EPS) - np.log(eh + EPS), -2, 2)
+            row.delta = row.delta + 0.5 * eta * _ratio_step(er, eh, 1.0)
         hm = rewrite()
         kl = sample.kl(hm)
         if kl > best_kl:
