@@ -221,8 +221,27 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     for _, r in ho:
         ot.add(r.next)
     a.ho_ptr, a.ho_tok, a.ho_w = ot.arrays()
-    toks, hs, ids = _expand(sets, [r.src for _, r in ho], a.ho_head, np.arange(len(ho), dtype=np.int64))
+    nx = [k for k, (_, r) in enumerate(ho) if r.next]  # a copy-only head_out has no `next` to route
+    toks, hs, ids = _expand(sets, [ho[k][1].src for k in nx], a.ho_head[nx], np.array(nx, dtype=np.int64))
     a.hos_ptr, a.hos_id = _csr(hs * V + toks, H * V, ids)
+
+    # Copy outputs (head_out `copy = w`): w x attention on a source position goes to that position's own token.
+    # Per copy rule: rule index, head, now sid, src sid, w. now = @all ones are indexed by (head, source token)
+    # (cps_*: merged into kernels.build_uncond's per-source outputs), the others by (head, current token) (cpn_*).
+    cp = [(i, r) for i, r in ho if r.copy is not None]
+    a.cp_rule = np.array([i for i, _ in cp], dtype=np.int64)
+    a.cp_head = np.array([r.head for _, r in cp], dtype=np.int64)
+    a.cp_now = np.array([r.now for _, r in cp], dtype=np.int64)
+    a.cp_src = np.array([r.src for _, r in cp], dtype=np.int64)
+    a.cp_w = np.array([r.copy for _, r in cp], dtype=np.float64)
+    unc = [k for k in range(len(cp)) if a.cp_now[k] == ALL]
+    toks, hs, ids = _expand(sets, [int(a.cp_src[k]) for k in unc], a.cp_head[unc], np.array(unc, dtype=np.int64))
+    a.cps_ptr, a.cps_id = _csr(hs * V + toks, H * V, ids)
+    cnd = [k for k in range(len(cp)) if a.cp_now[k] != ALL]
+    toks, hs, ids = _expand(sets, [int(a.cp_now[k]) for k in cnd], a.cp_head[cnd], np.array(cnd, dtype=np.int64))
+    a.cpn_ptr, a.cpn_id = _csr(hs * V + toks, H * V, ids)
+    a.cp_cond = np.zeros(H, dtype=np.bool_)  # head has copy rules with a `now` condition
+    a.cp_cond[a.cp_head[cnd]] = True
 
     # Skip-trigrams: indexed by current token (candidates) and by earlier token (arming).
     st = _Targets(sets)

@@ -91,6 +91,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     # head_outs with now = @all are routed through kernels.build_uncond's merged outputs, not slots
 
     ho_head = np.asarray(a.ho_head, dtype=np.int64)
+    has_next = np.diff(a.ho_ptr) > 0  # copy-only head_outs need no reader slot
     na_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.na_ptr))
     na_head = na_keys // V if V else na_keys
     sl_ptr = np.zeros(H + 1, dtype=np.int64)
@@ -98,7 +99,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     ho_slot = np.zeros(len(ho_head), dtype=np.int64)
     neu_slot = {}
     for h in range(H):
-        hos = np.flatnonzero((ho_head == h) & ~ho_uncond)
+        hos = np.flatnonzero((ho_head == h) & ~ho_uncond & has_next)
         ho_slot[hos] = np.arange(len(hos))
         neus = np.unique(np.asarray(a.na_neu)[na_head == h])
         for j, n in enumerate(neus):
@@ -134,7 +135,8 @@ class HandModel:
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
-        # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond)
+        # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond),
+        # their `copy` outputs included; copy outputs of head_outs with a `now` condition: kernels.run_seqs
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._A = _attention_arrays(a, V, H, self._ho_uncond)
@@ -143,7 +145,8 @@ class HandModel:
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
                    a.sk_rule, a.sk_ptr, a.sk_tok, a.sk_w, a.skn_ptr, a.skn_id, a.ske_ptr, a.ske_id,
                    a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.nn_ptr, a.nn_neu, a.nn_w,
-                   a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w)
+                   a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
+                   a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id)
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +203,8 @@ class HandModel:
         key = mask[a.ho_rule].tobytes() if len(a.ho_rule) else b""
         if self._uo_cache is None or self._uo_cache[0] != key:
             out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), mask, a.ho_rule,
-                                       a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond)
+                                       a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
+                                       a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
             self._uo_cache = (key, out)
         return self._uo_cache[1]
 

@@ -157,16 +157,18 @@ def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
 
 
 @njit(cache=True)
-def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond):
+def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond, cp_rule, cp_w, cps_ptr, cps_id):
     """Per (head, source token): the merged output of every switched-on head_out with now = @all reading
     that source (their contributions scale with the same attention weight, so they add into one sparse
-    vector). Returns CSR (ptr[H*V+1], tok, w) and per head the number of distinct target tokens."""
+    vector), `copy` outputs of now = @all head_outs included (target: the source token itself).
+    Returns CSR (ptr[H*V+1], tok, w) and per head the number of distinct target tokens."""
     total = 0
     for key in range(H * V):
         for j in range(hos_ptr[key], hos_ptr[key + 1]):
             k = hos_id[j]
             if ho_uncond[k] and mask[ho_rule[k]]:
                 total += ho_ptr[k + 1] - ho_ptr[k]
+        total += cps_ptr[key + 1] - cps_ptr[key]
     ptr = np.zeros(H * V + 1, dtype=np.int64)
     otok = np.empty(total, dtype=np.int64)
     ow = np.empty(total)
@@ -192,6 +194,14 @@ def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_
                             lst[cnt] = v
                             cnt += 1
                         acc[v] += ho_w[e]
+            for j in range(cps_ptr[key], cps_ptr[key + 1]):
+                k = cps_id[j]
+                if mask[cp_rule[k]]:
+                    if not flag[x]:
+                        flag[x] = True
+                        lst[cnt] = x
+                        cnt += 1
+                    acc[x] += cp_w[k]
             for e in range(cnt):
                 v = lst[e]
                 otok[n] = v
@@ -244,12 +254,15 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
     per head and *score combination* (the set of score groups the current token selects; `A`): F = sum of
     exp(srcscore - ref) and, per reader slot (head_out or attending neuron), G = sum of w exp(srcscore - ref),
     ref being the running max (sums rescaled when it grows). Each t then costs O(D + active reader slots).
+    head_out `copy` outputs: now = @all ones are merged into the per-source-token outputs U (far part: W);
+    for heads with conditional copy rules the far attention mass per source token is kept too (M).
     """
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
      nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, nn_ptr, nn_neu, nn_w,
-     npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w) = P
+     npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
+     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = P
     (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     H = len(head_rule)
@@ -316,6 +329,18 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
         wix = np.full(H * V if w_off[n_act] > 0 else 0, -1, dtype=np.int64)
         wsup = np.empty(H * V if w_off[n_act] > 0 else 0, dtype=np.int64)
         wcnt = np.zeros(H, dtype=np.int64)
+        # conditional copy rules: running far attention mass per (active combination, source token), per-head support
+        mcap = T if T < V else V
+        m_off = np.empty(n_act + 1, dtype=np.int64)
+        m_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                m_off[a + 1] = m_off[a] + (mcap if cp_cond[h] else 0)
+        M = np.zeros(m_off[n_act])
+        mix = np.full(H * V if m_off[n_act] > 0 else 0, -1, dtype=np.int64)
+        msup = np.empty(H * V if m_off[n_act] > 0 else 0, dtype=np.int64)
+        mcnt = np.zeros(H, dtype=np.int64)
+        capp = np.empty(len(cp_rule), dtype=np.int64)  # conditional copy rules applying at t
         F = np.zeros(n_act)
         fref = np.full(n_act, -np.inf)
         sl_on = np.zeros(n_sl, dtype=np.bool_)
@@ -384,6 +409,13 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                             wix[h * V + v] = wcnt[h]
                             wsup[h * V + wcnt[h]] = v
                             wcnt[h] += 1
+                    mx = -1
+                    if cp_cond[h]:
+                        if mix[h * V + x] < 0:
+                            mix[h * V + x] = mcnt[h]
+                            msup[h * V + mcnt[h]] = x
+                            mcnt[h] += 1
+                        mx = mix[h * V + x]
                     for a in range(act_lo[h], act_lo[h + 1]):
                         r0 = cb_rep[act_cb[a]]
                         sc = 0.0
@@ -397,6 +429,9 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                                     G[g_off[a] + sl_list[s0 + u]] *= scale
                                 for u in range(wcnt[h]):
                                     W[w_off[a] + u] *= scale
+                                if mx >= 0:
+                                    for u in range(mcnt[h]):
+                                        M[m_off[a] + u] *= scale
                             fref[a] = sc
                         ex = math.exp(sc - fref[a])
                         F[a] += ex
@@ -404,6 +439,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                             G[g_off[a] + re_slot[j]] += re_w[j] * ex
                         for j in range(u0, u1):
                             W[w_off[a] + wix[h * V + uo_tok[j]]] += uo_w[j] * ex
+                        if mx >= 0:
+                            M[m_off[a] + mx] += ex
                 a = act_of[cb_ptr[h] + cb_of[h * V + c]]
                 g0 = hg_ptr[h * V + c]
                 g1 = hg_ptr[h * V + c + 1]
@@ -438,6 +475,35 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                         sl = re_slot[j]
                         _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, mask, ho_rule, ho_now,
                                class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
+                if cp_cond[h]:
+                    # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
+                    napp = 0
+                    for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
+                        k = cpn_id[j]
+                        if mask[cp_rule[k]]:
+                            capp[napp] = k
+                            napp += 1
+                    if napp > 0:
+                        for d in range(nd):
+                            xs = tok[i - d]
+                            cw = 0.0
+                            for u in range(napp):
+                                k = capp[u]
+                                if _member(cp_src[k], xs, V, class_member):
+                                    cw += cp_w[k]
+                            if cw != 0.0:
+                                _add(xs, cw * att[d] / z, delta, dflag, touched, dcnt)
+                        if ef > 0.0:
+                            mo = m_off[a]
+                            for u in range(mcnt[h]):
+                                xs = msup[h * V + u]
+                                cw = 0.0
+                                for uu in range(napp):
+                                    k = capp[uu]
+                                    if _member(cp_src[k], xs, V, class_member):
+                                        cw += cp_w[k]
+                                if cw != 0.0:
+                                    _add(xs, cw * M[mo + u] * ef, delta, dflag, touched, dcnt)
                 if ef > 0.0:
                     wo = w_off[a]
                     for u in range(wcnt[h]):

@@ -31,6 +31,7 @@ class Rule:
     head: int = -1  # head number: own (head) or read (head_out)
     now: int = -1  # sid the current token must be in (head_out, skip)
     src: int = -1  # sid of the attended source (head_out) / the earlier token (skip)
+    copy: float | None = None  # head_out: w added to each attended source token's own logit, times its attention
     position: dict[int, float] = field(default_factory=dict)  # head: distance -> score
     pos_default: float = 0.0
     scores: list[tuple[int, int, float]] = field(default_factory=list)  # head: (now sid, src sid, score)
@@ -184,7 +185,7 @@ class TokenSets:
 def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) -> Rule:
     b, kind = e.body, e.kind
     r = Rule(id=e.id, doc=b["doc"].strip(), kind=kind, file=str(e.file.path), line=e.line, group=b.get("group", group))
-    if kind in ("prior", "head_out", "skip", "neuron"):
+    if kind in ("prior", "head_out", "skip", "neuron") and "next" in b:  # head_out may have copy instead
         r.next = sets.weights(e, "next")
         r.numbers += len(r.next)
     if kind == "bigram":
@@ -223,6 +224,9 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         r.head = _head(e, b["head"], heads, "head")
         r.src = sets.ref(e, b["src"], "'src'")
         r.now = sets.ref(e, b.get("now", "@all"), "'now'")
+        if "copy" in b:
+            r.copy = number(e, b["copy"], "'copy'", needles=("copy =", "copy="))
+            r.numbers += 1
     elif kind == "skip":
         r.src = sets.ref(e, b["earlier"], "'earlier'")
         r.now = sets.ref(e, b.get("now", "@all"), "'now'")

@@ -27,7 +27,7 @@ KEYS: dict[str, set[str]] = {
     "prior": {"id", "doc", "group", "next", "check"},
     "bigram": {"id", "doc", "group", "now", "next", "rows", "check"},
     "head": {"id", "doc", "group", "position", "score", "check"},
-    "head_out": {"id", "doc", "group", "head", "src", "now", "next", "check"},
+    "head_out": {"id", "doc", "group", "head", "src", "now", "next", "copy", "check"},
     "skip": {"id", "doc", "group", "earlier", "now", "next", "check"},
     "neuron": {"id", "doc", "group", "threshold", "now", "present", "attend", "next", "check"},
 }
@@ -38,7 +38,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "prior": ("id", "doc", "next"),
     "bigram": ("id", "doc"),
     "head": ("id", "doc"),
-    "head_out": ("id", "doc", "head", "src", "next"),
+    "head_out": ("id", "doc", "head", "src"),  # and `next` and/or `copy` (check_entry)
     "skip": ("id", "doc", "earlier", "next"),
     "neuron": ("id", "doc", "next"),
 }
@@ -248,16 +248,20 @@ def check_entry(e: Entry) -> None:
             raise e.fail("has both 'rows' and 'now'/'next'", "write one row with now+next, or many with rows", "rows")
         if "rows" not in body and not ("now" in body and "next" in body):
             raise e.fail("needs 'now' and 'next' (one row) or 'rows' (a table)", "see docs/rules.md, [[bigram]]")
+    if kind == "head_out" and "next" not in body and "copy" not in body:
+        raise e.fail("needs 'next' (a table of tokens to boost) or 'copy' (a number: boost the attended token itself) or both",
+                     "add next = { \" the\" = 1.0 } or copy = 1.0 (see docs/rules.md, [[head_out]])")
     if kind == "class" and "tokens" not in body and "pattern" not in body:
         raise e.fail("needs 'tokens' or 'pattern'", "list tokens, e.g. tokens = [\" dog\", \" cat\"], or give a regex")
 
 
-def number(e: Entry, value, ctx: str, key: str | None = None) -> float:
+def number(e: Entry, value, ctx: str, key: str | None = None, needles: tuple[str, ...] | None = None) -> float:
     """A finite float; `ctx[key]` names it in the error (formatted only when failing: hot path)."""
     if (type(value) is float or type(value) is int) and math.isfinite(value):
         return float(value)
     what = ctx if key is None else f"{ctx}[{key!r}]"
-    needles = quoted(key) if key is not None else (ctx,)
+    if needles is None:
+        needles = quoted(key) if key is not None else (ctx,)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise e.fail(f"{what} must be a number, got {value!r}", "write a plain number like 1.5", *needles)
     raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)

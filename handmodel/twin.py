@@ -68,9 +68,14 @@ def contributions(rules: CompiledRules, seq: np.ndarray, t: int, mask: np.ndarra
             continue
         elif r.kind == "head_out":
             if r.head in att and _in(rules, r.now, cur)[0]:
-                a = float(att[r.head][_in(rules, r.src, seq[: t + 1])].sum())
+                on_src = _in(rules, r.src, seq[: t + 1])
+                a = float(att[r.head][on_src].sum())
                 _write(rules, d, r.next, a)
                 desc = f"attention on {name(r.src)} = {a:.3f}"
+                if r.copy is not None:  # copy: w x attention on each source position, to that position's own token
+                    for s in np.flatnonzero(on_src):
+                        d[seq[s]] += r.copy * att[r.head][s]
+                    desc += f"; copies ×{r.copy:g}"
         elif r.kind == "skip":
             hits = np.flatnonzero(_in(rules, r.src, earlier))
             if len(hits) and _in(rules, r.now, cur)[0]:

@@ -152,8 +152,8 @@ next = {{ " moon" = 2.0 }}
 
 [[neuron]]
 id = "neuron.{neuron}.the"
-doc = "A neuron that fires on ' the'."
-now = {{ " the" = 1.0 }}
+doc = "A neuron that fires on ' the' (and on 'the' at a story start: same word)."
+now = {{ " the" = 1.0, "the" = 1.0 }}
 next = {{ " dog" = 0.1 }}
 check = {{ level = 0.5 }}
 

@@ -146,6 +146,30 @@ head = "h1"
 src = "@ends"
 next = { "." = 2.0, " and" = 0.5 }
 
+[[head_out]]
+id = "cp0"
+doc = "h1 copies whatever it attends to"
+head = "h1"
+src = "@all"
+copy = 0.8
+
+[[head_out]]
+id = "cp1"
+doc = "an animal now copies the ending h0 attends to, and predicts and"
+head = "h0"
+src = "@ends"
+now = "@animals"
+copy = -0.6
+next = { " and" = 0.3 }
+
+[[head_out]]
+id = "cp2"
+doc = "blue copies zap back (conditional, copy only)"
+head = "h0"
+src = "zap"
+now = " blue"
+copy = 1.25
+
 [[neuron]]
 id = "n0"
 doc = "thresholded"
@@ -366,6 +390,45 @@ def test_torchrules_logits_equal_the_engine(oracle, tmp_path):
         write_back(S, new)
         assert np.allclose(read_slots(load_rules(d, oracle.vocab)).values, [fmt(v) for v in new])
     assert kinds == {"prior", "bigram", "skip", "head", "head_out", "neuron"}
+
+
+COPY_RULE = """
+# copy rule: the previous-token head hands its source token on
+[[head_out]]
+id = "copy_prev"   # fitted below
+doc = "repeat what the previous-token head looks at"
+head = "prevtok"
+src = "@all"
+copy = 0.1    # a small start
+"""
+
+
+def test_fit_writes_copy_back_keeping_the_file(oracle, planted, rules_dir):
+    from handmodel import load_rules
+    from verify.discover.slots import read_slots
+
+    p = rules_dir / "20_context.toml"
+    # next to the other head_out: tomlkit regroups [[kind]] tables of one kind that are interleaved with others
+    p.write_text(p.read_text(encoding="utf-8").replace("\n[[neuron]]", COPY_RULE + "\n[[neuron]]", 1), encoding="utf-8")
+    before = snapshot(rules_dir)
+    rules = load_rules(rules_dir, oracle.vocab)
+    ri = rules.rule_ids.index("copy_prev")
+    assert rules.rule_numbers[ri] == 1 and rules.rules[ri].copy == 0.1
+    S = read_slots(rules)
+    assert [s.path for s in S.slots if s.rule == ri] == [("copy",)]
+    d = fit(oracle, planted, rules_dir, only=["copy_prev"], steps=6)
+    assert d["numbers_fitted"] == 1 and [c["rule"] for c in d["changes"]] == ["copy_prev"]
+    assert d["kl_after"] < d["kl_before"] and d["written"] == [str(p)]
+    after = snapshot(rules_dir)
+    for name in FILES:
+        if name != "20_context.toml":
+            assert after[name] == before[name]
+    old, new = before["20_context.toml"].decode(), after["20_context.toml"].decode()
+    diff = [(a, b) for a, b in zip(old.splitlines(), new.splitlines()) if a != b]
+    assert len(diff) == 1 and diff[0][0] == "copy = 0.1    # a small start", diff
+    assert skeleton(new) == skeleton(old) and "# copy rule: the previous-token head" in new
+    got = load_rules(rules_dir, oracle.vocab).rules[ri].copy
+    assert got == pytest.approx(d["changes"][0]["after"], rel=1e-3) and got != 0.1
 
 
 # -- bad input: one-line UserError, exit code 2, files untouched -------------------------------------

@@ -76,8 +76,10 @@ def rulesets(draw):
         elif kind == "skip":
             body = f"earlier = {q(draw(ref))}\n" + (f"now = {q(draw(ref))}\n" if draw(st.booleans()) else "") + f"next = {weights()}"
         elif kind == "head_out":
+            out = draw(st.sampled_from(["next", "copy", "both"]))  # `copy = w`: the attended token itself
             body = f"head = {q(draw(st.sampled_from(heads)))}\nsrc = {q(draw(ref))}\n" + \
-                (f"now = {q(draw(ref))}\n" if draw(st.booleans()) else "") + f"next = {weights()}"
+                (f"now = {q(draw(ref))}\n" if draw(st.booleans()) else "") + \
+                (f"copy = {draw(num)}\n" if out != "next" else "") + (f"next = {weights()}" if out != "copy" else "")
         else:
             body = f"threshold = {draw(st.sampled_from([-0.5, 0.0, 0.7, 100.0]))}\n"  # 100: never fires
             if draw(st.booleans()):
@@ -188,7 +190,7 @@ def test_mask_switches_rules_off_without_recompiling():
 
 
 @st.composite
-def long_attention_cases(draw):
+def long_attention_cases(draw, with_copy=False, min_len=1):
     """Heads with large position/score values read by head_outs (now = @all and conditional) and neurons,
     on sequences up to 256 tokens: the incremental attention (running sums beyond the position table,
     rescaled when the running max grows) must match the twin's direct softmax."""
@@ -204,17 +206,22 @@ def long_attention_cases(draw):
         lines.append(f'[[head]]\nid = "h{h}"\ndoc = "head"\nposition = {{ ' + ", ".join(f"{k} = {v}" for k, v in pos.items())
                      + " }\nscore = [" + ", ".join(scores) + "]")
         heads.append(f"h{h}")
-    for i in range(draw(st.integers(1, 4))):
+    for i in range(draw(st.integers(0 if with_copy else 1, 4))):
         now = f"now = {q(draw(ref))}\n" if draw(st.booleans()) else ""
         t1, t2 = draw(st.lists(ref, min_size=2, max_size=2, unique=True))
         lines.append(f'[[head_out]]\nid = "o{i}"\ndoc = "out"\nhead = {q(draw(st.sampled_from(heads)))}\nsrc = {q(draw(ref))}\n'
                      f'{now}next = {{ {q(t1)} = {draw(big) / 4}, {q(t2)} = 1.5 }}')
+    for i in range(draw(st.integers(0, 3)) if with_copy else 0):  # copy rules, several may read one head
+        now = f"now = {q(draw(ref))}\n" if draw(st.booleans()) else ""
+        nxt = f'next = {{ {q(draw(ref))} = {draw(big) / 4} }}\n' if draw(st.booleans()) else ""
+        lines.append(f'[[head_out]]\nid = "cp{i}"\ndoc = "copy"\nhead = {q(draw(st.sampled_from(heads)))}\n'
+                     f'src = {q(draw(ref))}\n{now}{nxt}copy = {draw(big) / 8}')
     for i in range(draw(st.integers(0, 2))):
         h = draw(st.sampled_from(heads))
         lines.append(f'[[neuron]]\nid = "n{i}"\ndoc = "neuron"\nthreshold = {draw(st.sampled_from([-0.5, 0.2]))}\n'
                      f'attend = {{ {h} = {{ {q(draw(ref))} = {draw(big) / 8} }} }}\n'
                      f'present = {{ {q(draw(ref))} = {draw(big) / 20} }}\nnext = {{ {q(draw(ref))} = 2.0 }}')
-    n = draw(st.integers(1, 256))
+    n = draw(st.integers(min_len, 256 if min_len < 256 else min_len + 60))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
     probs = rng.dirichlet(np.full(V, 0.5))  # skewed: long runs of one token, rare tokens late
@@ -222,9 +229,7 @@ def long_attention_cases(draw):
     return vocab, {"r.toml": "\n\n".join(lines) + "\n"}, seq, seed
 
 
-@settings(deadline=None, derandomize=True, max_examples=25, suppress_health_check=list(HealthCheck))
-@given(long_attention_cases())
-def test_long_sequences_large_scores_match_twin(case):
+def _check_long(case):
     vocab, files, seq, seed = case
     rules = compile_text(vocab, files)
     hm = HandModel(rules)
@@ -240,6 +245,77 @@ def test_long_sequences_large_scores_match_twin(case):
         assert (m["kl"] >= 0).all() and np.isfinite(m["kl"]).all()
         np.testing.assert_allclose(m["kl"], tw["kl"], atol=2e-5, rtol=1e-5)
         np.testing.assert_allclose(m["ce"], tw["ce"], atol=1e-5, rtol=0)
+
+
+@settings(deadline=None, derandomize=True, max_examples=25, suppress_health_check=list(HealthCheck))
+@given(long_attention_cases())
+def test_long_sequences_large_scores_match_twin(case):
+    _check_long(case)
+
+
+@settings(deadline=None, derandomize=True, max_examples=20, suppress_health_check=list(HealthCheck))
+@given(long_attention_cases(with_copy=True, min_len=200))
+def test_long_sequences_with_copy_rules_match_twin(case):
+    """`copy` rules (src token/class/@all, with and without `now`, alone or with `next`, several per head) on
+    200+ token sequences with large scores and repeated tokens: the far positions' attention per source token
+    is kept in running sums (merged outputs for now = @all, per-token mass for conditional copies)."""
+    _check_long(case)
+
+
+def test_copy_far_sums_rescaled_when_a_higher_score_arrives():
+    """Far positions (beyond the position table) enter the running sums in order; a later source with a higher
+    score rescales every earlier sum, the per-token copy masses included (now = @all and conditional)."""
+    vocab = ["a", "b", "c", "d"]
+    text = ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 1.0, 1 = 0.5, default = -2.0 }\n'
+            'score = [{ src = "b", w = 6.0 }, { src = "c", w = 12.0 }, { now = "d", src = "a", w = 3.0 }]\n'
+            '[[head_out]]\nid = "all"\ndoc = "d"\nhead = "h"\nsrc = "@all"\ncopy = 1.5\n'
+            '[[head_out]]\nid = "cond"\ndoc = "d"\nhead = "h"\nsrc = "@all"\nnow = "a"\ncopy = 2.0\n'
+            '[[head_out]]\nid = "cond_d"\ndoc = "d"\nhead = "h"\nsrc = "a"\nnow = "d"\ncopy = -3.0\nnext = { "b" = 1.0 }\n')
+    rules = compile_text(vocab, {"r.toml": text})
+    hm = HandModel(rules)
+    seq = np.array([0] * 30 + [1] * 3 + [0] * 20 + [2] + [0, 3] * 20 + [1, 2, 3], dtype=np.int32)
+    for mask in (None, np.array([True, False, True, True]), np.array([True, True, True, False])):
+        np.testing.assert_allclose(hm.log_probs(seq, mask), twin.log_probs(rules, seq, mask), atol=1e-5, rtol=0)
+
+
+def test_copy_hand_computed():
+    """seq = a b a c, uniform head (no position/score): a(s) = 1/4 at t = 3.
+    cp_all (src @all, copy 2): a at s = 0, 2 -> 2 x (1/4 + 1/4) = 1.0; b, c -> 2 x 1/4 = 0.5 each; d 0.
+    cp_a (src "a", now "c", copy -1, next d = 1): c is now -> a -= 0.5; d += A(a) x 1 = 0.5.
+    cp_v (src @v = {a, b}, now "b", copy 3): c is not in now -> nothing at t = 3.
+    At t = 1 (c = b, a(s) = 1/2): cp_all: a +1, b +1; cp_v: a +1.5, b +1.5; cp_a: nothing."""
+    vocab = ["a", "b", "c", "d"]
+    text = ('[[class]]\nid = "v"\ndoc = "a and b"\ntokens = ["a", "b"]\n'
+            '[[head]]\nid = "h"\ndoc = "uniform"\n'
+            '[[head_out]]\nid = "cp_all"\ndoc = "copy anything"\nhead = "h"\nsrc = "@all"\ncopy = 2.0\n'
+            '[[head_out]]\nid = "cp_a"\ndoc = "d"\nhead = "h"\nsrc = "a"\nnow = "c"\ncopy = -1.0\nnext = { "d" = 1.0 }\n'
+            '[[head_out]]\nid = "cp_v"\ndoc = "d"\nhead = "h"\nsrc = "@v"\nnow = "b"\ncopy = 3\n')
+    rules = compile_text(vocab, {"r.toml": text})
+    assert list(rules.rule_numbers) == [0, 1, 2, 1]
+    seq = np.array([0, 1, 0, 2], dtype=np.int32)
+    z = twin.logits(rules, seq)
+    np.testing.assert_allclose(z[3], [1.0 - 0.5, 0.5, 0.5, 0.5], atol=1e-12)
+    np.testing.assert_allclose(z[1], [1.0 + 1.5, 1.0 + 1.5, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(z[0], [2.0, 0.0, 0.0, 0.0], atol=1e-12)  # t = 0 attends to itself only
+    d = {rules.rule_ids[i]: x for i, x, _ in twin.contributions(rules, seq, 3)}
+    np.testing.assert_allclose(d["cp_all"], [1.0, 0.5, 0.5, 0.0])
+    np.testing.assert_allclose(d["cp_a"], [-0.5, 0.0, 0.0, 0.5])
+    assert "cp_v" not in d
+    hm = HandModel(rules)
+    want = z - logsumexp(z)[:, None]
+    np.testing.assert_allclose(hm.log_probs(seq), want, atol=1e-6)
+    # masks: switching off the head silences every copy; switching off one copy rule removes exactly its part
+    off_head = np.array([False, True, True, True])
+    np.testing.assert_allclose(hm.log_probs(seq, off_head), np.log(0.25), atol=1e-6)
+    m = np.array([True, False, True, True])
+    z2 = z.copy()
+    z2[3] -= [1.0, 0.5, 0.5, 0.0]
+    z2[2] -= [2.0 * 2 / 3, 2.0 / 3, 0.0, 0.0]  # t = 2: a at s = 0, 2, b at s = 1, a(s) = 1/3
+    z2[1] -= [1.0, 1.0, 0.0, 0.0]
+    z2[0] -= [2.0, 0.0, 0.0, 0.0]
+    np.testing.assert_allclose(twin.logits(rules, seq, m), z2, atol=1e-12)
+    np.testing.assert_allclose(hm.log_probs(seq, m), z2 - logsumexp(z2)[:, None], atol=1e-6)
+    assert any("copies" in desc for _, desc in hm.explain(seq, 3))
 
 
 def test_base_rows_cached_across_calls_and_masks():

@@ -129,3 +129,32 @@ def test_bad_engine_inputs(tmp_path):
         hm.stream_metrics([np.array([1, 2], dtype=np.int32)], np.full((2, 7), np.nan, np.float32))
     with pytest.raises(UserError, match="mask must be a bool array of shape"):
         hm.log_probs(np.array([1], dtype=np.int32), mask=np.ones(3, bool))
+
+
+# -- head_out `copy` ---------------------------------------------------------------------------------
+COPY_HEAD = '[[head]]\nid = "prev"\ndoc = "d"\nposition = { 1 = 3.0 }\n\n'
+
+
+@pytest.mark.parametrize("value, what", [('"1.5"', "'copy' must be a number, got '1.5'"),
+                                         ("true", "'copy' must be a number, got True"),
+                                         ("{ x = 1 }", "'copy' must be a number"),
+                                         ("nan", "'copy' is nan (not finite)"),
+                                         ("-inf", "'copy' is -inf (not finite)")])
+def test_copy_must_be_a_finite_number(tmp_path, value, what):
+    msg = fails(tmp_path, {"a.toml": COPY_HEAD + '[[head_out]]\nid = "o"\ndoc = "copies the attended token"\n'
+                                     f'head = "prev"\nsrc = "@all"\ncopy = {value}\n'})
+    assert msg.startswith(f"{tmp_path / 'a.toml'}:11: head_out 'o': "), msg  # the line of `copy = ...`
+    assert what in msg, msg
+
+
+def test_head_out_needs_next_or_copy(tmp_path):
+    msg = fails(tmp_path, {"a.toml": COPY_HEAD + '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "prev"\nsrc = " dog"\n'})
+    assert msg.startswith(f"{tmp_path / 'a.toml'}:7: head_out 'o': needs 'next'"), msg
+    assert "'copy'" in msg and "docs/rules.md" in msg
+    # either one alone is enough; copy counts as one number
+    (tmp_path / "a.toml").write_text(COPY_HEAD + '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "prev"\nsrc = " dog"\ncopy = 2\n'
+                                     '[[head_out]]\nid = "o2"\ndoc = "d"\nhead = "prev"\nsrc = " dog"\ncopy = -1.0\n'
+                                     'next = { "." = 1.0, " cat" = 0.5 }\n')
+    r = load_rules(tmp_path, VOCAB)
+    assert [x.copy for x in r.rules[1:]] == [2.0, -1.0] and list(r.rule_numbers) == [1, 1, 3]
+    assert r.rules[1].next == []

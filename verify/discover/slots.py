@@ -87,8 +87,10 @@ def read_slots(rules) -> Slots:
                 if key in t:
                     d[key] = [S.add(ri, t, (key, s)) for s in t[key]]
             d["attend"] = [S.add(ri, t, ("attend", h, s)) for h in t.get("attend", {}) for s in t["attend"][h]]
-        if r.kind in ("prior", "skip", "head_out", "neuron"):
+        if r.kind in ("prior", "skip", "head_out", "neuron") and "next" in t:  # a head_out may have only `copy`
             d["next"] = [S.add(ri, t, ("next", s)) for s in t["next"]]
+        if r.kind == "head_out" and "copy" in t:
+            d["copy"] = S.add(ri, t, ("copy",))
         S.by_rule.append(d)
     return S
 

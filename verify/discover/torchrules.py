@@ -9,6 +9,7 @@ of a sequence with current token c = seq[t]:
   logits = Σ prior.next + Σ bigram rows whose `now` contains c
          + Σ skip.next      if c ∈ now and some earlier token ∈ earlier
          + Σ head_out.next × (attention of its head on positions whose token ∈ src)   if c ∈ now
+         + Σ head_out.copy × attention on each position s whose token ∈ src, added to the logit of seq[s]   if c ∈ now
          + Σ neuron.next × ReLU(−threshold + Σ now w[c∈] + Σ present w[earlier ∈] + Σ attend w·attention mass)
   attention of a head from t over s ≤ t: softmax_s(position[t−s] (else default) + Σ score w·[c ∈ now][seq[s] ∈ src])
 """
@@ -85,7 +86,8 @@ class TorchRules:
         self.skip_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.skip)
                                        for (sid, _), slot in zip(r.next, sl["next"])])
         self.ho_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.ho)
-                                     for (sid, _), slot in zip(r.next, sl["next"])])
+                                     for (sid, _), slot in zip(r.next, sl.get("next", []))])
+        self.copy = [(r, sl["copy"]) for _, r, sl in self.ho if r.copy is not None]
         self.neu_idx = self._targets([(k, sid, slot) for k, (_, r, sl) in enumerate(self.neu)
                                       for (sid, _), slot in zip(r.next, sl["next"])])
 
@@ -112,6 +114,12 @@ class TorchRules:
             mass = torch.stack([(att[r.head] * self.in_set(r.src, W)[:, None, :].to(th.dtype)).sum(-1)
                                 * self.in_set(r.now, W).to(th.dtype) for _, r, _ in self.ho], -1)
             out = out + mass @ self._scatter(th, self.ho_idx, len(self.ho))
+        if self.copy:
+            cp = out.new_zeros(B, T, T)  # [b, t, s]: copy weight x attention, added to the logit of token W[b, s]
+            for r, slot in self.copy:
+                on = (self.in_set(r.now, W)[:, :, None] & self.in_set(r.src, W)[:, None, :]).to(th.dtype)
+                cp = cp + th[slot] * att[r.head] * on
+            out = out + out.new_zeros(B, T, V).scatter_add(-1, W[:, None, :].expand(B, T, T), cp)
         if self.neu:
             acts = []
             for _, r, sl in self.neu:
