@@ -160,3 +160,27 @@ def test_target_spends_numbers_where_the_given_rules_leave_kl(drafted, planted, 
     rows = {r.rows[0][0] for r in rules.rules if r.kind == "bigram" and len(r.rows) == 1}
     rows |= {now for r in rules.rules if r.kind == "bigram" for now, _ in r.rows}
     assert worst in rows, f"no row for {o.vocab[worst]!r}, where the prior alone leaves the most KL"
+
+
+def test_copy_rules_are_drafted_as_valid_rule_files(tmp_path):
+    """story_words keeps rare whole words; the copying file loads and its rules copy the attended word."""
+    from handmodel import HandModel, load_rules
+    from verify.discover.draft_files import FileSet
+    from verify.discover.heads import HeadDraft
+    from verify.discover.suggest import story_words, write_copy_file
+
+    vocab = ["<|endoftext|>", " the", ".", " Lily", " ball", "ing", " a"]
+    counts = np.array([50, 900, 800, 40, 30, 60, 700])
+    words = story_words(vocab, counts, min_count=20, skip_top=3)
+    assert [vocab[w] for w in words] == [" Lily", " ball"]
+    h = HeadDraft(0, np.zeros(2), 0.0, np.zeros(0, np.int64), np.zeros(0), 0.0, 0.0, 0.0, 0.0, "content")
+    fs = FileSet(tmp_path, vocab, "test")
+    write_copy_file(fs, [h], words, [2.0])
+    fs.add(fs.start("40_head0.toml", "head 0", "x") or "40_head0.toml",
+           '[[head]]\nid = "head0"\ndoc = "uniform attention"\n')
+    fs.write()
+    rules = load_rules(tmp_path, vocab)
+    lp = HandModel(rules).log_probs(np.array([0, 3, 1], dtype=np.int32))
+    z = np.zeros(len(vocab))
+    z[3] = 2.0 / 3  # at t=2 the head spreads 1/3 on each position; ' Lily' (a story word) is at one of them
+    np.testing.assert_allclose(lp[2], z - np.log(np.exp(z).sum()), atol=1e-5)

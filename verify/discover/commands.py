@@ -167,6 +167,7 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 rounds: int = typer.Option(4, "--rounds", help="Moment-matching rounds for \\[\\[head_out]] rows."),
                 min_count: int = typer.Option(20, "--min-count", help="Tokens rarer than this in the training text get no class/score/source."),
                 neurons: int = typer.Option(32, "--neurons", help="\\[\\[neuron]] rules for the most context-dependent reference neurons."),
+                copy: bool = typer.Option(True, "--copy/--no-copy", help="Draft one copying rule per head (a story word attended to becomes likelier)."),
                 target: Optional[Path] = typer.Option(None, "--target", help="Existing rules: spend the numbers where they leave the most KL (worst positions first)."),
                 as_json: bool = JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
@@ -185,7 +186,7 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
     d = suggest(o, out, Path(corpus), budget=budget, n_classes=classes, class_k=class_k, k_max=k_max, with_heads=heads,
                 n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count,
-                n_neurons=neurons, target=target, log=log)
+                n_neurons=neurons, target=target, copy=copy, log=log)
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")

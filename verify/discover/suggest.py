@@ -107,6 +107,58 @@ def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut]) -
             fs.add(fname, head_out_block(o, h, V, rid))
 
 
+COPY_FILE = "45_copying.toml"
+
+
+def copy_supported() -> bool:
+    from handmodel.rulefile import KEYS
+
+    return "copy" in KEYS["head_out"]
+
+
+def story_words(vocab: list[str], counts: np.ndarray, min_count: int, skip_top: int = 150) -> np.ndarray:
+    """Tokens a story may repeat (names, objects): whole words with a leading space, seen often enough,
+    outside the most frequent (function) words."""
+    import re
+
+    rank = np.argsort(-counts)
+    top = set(rank[:skip_top].tolist())
+    word = re.compile(r"^ [A-Za-z]{2,}$")
+    return np.array([v for v in range(len(vocab)) if counts[v] >= min_count and v not in top and word.match(vocab[v])],
+                    dtype=np.int64)
+
+
+def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weights: list[float]) -> None:
+    V = fs.vocab
+    fs.start(COPY_FILE, "copying", "Copying: when a head attends to a story word (a name, an object) seen earlier, that\n"
+             "same word becomes likelier next. One number per head ([[head_out]] copy), fitted by moment matching.")
+    toks = ", ".join(q(V[t]) for t in words)
+    fs.add(COPY_FILE, f"[[class]]\nid = \"story_words\"\ndoc = {q('Whole words a story may repeat: names and objects, not the 150 most frequent words')}\n"
+                      f"tokens = [{toks}]\n")
+    for h, w in zip(heads, weights):
+        fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy\"\n"
+                          f"doc = {q(f'When head {h.ref_head} attends to a story word, that word becomes likelier next (copying).')}\n"
+                          + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = \"@story_words\"\ncopy = {num(w)}\n")
+
+
+def copy_expectation(sample, heads: list[HeadDraft], V: int, words: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """[H] Σ_t Σ_s A_h(t,s)·[tok_s ∈ words]·P[t, tok_s]: the probability mass each head's copy feature sees."""
+    member = np.zeros(V, bool)
+    member[words] = True
+    out = np.zeros(len(heads))
+    T = sample.windows.shape[1]
+    for hi, h in enumerate(heads):
+        score = np.zeros(V)
+        score[h.score_tok] = h.score_w
+        tot = 0.0
+        for b, w in enumerate(sample.windows):
+            A = hand_attention(w, h.position, h.pos_default, score) * member[w][None, :]
+            Pw = P[b * T:(b + 1) * T][:, w]  # [T, T]: P at t of the token at s
+            tot += float((A * Pw).sum())
+        out[hi] = tot
+    return out
+
+
 def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft]) -> None:
     if not neurons:
         return
@@ -176,7 +228,8 @@ def attention_masses(sample: TrainSample, h: HeadDraft, V: int, src: np.ndarray)
 def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, n_classes: int = 64,
             class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
-            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, log=print) -> dict:
+            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
+            log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
     after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
@@ -281,9 +334,10 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
 
     def snapshot():
         return ([o.delta.copy() for o in draft.outs], [nd.delta.copy() for nd in draft.neurons],
-                {c: bd.token_rows[c].delta.copy() for c in refit})
+                {c: bd.token_rows[c].delta.copy() for c in refit}, list(copy_w))
 
     def restore(snap):
+        copy_w[:] = snap[3]
         for o, d in zip(draft.outs, snap[0]):
             o.delta = d
         for nd, d in zip(draft.neurons, snap[1]):
@@ -291,9 +345,17 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         for c, d in snap[2].items():
             bd.token_rows[c].delta = d
 
+    use_copy = copy and copy_supported()
+    words = story_words(vocab, counts, min_count) if use_copy else np.zeros(0, np.int64)
+    use_copy = use_copy and len(words) > 0  # a tiny vocabulary may have no such words
+    copy_w = [0.0] * len(heads)
+    copy_ref = copy_expectation(sample, heads, V, words, sample.p) if use_copy else None
+
     def rewrite():
         write_bigram_files(fs, bd, counts)
         write_head_files(fs, heads, draft.outs)
+        if use_copy:
+            write_copy_file(fs, heads, words, copy_w)
         write_neuron_file(fs, heads, draft.neurons)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
@@ -320,6 +382,10 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             e_hand = a @ P_hand[:, nd.support]
             scale = max(float(np.percentile(a[a > 0], 99)) if (a > 0).any() else 1.0, 1e-6)  # GIS: step / feature size
             nd.delta = nd.delta + (eta / scale) * _ratio_step(e_ref, e_hand, float(a.sum()))
+        if use_copy:  # one scalar per head; the feature's total per position is at most 1 (attention sums to 1)
+            e_hand = copy_expectation(sample, heads, V, words, P_hand)
+            for hi in range(len(heads)):
+                copy_w[hi] += eta * float(_ratio_step(np.array([copy_ref[hi]]), np.array([e_hand[hi]]), 1.0)[0])
         for c in refit:
             idx = where[c]
             row = bd.token_rows[c]
