@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -72,12 +71,15 @@ def main() -> int:
             claimed[r["id"]] = (fname, c)
     for fname, t in texts.items():
         (RULES / fname).write_text(t, encoding="utf-8")
-    r = subprocess.run([sys.executable, "-m", "verify.cli", "check-rules", str(RULES), "--only", ",".join(claimed),
-                        "-n", str(EXAMPLES), "--json"], capture_output=True, text=True)
-    if not r.stdout.strip():
-        sys.stderr.write(r.stderr)
-        return 2
-    res = json.loads(r.stdout)["results"]
+    # the same checker, arguments and example budget as tests/test_shipped_rules_check.py, so what is
+    # marked here is exactly what the pytest cases will find
+    from verify.checkrules import Checker
+
+    corpus = RULES.parent.parent / "shared" / "corpus" / "tinystories" / "train.txt"
+    checker = Checker.from_paths(RULES, RULES.parent / "reference" / "default", corpus if corpus.exists() else None,
+                                 examples=EXAMPLES, shrink_calls=max(100, 5 * EXAMPLES))
+    by_id = {r.id: r for r in checker.rules.rules}
+    res = [checker.check(by_id[rid]).to_dict() for rid in claimed]
     n_fail = 0
     for x in res:
         if x["status"] != "fail":
