@@ -173,3 +173,20 @@ def tiny_world(tmp_path_factory):
     evalf = write_corpus(d / "eval.txt", make_stories(12, 2))
     train = write_corpus(d / "train.txt", make_stories(60, 3))
     return ckpt, evalf, train
+
+
+# -- discovery fixtures: a tiny reference trained on text with planted regularities (verify/discover/planted.py)
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    from verify.discover.planted import train_planted
+
+    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
+    ckpt = train_planted(folder)
+    return ckpt, folder / "corpus" / "train.txt"
+
+
+@pytest.fixture(scope="session")
+def oracle(planted):
+    from reference.oracle import Oracle
+
+    return Oracle.load(planted[0])

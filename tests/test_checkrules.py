@@ -12,22 +12,6 @@ from handmodel.errors import UserError
 EXAMPLES = 30
 
 
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    from verify.discover.planted import train_planted
-
-    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared with tests/test_discover_*.py
-    ckpt = train_planted(folder)
-    return ckpt, folder / "corpus" / "train.txt"
-
-
-@pytest.fixture(scope="module")
-def oracle(planted):
-    from reference.oracle import Oracle
-
-    return Oracle.load(planted[0])
-
-
 def _ids(o, *toks):
     return [o.vocab.index(t) for t in toks]
 

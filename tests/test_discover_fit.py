@@ -196,22 +196,6 @@ next = { " hat" = 1.0 }
 NUM = re.compile(r"(?<![\w.\"'@-])[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\w\"'.])")
 
 
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    from verify.discover.planted import train_planted
-
-    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
-    ckpt = train_planted(folder)
-    return ckpt, folder / "corpus" / "train.txt"
-
-
-@pytest.fixture(scope="session")
-def oracle(planted):
-    from reference.oracle import Oracle
-
-    return Oracle.load(planted[0])
-
-
 @pytest.fixture
 def rules_dir(tmp_path) -> Path:
     d = tmp_path / "rules"

@@ -9,22 +9,6 @@ import pytest
 from handmodel.errors import UserError
 
 
-@pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    from verify.discover.planted import train_planted
-
-    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
-    ckpt = train_planted(folder)
-    return ckpt, folder / "corpus" / "train.txt"
-
-
-@pytest.fixture(scope="session")
-def oracle(planted):
-    from reference.oracle import Oracle
-
-    return Oracle.load(planted[0])
-
-
 def test_token_tables(oracle, planted):
     from verify.discover.common import resolve_token
     from verify.discover.inspect import inspect_token

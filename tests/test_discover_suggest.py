@@ -12,15 +12,6 @@ from handmodel.errors import UserError
 
 
 @pytest.fixture(scope="session")
-def planted(tmp_path_factory):
-    from verify.discover.planted import train_planted
-
-    folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
-    ckpt = train_planted(folder)
-    return ckpt, folder / "corpus" / "train.txt"
-
-
-@pytest.fixture(scope="session")
 def drafted(planted, tmp_path_factory):
     from reference.oracle import Oracle
     from verify.discover.suggest import suggest
