@@ -269,7 +269,8 @@ class Checker:
         self.examples = max(1, int(examples))
         self.max_prefix = max(1, min(max_prefix, oracle.cfg.n_ctx - 4))
         self.shrink_calls = shrink_calls
-        self.uni = unigram_logp(oracle, pool)
+        with one_thread():  # same float rounding in every process (pytest sets 1 torch thread, the CLI 2)
+            self.uni = unigram_logp(oracle, pool)
         counts = np.bincount(pool, minlength=self.V)
         order = np.argsort(-counts, kind="stable")
         self.freq = [int(t) for t in order[: 512] if counts[t] > 0] or list(range(min(self.V, 512)))
