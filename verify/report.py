@@ -177,7 +177,8 @@ def write_report(out: Path, res: dict, max_tokens: int = 3000) -> int:
                  ("rules", f"{h['rules']} ({h['n_rules']} rules, {h['n_groups']} groups)"),
                  ("baselines fitted on", h["train_text"])]
     meta = "".join(f"<tr><td><b>{html.escape(k)}</b></td><td>{html.escape(str(v))}</td></tr>" for k, v in meta_rows)
-    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    # every "<" escaped: no token text (e.g. "<!--" or "</script") can end or confuse the script element
+    blob = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
     f = res["final"]
     doc = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>handmodel report</title><style>{CSS}</style></head>
