@@ -175,3 +175,27 @@ def test_copy_rules_are_drafted_as_valid_rule_files(tmp_path):
     z = np.zeros(len(vocab))
     z[3] = 2.0 / 3  # at t=2 the head spreads 1/3 on each position; ' Lily' (a story word) is at one of them
     np.testing.assert_allclose(lp[2], z - np.log(np.exp(z).sum()), atol=1e-5)
+
+
+def test_attention_features_read_one_attention_computation():
+    """head_attention is computed once per window; the head_out masses and the copy feature read it: masses over
+    every token sum to 1 per position, and the copy feature equals its definition summed by hand."""
+    from types import SimpleNamespace
+
+    from verify.discover.heads import HeadDraft
+    from verify.discover.suggest import attention_masses, copy_expectation, head_attention
+
+    rng = np.random.default_rng(0)
+    V, T = 9, 6
+    windows = rng.integers(0, V, size=(3, T))
+    sample = SimpleNamespace(windows=windows)
+    h = HeadDraft(0, np.array([1.0, 0.5]), -0.3, np.array([2, 5]), np.array([1.5, -1.0]), 0, 0, 0, 0, "content")
+    attn = head_attention(sample, h, V)
+    M = attention_masses(sample, attn, V, np.arange(V))
+    np.testing.assert_allclose(M.sum(1), 1.0, atol=1e-6)
+    P = rng.dirichlet(np.ones(V), size=3 * T).astype(np.float32)
+    member = np.zeros(V, bool)
+    member[[2, 3, 7]] = True
+    want = sum(attn[b][t, s] * P[b * T + t, windows[b, s]]
+               for b in range(3) for t in range(T) for s in range(T) if member[windows[b, s]])
+    assert copy_expectation([attn], sample, member, P)[0] == pytest.approx(want, rel=1e-5)

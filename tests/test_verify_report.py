@@ -20,26 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import require
+from test_verify_core import BIGRAMS, PRIOR
 
 CHROMIUM = "/usr/bin/chromium"
 
-PRIOR = """group = "prior"
-[[prior]]
-id = "common"
-doc = "frequent tokens"
-next = { "." = 2.0, " the" = 1.5, " a" = 1.0 }
-"""
-BIGRAMS = """group = "bigrams"
-[[bigram]]
-id = "after_dot"
-doc = "a story ends or goes on after a full stop"
-rows = { "." = { "<|endoftext|>" = 1.0, " " = 0.5 } }
-[[bigram]]
-id = "the_noun"
-doc = "nouns after the"
-now = " the"
-next = { " happy" = 1.0, " b" = 1.0 }
-"""
 HEADS = """group = "heads"
 [[head]]
 id = "prev"

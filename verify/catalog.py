@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .commands import CHECKPOINT_OPT, CORPUS_OPT, SAMPLED_OPT, SEED_OPT, TRAIN_OPT, evaluate
+
 
 def _md(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
@@ -62,9 +64,8 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
 
 def catalog_cmd(rules: Path = typer.Option(Path("rules"), "--rules", help="Rules folder to catalogue."),
                 out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write (default: RULES/CATALOG.md)."),
-                checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model)."),
-                corpus: Optional[Path] = typer.Option(None, "--corpus", help="Eval text for the ablation (default: stories sampled from the reference)."),
-                train_corpus: Optional[Path] = typer.Option(None, "--train-corpus", help="Text the baselines are fitted on."),
+                checkpoint: Optional[Path] = CHECKPOINT_OPT, corpus: Optional[Path] = CORPUS_OPT,
+                sampled: int = SAMPLED_OPT, seed: int = SEED_OPT, train_corpus: Optional[Path] = TRAIN_OPT,
                 json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation) here.")):
     """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files."""
     import json
@@ -72,10 +73,8 @@ def catalog_cmd(rules: Path = typer.Option(Path("rules"), "--rules", help="Rules
 
     from rich.console import Console
 
-    from .commands import evaluate
-
     console = Console(highlight=False, stderr=True)
-    res = evaluate(checkpoint, rules, corpus, 32, 0, train_corpus, ablate=True,
+    res = evaluate(checkpoint, rules, corpus, sampled, seed, train_corpus, ablate=True,
                    log=lambda m: console.print(f"[dim]{m}[/dim]"))
     _, _, compiled, _, _ = res.pop("_objects")
     cmd = "handmodel catalog " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 2 else "handmodel catalog"

@@ -46,6 +46,16 @@ $HANDMODEL_CACHE (default ~/.cache/handmodel), keyed by checkpoint hash + eval t
 {FLOAT16_NOTE}"""
 
 
+# Options shared by verify, report and catalog (one definition: same names, defaults and help everywhere).
+CHECKPOINT_OPT = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model in reference/default).")
+RULES_OPT = typer.Option(None, "--rules", help="Rules folder (default: the shipped rules/).")
+CORPUS_OPT = typer.Option(None, "--corpus", help="Eval text (.txt or folder). Default: stories sampled from the reference.")
+SAMPLED_OPT = typer.Option(32, "--sampled", help="Without --corpus: how many stories to sample from the reference.")
+SEED_OPT = typer.Option(0, "--seed", help="Without --corpus: sampling seed.")
+TRAIN_OPT = typer.Option(None, "--train-corpus", help="Text the unigram / oracle bigram baselines are fitted on "
+                                                      "(default ../shared/corpus/tinystories/train.txt).")
+
+
 def _since_process_start() -> float | None:
     """Seconds since this process started (Linux /proc), so the footer includes interpreter start-up."""
     try:
@@ -140,12 +150,12 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
 
 
 def verify_cmd(
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model in reference/default)."),
-    rules: Optional[Path] = typer.Option(None, "--rules", help="Rules folder (default: the shipped rules/)."),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Eval text (.txt or folder). Default: stories sampled from the reference."),
-    sampled: int = typer.Option(32, "--sampled", help="Without --corpus: how many stories to sample from the reference."),
-    seed: int = typer.Option(0, "--seed", help="Without --corpus: sampling seed."),
-    train_corpus: Optional[Path] = typer.Option(None, "--train-corpus", help="Text the unigram / oracle bigram baselines are fitted on (default ../shared/corpus/tinystories/train.txt)."),
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    rules: Optional[Path] = RULES_OPT,
+    corpus: Optional[Path] = CORPUS_OPT,
+    sampled: int = SAMPLED_OPT,
+    seed: int = SEED_OPT,
+    train_corpus: Optional[Path] = TRAIN_OPT,
     ablate: bool = typer.Option(False, "--ablate", help="Per rule: KL increase when only that rule is off (sorted; rules whose removal helps are flagged)."),
     worst: int = typer.Option(0, "--worst", help="Show the K positions with the largest KL and the gap by current / next token."),
     fail_above: Optional[float] = typer.Option(None, "--fail-above", help="Exit 1 if the final KL exceeds this (CI gate)."),
@@ -189,12 +199,12 @@ verify_cmd.__doc__ = DEFINITIONS
 
 def report_cmd(
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, no network)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model)."),
-    rules: Optional[Path] = typer.Option(None, "--rules", help="Rules folder (default: the shipped rules/)."),
-    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Eval text (.txt or folder). Default: stories sampled from the reference."),
-    sampled: int = typer.Option(32, "--sampled", help="Without --corpus: how many stories to sample from the reference."),
-    seed: int = typer.Option(0, "--seed", help="Without --corpus: sampling seed."),
-    train_corpus: Optional[Path] = typer.Option(None, "--train-corpus", help="Text the baselines are fitted on."),
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    rules: Optional[Path] = RULES_OPT,
+    corpus: Optional[Path] = CORPUS_OPT,
+    sampled: int = SAMPLED_OPT,
+    seed: int = SEED_OPT,
+    train_corpus: Optional[Path] = TRAIN_OPT,
     max_tokens: int = typer.Option(3000, "--max-tokens", help="Eval tokens shown in the coloured text (the first ones, whole sequences)."),
 ):
     """Write one self-contained HTML report: the ledger as a chart, and the eval text coloured by residual

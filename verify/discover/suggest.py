@@ -141,21 +141,13 @@ def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weig
                           + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = \"@story_words\"\ncopy = {num(w)}\n")
 
 
-def copy_expectation(sample, heads: list[HeadDraft], V: int, words: np.ndarray, P: np.ndarray) -> np.ndarray:
+def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P: np.ndarray) -> np.ndarray:
     """[H] Σ_t Σ_s A_h(t,s)·[tok_s ∈ words]·P[t, tok_s]: the probability mass each head's copy feature sees."""
-    member = np.zeros(V, bool)
-    member[words] = True
-    out = np.zeros(len(heads))
     T = sample.windows.shape[1]
-    for hi, h in enumerate(heads):
-        score = np.zeros(V)
-        score[h.score_tok] = h.score_w
-        tot = 0.0
-        for b, w in enumerate(sample.windows):
-            A = hand_attention(w, h.position, h.pos_default, score) * member[w][None, :]
-            Pw = P[b * T:(b + 1) * T][:, w]  # [T, T]: P at t of the token at s
-            tot += float((A * Pw).sum())
-        out[hi] = tot
+    out = np.zeros(len(attn))
+    for hi, per_window in enumerate(attn):
+        for b, (w, A) in enumerate(zip(sample.windows, per_window)):
+            out[hi] += float(((A * member[w][None, :]) * P[b * T:(b + 1) * T][:, w]).sum())
     return out
 
 
@@ -207,16 +199,21 @@ class TrainSample:
         return float(np.mean(hm.stream_metrics(self.seqs, self.logp)["kl"]))
 
 
-def attention_masses(sample: TrainSample, h: HeadDraft, V: int, src: np.ndarray) -> np.ndarray:
-    """[N, len(src)] attention mass of hand head h on each source token, per position."""
-    col = np.full(V, -1)
-    col[src] = np.arange(len(src))
+def head_attention(sample: TrainSample, h: HeadDraft, V: int) -> list[np.ndarray]:
+    """Hand head h's attention [T, T] (float32) on every training window; computed once, read by the
+    head_out masses and the copy features every round."""
     score = np.zeros(V)
     score[h.score_tok] = h.score_w
+    return [hand_attention(w, h.position, h.pos_default, score).astype(np.float32) for w in sample.windows]
+
+
+def attention_masses(sample: TrainSample, attn: list[np.ndarray], V: int, src: np.ndarray) -> np.ndarray:
+    """[N, len(src)] attention mass of a hand head (attn: head_attention) on each source token, per position."""
+    col = np.full(V, -1)
+    col[src] = np.arange(len(src))
     out = np.zeros((sample.windows.size, len(src)), np.float32)
     T = sample.windows.shape[1]
-    for b, w in enumerate(sample.windows):
-        A = hand_attention(w, h.position, h.pos_default, score)  # [T, T]
+    for b, (w, A) in enumerate(zip(sample.windows, attn)):
         c = col[w]
         keep = c >= 0
         block = np.zeros((T, len(src)), np.float32)
@@ -240,6 +237,9 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
 
     from .common import sample_windows
 
+    from .fit import check_training_text
+
+    check_training_text(train_corpus)  # never fit on what is reported
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
@@ -285,9 +285,11 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     draft.heads = heads
     # sources: the tokens each head puts most attention mass on
     masses = []
+    attn: list[list[np.ndarray]] = []
     for hi, h in enumerate(heads):
         cand = np.flatnonzero(counts >= min_count)
-        M = attention_masses(sample, h, V, cand)
+        attn.append(head_attention(sample, h, V))
+        M = attention_masses(sample, attn[-1], V, cand)
         tot = M.sum(0) if pos_weight is None else pos_weight.astype(np.float32) @ M
         keep = np.argsort(-tot)[:n_src]
         src = cand[keep]
@@ -349,7 +351,9 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     words = story_words(vocab, counts, min_count) if use_copy else np.zeros(0, np.int64)
     use_copy = use_copy and len(words) > 0  # a tiny vocabulary may have no such words
     copy_w = [0.0] * len(heads)
-    copy_ref = copy_expectation(sample, heads, V, words, sample.p) if use_copy else None
+    member = np.zeros(V, bool)
+    member[words] = True
+    copy_ref = copy_expectation(attn, sample, member, sample.p) if use_copy else None
 
     def rewrite():
         write_bigram_files(fs, bd, counts)
@@ -383,7 +387,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             scale = max(float(np.percentile(a[a > 0], 99)) if (a > 0).any() else 1.0, 1e-6)  # GIS: step / feature size
             nd.delta = nd.delta + (eta / scale) * _ratio_step(e_ref, e_hand, float(a.sum()))
         if use_copy:  # one scalar per head; the feature's total per position is at most 1 (attention sums to 1)
-            e_hand = copy_expectation(sample, heads, V, words, P_hand)
+            e_hand = copy_expectation(attn, sample, member, P_hand)
             for hi in range(len(heads)):
                 copy_w[hi] += eta * float(_ratio_step(np.array([copy_ref[hi]]), np.array([e_hand[hi]]), 1.0)[0])
         for c in refit:
