@@ -199,3 +199,42 @@ def test_attention_features_read_one_attention_computation():
     want = sum(attn[b][t, s] * P[b * T + t, windows[b, s]]
                for b in range(3) for t in range(T) for s in range(T) if member[windows[b, s]])
     assert copy_expectation([attn], sample, member, P)[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_joint_fit_writes_exactly_what_it_fitted_and_lowers_held_out_kl(planted, tmp_path):
+    """--joint-steps: the torch model (jointfit.py) and the engine reading the written files give the same
+    held-out KL; the fit does not raise it; query-dependent scores and per-class copy rules are valid rules."""
+    import tomllib
+
+    from handmodel import load_rules
+    from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
+
+    ckpt, train = planted
+    o = Oracle.load(ckpt)
+    out = tmp_path / "joint"
+    s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
+                rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
+                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, log=lambda m: None)
+    joint = s["history"][-1]
+    assert joint["stage"] == "joint fit"
+    assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint  # same semantics, 3-decimal rounding
+    rules = load_rules(out, o.vocab)
+    assert int(np.sum(rules.rule_numbers)) == s["numbers"]
+    heads = [tomllib.loads(f.read_text())["head"][0] for f in sorted(out.glob("4*_head*.toml"))]
+    query = [e for h in heads for e in h["score"] if "now" in e]
+    assert query and all(e["now"].startswith("@like_") and e["src"].startswith("@like_") for e in query)
+    assert sum(1 for h in heads for e in h["score"] if "now" in e) <= 8 * len(heads)
+    assert [k for k in rules.rule_kinds if k == "neuron"] == ["neuron"] * 3  # fitted jointly, thresholds included
+    # the step kept is the best on held-out windows (the starting point included)
+    assert joint["held_kl"] < joint["held_kl_start"], joint
+
+
+def test_joint_fit_bad_input(planted, tmp_path):
+    from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
+
+    ckpt, train = planted
+    with pytest.raises(UserError, match="must be >= 0"):
+        suggest(Oracle.load(ckpt), tmp_path / "j", train, joint_steps=-1, log=lambda m: None)
+    assert not (tmp_path / "j").exists()

@@ -169,6 +169,9 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 neurons: int = typer.Option(32, "--neurons", help="\\[\\[neuron]] rules for the most context-dependent reference neurons."),
                 copy: bool = typer.Option(True, "--copy/--no-copy", help="Draft one copying rule per head (a story word attended to becomes likelier)."),
                 target: Optional[Path] = typer.Option(None, "--target", help="Existing rules: spend the numbers where they leave the most KL (worst positions first)."),
+                joint_steps: int = typer.Option(0, "--joint-steps", help="After moment matching, fit every number jointly by gradient descent for this many steps (jointfit.py; needs --neurons 0)."),
+                joint_positions: int = typer.Option(262_144, "--joint-positions", help="Training positions the joint fit streams over (reference recomputed per batch)."),
+                query_scores: int = typer.Option(400, "--query-scores", help="Joint fit: query-dependent attention entries { now = @class, src = @class } kept per head (0: none)."),
                 as_json: bool = JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
     class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
@@ -184,7 +187,8 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
     d = suggest(o, out, Path(corpus), budget=budget, n_classes=classes, class_k=class_k, k_max=k_max, with_heads=heads,
                 n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count,
-                n_neurons=neurons, target=target, copy=copy, log=log)
+                n_neurons=neurons, target=target, copy=copy, joint_steps=joint_steps, joint_positions=joint_positions,
+                n_query=query_scores, log=log)
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")

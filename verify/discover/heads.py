@@ -29,6 +29,7 @@ class HeadDraft:
     prev_share: float  # mean reference attention at distance 1
     self_share: float  # mean reference attention at distance 0
     kind: str  # "previous-token", "self", "content" (a label for docs)
+    query: object = None  # jointfit.QueryScores: score entries { now = @class, src = @class, w } (joint fit only)
 
 
 def reference_patterns(oracle, windows: np.ndarray, batch: int = 16) -> np.ndarray:

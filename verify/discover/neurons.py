@@ -27,6 +27,7 @@ class NeuronDraft:
     delta: np.ndarray = field(default_factory=lambda: np.zeros(0))
     ctx_share: float = 0.0  # share of the neuron's activation variance that is contextual
     mean_act: float = 0.0
+    threshold: float = 0.0  # moved only by the joint fit (jointfit.py)
 
 
 def reference_activations(oracle, windows: np.ndarray, batch: int = 16) -> np.ndarray:

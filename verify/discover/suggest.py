@@ -34,6 +34,7 @@ EPS = 1e-9
 # ratio). Both expectations get a pseudo-probability SMOOTH per unit of feature mass, which shrinks
 # those ratios toward 1, and a support entry must carry at least that much reference mass.
 SMOOTH = 2e-4
+MIN_COPY = 0.05  # per-class copy corrections smaller than this are not written as rules
 
 
 def _ratio_step(e_ref: np.ndarray, e_hand: np.ndarray, mass: float) -> np.ndarray:
@@ -63,9 +64,14 @@ def head_id(h: HeadDraft) -> str:
     return f"head{h.ref_head}"
 
 
-def head_block(h: HeadDraft, vocab: list[str]) -> tuple[str, int]:
+def head_block(h: HeadDraft, vocab: list[str], class_names: list[str] | None = None) -> tuple[str, int]:
     pos = ", ".join(f"{d} = {num(w)}" for d, w in enumerate(h.position)) + f", default = {num(h.pos_default)}"
-    scores = ",\n  ".join(f"{{ src = {q(vocab[t])}, w = {num(w)} }}" for t, w in zip(h.score_tok, h.score_w))
+    entries = [f"{{ src = {q(vocab[t])}, w = {num(w)} }}" for t, w in zip(h.score_tok, h.score_w)]
+    if h.query is not None and class_names:
+        # query-dependent part: which class of source tokens it looks at depends on the current token's class
+        for a, b, w in zip(h.query.now, h.query.src, h.query.w):
+            entries.append(f"{{ now = \"@{class_names[a]}\", src = \"@{class_names[b]}\", w = {num(w)} }}")
+    scores = ",\n  ".join(entries)
     what = {"previous-token": "a previous-token head: it mostly attends to the token just before the current one",
             "self": "it mostly attends to the current token itself",
             "content": "a content head: where it looks depends mostly on which tokens are in the context"}[h.kind]
@@ -74,8 +80,8 @@ def head_block(h: HeadDraft, vocab: list[str]) -> tuple[str, int]:
             f"(position table alone: {h.uniform_kl:.3f}); mean reference attention at distance 1: {h.prev_share:.2f}, "
             f"at distance 0: {h.self_share:.2f}\n"
             f"[[head]]\nid = \"{head_id(h)}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"position = {{ {pos} }}\n"
-            + (f"score = [\n  {scores}\n]\n" if len(h.score_tok) else ""))
-    return text, len(h.position) + 1 + len(h.score_tok)
+            + (f"score = [\n  {scores}\n]\n" if entries else ""))
+    return text, len(h.position) + 1 + len(entries)
 
 
 def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
@@ -88,14 +94,14 @@ def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
             f"next = {inline_table(items)}\n")
 
 
-def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut]) -> None:
+def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut], class_names: list[str] | None = None) -> None:
     V = fs.vocab
     for h in heads:
         fname = f"{40 + h.ref_head}_head{h.ref_head}.toml"
         fs.start(fname, f"head {h.ref_head} ({h.kind})",
                  f"Reference head {h.ref_head}: where it looks ([[head]], fitted to its attention patterns) and\n"
                  "what each attended source token adds to the logits ([[head_out]], fitted by moment matching).")
-        fs.add(fname, head_block(h, V)[0])
+        fs.add(fname, head_block(h, V, class_names)[0])
         used: set[str] = set()
         for o in outs:
             if heads[o.head] is not h or not len(o.support):
@@ -128,7 +134,9 @@ def story_words(vocab: list[str], counts: np.ndarray, min_count: int, skip_top: 
                     dtype=np.int64)
 
 
-def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weights: list[float]) -> None:
+def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weights: list[float],
+                    by_class: np.ndarray | None = None, class_names: list[str] | None = None,
+                    min_w: float = 0.05) -> None:
     V = fs.vocab
     fs.start(COPY_FILE, "copying", "Copying: when a head attends to a story word (a name, an object) seen earlier, that\n"
              "same word becomes likelier next. One number per head ([[head_out]] copy), fitted by moment matching.")
@@ -139,6 +147,19 @@ def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weig
         fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy\"\n"
                           f"doc = {q(f'When head {h.ref_head} attends to a story word, that word becomes likelier next (copying).')}\n"
                           + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = \"@story_words\"\ncopy = {num(w)}\n")
+    if by_class is None:
+        return
+    # the joint fit's per-class corrections: after some current tokens copying is much stronger (or off)
+    for hi, h in enumerate(heads):
+        for k in np.argsort(-np.abs(by_class[hi])):
+            w = float(by_class[hi, k])
+            if abs(w) < min_w:
+                break
+            how = "more" if w > 0 else "less"
+            fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy.{class_names[k]}\"\n"
+                              f"doc = {q(f'After a @{class_names[k]} token, head {h.ref_head} copies {how} than elsewhere.')}\n"
+                              + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nnow = \"@{class_names[k]}\"\n"
+                              f"src = \"@story_words\"\ncopy = {num(w)}\n")
 
 
 def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -177,7 +198,7 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
         nxt = inline_table((q(V[t]), float(w)) for t, w in zip(d.support, d.delta))
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
-                      f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"threshold = 0.0\nnow = {now}\n"
+                      f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"threshold = {num(d.threshold)}\nnow = {now}\n"
                       + (f"attend = {{ {attend} }}\n" if attend else "") + f"next = {nxt}\n")
 
 
@@ -226,7 +247,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
-            log=print) -> dict:
+            joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
+            held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
     after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
@@ -240,6 +262,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     from .fit import check_training_text
 
     check_training_text(train_corpus)  # never fit on what is reported
+    if joint_steps < 0 or n_query < 0:
+        raise UserError("--joint-steps and --query-scores must be >= 0")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
@@ -355,11 +379,13 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     member[words] = True
     copy_ref = copy_expectation(attn, sample, member, sample.p) if use_copy else None
 
+    copy_cls = None  # [H, K] per-class copy corrections (joint fit only)
+
     def rewrite():
         write_bigram_files(fs, bd, counts)
-        write_head_files(fs, heads, draft.outs)
+        write_head_files(fs, heads, draft.outs, bd.class_names)
         if use_copy:
-            write_copy_file(fs, heads, words, copy_w)
+            write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names, min_w=MIN_COPY)
         write_neuron_file(fs, heads, draft.neurons)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
@@ -407,6 +433,32 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         best_kl = kl
         draft.history.append({"stage": f"moment matching round {r}", "train_kl": kl})
         log(f"round {r}: train KL {kl:.4f}")
+    if joint_steps > 0:
+        import torch
+
+        from .jointfit import build_net, joint_fit, net_kl, read_back
+
+        T = windows.shape[1]
+        allw = sample_windows(oracle, train_corpus, joint_positions + held_positions, window=T,
+                              max_chars=(joint_positions + held_positions) * 8)
+        n_held = max(2, min(held_positions // T, len(allw) // 4))
+        held, train_w = allw[-n_held:], allw[:-n_held]
+        net = build_net(bd, heads, draft.outs, words if use_copy else np.zeros(0, np.int64), copy_w, V,
+                        query=n_query > 0, neurons=draft.neurons)
+        res = joint_fit(oracle, net, train_w, held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
+        qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, min_copy=MIN_COPY, neurons=draft.neurons)
+        for h, qq in zip(heads, qs):
+            h.query = qq
+        hm = rewrite()
+        held_sample = TrainSample(oracle, held)
+        engine_kl = held_sample.kl(hm)
+        torch_kl = net_kl(net, held, torch.from_numpy(held_sample.logp.reshape(*held.shape, V)))
+        best_kl = sample.kl(hm)
+        draft.history.append({"stage": "joint fit", "train_kl": best_kl, "held_kl": engine_kl,
+                              "held_kl_torch": torch_kl, "held_kl_start": res["held_kl_start"],
+                              "steps": joint_steps})
+        log(f"joint fit: held-out KL {engine_kl:.4f} by the engine from the written files, {torch_kl:.4f} by the "
+            f"torch model (numbers rounded to 3 decimals when written); training-sample KL {best_kl:.4f}")
     rules = hm.rules
     summary.update(rules=len(rules.rule_ids), numbers=int(np.sum(rules.rule_numbers)), history=draft.history,
                    heads=[{"head": h.ref_head, "kind": h.kind, "attention_kl": h.fit_kl} for h in heads],

@@ -1,0 +1,305 @@
+"""Joint fit of a `suggest` draft: every number of the drafted rules moved at once by gradient descent
+on KL(p_ref ‖ p_hand), over training windows whose reference distributions are computed on the fly.
+
+Moment matching (suggest.py) fits each rule against the others held still; the rules overlap (a
+position feeds a bigram row, four heads' sources and a copy rule), so it stalls early. Here the draft
+is a torch model that computes exactly what the engine computes for the drafted kinds (docs/rules.md):
+
+    z_t = prior + class_row[class(c)] + token_row[c]
+          + Σ_h Σ_j A_h,t(src_j) · out_h,j                       (head_out rows)
+          + Σ_h (copy_h + copy_h,class(c)) · Σ_s a_h,t(s)·[seq_s ∈ @story_words]·e_{seq_s}   (copy)
+    a_h,t(s) = softmax_s( position_h[t−s] + score_h[seq_s] + query_h[class(c), class(seq_s)] )
+
+and is fitted with Adam. Supports (which entries exist) stay those the draft chose, except the
+query-dependent attention scores (class of the current token × class of the source), which are fitted
+dense and then cut to the `n_query` entries that move the most attention. Held-out training windows
+pick the best step (never valid.txt). After writing, suggest reloads the files with the engine and
+reports its KL next to this model's: the two must agree.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bigrams import BigramDraft, SparseRow
+from .heads import HeadDraft
+
+
+@dataclass
+class QueryScores:
+    """A head's query-dependent score entries: { now = @class, src = @class, w }."""
+    now: np.ndarray  # class index of the current token
+    src: np.ndarray  # class index of the source token
+    w: np.ndarray
+
+
+def _flat(rows: list[SparseRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = np.concatenate([np.full(len(x.support), i) for i, x in enumerate(rows)] + [np.zeros(0, np.int64)])
+    t = np.concatenate([x.support for x in rows] + [np.zeros(0, np.int64)])
+    v = np.concatenate([x.delta for x in rows] + [np.zeros(0)])
+    return r.astype(np.int64), t.astype(np.int64), v.astype(np.float32)
+
+
+def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, copy_w: list[float], V: int,
+              query: bool = True, neurons=()):
+    import torch
+    from torch import nn
+
+    K = len(bd.class_names)
+    lab = np.where(bd.label < 0, K, bd.label).astype(np.int64)  # K = "in no class"
+    tok_list = sorted(bd.token_rows)
+    rowid = np.full(V, len(tok_list), np.int64)
+    rowid[tok_list] = np.arange(len(tok_list))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            T = torch.tensor
+            self.V, self.K, self.H = V, K, len(heads)
+            self.register_buffer("lab", T(lab))
+            self.register_buffer("rowid", T(rowid))
+            self.prior = nn.Parameter(T(bd.prior.astype(np.float32)))
+            r, t, v = _flat(bd.class_rows)
+            self.register_buffer("cr_r", T(r)); self.register_buffer("cr_t", T(t))
+            self.cr_v = nn.Parameter(T(v))
+            r, t, v = _flat([bd.token_rows[c] for c in tok_list])
+            self.register_buffer("tr_r", T(r)); self.register_buffer("tr_t", T(t))
+            self.tr_v = nn.Parameter(T(v))
+            self.pos = nn.ParameterList([nn.Parameter(T(h.position.astype(np.float32))) for h in heads])
+            self.pos_def = nn.Parameter(T(np.array([h.pos_default for h in heads], np.float32)))
+            self.sc_tok = [T(h.score_tok.astype(np.int64)) for h in heads]
+            self.sc_w = nn.ParameterList([nn.Parameter(T(h.score_w.astype(np.float32))) for h in heads])
+            self.query = query
+            self.q = nn.Parameter(torch.zeros(len(heads), K, K))
+            self.register_buffer("q_mask", torch.ones(len(heads), K, K))
+            # head_out rows, per head: source index of each token (n_src = none), entries (j, v, value)
+            self.ho = []
+            vals = []
+            for hi in range(len(heads)):
+                mine = [o for o in outs if o.head == hi and len(o.support)]
+                srcidx = np.full(V, len(mine), np.int64)
+                srcidx[[o.src for o in mine]] = np.arange(len(mine))
+                j = np.concatenate([np.full(len(o.support), i) for i, o in enumerate(mine)] + [np.zeros(0, np.int64)])
+                vv = np.concatenate([o.support for o in mine] + [np.zeros(0, np.int64)])
+                self.ho.append((T(srcidx), len(mine), T(j.astype(np.int64)), T(vv.astype(np.int64)), mine))
+                vals.append(nn.Parameter(T(np.concatenate([o.delta for o in mine] + [np.zeros(0)]).astype(np.float32))))
+            self.ho_v = nn.ParameterList(vals)
+            member = np.zeros(V, np.float32)
+            member[words] = 1.0
+            self.register_buffer("member", T(member))
+            self.copy = nn.Parameter(T(np.asarray(copy_w, np.float32)))
+            self.copy_cls = nn.Parameter(torch.zeros(len(heads), K))
+            self.use_copy = len(words) > 0
+            # neurons: pre = −threshold + now[c] + Σ attend_w · A_h,t(src); act = ReLU(pre); + act · next
+            self.n_neu = len(neurons)
+            nn_ = list(neurons)
+            self.nu_now_n = T(np.concatenate([np.full(len(d.now_tok), i) for i, d in enumerate(nn_)] + [np.zeros(0)]).astype(np.int64))
+            self.nu_now_t = T(np.concatenate([d.now_tok for d in nn_] + [np.zeros(0)]).astype(np.int64))
+            self.nu_now_w = nn.Parameter(T(np.concatenate([d.now_w for d in nn_] + [np.zeros(0)]).astype(np.float32)))
+            self.nu_thr = nn.Parameter(T(np.array([d.threshold for d in nn_], np.float32)))
+            self.nu_out_n = T(np.concatenate([np.full(len(d.support), i) for i, d in enumerate(nn_)] + [np.zeros(0)]).astype(np.int64))
+            self.nu_out_v = T(np.concatenate([d.support for d in nn_] + [np.zeros(0)]).astype(np.int64))
+            self.nu_out_w = nn.Parameter(T(np.concatenate([d.delta for d in nn_] + [np.zeros(0)]).astype(np.float32)))
+            self.nu_att = []  # per head: (source index of each token, n sources, neuron of entry, source of entry)
+            att_w = []
+            for hi in range(len(heads)):
+                ent = [(i, s, w) for i, d in enumerate(nn_) for h2, s, w in d.attend if h2 == hi]
+                srcs = sorted({s for _, s, _ in ent})
+                idx = np.full(V, len(srcs), np.int64)
+                idx[srcs] = np.arange(len(srcs))
+                self.nu_att.append((T(idx), len(srcs), T(np.array([i for i, _, _ in ent], np.int64)),
+                                    T(np.array([idx[s] for _, s, _ in ent], np.int64))))
+                att_w.append(nn.Parameter(T(np.array([w for _, _, w in ent], np.float32))))
+            self.nu_att_w = nn.ParameterList(att_w)
+
+        def attention(self, X, hi):
+            """[B, T, T] attention of head hi on windows X [B, T] (engine semantics, causal)."""
+            B, T = X.shape
+            d = (torch.arange(T)[:, None] - torch.arange(T)[None, :])
+            p = self.pos[hi]
+            D = len(p)
+            table = torch.cat([p, self.pos_def[hi].expand(max(T - D, 0))])[:T] if D < T else p[:T]
+            sc = table[d.clamp(min=0)][None].expand(B, T, T)
+            dense = torch.zeros(self.V).index_put((self.sc_tok[hi],), self.sc_w[hi], accumulate=True)
+            sc = sc + dense[X][:, None, :]
+            if self.query:
+                Q = torch.nn.functional.pad(self.q[hi] * self.q_mask[hi], (0, 1, 0, 1))  # class K: no entry
+                L = self.lab[X]
+                sc = sc + torch.gather(Q[L], 2, L[:, None, :].expand(B, T, T))
+            sc = sc.masked_fill((d < 0)[None], float("-inf"))
+            return torch.softmax(sc, -1)
+
+        def forward(self, X):
+            """X [B, T] int64 -> log-probs [B, T, V]."""
+            B, T = X.shape
+            V = self.V
+            c = X.reshape(-1)
+            CR = torch.zeros(self.K + 1, V).index_put((self.cr_r, self.cr_t), self.cr_v, accumulate=True)
+            TR = torch.zeros(len(tok_list) + 1, V).index_put((self.tr_r, self.tr_t), self.tr_v, accumulate=True)
+            z = self.prior[None] + CR[self.lab[c]] + TR[self.rowid[c]]  # [BT, V]
+            copy_terms = []
+            if self.n_neu:
+                NOW = torch.zeros(V, self.n_neu).index_put((self.nu_now_t, self.nu_now_n), self.nu_now_w, accumulate=True)
+                pre = NOW[c] - self.nu_thr[None]  # [BT, n_neu]
+            for hi in range(self.H):
+                A = self.attention(X, hi)
+                if self.n_neu and self.nu_att[hi][1]:
+                    idx, n_s, e_n, e_s = self.nu_att[hi]
+                    mass = (A @ torch.nn.functional.one_hot(idx[X], n_s + 1).float()).reshape(B * T, n_s + 1)
+                    pre = pre.index_add(1, e_n, mass[:, e_s] * self.nu_att_w[hi])
+                srcidx, n, j, vv, _ = self.ho[hi]
+                if n:
+                    O = torch.nn.functional.one_hot(srcidx[X], n + 1).float()  # [B, T, n+1]
+                    M = (A @ O).reshape(B * T, n + 1)
+                    z = z.index_add(1, vv, M[:, j] * self.ho_v[hi])
+                if self.use_copy:
+                    w = self.copy[hi] + torch.nn.functional.pad(self.copy_cls[hi], (0, 1))[self.lab[X]]  # [B, T]
+                    copy_terms.append(A * self.member[X][:, None, :] * w[..., None])
+            if self.n_neu:
+                act = torch.relu(pre)
+                z = z.index_add(1, self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w)
+            z = z.reshape(B, T, V)
+            for C in copy_terms:
+                z = z.scatter_add(2, X[:, None, :].expand(B, T, T), C)
+            return torch.log_softmax(z, -1)
+
+    return Net()
+
+
+def _kl(ref_lp, lp):
+    return (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean()
+
+
+def reference_log_probs(oracle, windows: np.ndarray, batch: int = 16):
+    import torch
+
+    X = torch.from_numpy(windows.astype(np.int64))
+    with torch.inference_mode():
+        return torch.cat([torch.log_softmax(oracle.model(X[s:s + batch]).float(), -1) for s in range(0, len(X), batch)])
+
+
+def net_kl(net, windows: np.ndarray, ref_lp, batch: int = 16) -> float:
+    """Mean KL(ref ‖ net) over the windows' positions (ref_lp: reference_log_probs of the same windows)."""
+    import torch
+
+    X = torch.from_numpy(windows.astype(np.int64))
+    with torch.no_grad():
+        return float(torch.cat([(ref_lp[s:s + batch].exp() * (ref_lp[s:s + batch] - net(X[s:s + batch]))).sum(-1)
+                                for s in range(0, len(X), batch)]).mean())
+
+
+def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, steps: int, batch: int = 16, lr: float = 0.01,
+              n_query: int = 400, log=print) -> dict:
+    """Adam on the training windows (reference log-probs recomputed per batch); the query scores are
+    cut to n_query entries per head after a third of the steps. Keeps the parameters of the step with
+    the lowest KL on the held-out windows. Returns the history."""
+    import torch
+
+    model = oracle.model
+    ref_h = reference_log_probs(oracle, held, batch)
+
+    def held_kl() -> float:
+        return net_kl(net, held, ref_h, batch)
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(steps, 1))  # linear decay to lr/10
+    rng = np.random.default_rng(0)
+    best = start = held_kl()
+    best_state = start_state = {k: v.clone() for k, v in net.state_dict().items()}
+    hist = [{"step": 0, "held_kl": best}]
+    log(f"joint fit: held-out KL before {best:.4f} ({len(train)} training windows, {len(held)} held out)")
+    t0 = time.perf_counter()
+    cut = steps // 3 if net.query else -1
+    every = max(25, steps // 20)
+    for step in range(1, steps + 1):
+        X = torch.from_numpy(train[rng.choice(len(train), batch, replace=False)].astype(np.int64))
+        with torch.inference_mode():
+            ref = torch.log_softmax(model(X).float(), -1)
+        ref = ref.clone()
+        opt.zero_grad()
+        loss = _kl(ref, net(X))
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss = float(loss.detach())
+        if step == cut:
+            _cut_query(net, train, n_query)
+            # the cut changes the model: from here on compare with the start (no query scores), not a dense step
+            best, best_state = start, start_state
+        if step % every == 0 or step == steps:
+            k = held_kl()
+            hist.append({"step": step, "train_kl": loss, "held_kl": k})
+            log(f"joint fit step {step}/{steps}: batch KL {loss:.4f}, held-out KL {k:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)")
+            if k < best:
+                best = k
+                best_state = {kk: v.clone() for kk, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return {"history": hist, "held_kl": best, "held_kl_start": start}
+
+
+def _cut_query(net, train: np.ndarray, n_query: int) -> None:
+    """Keep each head's n_query query-score entries that matter most: |w| × how often the (current class,
+    source class) pair meets in the training windows."""
+    import torch
+
+    K = net.K
+    lab = net.lab.numpy()[train]  # [N, T]
+    cnt_now = np.bincount(lab.ravel(), minlength=K + 1)[:K].astype(np.float64)
+    pair = np.outer(cnt_now, cnt_now)
+    with torch.no_grad():
+        for hi in range(net.H):
+            imp = np.abs(net.q[hi].numpy()) * np.sqrt(pair)
+            keep = np.zeros(K * K, bool)
+            keep[np.argsort(-imp.ravel())[:n_query]] = True
+            net.q_mask[hi] = torch.from_numpy(keep.reshape(K, K).astype(np.float32))
+            net.q[hi] *= net.q_mask[hi]
+
+
+def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[float],
+              min_copy: float = 0.05, neurons=()) -> tuple[list[QueryScores], np.ndarray]:
+    """Write the fitted numbers into the draft objects. Returns per-head query scores and copy-by-class
+    weights [H, K]."""
+    import torch
+
+    with torch.no_grad():
+        bd.prior = net.prior.numpy().astype(np.float64)
+        v = net.cr_v.numpy().astype(np.float64)
+        r = net.cr_r.numpy()
+        for i, row in enumerate(bd.class_rows):
+            row.delta = v[r == i]
+        v = net.tr_v.numpy().astype(np.float64)
+        r = net.tr_r.numpy()
+        for i, c in enumerate(sorted(bd.token_rows)):
+            bd.token_rows[c].delta = v[r == i]
+        qs = []
+        for hi, h in enumerate(heads):
+            h.position = net.pos[hi].numpy().astype(np.float64)
+            h.pos_default = float(net.pos_def[hi])
+            h.score_w = net.sc_w[hi].numpy().astype(np.float64)
+            _, _, j, _, mine = net.ho[hi]
+            vals = net.ho_v[hi].numpy().astype(np.float64)
+            jj = j.numpy()
+            for i, o in enumerate(mine):
+                o.delta = vals[jj == i]
+            Q = (net.q[hi] * net.q_mask[hi]).numpy()
+            nz = np.argwhere((net.q_mask[hi].numpy() > 0) & (Q != 0)) if net.query else np.zeros((0, 2), np.int64)
+            qs.append(QueryScores(nz[:, 0], nz[:, 1], Q[nz[:, 0], nz[:, 1]].astype(np.float64)))
+        nw, nn_, ow, on = (net.nu_now_w.numpy(), net.nu_now_n.numpy(), net.nu_out_w.numpy(), net.nu_out_n.numpy())
+        for i, d in enumerate(neurons):
+            d.now_w = nw[nn_ == i].astype(np.float64)
+            d.delta = ow[on == i].astype(np.float64)
+            d.threshold = float(net.nu_thr[i])
+        pos_in_head = [0] * net.H
+        for d in neurons:
+            new = []
+            for hi, s, _ in d.attend:
+                new.append((hi, s, float(net.nu_att_w[hi][pos_in_head[hi]])))
+                pos_in_head[hi] += 1
+            d.attend = new
+        copy_w[:] = [float(x) for x in net.copy.numpy()]
+        # per-class copy corrections too small to matter are not written (nor kept here, so net == files)
+        net.copy_cls[net.copy_cls.abs() < min_copy] = 0.0
+        return qs, net.copy_cls.numpy().astype(np.float64)
