@@ -134,6 +134,24 @@ src = "zap"
 now = " blue"
 next = {{ " moon" = 2.0 }}
 
+[[head_out]]
+id = "head.zap.copy_up"
+doc = "Copy claim: after ' blue', an earlier 'zap' makes 'zap' itself likelier."
+head = "head.zap"
+src = "zap"
+now = " blue"
+copy = 1.0
+check = {{ fraction = 1.0 }}
+
+[[head_out]]
+id = "head.zap.copy_down"
+doc = "The opposite copy claim: an earlier 'zap' makes 'zap' less likely after ' blue'."
+head = "head.zap"
+src = "zap"
+now = " blue"
+copy = -1.0
+check = {{ fraction = 1.0 }}
+
 [[neuron]]
 id = "neuron.{neuron}.the"
 doc = "A neuron that fires on ' the' (and on 'the' at a story start: same word)."
@@ -263,3 +281,14 @@ def test_cli_json_only_and_exit_codes(rules_file, planted, capsys):
     assert "minimal counterexample" in out and "[ the]" in out and "fail" in out
     assert main(base + ["--only", "bigram.the_dgo"]) == 2
     assert "did you mean 'bigram.the_dog'" in capsys.readouterr().err
+
+
+def test_copy_claims_are_tested_on_the_inserted_token(results):
+    """A head_out `copy = w` claims the inserted source token itself; opposite signs cannot both hold in
+    every context (that would need a zero effect everywhere)."""
+    up, down = results["head.zap.copy_up"], results["head.zap.copy_down"]
+    assert up.status in ("pass", "fail") and down.status in ("pass", "fail"), (up.status, down.status)
+    assert not (up.status == "pass" and down.status == "pass")
+    # the planted reference does copy 'zap' (measured: +2.2 nats median): the wrong sign fails, shown with 'zap'
+    failed = down if up.status == "pass" else up
+    assert failed.status == "fail" and "zap" in failed.counter_detail, failed

@@ -13,6 +13,8 @@ lists, drawn by hypothesis with `derandomize=True`, so every run draws the same 
 - [[skip]] A earlier, B now ⇒ {C: w} and [[head_out]] (head attends to A, B now ⇒ {C: w}): a causal
   test. In a context ending in B, put A at an earlier position vs a neutral token there (the prefix is
   first cleared of A's tokens); sign(w)·(log p_ref(C | with A) − log p_ref(C | with neutral)) ≥ margin.
+  A [[head_out]] `copy = w` claims the inserted token itself: sign(w)·(log p_ref(A | with A) −
+  log p_ref(A | with neutral)) ≥ margin (both claims must hold when the rule has `next` and `copy`).
   For [[head_out]] A sits at the distance its head prefers (the top of its position table, else anywhere).
 - [[head]] (attention claim, needs a reference head, see below): for the position table, the reference
   head's attention from the last position to the top-scoring distance; for each score entry
@@ -429,7 +431,9 @@ class Checker:
         from hypothesis import strategies as st
 
         targets = self._targets(r.next, claim)
-        if not targets:
+        copy = getattr(r, "copy", None)
+        copy = copy if copy is not None and copy != 0 and abs(copy) >= claim.min_weight else None
+        if not targets and copy is None:
             raise NoClaim("no target weight (above min_weight)")
         src = self._members(r.src)
         now = self._members(r.now)
@@ -460,7 +464,8 @@ class Checker:
         def evaluate(case):
             with_a, with_n = seqs(case)
             lp = self.last_logp(with_a, with_n)
-            eff, desc = self._target_effects(targets, lp[0], lp[1])
+            # copy = w claims the inserted source token itself: likelier (w > 0) with it in the context
+            eff, desc = self._target_effects(targets + ([(case[1], copy)] if copy is not None else []), lp[0], lp[1])
             return Outcome(eff >= claim.margin, eff, f"with {self.o.vocab[case[1]]!r} vs {self.o.vocab[case[2]]!r}: {desc}")
 
         def render(case):
