@@ -292,3 +292,31 @@ def test_copy_claims_are_tested_on_the_inserted_token(results):
     # the planted reference does copy 'zap' (measured: +2.2 nats median): the wrong sign fails, shown with 'zap'
     failed = down if up.status == "pass" else up
     assert failed.status == "fail" and "zap" in failed.counter_detail, failed
+
+
+def test_contexts_do_not_depend_on_what_else_is_imported(checker, tmp_path, monkeypatch):
+    """Hypothesis mixes integer constants from the caller's imported modules into its draws (which made the
+    same rule draw other contexts under pytest, in the full suite and in rules/claims.py). Inside a check
+    none are visible, whatever is imported; and a rule checked twice around such an import draws the same."""
+    import importlib
+    import sys
+
+    from hypothesis.internal.conjecture import providers as P
+
+    from verify.checkrules import no_local_constants
+
+    by = {r.id: r for r in checker.rules.rules}
+    rule = by["skip.zap_blue_moon"]
+    before = checker.check(rule).to_dict()
+    probe = tmp_path / "probe_constants_mod.py"  # hypothesis keeps integers outside (-100, 100)
+    probe.write_text("\n".join(f"C{i} = {101 + 37 * i}" for i in range(200)) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("probe_constants_mod")
+    try:
+        assert 101 + 37 * 5 in P._get_local_constants().integers  # outside a check: visible
+        with no_local_constants():
+            assert len(P._get_local_constants().integers) == 0
+        after = checker.check(rule).to_dict()
+    finally:
+        sys.modules.pop("probe_constants_mod", None)
+    assert after == before

@@ -259,7 +259,7 @@ def _cut_query(net, train: np.ndarray, n_query: int) -> None:
 
 
 def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[float],
-              min_copy: float = 0.05, neurons=()) -> tuple[list[QueryScores], np.ndarray]:
+              neurons=()) -> tuple[list[QueryScores], np.ndarray]:
     """Write the fitted numbers into the draft objects. Returns per-head query scores and copy-by-class
     weights [H, K]."""
     import torch
@@ -300,6 +300,4 @@ def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[f
                 pos_in_head[hi] += 1
             d.attend = new
         copy_w[:] = [float(x) for x in net.copy.numpy()]
-        # per-class copy corrections too small to matter are not written (nor kept here, so net == files)
-        net.copy_cls[net.copy_cls.abs() < min_copy] = 0.0
         return qs, net.copy_cls.numpy().astype(np.float64)

@@ -34,7 +34,6 @@ EPS = 1e-9
 # ratio). Both expectations get a pseudo-probability SMOOTH per unit of feature mass, which shrinks
 # those ratios toward 1, and a support entry must carry at least that much reference mass.
 SMOOTH = 2e-4
-MIN_COPY = 0.05  # per-class copy corrections smaller than this are not written as rules
 
 
 def _ratio_step(e_ref: np.ndarray, e_hand: np.ndarray, mass: float) -> np.ndarray:
@@ -135,31 +134,39 @@ def story_words(vocab: list[str], counts: np.ndarray, min_count: int, skip_top: 
 
 
 def write_copy_file(fs: FileSet, heads: list[HeadDraft], words: np.ndarray, weights: list[float],
-                    by_class: np.ndarray | None = None, class_names: list[str] | None = None,
-                    min_w: float = 0.05) -> None:
+                    by_class: np.ndarray | None = None, class_names: list[str] | None = None) -> None:
+    """One copy rule per head; with `by_class` ([H, K] joint-fit corrections per class of the current
+    token) one rule per head and class instead, each holding the whole copy weight after that class
+    (so each rule is a claim of its own: "after @class, an attended story word becomes likelier")."""
     V = fs.vocab
     fs.start(COPY_FILE, "copying", "Copying: when a head attends to a story word (a name, an object) seen earlier, that\n"
-             "same word becomes likelier next. One number per head ([[head_out]] copy), fitted by moment matching.")
+             "same word becomes likelier next. [[head_out]] copy rules: one weight per head"
+             + (" and class of the current token (joint fit)." if by_class is not None else " (moment matching)."))
     toks = ", ".join(q(V[t]) for t in words)
     fs.add(COPY_FILE, f"[[class]]\nid = \"story_words\"\ndoc = {q('Whole words a story may repeat: names and objects, not the 150 most frequent words')}\n"
                       f"tokens = [{toks}]\n")
-    for h, w in zip(heads, weights):
-        fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy\"\n"
-                          f"doc = {q(f'When head {h.ref_head} attends to a story word, that word becomes likelier next (copying).')}\n"
-                          + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = \"@story_words\"\ncopy = {num(w)}\n")
     if by_class is None:
+        for h, w in zip(heads, weights):
+            fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy\"\n"
+                              f"doc = {q(f'When head {h.ref_head} attends to a story word, that word becomes likelier next (copying).')}\n"
+                              + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nsrc = \"@story_words\"\ncopy = {num(w)}\n")
         return
-    # the joint fit's per-class corrections: after some current tokens copying is much stronger (or off)
+    others = ", ".join(f'"@{c}"' for c in class_names)
+    fs.add(COPY_FILE, f"[[class]]\nid = \"unclustered\"\ndoc = \"Tokens in none of the {len(class_names)} classes (too rare to cluster).\"\n"
+                      f"tokens = [\"@all\"]\nexcept = [{others}]\n")
     for hi, h in enumerate(heads):
-        for k in np.argsort(-np.abs(by_class[hi])):
-            w = float(by_class[hi, k])
-            if abs(w) < min_w:
-                break
-            how = "more" if w > 0 else "less"
+        total = weights[hi] + by_class[hi]
+        for k in np.argsort(-total):
+            w = float(total[k])
+            how = "likelier" if w > 0 else "less likely"
             fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy.{class_names[k]}\"\n"
-                              f"doc = {q(f'After a @{class_names[k]} token, head {h.ref_head} copies {how} than elsewhere.')}\n"
+                              f"doc = {q(f'After a @{class_names[k]} token, a story word head {h.ref_head} attends to becomes {how} next.')}\n"
                               + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nnow = \"@{class_names[k]}\"\n"
                               f"src = \"@story_words\"\ncopy = {num(w)}\n")
+        fs.add(COPY_FILE, f"[[head_out]]\nid = \"{head_id(h)}.copy.unclustered\"\n"
+                          f"doc = {q(f'After a rare token, a story word head {h.ref_head} attends to becomes likelier next.')}\n"
+                          + DRAFT_CHECK + f"head = \"{head_id(h)}\"\nnow = \"@unclustered\"\n"
+                          f"src = \"@story_words\"\ncopy = {num(weights[hi])}\n")
 
 
 def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -385,7 +392,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         write_bigram_files(fs, bd, counts)
         write_head_files(fs, heads, draft.outs, bd.class_names)
         if use_copy:
-            write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names, min_w=MIN_COPY)
+            write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names)
         write_neuron_file(fs, heads, draft.neurons)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
@@ -446,7 +453,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         net = build_net(bd, heads, draft.outs, words if use_copy else np.zeros(0, np.int64), copy_w, V,
                         query=n_query > 0, neurons=draft.neurons)
         res = joint_fit(oracle, net, train_w, held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
-        qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, min_copy=MIN_COPY, neurons=draft.neurons)
+        qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq
         hm = rewrite()
