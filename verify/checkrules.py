@@ -300,6 +300,7 @@ class Checker:
         order = np.argsort(-counts, kind="stable")
         self.freq = [int(t) for t in order[: 512] if counts[t] > 0] or list(range(min(self.V, 512)))
         self.heads = [r for r in rules.rules if r.kind == "head"]
+        self._score_rows: dict[str, list] = {}
 
     @classmethod
     def from_paths(cls, rules_path, checkpoint=None, corpus=None, examples: int = DEFAULT_EXAMPLES, **kw) -> "Checker":
@@ -328,6 +329,27 @@ class Checker:
         return self._forward(list(seqs))[0]
 
     # -- helpers --------------------------------------------------------------------------------
+    def _attention(self, r, seq: np.ndarray, t: int) -> np.ndarray:
+        """handmodel.twin.attention, with the head's score entries folded once into one source-score row
+        per `now` reference (the twin re-tests every entry's membership per call: ~800 entries on the
+        shipped heads made the head and neuron checks minutes long). Tests hold the two equal."""
+        rows = self._score_rows.get(r.id)
+        if rows is None:
+            by_now: dict[int, np.ndarray] = {}
+            for now, src, w in r.scores:
+                row = by_now.setdefault(now, np.zeros(self.V))
+                row[self.sets.members(src)] += w
+            rows = self._score_rows[r.id] = [(self.sets.members(now), row) for now, row in by_now.items()]
+        dist = t - np.arange(t + 1)
+        score = np.array([r.position.get(int(d), r.pos_default) for d in dist], dtype=np.float64)
+        ctx = np.asarray(seq[: t + 1])
+        c = int(seq[t])
+        for mem, row in rows:
+            if np.any(mem == c):
+                score = score + row[ctx]
+        e = np.exp(score - score.max())
+        return e / e.sum()
+
     def _mass(self, lp: np.ndarray, sid: int) -> float:
         if sid < self.V:
             return float(lp[sid])
@@ -529,8 +551,6 @@ class Checker:
     def _plan_head(self, r, claim: Claim) -> Plan:
         from hypothesis import strategies as st
 
-        from handmodel.twin import attention
-
         parts: list[tuple] = []
         dists = self._preferred_distances(r)
         if dists:
@@ -574,7 +594,7 @@ class Checker:
             k, seq, j = case
             _, c = self._forward([seq], cache=True)
             ref = float(c["attn.pattern"][0, h, -1, j])
-            hand = float(attention(self.rules, r, np.asarray(seq), len(seq) - 1)[j])
+            hand = float(self._attention(r, np.asarray(seq), len(seq) - 1)[j])
             need = claim.share if claim.share is not None else 0.5 * hand
             return Outcome(ref >= need, ref - need, f"{parts[k][0]}: reference head {h} puts {ref:.2f} on the source "
                                                     f"(rule predicts {hand:.2f}; needs ≥ {need:.2f})")
@@ -591,7 +611,7 @@ class Checker:
         import torch
         from hypothesis import strategies as st
 
-        from handmodel.twin import _in, attention
+        from handmodel.twin import _in
 
         n_idx = self._ref_index(r, claim, "neuron")
         targets = self._targets(r.next, claim)
@@ -615,7 +635,7 @@ class Checker:
             for sid, w in r.n_present:
                 pre += w * bool(_in(self.rules, sid, earlier).any())
             for hh, sid, w in r.n_attend:
-                pre += w * float(attention(self.rules, self.heads[hh], s, t)[_in(self.rules, sid, s)].sum())
+                pre += w * float(self._attention(self.heads[hh], s, t)[_in(self.rules, sid, s)].sum())
             return max(0.0, pre)
 
         @st.composite
