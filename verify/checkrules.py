@@ -300,7 +300,7 @@ class Checker:
         order = np.argsort(-counts, kind="stable")
         self.freq = [int(t) for t in order[: 512] if counts[t] > 0] or list(range(min(self.V, 512)))
         self.heads = [r for r in rules.rules if r.kind == "head"]
-        self._score_rows: dict[str, list] = {}
+        self._head_index = {r.id: i for i, r in enumerate(self.heads)}
 
     @classmethod
     def from_paths(cls, rules_path, checkpoint=None, corpus=None, examples: int = DEFAULT_EXAMPLES, **kw) -> "Checker":
@@ -330,23 +330,21 @@ class Checker:
 
     # -- helpers --------------------------------------------------------------------------------
     def _attention(self, r, seq: np.ndarray, t: int) -> np.ndarray:
-        """handmodel.twin.attention, with the head's score entries folded once into one source-score row
-        per `now` reference (the twin re-tests every entry's membership per call: ~800 entries on the
-        shipped heads made the head and neuron checks minutes long). Tests hold the two equal."""
-        rows = self._score_rows.get(r.id)
-        if rows is None:
-            by_now: dict[int, np.ndarray] = {}
-            for now, src, w in r.scores:
-                row = by_now.setdefault(now, np.zeros(self.V))
-                row[self.sets.members(src)] += w
-            rows = self._score_rows[r.id] = [(self.sets.members(now), row) for now, row in by_now.items()]
+        """handmodel.twin.attention, read from the compiled arrays: the compiler has already folded the
+        head's score entries into one source-score row per `now` reference (the twin re-tests every
+        entry per call: ~800 entries on the shipped heads made the head and neuron checks minutes long).
+        Tests hold the two equal."""
+        a, V = self.rules.arrays, self.V
+        h = self._head_index[r.id]
         dist = t - np.arange(t + 1)
-        score = np.array([r.position.get(int(d), r.pos_default) for d in dist], dtype=np.float64)
+        table = a.pos_val[a.pos_ptr[h]:a.pos_ptr[h + 1]]
+        score = np.full(t + 1, a.pos_default[h], dtype=np.float64)
+        near = dist < len(table)
+        score[near] = table[dist[near]]
         ctx = np.asarray(seq[: t + 1])
-        c = int(seq[t])
-        for mem, row in rows:
-            if np.any(mem == c):
-                score = score + row[ctx]
+        key = h * V + int(seq[t])
+        for g in a.hg_grp[a.hg_ptr[key]:a.hg_ptr[key + 1]]:
+            score = score + a.src_score[g, ctx]
         e = np.exp(score - score.max())
         return e / e.sum()
 
@@ -476,8 +474,7 @@ class Checker:
         from hypothesis import strategies as st
 
         targets = self._targets(r.next, claim)
-        copy = getattr(r, "copy", None)
-        copy = copy if copy is not None and copy != 0 and abs(copy) >= claim.min_weight else None
+        copy = r.copy if r.copy is not None and r.copy != 0 and abs(r.copy) >= claim.min_weight else None
         if not targets and copy is None:
             raise NoClaim("no target weight (above min_weight)")
         src = self._members(r.src)
