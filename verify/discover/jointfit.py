@@ -172,16 +172,8 @@ def _kl(ref_lp, lp):
     return (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean()
 
 
-def reference_log_probs(oracle, windows: np.ndarray, batch: int = 16):
-    import torch
-
-    X = torch.from_numpy(windows.astype(np.int64))
-    with torch.inference_mode():
-        return torch.cat([torch.log_softmax(oracle.model(X[s:s + batch]).float(), -1) for s in range(0, len(X), batch)])
-
-
 def net_kl(net, windows: np.ndarray, ref_lp, batch: int = 16) -> float:
-    """Mean KL(ref ‖ net) over the windows' positions (ref_lp: reference_log_probs of the same windows)."""
+    """Mean KL(ref ‖ net) over the windows' positions (ref_lp [B, T, V]: the reference's log-probs on them)."""
     import torch
 
     X = torch.from_numpy(windows.astype(np.int64))
@@ -190,15 +182,15 @@ def net_kl(net, windows: np.ndarray, ref_lp, batch: int = 16) -> float:
                                 for s in range(0, len(X), batch)]).mean())
 
 
-def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, steps: int, batch: int = 16, lr: float = 0.01,
-              n_query: int = 400, log=print) -> dict:
+def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: int, batch: int = 16,
+              lr: float = 0.01, n_query: int = 400, log=print) -> dict:
     """Adam on the training windows (reference log-probs recomputed per batch); the query scores are
     cut to n_query entries per head after a third of the steps. Keeps the parameters of the step with
-    the lowest KL on the held-out windows. Returns the history."""
+    the lowest KL on the held-out windows (ref_h [B, T, V]: the reference's log-probs on them).
+    Returns the history."""
     import torch
 
     model = oracle.model
-    ref_h = reference_log_probs(oracle, held, batch)
 
     def held_kl() -> float:
         return net_kl(net, held, ref_h, batch)
@@ -258,6 +250,11 @@ def _cut_query(net, train: np.ndarray, n_query: int) -> None:
             net.q[hi] *= net.q_mask[hi]
 
 
+def _unflat(values, lengths) -> list[np.ndarray]:
+    """Split a flat parameter back into its rows (build_net concatenated them in row order)."""
+    return np.split(values.detach().numpy().astype(np.float64), np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
 def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[float],
               neurons=()) -> tuple[list[QueryScores], np.ndarray]:
     """Write the fitted numbers into the draft objects. Returns per-head query scores and copy-by-class
@@ -266,32 +263,26 @@ def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[f
 
     with torch.no_grad():
         bd.prior = net.prior.numpy().astype(np.float64)
-        v = net.cr_v.numpy().astype(np.float64)
-        r = net.cr_r.numpy()
-        for i, row in enumerate(bd.class_rows):
-            row.delta = v[r == i]
-        v = net.tr_v.numpy().astype(np.float64)
-        r = net.tr_r.numpy()
-        for i, c in enumerate(sorted(bd.token_rows)):
-            bd.token_rows[c].delta = v[r == i]
+        for row, d in zip(bd.class_rows, _unflat(net.cr_v, [len(x.support) for x in bd.class_rows])):
+            row.delta = d
+        toks = sorted(bd.token_rows)
+        for c, d in zip(toks, _unflat(net.tr_v, [len(bd.token_rows[c].support) for c in toks])):
+            bd.token_rows[c].delta = d
         qs = []
         for hi, h in enumerate(heads):
             h.position = net.pos[hi].numpy().astype(np.float64)
             h.pos_default = float(net.pos_def[hi])
             h.score_w = net.sc_w[hi].numpy().astype(np.float64)
-            _, _, j, _, mine = net.ho[hi]
-            vals = net.ho_v[hi].numpy().astype(np.float64)
-            jj = j.numpy()
-            for i, o in enumerate(mine):
-                o.delta = vals[jj == i]
+            mine = net.ho[hi][4]
+            for o, d in zip(mine, _unflat(net.ho_v[hi], [len(o.support) for o in mine])):
+                o.delta = d
             Q = (net.q[hi] * net.q_mask[hi]).numpy()
             nz = np.argwhere((net.q_mask[hi].numpy() > 0) & (Q != 0)) if net.query else np.zeros((0, 2), np.int64)
             qs.append(QueryScores(nz[:, 0], nz[:, 1], Q[nz[:, 0], nz[:, 1]].astype(np.float64)))
-        nw, nn_, ow, on = (net.nu_now_w.numpy(), net.nu_now_n.numpy(), net.nu_out_w.numpy(), net.nu_out_n.numpy())
+        nows = _unflat(net.nu_now_w, [len(d.now_tok) for d in neurons])
+        outs_ = _unflat(net.nu_out_w, [len(d.support) for d in neurons])
         for i, d in enumerate(neurons):
-            d.now_w = nw[nn_ == i].astype(np.float64)
-            d.delta = ow[on == i].astype(np.float64)
-            d.threshold = float(net.nu_thr[i])
+            d.now_w, d.delta, d.threshold = nows[i], outs_[i], float(net.nu_thr[i])
         pos_in_head = [0] * net.H
         for d in neurons:
             new = []

@@ -452,14 +452,15 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         held, train_w = allw[-n_held:], allw[:-n_held]
         net = build_net(bd, heads, draft.outs, words if use_copy else np.zeros(0, np.int64), copy_w, V,
                         query=n_query > 0, neurons=draft.neurons)
-        res = joint_fit(oracle, net, train_w, held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
+        held_sample = TrainSample(oracle, held)
+        ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
+        res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
         qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq
         hm = rewrite()
-        held_sample = TrainSample(oracle, held)
         engine_kl = held_sample.kl(hm)
-        torch_kl = net_kl(net, held, torch.from_numpy(held_sample.logp.reshape(*held.shape, V)))
+        torch_kl = net_kl(net, held, ref_held)
         best_kl = sample.kl(hm)
         draft.history.append({"stage": "joint fit", "train_kl": best_kl, "held_kl": engine_kl,
                               "held_kl_torch": torch_kl, "held_kl_start": res["held_kl_start"],
