@@ -136,7 +136,7 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
     }
     if ablate:
         t1 = time.perf_counter()
-        out["ablation"] = L.run_ablation(hm, rules, ref, rows[-1]["kl"])
+        out["ablation"] = L.run_ablation(hm, rules, ref, rows[-1]["kl"], last["kl"])
         timings["ablation"] = time.perf_counter() - t1
     if worst > 0:
         t1 = time.perf_counter()

@@ -1,0 +1,82 @@
+"""Ablation recomputes only the sequences a rule can touch (verify/ledger.run_ablation): it must give
+exactly what switching the rule off over every sequence gives, for every rule kind."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+import handmodel
+from verify import ledger as L
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rules_doc_example"
+VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]  # docs/rules.md
+EXTRA = '''vocab = "9:10557a0e"
+group = "extra"
+
+[[bigram]]
+id = "rare.ice"
+doc = "After ' ice' comes ' cream'."
+now = " ice"
+next = { " cream" = 3.0 }
+
+[[head_out]]
+id = "copy.cat"
+doc = "A cat looked at is named again."
+head = "head.prev"
+src = " cat"
+copy = 2.0
+
+[[head_out]]
+id = "dog.after.ice"
+doc = "After a dog, an ice looked at suggests '.'."
+head = "head.prev"
+src = " ice"
+now = " dog"
+next = { "." = 1.0 }
+'''
+
+
+def _rules(tmp: Path):
+    d = tmp / "rules"
+    d.mkdir(exist_ok=True)
+    for f in FIXTURE.glob("*.toml"):
+        (d / f.name).write_text(f.read_text())
+    (d / "30_extra.toml").write_text(EXTRA)
+    return handmodel.load_rules(d, VOCAB)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3).map(lambda i: [1, 2, 3, 8][i]) | st.integers(0, 8), min_size=1, max_size=12),
+                min_size=1, max_size=6), st.integers(0, 2 ** 31 - 1))
+def test_ablation_on_touched_sequences_equals_full_recompute(tmp_path_factory, seqs, seed):
+    rules = _rules(tmp_path_factory.mktemp("abl"))
+    hm = handmodel.HandModel(rules)
+    seqs = [np.array(s, dtype=np.int64) for s in seqs]
+    N = sum(len(s) for s in seqs)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(N, len(VOCAB))) * 2
+    logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(np.float32)
+    ref = SimpleNamespace(seqs=seqs, logp=logp)
+    full = hm.stream_metrics(seqs, logp)["kl"]
+    kl_full = float(np.mean(full))
+    fast = {a["rule"]: a["kl_without"] for a in L.run_ablation(hm, rules, ref, kl_full, full)}
+    n = len(rules.rule_ids)
+    for i, rid in enumerate(rules.rule_ids):
+        mask = np.ones(n, bool)
+        mask[i] = False
+        slow = float(np.mean(hm.stream_metrics(seqs, logp, mask=mask)["kl"]))
+        assert abs(fast[rid] - slow) < 1e-6 * max(1.0, abs(slow)), rid
+
+
+def test_touched_spans_end_at_the_last_position_a_rule_can_fire(tmp_path):
+    rules = _rules(tmp_path)
+    seqs = [np.array([1, 2, 8, 8]), np.array([4, 5, 8]), np.array([3, 4, 3, 8]), np.array([4, 3, 2, 3])]
+    got = {rid: (i.tolist(), e.tolist()) for rid, (i, e) in zip(rules.rule_ids, L.touched_spans(rules, seqs))}
+    assert got["rare.ice"] == ([1, 2, 3], [1, 2, 1])  # up to the last ' ice'
+    assert got["copy.cat"] == ([0, 3], [4, 4])  # now = @all: to the end once a ' cat' is in
+    assert got["dog.after.ice"] == ([2, 3], [3, 4])  # a ' dog' at or after an ' ice'
+    assert got["skip.cat_dog"] == ([3], [4])  # a ' dog' strictly after a ' cat'
+    assert got["neuron.chase"] == ([0, 1, 2, 3], [4, 3, 4, 4]) and got["head.prev"] == got["neuron.chase"]
