@@ -86,6 +86,26 @@ next = {{ " dog" = 1.0 }}
 check = {{ expect = "fail", why = "stale mark" }}
 
 [[bigram]]
+id = "bigram.the_pool"
+doc = "After ' the' the mass moves to ' dog' and ' moon' together (' moon' alone: false)."
+now = " the"
+next = {{ " dog" = 1.0, " moon" = 0.5 }}
+check = {{ together = 1 }}
+
+[[bigram]]
+id = "bigram.the_pool_one_by_one"
+doc = "The same row claimed entry by entry: ' moon' after ' the' is false."
+now = " the"
+next = {{ " dog" = 1.0, " moon" = 0.5 }}
+
+[[bigram]]
+id = "bigram.the_pool_wrong"
+doc = "Pooled but wrong: ' dog' does not lose mass after ' the'."
+now = " the"
+next = {{ " dog" = -1.0, " moon" = 1.0 }}
+check = {{ together = 1 }}
+
+[[bigram]]
 id = "bigram.nothing"
 doc = "Writes only zeros: claims nothing."
 now = " the"
@@ -207,6 +227,13 @@ def test_false_bigram_fails_with_minimal_counterexample(results, rid):
     assert r.status == "fail" and not r.ok and r.share < 0.8
     assert r.shrunk and r.counterexample == "[ the]"  # shrunk all the way: the row token alone
     assert "vs unigram" in r.counter_detail and ("' dog'" if rid == "bigram.wrong_sign" else "' moon'") in r.counter_detail
+
+
+def test_together_claims_pools_not_entries(results):
+    assert results["bigram.the_pool"].status == "pass", results["bigram.the_pool"].measured
+    assert results["bigram.the_pool_one_by_one"].status == "fail"
+    bad = results["bigram.the_pool_wrong"]
+    assert bad.status == "fail" and "raised token" in (bad.counter_detail or "")  # pooled ( moon) drops
 
 
 def test_wrong_sign_skip_fails_with_the_insertion_shown(results):

@@ -34,6 +34,10 @@ Claim syntax (optional, per rule): `check = { key = value, ... }` with keys
   margin (0.0)       effect size in nats, in the direction of the weight's sign
   fraction (0.8)     share of generated contexts that must pass; 1.0 = every context
   min_weight (0.0)   targets with |weight| below this are not claims (for big tables)
+  together (0)       1: the targets are claimed as two pools, not one by one — the summed probability of
+                     the positive-weight targets must rise (≥ margin) and that of the negative ones fall:
+                     what a long fitted row asserts (it moves mass toward these tokens), where each
+                     rare entry alone is true on average but not in every context
   ref_head           reference head of a [[head]] rule (else the id must contain head<k> / head.<k>)
   ref_neuron         reference neuron of a [[neuron]] rule (else the id must contain neuron<n> / neuron.<n>)
   share              [[head]]: attention share the reference must reach
@@ -62,7 +66,7 @@ import numpy as np
 
 from handmodel.errors import UserError
 
-CHECK_KEYS = {"margin", "fraction", "min_weight", "ref_head", "ref_neuron", "share", "level", "neutral", "distance",
+CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "neutral", "distance",
               "expect", "why"}
 HEAD_RE = re.compile(r"(?:^|[._\-])head[._\-]?(\d+)(?=$|[._\-])")
 NEURON_RE = re.compile(r"(?:^|[._\-])neuron[._\-]?(\d+)(?=$|[._\-])")
@@ -83,6 +87,7 @@ class Claim:
     margin: float = 0.0
     fraction: float = 0.8
     min_weight: float = 0.0
+    together: bool = False
     ref_head: int | None = None
     ref_neuron: int | None = None
     share: float | None = None
@@ -91,6 +96,15 @@ class Claim:
     distance: int | None = None
     expect: str = "pass"
     why: str = ""
+
+
+class Pool(tuple):
+    """A pooled claim target (check.together): the summed probability of these token ids."""
+
+    def __new__(cls, toks, name: str):
+        self = super().__new__(cls, toks)
+        self.name = name
+        return self
 
 
 @dataclass
@@ -181,6 +195,10 @@ def parse_claim(raw: dict, where: str, rid: str, tok_id: dict[str, int]) -> Clai
             raise bad(f"fraction must be in (0, 1] (got {c.fraction})", "write fraction = 0.8 (1.0 = every context)")
     if "min_weight" in raw:
         c.min_weight = abs(float(raw["min_weight"]))
+    if "together" in raw:
+        if raw["together"] not in (0, 1):
+            raise bad(f"together must be 0 or 1 (got {raw['together']})", "write together = 1 to claim the targets as pools")
+        c.together = bool(raw["together"])
     for k in ("ref_head", "ref_neuron", "distance"):
         if k in raw:
             setattr(c, k, int(raw[k]))
@@ -348,18 +366,29 @@ class Checker:
         e = np.exp(score - score.max())
         return e / e.sum()
 
-    def _mass(self, lp: np.ndarray, sid: int) -> float:
-        if sid < self.V:
+    def _tokens_of(self, sid) -> np.ndarray:
+        return np.asarray(sid, dtype=np.int64) if isinstance(sid, Pool) else self.sets.members(sid)
+
+    def _mass(self, lp: np.ndarray, sid) -> float:
+        if not isinstance(sid, Pool) and sid < self.V:
             return float(lp[sid])
-        m = lp[self.sets.members(sid)]
+        m = lp[self._tokens_of(sid)]
         mx = m.max()
         return float(mx + np.log(np.exp(m - mx).sum()))
 
     def _targets(self, items, claim: Claim) -> list[tuple[int, float]]:
-        return [(s, w) for s, w in items if w != 0 and abs(w) >= claim.min_weight and s != self.sets.ALL]
+        out = [(s, w) for s, w in items if w != 0 and abs(w) >= claim.min_weight and s != self.sets.ALL]
+        if not claim.together:
+            return out
+        pools = []
+        for sign, label in ((1.0, "raised"), (-1.0, "lowered")):
+            toks = sorted({int(t) for s, w in out if w * sign > 0 for t in self.sets.members(s)})
+            if toks:
+                pools.append((Pool(toks, f"{len(toks)} {label} token" + ("s" if len(toks) > 1 else "")), sign))
+        return pools
 
-    def _tname(self, sid: int) -> str:
-        return self.sets.name(sid)
+    def _tname(self, sid) -> str:
+        return sid.name if isinstance(sid, Pool) else self.sets.name(sid)
 
     def _text(self, toks, marks: dict[int, str] | None = None) -> str:
         v = self.o.vocab
@@ -431,7 +460,7 @@ class Checker:
         targets = self._targets(targets, claim)
         if not targets:
             raise NoClaim("no listed weight differs from the median weight (by min_weight)")
-        sizes = {s: self.sets.size(s) for s, _ in targets}
+        sizes = {s: len(self._tokens_of(s)) for s, _ in targets}
 
         @st.composite
         def cases(draw):
@@ -480,7 +509,7 @@ class Checker:
         src = self._members(r.src)
         now = self._members(r.now)
         src_set = set(src)
-        excl = np.concatenate([self.sets.members(r.src)] + [self.sets.members(s) for s, _ in targets])
+        excl = np.concatenate([self.sets.members(r.src)] + [self._tokens_of(s) for s, _ in targets])
         neutrals = self._neutrals(claim, excl)
         if claim.distance is not None:
             distances = [claim.distance]
