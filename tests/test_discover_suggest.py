@@ -215,7 +215,7 @@ def test_joint_fit_writes_exactly_what_it_fitted_and_lowers_held_out_kl(planted,
     out = tmp_path / "joint"
     s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
                 rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
-                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, log=lambda m: None)
+                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, neuron_classes=2, log=lambda m: None)
     joint = s["history"][-1]
     assert joint["stage"] == "joint fit"
     assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint  # same semantics, 3-decimal rounding
@@ -226,6 +226,11 @@ def test_joint_fit_writes_exactly_what_it_fitted_and_lowers_held_out_kl(planted,
     assert query and all(e["now"].startswith("@like_") and e["src"].startswith("@like_") for e in query)
     assert sum(1 for h in heads for e in h["score"] if "now" in e) <= 8 * len(heads)
     assert [k for k in rules.rule_kinds if k == "neuron"] == ["neuron"] * 3  # fitted jointly, thresholds included
+    # class-level neuron entries (--neuron-classes 2): at most 2 per kind and neuron, written as "@class" keys
+    neurons = tomllib.loads((out / "50_neurons.toml").read_text())["neuron"]
+    ncls = [sum(k.startswith("@") for k in n.get(key, {})) for n in neurons for key in ("now", "next")]
+    natt = [sum(k.startswith("@") for h in n.get("attend", {}).values() for k in h) for n in neurons]
+    assert max(ncls + natt) <= 2 and sum(ncls) + sum(natt) > 0, (ncls, natt)
     # the step kept is the best on held-out windows (the starting point included)
     assert joint["held_kl"] < joint["held_kl_start"], joint
 
@@ -237,4 +242,6 @@ def test_joint_fit_bad_input(planted, tmp_path):
     ckpt, train = planted
     with pytest.raises(UserError, match="must be >= 0"):
         suggest(Oracle.load(ckpt), tmp_path / "j", train, joint_steps=-1, log=lambda m: None)
+    with pytest.raises(UserError, match="neuron-classes must be >= 0"):
+        suggest(Oracle.load(ckpt), tmp_path / "j", train, neuron_classes=-1, log=lambda m: None)
     assert not (tmp_path / "j").exists()

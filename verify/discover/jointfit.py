@@ -12,7 +12,10 @@ is a torch model that computes exactly what the engine computes for the drafted 
 
 and is fitted with Adam. Supports (which entries exist) stay those the draft chose, except the
 query-dependent attention scores (class of the current token × class of the source), which are fitted
-dense and then cut to the `n_query` entries that move the most attention. Held-out training windows
+dense and then cut to the `n_query` entries that move the most attention, and (with `neuron_classes` = k)
+class-level neuron entries: each neuron also reads the class of the current token (`now = { "@class" = w }`),
+each head's attention mass on every class (`attend`), and writes to whole classes (`next`), fitted dense over
+the classes and cut to the k entries of each kind that matter most per neuron. Held-out training windows
 pick the best step (never valid.txt). After writing, suggest reloads the files with the engine and
 reports its KL next to this model's: the two must agree.
 """
@@ -43,7 +46,7 @@ def _flat(rows: list[SparseRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, copy_w: list[float], V: int,
-              query: bool = True, neurons=()):
+              query: bool = True, neurons=(), neuron_classes: int = 0):
     import torch
     from torch import nn
 
@@ -113,6 +116,15 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                                     T(np.array([idx[s] for _, s, _ in ent], np.int64))))
                 att_w.append(nn.Parameter(T(np.array([w for _, _, w in ent], np.float32))))
             self.nu_att_w = nn.ParameterList(att_w)
+            # class-level neuron entries (dense until cut_neuron_classes keeps `nc` of each kind per neuron)
+            self.nc = neuron_classes if self.n_neu else 0
+            n = self.n_neu if self.nc else 0
+            self.nc_now = nn.Parameter(torch.zeros(K, n))
+            self.nc_att = nn.Parameter(torch.zeros(len(heads), K, n))
+            self.nc_out = nn.Parameter(torch.zeros(n, K))
+            self.register_buffer("nc_now_m", torch.ones(K, n))
+            self.register_buffer("nc_att_m", torch.ones(len(heads), K, n))
+            self.register_buffer("nc_out_m", torch.ones(n, K))
 
         def attention(self, X, hi):
             """[B, T, T] attention of head hi on windows X [B, T] (engine semantics, causal)."""
@@ -143,12 +155,17 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             if self.n_neu:
                 NOW = torch.zeros(V, self.n_neu).index_put((self.nu_now_t, self.nu_now_n), self.nu_now_w, accumulate=True)
                 pre = NOW[c] - self.nu_thr[None]  # [BT, n_neu]
+                if self.nc:
+                    pre = pre + torch.nn.functional.pad(self.nc_now * self.nc_now_m, (0, 0, 0, 1))[self.lab[c]]
             for hi in range(self.H):
                 A = self.attention(X, hi)
                 if self.n_neu and self.nu_att[hi][1]:
                     idx, n_s, e_n, e_s = self.nu_att[hi]
                     mass = (A @ torch.nn.functional.one_hot(idx[X], n_s + 1).float()).reshape(B * T, n_s + 1)
                     pre = pre.index_add(1, e_n, mass[:, e_s] * self.nu_att_w[hi])
+                if self.nc:  # attention mass on each class [BT, K]
+                    massc = (A @ torch.nn.functional.one_hot(self.lab[X], self.K + 1).float()).reshape(B * T, self.K + 1)
+                    pre = pre + massc[:, :self.K] @ (self.nc_att[hi] * self.nc_att_m[hi])
                 srcidx, n, j, vv, _ = self.ho[hi]
                 if n:
                     O = torch.nn.functional.one_hot(srcidx[X], n + 1).float()  # [B, T, n+1]
@@ -160,6 +177,9 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             if self.n_neu:
                 act = torch.relu(pre)
                 z = z.index_add(1, self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w)
+                if self.nc:
+                    zc = torch.nn.functional.pad(act @ (self.nc_out * self.nc_out_m), (0, 1))  # [BT, K+1]
+                    z = z + zc[:, self.lab]
             z = z.reshape(B, T, V)
             for C in copy_terms:
                 z = z.scatter_add(2, X[:, None, :].expand(B, T, T), C)
@@ -203,7 +223,7 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
     hist = [{"step": 0, "held_kl": best}]
     log(f"joint fit: held-out KL before {best:.4f} ({len(train)} training windows, {len(held)} held out)")
     t0 = time.perf_counter()
-    cut = steps // 3 if net.query else -1
+    cut = steps // 3 if (net.query or net.nc) else -1
     every = max(25, steps // 20)
     for step in range(1, steps + 1):
         X = torch.from_numpy(train[rng.choice(len(train), batch, replace=False)].astype(np.int64))
@@ -217,7 +237,10 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
         sched.step()
         loss = float(loss.detach())
         if step == cut:
-            _cut_query(net, train, n_query)
+            if net.query:
+                _cut_query(net, train, n_query)
+            if net.nc:
+                _cut_neuron_classes(net, train)
             # the cut changes the model: from here on compare with the start (no query scores), not a dense step
             best, best_state = start, start_state
         if step % every == 0 or step == steps:
@@ -248,6 +271,32 @@ def _cut_query(net, train: np.ndarray, n_query: int) -> None:
             keep[np.argsort(-imp.ravel())[:n_query]] = True
             net.q_mask[hi] = torch.from_numpy(keep.reshape(K, K).astype(np.float32))
             net.q[hi] *= net.q_mask[hi]
+
+
+def _cut_neuron_classes(net, train: np.ndarray) -> None:
+    """Keep, per neuron, the `net.nc` class entries of each kind (now, attend over all heads, next) that
+    matter most: |w| × √(how often the class occurs in the training windows)."""
+    import torch
+
+    K, k = net.K, net.nc
+    freq = np.sqrt(np.bincount(net.lab.numpy()[train].ravel(), minlength=K + 1)[:K].astype(np.float64))
+
+    def keep_top(imp: np.ndarray) -> np.ndarray:  # imp [n_neu, m] -> bool mask keeping k per row
+        m = np.zeros_like(imp, dtype=bool)
+        top = np.argsort(-imp, axis=1)[:, :k]
+        np.put_along_axis(m, top, True, axis=1)
+        return m & (imp > 0)
+
+    with torch.no_grad():
+        now = keep_top(np.abs(net.nc_now.numpy()).T * freq[None])  # [n, K]
+        net.nc_now_m.copy_(torch.from_numpy(now.T.astype(np.float32)))
+        att = np.abs(net.nc_att.numpy()) * freq[None, :, None]  # [H, K, n]
+        m = keep_top(att.transpose(2, 0, 1).reshape(att.shape[2], -1)).reshape(att.shape[2], net.H, K)
+        net.nc_att_m.copy_(torch.from_numpy(m.transpose(1, 2, 0).astype(np.float32)))
+        out = keep_top(np.abs(net.nc_out.numpy()) * freq[None])
+        net.nc_out_m.copy_(torch.from_numpy(out.astype(np.float32)))
+        for p, mk in ((net.nc_now, net.nc_now_m), (net.nc_att, net.nc_att_m), (net.nc_out, net.nc_out_m)):
+            p *= mk
 
 
 def _unflat(values, lengths) -> list[np.ndarray]:
@@ -290,5 +339,13 @@ def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[f
                 new.append((hi, s, float(net.nu_att_w[hi][pos_in_head[hi]])))
                 pos_in_head[hi] += 1
             d.attend = new
+        if net.nc:
+            cn = (net.nc_now * net.nc_now_m).numpy()
+            ca = (net.nc_att * net.nc_att_m).numpy()
+            co = (net.nc_out * net.nc_out_m).numpy()
+            for i, d in enumerate(neurons):
+                d.now_cls = [(int(k), float(cn[k, i])) for k in np.flatnonzero(cn[:, i])]
+                d.attend_cls = [(int(h), int(k), float(ca[h, k, i])) for h, k in np.argwhere(ca[:, :, i] != 0)]
+                d.next_cls = [(int(k), float(co[i, k])) for k in np.flatnonzero(co[i])]
         copy_w[:] = [float(x) for x in net.copy.numpy()]
         return qs, net.copy_cls.numpy().astype(np.float64)

@@ -28,6 +28,10 @@ class NeuronDraft:
     ctx_share: float = 0.0  # share of the neuron's activation variance that is contextual
     mean_act: float = 0.0
     threshold: float = 0.0  # moved only by the joint fit (jointfit.py)
+    # class-level entries, joint fit with neuron_classes only: (class index, w) / (head index, class index, w)
+    now_cls: list = field(default_factory=list)
+    attend_cls: list = field(default_factory=list)
+    next_cls: list = field(default_factory=list)
 
 
 def reference_activations(oracle, windows: np.ndarray, batch: int = 16) -> np.ndarray:

@@ -179,7 +179,8 @@ def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P
     return out
 
 
-def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft]) -> None:
+def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=()) -> None:
+    """50_neurons.toml; class-level entries (joint fit with --neuron-classes) are written as "@class" keys."""
     if not neurons:
         return
     V = fs.vocab
@@ -188,10 +189,13 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
              "(largest contextual activation variance x logit effect first). `now`: mean activation after each\n"
              "token; `attend`: what the head outputs add; `next`: fitted by moment matching.")
     for d in neurons:
-        now = inline_table((q(V[t]), float(w)) for t, w in zip(d.now_tok, d.now_w))
+        cls = [f"\"@{n}\"" for n in class_names]  # class ids need no escaping (q() would write a literal @@ token)
+        now = inline_table([(q(V[t]), float(w)) for t, w in zip(d.now_tok, d.now_w)] + [(cls[k], w) for k, w in d.now_cls])
         att: dict[str, list[str]] = {}
         for hi, src, w in d.attend:
             att.setdefault(head_id(heads[hi]), []).append(f"{q(V[src])} = {num(w)}")
+        for hi, k, w in d.attend_cls:
+            att.setdefault(head_id(heads[hi]), []).append(f"{cls[k]} = {num(w)}")
         attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
         order = np.argsort(-d.delta)
         up = ", ".join(repr(V[d.support[i]]) for i in order[:3])
@@ -202,7 +206,7 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
             hi, src, w = max(d.attend, key=lambda a: abs(a[2]))
             ctx = f"; {'more' if w > 0 else 'less'} when head {heads[hi].ref_head} attends to {V[src]!r}"
         doc = f"Reference neuron {d.neuron} fires after {fires}{ctx}; it pushes {up} up and {down} down."
-        nxt = inline_table((q(V[t]), float(w)) for t, w in zip(d.support, d.delta))
+        nxt = inline_table([(q(V[t]), float(w)) for t, w in zip(d.support, d.delta)] + [(cls[k], w) for k, w in d.next_cls])
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
                       f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"threshold = {num(d.threshold)}\nnow = {now}\n"
@@ -255,6 +259,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
             joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
+            neuron_classes: int = 0,
             held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
@@ -269,8 +274,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     from .fit import check_training_text
 
     check_training_text(train_corpus)  # never fit on what is reported
-    if joint_steps < 0 or n_query < 0:
-        raise UserError("--joint-steps and --query-scores must be >= 0")
+    if joint_steps < 0 or n_query < 0 or neuron_classes < 0:
+        raise UserError("--joint-steps, --query-scores and --neuron-classes must be >= 0")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
@@ -393,7 +398,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         write_head_files(fs, heads, draft.outs, bd.class_names)
         if use_copy:
             write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names)
-        write_neuron_file(fs, heads, draft.neurons)
+        write_neuron_file(fs, heads, draft.neurons, bd.class_names)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
 
@@ -451,7 +456,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         n_held = max(2, min(held_positions // T, len(allw) // 4))
         held, train_w = allw[-n_held:], allw[:-n_held]
         net = build_net(bd, heads, draft.outs, words if use_copy else np.zeros(0, np.int64), copy_w, V,
-                        query=n_query > 0, neurons=draft.neurons)
+                        query=n_query > 0, neurons=draft.neurons, neuron_classes=neuron_classes)
         held_sample = TrainSample(oracle, held)
         ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
         res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
