@@ -152,6 +152,7 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             TR = torch.zeros(len(tok_list) + 1, V).index_put((self.tr_r, self.tr_t), self.tr_v, accumulate=True)
             z = self.prior[None] + CR[self.lab[c]] + TR[self.rowid[c]]  # [BT, V]
             copy_terms = []
+            adds = []  # (token indices, values [BT, n]) of every sparse output: one index_add instead of one per head
             if self.n_neu:
                 NOW = torch.zeros(V, self.n_neu).index_put((self.nu_now_t, self.nu_now_n), self.nu_now_w, accumulate=True)
                 pre = NOW[c] - self.nu_thr[None]  # [BT, n_neu]
@@ -170,19 +171,21 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 if n:
                     O = torch.nn.functional.one_hot(srcidx[X], n + 1).float()  # [B, T, n+1]
                     M = (A @ O).reshape(B * T, n + 1)
-                    z = z.index_add(1, vv, M[:, j] * self.ho_v[hi])
+                    adds.append((vv, M[:, j] * self.ho_v[hi]))
                 if self.use_copy:
                     w = self.copy[hi] + torch.nn.functional.pad(self.copy_cls[hi], (0, 1))[self.lab[X]]  # [B, T]
                     copy_terms.append(A * self.member[X][:, None, :] * w[..., None])
             if self.n_neu:
                 act = torch.relu(pre)
-                z = z.index_add(1, self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w)
+                adds.append((self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w))
                 if self.nc:
                     zc = torch.nn.functional.pad(act @ (self.nc_out * self.nc_out_m), (0, 1))  # [BT, K+1]
                     z = z + zc[:, self.lab]
+            if adds:
+                z = z.index_add(1, torch.cat([a for a, _ in adds]), torch.cat([b for _, b in adds], 1))
             z = z.reshape(B, T, V)
-            for C in copy_terms:
-                z = z.scatter_add(2, X[:, None, :].expand(B, T, T), C)
+            if copy_terms:  # every head copies into the same places (the window's tokens): one scatter
+                z = z.scatter_add(2, X[:, None, :].expand(B, T, T), torch.stack(copy_terms).sum(0))
             return torch.log_softmax(z, -1)
 
     return Net()
