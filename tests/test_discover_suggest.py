@@ -245,3 +245,16 @@ def test_joint_fit_bad_input(planted, tmp_path):
     with pytest.raises(UserError, match="neuron-classes must be >= 0"):
         suggest(Oracle.load(ckpt), tmp_path / "j", train, neuron_classes=-1, log=lambda m: None)
     assert not (tmp_path / "j").exists()
+
+
+def test_docs_name_the_consequential_entries_first():
+    """Draft docs rank a row's entries by |w| × √count: a huge number on a token that never occurs is not
+    what the row is about."""
+    from verify.discover.draft_files import ranked
+
+    support = np.array([0, 1, 2, 3])
+    delta = np.array([6.0, 1.5, -2.0, 0.5])
+    counts = np.array([0, 10_000, 50, 400])
+    assert ranked(support, delta, counts).tolist() == [1, 3, 0]  # 150, 10, 6: the rare token last
+    assert ranked(support, delta, counts, -1.0).tolist() == [2]
+    assert ranked(support, delta, None).tolist() == [0, 1, 3]  # no counts: by weight

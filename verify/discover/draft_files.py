@@ -26,9 +26,18 @@ def _show(tok: str) -> str:
     return repr(tok)
 
 
-def _top_desc(vocab, row, n=4) -> str:
-    order = np.argsort(-row.delta)[:n]
-    return ", ".join(f"{_show(vocab[row.support[i]])} ({row.delta[i]:+.1f})" for i in order)
+def ranked(support: np.ndarray, delta: np.ndarray, counts: np.ndarray | None, sign: float = 1.0) -> np.ndarray:
+    """Indices of the entries pushed in direction `sign`, most consequential first: |w| × √(training count)
+    of the token (a large number on a token that almost never occurs changes little; docs name the ones a
+    reader will meet)."""
+    d = np.asarray(delta, dtype=np.float64) * sign
+    imp = d * (np.sqrt(np.asarray(counts, np.float64)[support] + 1.0) if counts is not None else 1.0)
+    order = np.argsort(-imp)
+    return order[d[order] > 0]
+
+
+def _top_desc(vocab, row, counts=None, n=4) -> str:
+    return ", ".join(f"{_show(vocab[row.support[i]])} ({row.delta[i]:+.1f})" for i in ranked(row.support, row.delta, counts)[:n])
 
 
 class FileSet:
@@ -88,7 +97,7 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
             continue
         items = [(q(V[t]), float(w)) for t, w in zip(row.support, row.delta)]
         fs.add("20_bigram_classes.toml",
-               f"[[bigram]]\nid = \"after.{name}\"\ndoc = {q(f'After a @{name} token the reference favours ' + _top_desc(V, row))}\n"
+               f"[[bigram]]\nid = \"after.{name}\"\ndoc = {q(f'After a @{name} token the reference favours ' + _top_desc(V, row, counts))}\n"
                + DRAFT_CHECK + f"now = \"@{name}\"\nnext = {inline_table(items)}\n")
 
     fs.start("30_bigram_tokens.toml", "bigram: token rows", "Per-token exceptions on top of the class row: where the\n"
@@ -106,7 +115,7 @@ def write_bigram_files(fs: FileSet, d: BigramDraft, counts: np.ndarray, per_toke
         cls = f" (class @{d.class_names[d.label[c]]})" if d.label[c] >= 0 else ""
         fs.add("30_bigram_tokens.toml",
                f"# seen {int(counts[c])} times in the training text{cls}\n"
-               f"[[bigram]]\nid = \"{rid}\"\ndoc = {q(f'After {_show(V[c])} the reference favours ' + _top_desc(V, row))}\n"
+               f"[[bigram]]\nid = \"{rid}\"\ndoc = {q(f'After {_show(V[c])} the reference favours ' + _top_desc(V, row, counts))}\n"
                + DRAFT_CHECK + f"now = {q(V[c])}\nnext = {inline_table(items)}\n")
     rest: dict[int, list[int]] = {}
     for c in order[per_token_rules:]:

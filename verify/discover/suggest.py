@@ -25,7 +25,7 @@ from handmodel.errors import UserError
 from handmodel.writer import inline_table, name_part, num, q
 
 from .bigrams import draft_bigrams
-from .draft_files import DRAFT_CHECK, FileSet, write_bigram_files
+from .draft_files import DRAFT_CHECK, FileSet, ranked, write_bigram_files
 from .heads import HeadDraft, draft_heads, hand_attention
 from .neurons import NeuronDraft, draft_neurons, hand_activation, reference_activations
 
@@ -83,9 +83,8 @@ def head_block(h: HeadDraft, vocab: list[str], class_names: list[str] | None = N
     return text, len(h.position) + 1 + len(entries)
 
 
-def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
-    order = np.argsort(-o.delta)[:3]
-    top = ", ".join(repr(vocab[o.support[i]]) for i in order)
+def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str, counts=None) -> str:
+    top = ", ".join(repr(vocab[o.support[i]]) for i in ranked(o.support, o.delta, counts)[:3]) or "nothing in particular"
     doc = f"When head {h.ref_head} attends to {vocab[o.src]!r}, the reference favours {top}."
     items = [(q(vocab[t]), float(w)) for t, w in zip(o.support, o.delta)]
     return (f"# attention mass on this source per training position: {o.mass:.4f}; fitted by moment matching\n"
@@ -93,7 +92,8 @@ def head_out_block(o: HeadOut, h: HeadDraft, vocab: list[str], rid: str) -> str:
             f"next = {inline_table(items)}\n")
 
 
-def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut], class_names: list[str] | None = None) -> None:
+def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut], class_names: list[str] | None = None,
+                     counts=None) -> None:
     V = fs.vocab
     for h in heads:
         fname = f"{40 + h.ref_head}_head{h.ref_head}.toml"
@@ -109,7 +109,7 @@ def write_head_files(fs: FileSet, heads: list[HeadDraft], outs: list[HeadOut], c
             while rid in used:
                 rid += "_"
             used.add(rid)
-            fs.add(fname, head_out_block(o, h, V, rid))
+            fs.add(fname, head_out_block(o, h, V, rid, counts))
 
 
 COPY_FILE = "45_copying.toml"
@@ -179,7 +179,7 @@ def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P
     return out
 
 
-def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=()) -> None:
+def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=(), counts=None) -> None:
     """50_neurons.toml; class-level entries (joint fit with --neuron-classes) are written as "@class" keys."""
     if not neurons:
         return
@@ -197,9 +197,8 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
         for hi, k, w in d.attend_cls:
             att.setdefault(head_id(heads[hi]), []).append(f"{cls[k]} = {num(w)}")
         attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
-        order = np.argsort(-d.delta)
-        up = ", ".join(repr(V[d.support[i]]) for i in order[:3])
-        down = ", ".join(repr(V[d.support[i]]) for i in order[::-1][:2])
+        up = ", ".join(repr(V[d.support[i]]) for i in ranked(d.support, d.delta, counts)[:3]) or "nothing"
+        down = ", ".join(repr(V[d.support[i]]) for i in ranked(d.support, d.delta, counts, -1.0)[:2]) or "nothing"
         fires = ", ".join(repr(V[t]) for t in d.now_tok[:3])
         ctx = ""
         if d.attend:
@@ -395,10 +394,10 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
 
     def rewrite():
         write_bigram_files(fs, bd, counts)
-        write_head_files(fs, heads, draft.outs, bd.class_names)
+        write_head_files(fs, heads, draft.outs, bd.class_names, counts)
         if use_copy:
             write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names)
-        write_neuron_file(fs, heads, draft.neurons, bd.class_names)
+        write_neuron_file(fs, heads, draft.neurons, bd.class_names, counts)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
 
