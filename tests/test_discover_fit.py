@@ -481,3 +481,33 @@ def test_fitting_on_valid_text_is_refused(oracle, planted, rules_dir, tmp_path):
     (empty / "h.toml").write_text('[[head]]\nid = "h"\ndoc = "no numbers"\n')
     with pytest.raises(UserError, match="no numbers to fit"):
         fit_rules(empty, oracle, planted[1], tokens=256, steps=1, progress=False)
+
+
+def test_objective_gradient_is_the_same_in_one_chunk_or_many(oracle, tmp_path):
+    """On a real vocabulary the objective runs in chunks of windows; every chunk's gradient must reach the
+    numbers (a second backward through the shared graph used to crash `handmodel fit`)."""
+    import torch
+
+    from handmodel import load_rules
+    from verify.discover.fit import Objective
+    from verify.discover.slots import read_slots
+    from verify.discover.torchrules import TorchRules
+
+    d = tmp_path / "chunks"
+    d.mkdir()
+    (d / "rules.toml").write_text(EQUIV, encoding="utf-8")
+    rules = load_rules(d, oracle.vocab)
+    S = read_slots(rules)
+    W = _random_windows(oracle.vocab, seed=7)
+    tr = TorchRules(rules, S, W)
+    ref = torch.log_softmax(torch.randn(*W.shape, len(oracle.vocab)), -1).numpy()
+    grads, vals = [], []
+    for max_elems in (1 << 30, W.shape[1] * len(oracle.vocab)):  # one chunk; one window per chunk
+        obj = Objective(tr, ref, max_elems=max_elems)
+        x = torch.as_tensor(S.values, dtype=torch.float32).clone().requires_grad_(True)
+        vals.append(obj(x * 1.0, backward=True))  # theta built from x, as fit_rules builds it
+        grads.append(x.grad.clone())
+    assert Objective(tr, ref, max_elems=W.shape[1] * len(oracle.vocab)).chunk == 1 < len(W)
+    assert vals[0] == pytest.approx(vals[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    assert (grads[0] != 0).any()

@@ -39,13 +39,18 @@ class Objective:
 
         total = 0.0
         B = self.ref.shape[0]
+        # each chunk backpropagates into a detached copy of theta; the summed gradient then goes once through
+        # whatever built theta (a graph two chunks' backward passes cannot both traverse)
+        th = theta.detach().requires_grad_(backward)
         for s in range(0, B, self.chunk):
             idx = torch.arange(s, min(B, s + self.chunk))
-            logp = torch.log_softmax(self.tr.logits(theta, idx).float(), -1)
+            logp = torch.log_softmax(self.tr.logits(th, idx).float(), -1)
             kl = (self.neg_ent[idx] - (self.p[idx] * logp).sum(-1)).sum() / self.n
             if backward:
                 kl.backward()
             total += float(kl.detach())
+        if backward and theta.requires_grad:
+            theta.backward(th.grad)
         return total
 
 
