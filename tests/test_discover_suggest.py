@@ -258,3 +258,13 @@ def test_docs_name_the_consequential_entries_first():
     assert ranked(support, delta, counts).tolist() == [1, 3, 0]  # 150, 10, 6: the rare token last
     assert ranked(support, delta, counts, -1.0).tolist() == [2]
     assert ranked(support, delta, None).tolist() == [0, 1, 3]  # no counts: by weight
+
+
+def test_neuron_doc_describes_the_fitted_entries_tokens_and_classes():
+    from verify.discover.suggest import neuron_doc
+
+    doc = neuron_doc(7, [("' and'", 1.0, 5000.0), ("@like_period", 0.5, 90000.0), ("' zz'", 3.0, 1.0), ("' x'", -2.0, 10.0)],
+                     [(3, "@like_period", -1.5, 90000.0), (1, "' No'", 2.0, 50.0)],
+                     [("'.'", -0.4, 80000.0), ("' the'", 0.3, 90000.0), ("' umb'", 0.9, 3.0)])
+    assert doc == ("Started from reference neuron 7: fires after @like_period, ' and', ' zz'; more when head 1 attends to "
+                   "' No'; less when head 3 attends to @like_period; pushes ' the', ' umb' up and '.' down.")

@@ -179,7 +179,28 @@ def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P
     return out
 
 
-def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=(), counts=None) -> None:
+def neuron_doc(neuron: int, now, attend, nxt) -> str:
+    """A neuron rule's doc from its own (fitted) entries: `now`/`nxt` [(label, w, training count)], `attend`
+    [(head, label, w, count)]; entries named by |w| × √count (a class counts all its members' occurrences)."""
+    import math
+
+    def top(items, sign, n):
+        items = sorted((x for x in items if x[-2] * sign > 0), key=lambda x: -abs(x[-2]) * math.sqrt(x[-1] + 1.0))
+        return items[:n]
+
+    def names(items):
+        return ", ".join(x[0] for x in items) or "nothing"
+
+    doc = f"Started from reference neuron {neuron}: fires after {names(top(now, 1.0, 3))}"
+    for sign, word in ((1.0, "more"), (-1.0, "less")):
+        t = top(attend, sign, 1)
+        if t:
+            doc += f"; {word} when head {t[0][0]} attends to {t[0][1]}"
+    return doc + f"; pushes {names(top(nxt, 1.0, 3))} up and {names(top(nxt, -1.0, 2))} down."
+
+
+def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=(), counts=None,
+                      class_members=()) -> None:
     """50_neurons.toml; class-level entries (joint fit with --neuron-classes) are written as "@class" keys."""
     if not neurons:
         return
@@ -197,14 +218,13 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
         for hi, k, w in d.attend_cls:
             att.setdefault(head_id(heads[hi]), []).append(f"{cls[k]} = {num(w)}")
         attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
-        up = ", ".join(repr(V[d.support[i]]) for i in ranked(d.support, d.delta, counts)[:3]) or "nothing"
-        down = ", ".join(repr(V[d.support[i]]) for i in ranked(d.support, d.delta, counts, -1.0)[:2]) or "nothing"
-        fires = ", ".join(repr(V[t]) for t in d.now_tok[:3])
-        ctx = ""
-        if d.attend:
-            hi, src, w = max(d.attend, key=lambda a: abs(a[2]))
-            ctx = f"; {'more' if w > 0 else 'less'} when head {heads[hi].ref_head} attends to {V[src]!r}"
-        doc = f"Reference neuron {d.neuron} fires after {fires}{ctx}; it pushes {up} up and {down} down."
+        cnt = (lambda t: float(counts[t])) if counts is not None else (lambda t: 1.0)
+        ccnt = [sum(cnt(t) for t in m) for m in class_members] if class_members else [1.0] * len(class_names)
+        doc = neuron_doc(d.neuron,
+                         [(repr(V[t]), w, cnt(t)) for t, w in zip(d.now_tok, d.now_w)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.now_cls],
+                         [(heads[hi].ref_head, repr(V[t]), w, cnt(t)) for hi, t, w in d.attend]
+                         + [(heads[hi].ref_head, f"@{class_names[k]}", w, ccnt[k]) for hi, k, w in d.attend_cls],
+                         [(repr(V[t]), w, cnt(t)) for t, w in zip(d.support, d.delta)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.next_cls])
         nxt = inline_table([(q(V[t]), float(w)) for t, w in zip(d.support, d.delta)] + [(cls[k], w) for k, w in d.next_cls])
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
@@ -397,7 +417,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         write_head_files(fs, heads, draft.outs, bd.class_names, counts)
         if use_copy:
             write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names)
-        write_neuron_file(fs, heads, draft.neurons, bd.class_names, counts)
+        write_neuron_file(fs, heads, draft.neurons, bd.class_names, counts, bd.class_members)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
 
