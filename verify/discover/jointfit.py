@@ -158,6 +158,8 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 pre = NOW[c] - self.nu_thr[None]  # [BT, n_neu]
                 if self.nc:
                     pre = pre + torch.nn.functional.pad(self.nc_now * self.nc_now_m, (0, 0, 0, 1))[self.lab[c]]
+            if self.nc:
+                lab_oh = torch.nn.functional.one_hot(self.lab[X], self.K + 1).float()  # [B, T, K+1], read by every head
             for hi in range(self.H):
                 A = self.attention(X, hi)
                 if self.n_neu and self.nu_att[hi][1]:
@@ -165,7 +167,7 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                     mass = (A @ torch.nn.functional.one_hot(idx[X], n_s + 1).float()).reshape(B * T, n_s + 1)
                     pre = pre.index_add(1, e_n, mass[:, e_s] * self.nu_att_w[hi])
                 if self.nc:  # attention mass on each class [BT, K]
-                    massc = (A @ torch.nn.functional.one_hot(self.lab[X], self.K + 1).float()).reshape(B * T, self.K + 1)
+                    massc = (A @ lab_oh).reshape(B * T, self.K + 1)
                     pre = pre + massc[:, :self.K] @ (self.nc_att[hi] * self.nc_att_m[hi])
                 srcidx, n, j, vv, _ = self.ho[hi]
                 if n:

@@ -182,11 +182,10 @@ def copy_expectation(attn: list[list[np.ndarray]], sample, member: np.ndarray, P
 def neuron_doc(neuron: int, now, attend, nxt) -> str:
     """A neuron rule's doc from its own (fitted) entries: `now`/`nxt` [(label, w, training count)], `attend`
     [(head, label, w, count)]; entries named by |w| × √count (a class counts all its members' occurrences)."""
-    import math
-
     def top(items, sign, n):
-        items = sorted((x for x in items if x[-2] * sign > 0), key=lambda x: -abs(x[-2]) * math.sqrt(x[-1] + 1.0))
-        return items[:n]
+        idx = ranked(np.arange(len(items)), np.array([x[-2] for x in items], float),
+                     np.array([x[-1] for x in items], float), sign)
+        return [items[i] for i in idx[:n]]
 
     def names(items):
         return ", ".join(x[0] for x in items) or "nothing"
@@ -209,8 +208,10 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
     fs.start(fname, "neurons", "MLP neurons whose firing depends on context, not only on the current token\n"
              "(largest contextual activation variance x logit effect first). `now`: mean activation after each\n"
              "token; `attend`: what the head outputs add; `next`: fitted by moment matching.")
+    cls = [f"\"@{n}\"" for n in class_names]  # class ids need no escaping (q() would write a literal @@ token)
+    cnt = np.asarray(counts, float) if counts is not None else np.ones(len(V))
+    ccnt = [float(cnt[m].sum()) for m in class_members] if len(class_members) else [1.0] * len(class_names)
     for d in neurons:
-        cls = [f"\"@{n}\"" for n in class_names]  # class ids need no escaping (q() would write a literal @@ token)
         now = inline_table([(q(V[t]), float(w)) for t, w in zip(d.now_tok, d.now_w)] + [(cls[k], w) for k, w in d.now_cls])
         att: dict[str, list[str]] = {}
         for hi, src, w in d.attend:
@@ -218,13 +219,11 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
         for hi, k, w in d.attend_cls:
             att.setdefault(head_id(heads[hi]), []).append(f"{cls[k]} = {num(w)}")
         attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
-        cnt = (lambda t: float(counts[t])) if counts is not None else (lambda t: 1.0)
-        ccnt = [sum(cnt(t) for t in m) for m in class_members] if class_members else [1.0] * len(class_names)
         doc = neuron_doc(d.neuron,
-                         [(repr(V[t]), w, cnt(t)) for t, w in zip(d.now_tok, d.now_w)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.now_cls],
-                         [(heads[hi].ref_head, repr(V[t]), w, cnt(t)) for hi, t, w in d.attend]
+                         [(repr(V[t]), w, cnt[t]) for t, w in zip(d.now_tok, d.now_w)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.now_cls],
+                         [(heads[hi].ref_head, repr(V[t]), w, cnt[t]) for hi, t, w in d.attend]
                          + [(heads[hi].ref_head, f"@{class_names[k]}", w, ccnt[k]) for hi, k, w in d.attend_cls],
-                         [(repr(V[t]), w, cnt(t)) for t, w in zip(d.support, d.delta)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.next_cls])
+                         [(repr(V[t]), w, cnt[t]) for t, w in zip(d.support, d.delta)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.next_cls])
         nxt = inline_table([(q(V[t]), float(w)) for t, w in zip(d.support, d.delta)] + [(cls[k], w) for k, w in d.next_cls])
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
