@@ -268,3 +268,39 @@ def test_neuron_doc_describes_the_fitted_entries_tokens_and_classes():
                      [("'.'", -0.4, 80000.0), ("' the'", 0.3, 90000.0), ("' umb'", 0.9, 3.0)])
     assert doc == ("Started from reference neuron 7: fires after @like_period, ' and', ' zz'; more when head 1 attends to "
                    "' No'; less when head 3 attends to @like_period; pushes ' the', ' umb' up and '.' down.")
+
+
+def test_prune_schedule_falls_cubically_to_the_kept_size():
+    from verify.discover.jointfit import prune_schedule
+
+    plan = prune_schedule(1100, 4, 4096, 800)
+    steps, kept = [s for s, _ in plan], [k for _, k in plan]
+    assert steps == sorted(steps) and len(set(steps)) == 4 and 1 <= steps[0] and steps[-1] < 1100 // 2
+    assert kept == sorted(kept, reverse=True) and kept[-1] == 800 and kept[0] < 4096
+    assert kept[0] - kept[1] > kept[1] - kept[2] > kept[2] - kept[3]  # big cuts first, gentle at the end
+    assert prune_schedule(1100, 1, 64, 6) == [(366, 6)]  # one cut at a third (drafts 1-5)
+
+
+def test_neuron_class_cuts_never_bring_back_a_removed_entry():
+    """Adam's momentum keeps moving masked entries; a later cut must rank only what survived."""
+    import torch
+    from types import SimpleNamespace
+
+    from verify.discover.jointfit import _cut_neuron_classes
+
+    K, H, n = 6, 2, 3
+    g = torch.Generator().manual_seed(0)
+    net = SimpleNamespace(K=K, H=H, lab=torch.arange(K), nc_now=torch.randn(K, n, generator=g),
+                          nc_att=torch.randn(H, K, n, generator=g), nc_out=torch.randn(n, K, generator=g),
+                          nc_now_m=torch.ones(K, n), nc_att_m=torch.ones(H, K, n), nc_out_m=torch.ones(n, K))
+    train = np.tile(np.arange(K), (4, 2))
+    _cut_neuron_classes(net, train, 3)
+    first = [m.clone() for m in (net.nc_now_m, net.nc_att_m, net.nc_out_m)]
+    assert float(net.nc_now_m.sum()) == 3 * n and float(net.nc_out_m.sum()) == 3 * n
+    for p in (net.nc_now, net.nc_att, net.nc_out):  # momentum: removed entries grow large
+        p += 100.0 * torch.sign(p) * (p == 0)
+        p[p == 0] = 100.0
+    _cut_neuron_classes(net, train, 2)
+    for before, after in zip(first, (net.nc_now_m, net.nc_att_m, net.nc_out_m)):
+        assert bool((after <= before).all())
+    assert float(net.nc_now_m.sum()) == 2 * n

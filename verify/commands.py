@@ -136,7 +136,9 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
     }
     if ablate:
         t1 = time.perf_counter()
-        out["ablation"] = L.run_ablation(hm, rules, ref, rows[-1]["kl"], last["kl"])
+        from .probe import fast_ablation
+
+        out["ablation"] = fast_ablation(hm, rules, ref, rows[-1]["kl"], last["kl"], log=log)
         timings["ablation"] = time.perf_counter() - t1
     if worst > 0:
         t1 = time.perf_counter()

@@ -203,14 +203,22 @@ def touched_spans(rules, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.nd
     return out
 
 
-def run_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray | None = None) -> list[dict]:
+def ablation_row(rules, i: int, kl_without: float, kl_full: float) -> dict:
+    return {"rule": rules.rule_ids[i], "file": str(rules.rule_files[i]), "group": rules.groups[int(rules.rule_group[i])],
+            "kl_without": kl_without, "delta": kl_without - kl_full, "hurts": kl_without < kl_full,
+            "doc": rules.rule_docs[i]}
+
+
+def run_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray | None = None, only=None) -> list[dict]:
     """KL increase when only that rule is off, sorted (largest first); negative = removal helps.
 
     Exact, but only the positions a rule can touch are recomputed (touched_spans: the prefix of each
     sequence up to its last possible firing): elsewhere the per-position KL with every rule on
     (`kl_pos`) stands. A prior, head or neuron costs a full pass; most bigram rows and head_outs a
-    fraction of one."""
+    fraction of one. `only`: rule indices to ablate (default: all). verify/probe.fast_ablation gives the
+    same numbers in a handful of passes; this is its slow, obvious twin."""
     n = len(rules.rule_ids)
+    only = set(range(n)) if only is None else set(only)
     seqs = list(ref.seqs)
     if kl_pos is None:
         kl_pos = hm.stream_metrics(seqs, ref.logp)["kl"]
@@ -220,6 +228,8 @@ def run_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray | None = Non
     total, N = float(csum[-1]), int(ptr[-1])
     out = []
     for i, (idx, end) in enumerate(touched_spans(rules, seqs)):
+        if i not in only:
+            continue
         mask = np.ones(n, bool)
         mask[i] = False
         if len(idx) == len(seqs) and np.array_equal(end, ptr[1:] - ptr[:-1]):
@@ -231,9 +241,7 @@ def run_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray | None = Non
             part = hm.stream_metrics([seqs[q][:e] for q, e in zip(idx, end)], ref.logp[rows], mask=mask)["kl"]
             old = float(np.sum(csum[ptr[idx] + end] - csum[ptr[idx]]))
             kl = (total - old + float(part.sum())) / N
-        out.append({"rule": rules.rule_ids[i], "file": str(rules.rule_files[i]), "group": rules.groups[int(rules.rule_group[i])],
-                    "kl_without": kl, "delta": kl - kl_full, "hurts": kl < kl_full,
-                    "doc": rules.rule_docs[i]})
+        out.append(ablation_row(rules, i, kl, kl_full))
     out.sort(key=lambda r: -r["delta"])
     return out
 

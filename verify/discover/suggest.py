@@ -277,7 +277,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
             joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
-            neuron_classes: int = 0,
+            neuron_classes: int = 0, prune_cuts: int = 4,
             held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
@@ -294,6 +294,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     check_training_text(train_corpus)  # never fit on what is reported
     if joint_steps < 0 or n_query < 0 or neuron_classes < 0:
         raise UserError("--joint-steps, --query-scores and --neuron-classes must be >= 0")
+    if prune_cuts < 1:
+        raise UserError("--prune-cuts must be >= 1 (1: one cut straight to the kept sizes)")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
@@ -477,7 +479,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
                         query=n_query > 0, neurons=draft.neurons, neuron_classes=neuron_classes)
         held_sample = TrainSample(oracle, held)
         ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
-        res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query, log=log)
+        res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query,
+                         cuts=prune_cuts, log=log)
         qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq

@@ -1,0 +1,143 @@
+"""Exact ablation without re-running the model for every rule (the catalog's cost on a real ruleset).
+
+Every rule except a prior, a head and a copying head_out adds to the logits at position t a fixed sparse
+vector u (its `next`) times a scalar a_t: 1 for a bigram row whose `now` holds the current token or a
+skip that fired, the attention mass on `src` for a head_out, the activation for a neuron. Switching the
+rule off subtracts δ = a_t·u, and with q = p_hand (all rules on) and p = p_ref (renormalised):
+
+    KL'_t − KL_t = Σ_v p_v δ_v + log Σ_v q_v e^{−δ_v} = Σ_{v∈u} p_v δ_v + log1p(Σ_{v∈u} q_v (e^{−δ_v} − 1))
+
+so only the rule's support is touched. a_t comes from the engine itself: a *probe* ruleset keeps the
+heads, drops prior and bigrams, and gives each probed rule a one-hot `next` on its own token (no two
+share one), so the probe's logit of that token minus the logit of an untouched token is exactly a_t
+(neurons and head_outs never feed each other: one layer). Rules it cannot split this way (prior, heads,
+copying head_outs) go through ledger.run_ablation's recomputation. ledger.run_ablation is the slow,
+obvious twin; tests hold them equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+PROBED = ("neuron", "head_out", "skip")
+
+
+def _probe_rules(rules, idx: list[int], zero: int):
+    """A CompiledRules with every head of `rules` and, for the k-th rule of idx, that rule with
+    next = {token k: 1} (copy off, sets and inputs unchanged); token `zero` gets nothing."""
+    from handmodel.compiled import CompiledRules, build_arrays
+
+    heads = [r for r in rules.rules if r.kind == "head"]
+    probes = []
+    for k, i in enumerate(idx):
+        tok = k if k < zero else k + 1
+        probes.append(dataclasses.replace(rules.rules[i], next=[(tok, 1.0)], copy=None))
+    rs = heads + probes
+    return CompiledRules(
+        vocab=rules.vocab, vocab_size=rules.vocab_size, rules=rs, sets=rules.sets, n_heads=rules.n_heads,
+        rule_ids=[r.id for r in rs], rule_docs=[r.doc for r in rs], rule_kinds=[r.kind for r in rs],
+        rule_files=[r.file for r in rs], rule_lines=[r.line for r in rs],
+        rule_group=np.zeros(len(rs), np.int64), groups=["probe"],
+        rule_numbers=np.zeros(len(rs), np.int64), arrays=build_arrays(rs, rules.sets, rules.n_heads))
+
+
+def scalars(rules, seqs: list[np.ndarray], idx: list[int]) -> np.ndarray:
+    """[N, len(idx)] float32: a_t of each probed rule (see the module doc) at every position."""
+    from handmodel import HandModel
+
+    V = rules.vocab_size
+    N = sum(len(s) for s in seqs)
+    out = np.zeros((N, len(idx)), np.float32)
+    zero = V - 1
+    for s in range(0, len(idx), V - 1):  # at most V − 1 probes share a pass
+        part = idx[s:s + V - 1]
+        lp = np.concatenate(HandModel(_probe_rules(rules, part, zero)).log_probs_batch(seqs))
+        toks = np.array([k if k < zero else k + 1 for k in range(len(part))])
+        out[:, s:s + len(part)] = lp[:, toks] - lp[:, [zero]]
+        del lp
+    return out
+
+
+def _support(rules, targets) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, weights) of a `next` list, overlapping sets summed."""
+    d: dict[int, float] = {}
+    for sid, w in targets:
+        for v in rules.sets.members(sid):
+            d[int(v)] = d.get(int(v), 0.0) + w
+    t = np.fromiter(d.keys(), np.int64, len(d))
+    return t, np.fromiter(d.values(), np.float64, len(d))
+
+
+def _delta_kl(p, q, hand_lp_rows, a, toks, w) -> float:
+    """Σ over positions of KL' − KL when a_t·w (on toks) is subtracted. p, q [P, |toks|]: renormalised
+    reference and hand probabilities there; hand_lp_rows(P-mask) -> full hand log-prob rows, used only
+    where the log1p form would cancel (the support held almost all of the hand's mass)."""
+    d = a[:, None] * w[None, :]
+    cross = (p * d).sum(1)
+    arg = (q * np.expm1(-d)).sum(1)
+    lse = np.log1p(np.maximum(arg, -1.0 + 1e-300))
+    bad = arg < -0.5
+    if bad.any():
+        full = hand_lp_rows(bad).astype(np.float64)  # [b, V]
+        full[:, toks] -= d[bad]
+        m = full.max(1, keepdims=True)
+        lse[bad] = (m[:, 0] + np.log(np.exp(full - m).sum(1)))
+    return float((cross + lse).sum())
+
+
+def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda m: None) -> list[dict]:
+    """Same result as ledger.run_ablation (within float rounding), in a handful of passes."""
+    from . import ledger as L
+
+    seqs = list(ref.seqs)
+    N = sum(len(s) for s in seqs)
+    n = len(rules.rules)
+    tok = np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64)
+    total = float(np.sum(kl_pos, dtype=np.float64))
+    kinds = rules.rule_kinds
+    probed = [i for i in range(n) if kinds[i] in PROBED and not (kinds[i] == "head_out" and rules.rules[i].copy is not None)]
+    additive = probed + [i for i in range(n) if kinds[i] == "bigram"]
+    rest = [i for i in range(n) if i not in set(additive)]
+    log(f"ablation: {len(probed)} rules probed, {len(additive) - len(probed)} bigram rules, {len(rest)} recomputed")
+    a_all = scalars(rules, seqs, probed) if probed else np.zeros((N, 0), np.float32)
+    col = {i: k for k, i in enumerate(probed)}
+    hand = np.concatenate(hm.log_probs_batch(seqs)) if additive else None  # [N, V] float32, all rules on
+    ref_lp = ref.logp
+    S = np.empty(N)
+    for s in range(0, N, 4096):
+        S[s:s + 4096] = np.exp(np.asarray(ref_lp[s:s + 4096], np.float64)).sum(1)
+    kl_without = {}
+    for i in additive:
+        r = rules.rules[i]
+        if kinds[i] == "bigram":
+            groups = []  # (positions, tokens, weights): positions sharing the same hit rows
+            hit = np.stack([np.isin(tok, rules.sets.members(now)) for now, _ in r.rows]) if r.rows else np.zeros((0, N), bool)
+            anyhit = hit.any(0) if len(hit) else np.zeros(N, bool)
+            pos = np.flatnonzero(anyhit)
+            if len(pos):
+                pat, inv = np.unique(hit[:, pos].T, axis=0, return_inverse=True)
+                for g, rowsel in enumerate(pat):
+                    t, w = _support(rules, [x for (now, row), on in zip(r.rows, rowsel) if on for x in row])
+                    groups.append((pos[inv.ravel() == g], np.ones(int(np.sum(inv.ravel() == g))), t, w))
+        else:
+            a = a_all[:, col[i]].astype(np.float64)
+            pos = np.flatnonzero(a != 0)
+            t, w = _support(rules, r.next)
+            groups = [(pos, a[pos], t, w)]
+        d = 0.0
+        for pos, a, t, w in groups:
+            if not len(pos) or not len(t):
+                continue
+            p = np.exp(np.asarray(ref_lp[pos[:, None], t[None, :]], np.float64)) / S[pos, None]
+            q = np.exp(hand[pos[:, None], t[None, :]].astype(np.float64))
+            d += _delta_kl(p, q, lambda m, pos=pos: hand[pos[m]], a, t, w)
+        kl_without[i] = (total + d) / N if N else 0.0
+    del hand, a_all
+    if rest:
+        at = {rid: i for i, rid in enumerate(rules.rule_ids)}
+        for row in L.run_ablation(hm, rules, ref, kl_full, kl_pos, only=rest):
+            kl_without[at[row["rule"]]] = row["kl_without"]
+    out = [L.ablation_row(rules, i, kl_without[i], kl_full) for i in range(n)]
+    out.sort(key=lambda r: -r["delta"])
+    return out
