@@ -368,3 +368,44 @@ def test_checker_attention_is_the_twins(checker):
             np.testing.assert_allclose(checker._attention(r, s, t), attention(checker.rules, r, s, t), rtol=1e-12, atol=1e-14)
 
     same()
+
+
+FEATURE = """
+[[neuron]]
+id = "feature.zap_blue"
+doc = "Fires on ' blue' with 'zap' earlier; pushes ' moon' (the planted skip-trigram as a hand feature)."
+now = {{ " blue" = 1.0 }}
+present = {{ "zap" = 1.0 }}
+threshold = 1.5
+next = {{ " moon" = {w} }}
+check = {{ feature = 1 }}
+"""
+
+
+@pytest.mark.parametrize("w,status", [(2.0, "pass"), (-2.0, "fail")])
+def test_feature_claim_tests_behaviour_against_the_rest_of_the_hand_model(tmp_path, planted, w, status):
+    """`feature = 1`: no reference neuron; with the triggers in (' blue' last, 'zap' earlier) vs neutral
+    tokens, the reference must move ' moon' the way the rule pushes it, beyond what the other rules do."""
+    from verify.checkrules import Checker
+
+    f = tmp_path / "feature.toml"
+    f.write_text(FEATURE.format(w=w), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=EXAMPLES)
+    r = c.check(c.rules.rules[0])
+    assert r.status == status, (r.measured, r.counterexample, r.counter_detail)
+    assert "without trigger" in (r.counterexample or "without trigger") and "neuron" not in r.claimed
+    if status == "fail":
+        assert "' moon'" in r.counter_detail and "rest of the hand model" in r.counter_detail
+
+
+def test_feature_claim_needs_targets_and_a_whole_flag(tmp_path, planted):
+    from verify.checkrules import Checker
+
+    f = tmp_path / "f.toml"
+    f.write_text(FEATURE.format(w=0.0).replace("feature = 1", "feature = 1, min_weight = 1.0"), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    assert c.check(c.rules.rules[0]).status == "no claim"
+    f.write_text(FEATURE.format(w=1.0).replace("feature = 1", "feature = 2"), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    with pytest.raises(UserError, match="feature must be 0 or 1"):
+        c.check(c.rules.rules[0])

@@ -26,6 +26,12 @@ lists, drawn by hypothesis with `derandomize=True`, so every run draws the same 
   the rule's activation is > 0 the reference neuron's post-activation must be > `level`, where it is 0
   it must be ≤ `level`; in triggered contexts zero-ablating the neuron must lower the log-prob of each
   positive target (raise each negative one) by ≥ margin.
+  With `feature = 1` the rule claims behaviour, not a reference neuron (the joint fit of `suggest`
+  repurposes its neurons, so what it writes is a hand feature, not the neuron it started from): on
+  the same triggered / neutral context pairs, the reference must move each target (pool) in the
+  direction of its weight by more than the rest of the hand model (every rule but this one) does:
+  sign(w)·[(L_ref(trig) − L_ref(neutral)) − (L_hand∖rule(trig) − L_hand∖rule(neutral))] ≥ margin, where
+  the rule fires more with its triggers than without (a pair where it does not is a failing case).
 
 A class target (@class) is measured as the class's total probability (log of the summed p); a context
 passes when every target meets the claim. @all targets (a constant shift) claim nothing.
@@ -42,6 +48,7 @@ Claim syntax (optional, per rule): `check = { key = value, ... }` with keys
   ref_neuron         reference neuron of a [[neuron]] rule (else the id must contain neuron<n> / neuron.<n>)
   share              [[head]]: attention share the reference must reach
   level (0.0)        [[neuron]]: firing level of the reference neuron
+  feature (0)        [[neuron]] 1: claim the behaviour (see above), not a reference neuron
   neutral            the neutral token of causal tests (default: drawn among frequent tokens)
   distance           [[skip]]/[[head_out]]/[[head]] score entries: fixed distance of the inserted token
   expect ("pass")    "fail": a known-false rule (reported xfail; passing becomes xpass, an error)
@@ -66,7 +73,7 @@ import numpy as np
 
 from handmodel.errors import UserError
 
-CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "neutral", "distance",
+CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "feature", "neutral", "distance",
               "expect", "why"}
 HEAD_RE = re.compile(r"(?:^|[._\-])head[._\-]?(\d+)(?=$|[._\-])")
 NEURON_RE = re.compile(r"(?:^|[._\-])neuron[._\-]?(\d+)(?=$|[._\-])")
@@ -92,6 +99,7 @@ class Claim:
     ref_neuron: int | None = None
     share: float | None = None
     level: float = 0.0
+    feature: bool = False
     neutral: int | None = None
     distance: int | None = None
     expect: str = "pass"
@@ -199,6 +207,10 @@ def parse_claim(raw: dict, where: str, rid: str, tok_id: dict[str, int]) -> Clai
         if raw["together"] not in (0, 1):
             raise bad(f"together must be 0 or 1 (got {raw['together']})", "write together = 1 to claim the targets as pools")
         c.together = bool(raw["together"])
+    if "feature" in raw:
+        if raw["feature"] not in (0, 1):
+            raise bad(f"feature must be 0 or 1 (got {raw['feature']})", "write feature = 1 to claim the neuron's behaviour")
+        c.feature = bool(raw["feature"])
     for k in ("ref_head", "ref_neuron", "distance"):
         if k in raw:
             setattr(c, k, int(raw[k]))
@@ -639,8 +651,10 @@ class Checker:
 
         from handmodel.twin import _in
 
-        n_idx = self._ref_index(r, claim, "neuron")
         targets = self._targets(r.next, claim)
+        if claim.feature and not targets:
+            raise NoClaim("no target weight (above min_weight): a feature claim is about its targets")
+        n_idx = None if claim.feature else self._ref_index(r, claim, "neuron")
         now_pos = [(s, w) for s, w in r.n_now if w > 0]
         present_pos = [(s, w) for s, w in r.n_present if w > 0]
         attend_pos = [(h, s, w) for h, s, w in r.n_attend if w > 0]
@@ -649,7 +663,7 @@ class Checker:
         neutrals = self._neutrals(claim, excl)
         trig = set(int(t) for t in excl)
         model = self.o.model
-        W_out = model.W_out[n_idx]
+        W_out = None if n_idx is None else model.W_out[n_idx]
 
         def hand_act(seq: list[int]) -> float:
             s = np.asarray(seq)
@@ -669,11 +683,12 @@ class Checker:
             n = draw(st.sampled_from(neutrals))
             pre = [n if t in trig else t for t in self._prefix(draw, st)]
             inserts: list[tuple[int, int]] = []  # (distance from the last token, token)
+            # a feature claim is about the triggered context: every positive input is put in
             for sid, _ in present_pos:
-                if draw(st.booleans()):
+                if claim.feature or draw(st.booleans()):
                     inserts.append((draw(st.integers(1, len(pre) + 1)), draw(st.sampled_from(self._members(sid)))))
             for hh, sid, _ in attend_pos:
-                if draw(st.booleans()):
+                if claim.feature or draw(st.booleans()):
                     d = (self._preferred_distances(self.heads[hh]) or [1])[0]
                     inserts.append((d, draw(st.sampled_from(self._members(sid)))))
             if now_pos:
@@ -691,6 +706,24 @@ class Checker:
                 marks.append(len(on) - 1 - d)
             off[-1] = n if b in trig else b
             return tuple(on), tuple(off), tuple(marks)
+
+        def evaluate_feature(case):
+            on, off, _ = case
+            h_on, h_off = hand_act(list(on)), hand_act(list(off))
+            if h_on <= h_off:
+                return Outcome(False, 0.0, f"the rule does not fire more with its triggers ({h_on:.2f} vs {h_off:.2f})")
+            lp = self.last_logp(list(on), list(off))
+            rest = self._hand_without(r)
+            ho, hf = (rest.log_probs(np.asarray(s, np.int64), mask=self._mask_without(r))[-1].astype(np.float64)
+                      for s in (on, off))
+            worst, desc = math.inf, ""
+            for sid, w in targets:
+                d_ref = self._mass(lp[0], sid) - self._mass(lp[1], sid)
+                d_hand = self._mass(ho, sid) - self._mass(hf, sid)
+                eff = math.copysign(1.0, w) * (d_ref - d_hand)
+                if eff < worst:
+                    worst, desc = eff, f"{self._tname(sid)}: reference {d_ref:+.2f}, rest of the hand model {d_hand:+.2f}"
+            return Outcome(worst >= claim.margin, float(worst), f"rule act {h_on:.2f} vs {h_off:.2f}; {desc}")
 
         def evaluate(case):
             on, off, _ = case
@@ -717,9 +750,26 @@ class Checker:
             on, off, marks = case
             return self._text(on, {m: "«" for m in marks}) + "   (without trigger: " + self._text(off) + ")"
 
+        if claim.feature:
+            return Plan(cases(), evaluate_feature, render,
+                        self._claim_text(claim, "sign·(Δ log p_ref − Δ log p_hand without the rule) (triggers vs neutral)"))
         return Plan(cases(), evaluate, render,
                     f"neuron {n_idx}: fires (> {claim.level:g}) iff the rule does; ablation Δ ≥ {claim.margin:+.2f}; "
                     f"in ≥ {claim.fraction:.0%}", unit="nats")
+
+    def _hand_without(self, r):
+        """The hand model (built once); log_probs with _mask_without(r) is every rule but r."""
+        if getattr(self, "_hm", None) is None:
+            from handmodel import HandModel
+
+            self._hm = HandModel(self.rules)
+            self._rule_index = {rid: i for i, rid in enumerate(self.rules.rule_ids)}
+        return self._hm
+
+    def _mask_without(self, r) -> np.ndarray:
+        m = np.ones(len(self.rules.rules), dtype=np.bool_)
+        m[self._rule_index[r.id]] = False
+        return m
 
     # -- running ---------------------------------------------------------------------------------
     def check(self, r) -> RuleResult:
