@@ -126,3 +126,25 @@ def test_probe_reads_each_rules_scalar(tmp_path):
             tok, w = next(iter(r.next))
             want = got[i][rules.sets.members(tok)[0]] / w if i in got else 0.0
             assert abs(a[t, k] - want) < 1e-5, (rules.rule_ids[i], t, a[t, k], want)
+
+
+def test_copying_rules_are_probed_when_a_token_is_absent(tmp_path):
+    """A copying head_out's vector (copy × attention on each context token) is read from a probe pass; it
+    needs a token no sequence holds (here ' ran') to read it against — and must equal recomputation."""
+    from verify.probe import fast_ablation
+
+    rules = _rules(tmp_path)
+    hm = handmodel.HandModel(rules)
+    seqs = [np.array([1, 2, 8, 3, 2, 4, 5, 2]), np.array([2, 2, 6, 1, 2, 8]), np.array([0, 3, 2, 1, 2])]
+    N = sum(len(s) for s in seqs)
+    x = np.random.default_rng(3).normal(size=(N, len(VOCAB))) * 3
+    logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(np.float32)
+    ref = SimpleNamespace(seqs=seqs, logp=logp)
+    full = hm.stream_metrics(seqs, logp)["kl"]
+    kl_full = float(np.mean(full))
+    msgs = []
+    fast = {a["rule"]: a["kl_without"] for a in fast_ablation(hm, rules, ref, kl_full, full, log=msgs.append)}
+    assert "1 copying rules probed" in msgs[0], msgs
+    slow = {a["rule"]: a["kl_without"] for a in L.run_ablation(hm, rules, ref, kl_full, full)}
+    assert abs(fast["copy.cat"] - slow["copy.cat"]) < 1e-5 and abs(fast["copy.cat"] - kl_full) > 1e-3  # it does something
+    assert max(abs(fast[k] - slow[k]) for k in slow) < 1e-5

@@ -10,9 +10,12 @@ rule off subtracts δ = a_t·u, and with q = p_hand (all rules on) and p = p_ref
 so only the rule's support is touched. a_t comes from the engine itself: a *probe* ruleset keeps the
 heads, drops prior and bigrams, and gives each probed rule a one-hot `next` on its own token (no two
 share one), so the probe's logit of that token minus the logit of an untouched token is exactly a_t
-(neurons and head_outs never feed each other: one layer). Rules it cannot split this way (prior, heads,
-copying head_outs) go through ledger.run_ablation's recomputation. ledger.run_ablation is the slow,
-obvious twin; tests hold them equal.
+(neurons and head_outs never feed each other: one layer). A copying head_out (`copy`, no `next`) adds
+copy × its attention on each context token to that token: a probe of such rules with copy = 1 gives that
+whole vector, and rules whose `now` sets are disjoint (one per class of the current token, as `suggest`
+writes them) share a pass because at most one of them fires at a position. What is left (prior, heads,
+copy rules that also have `next`) goes through ledger.run_ablation's recomputation, which is the slow,
+obvious twin of all of this; tests hold them equal.
 """
 from __future__ import annotations
 
@@ -23,16 +26,18 @@ import numpy as np
 PROBED = ("neuron", "head_out", "skip")
 
 
-def _probe_rules(rules, idx: list[int], zero: int):
+def _probe_rules(rules, idx: list[int], zero: int, copy: bool = False):
     """A CompiledRules with every head of `rules` and, for the k-th rule of idx, that rule with
-    next = {token k: 1} (copy off, sets and inputs unchanged); token `zero` gets nothing."""
+    next = {token k: 1} (copy off, sets and inputs unchanged); token `zero` gets nothing. copy=True: the
+    rules of idx with no `next` and copy = 1 instead."""
     from handmodel.compiled import CompiledRules, build_arrays
 
     heads = [r for r in rules.rules if r.kind == "head"]
     probes = []
     for k, i in enumerate(idx):
         tok = k if k < zero else k + 1
-        probes.append(dataclasses.replace(rules.rules[i], next=[(tok, 1.0)], copy=None))
+        probes.append(dataclasses.replace(rules.rules[i], next=[], copy=1.0) if copy
+                      else dataclasses.replace(rules.rules[i], next=[(tok, 1.0)], copy=None))
     rs = heads + probes
     return CompiledRules(
         vocab=rules.vocab, vocab_size=rules.vocab_size, rules=rs, sets=rules.sets, n_heads=rules.n_heads,
@@ -57,6 +62,32 @@ def scalars(rules, seqs: list[np.ndarray], idx: list[int]) -> np.ndarray:
         out[:, s:s + len(part)] = lp[:, toks] - lp[:, [zero]]
         del lp
     return out
+
+
+def _disjoint_groups(rules, idx: list[int]) -> list[list[int]]:
+    """Split rules into groups whose `now` sets are pairwise disjoint: at most one of a group fires at a position."""
+    groups: list[tuple[list[int], np.ndarray]] = []
+    for i in idx:
+        m = np.zeros(rules.vocab_size, bool)
+        m[rules.sets.members(rules.rules[i].now)] = True
+        for g, used in groups:
+            if not (used & m).any():
+                g.append(i)
+                used |= m
+                break
+        else:
+            groups.append(([i], m))
+    return [g for g, _ in groups]
+
+
+def copy_logits(rules, seqs: list[np.ndarray], group: list[int], zero: int) -> np.ndarray:
+    """[N, V] float32: the logits the copying rules of `group` add at every position with copy = 1 (multiply by
+    a rule's copy weight where it fires). `zero` must be a token no sequence holds (copying never writes it)."""
+    from handmodel import HandModel
+
+    lp = np.concatenate(HandModel(_probe_rules(rules, group, zero, copy=True)).log_probs_batch(seqs))
+    lp -= lp[:, [zero]]
+    return lp
 
 
 def _support(rules, targets) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +129,12 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
     kinds = rules.rule_kinds
     probed = [i for i in range(n) if kinds[i] in PROBED and not (kinds[i] == "head_out" and rules.rules[i].copy is not None)]
     additive = probed + [i for i in range(n) if kinds[i] == "bigram"]
-    rest = [i for i in range(n) if i not in set(additive)]
-    log(f"ablation: {len(probed)} rules probed, {len(additive) - len(probed)} bigram rules, {len(rest)} recomputed")
+    absent = np.flatnonzero(np.bincount(tok, minlength=rules.vocab_size) == 0)
+    copying = [i for i in range(n) if kinds[i] == "head_out" and rules.rules[i].copy is not None
+               and not rules.rules[i].next] if len(absent) else []  # no absent token: nothing to read a copy against
+    rest = [i for i in range(n) if i not in set(additive) | set(copying)]
+    log(f"ablation: {len(probed)} rules probed, {len(additive) - len(probed)} bigram rules, {len(copying)} copying rules "
+        f"probed, {len(rest)} recomputed")
     a_all = scalars(rules, seqs, probed) if probed else np.zeros((N, 0), np.float32)
     col = {i: k for k, i in enumerate(probed)}
     hand = np.concatenate(hm.log_probs_batch(seqs)) if additive else None  # [N, V] float32, all rules on
@@ -133,7 +168,26 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
             q = np.exp(hand[pos[:, None], t[None, :]].astype(np.float64))
             d += _delta_kl(p, q, lambda m, pos=pos: hand[pos[m]], a, t, w)
         kl_without[i] = (total + d) / N if N else 0.0
-    del hand, a_all
+    del a_all
+    if copying:
+        if hand is None:
+            hand = np.concatenate(hm.log_probs_batch(seqs))
+        for group in _disjoint_groups(rules, copying):
+            C = copy_logits(rules, seqs, group, int(absent[0]))
+            for i in group:
+                r = rules.rules[i]
+                pos = np.flatnonzero(np.isin(tok, rules.sets.members(r.now)))
+                d = 0.0
+                for c0 in range(0, len(pos), 2048):  # dense over the vocabulary: the copied tokens vary by position
+                    pc = pos[c0:c0 + 2048]
+                    dl = r.copy * C[pc].astype(np.float64)
+                    p = np.exp(np.asarray(ref_lp[pc], np.float64)) / S[pc, None]
+                    z = hand[pc].astype(np.float64) - dl
+                    m = z.max(1, keepdims=True)
+                    d += float((p * dl).sum() + (m[:, 0] + np.log(np.exp(z - m).sum(1))).sum())
+                kl_without[i] = (total + d) / N if N else 0.0
+            del C
+    del hand
     if rest:
         at = {rid: i for i, rid in enumerate(rules.rule_ids)}
         for row in L.run_ablation(hm, rules, ref, kl_full, kl_pos, only=rest):
