@@ -135,7 +135,11 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
     rest = [i for i in range(n) if i not in set(additive) | set(copying)]
     log(f"ablation: {len(probed)} rules probed, {len(additive) - len(probed)} bigram rules, {len(copying)} copying rules "
         f"probed, {len(rest)} recomputed")
+    import time
+
+    t0 = time.perf_counter()
     a_all = scalars(rules, seqs, probed) if probed else np.zeros((N, 0), np.float32)
+    log(f"ablation: probe pass done ({time.perf_counter() - t0:.0f} s)")
     col = {i: k for k, i in enumerate(probed)}
     hand = np.concatenate(hm.log_probs_batch(seqs)) if additive else None  # [N, V] float32, all rules on
     ref_lp = ref.logp
@@ -172,7 +176,10 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
     if copying:
         if hand is None:
             hand = np.concatenate(hm.log_probs_batch(seqs))
-        for group in _disjoint_groups(rules, copying):
+        log(f"ablation: additive rules done ({time.perf_counter() - t0:.0f} s)")
+        groups = _disjoint_groups(rules, copying)
+        for gi, group in enumerate(groups):
+            log(f"ablation: copying rules, probe {gi + 1} of {len(groups)} ({len(group)} rules)")
             C = copy_logits(rules, seqs, group, int(absent[0]))
             for i in group:
                 r = rules.rules[i]
@@ -189,6 +196,8 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
             del C
     del hand
     if rest:
+        log(f"ablation: re-running {len(rest)} rules (prior, heads, copy rules with `next`) "
+            f"({time.perf_counter() - t0:.0f} s so far)")
         at = {rid: i for i, rid in enumerate(rules.rule_ids)}
         for row in L.run_ablation(hm, rules, ref, kl_full, kl_pos, only=rest):
             kl_without[at[row["rule"]]] = row["kl_without"]
