@@ -262,9 +262,23 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     a.nr_rule = np.array([i for i, _ in nr], dtype=np.int64)
     a.nr_thr = np.array([r.threshold for _, r in nr], dtype=np.float64)
     a.nr_always = np.flatnonzero(a.nr_thr < 0).astype(np.int64)  # fire with no input at all
+    # token outputs are expanded; class outputs stay per class (a neuron writing ten classes would otherwise
+    # touch ~1,000 tokens per firing: the kernel sums the firing neurons' class weights, then adds each
+    # touched class once to its members)
+    ncl_ptr, ncl_cls, ncl_w = [0], [], []
     for _, r in nr:
-        nt.add(r.next)
+        nt.add([(s, w) for s, w in r.next if s < V])
+        for s, w in r.next:
+            if s >= V:
+                ncl_cls.append(s - V); ncl_w.append(w)
+        ncl_ptr.append(len(ncl_cls))
     a.nr_ptr, a.nr_tok, a.nr_w = nt.arrays()
+    a.ncl_ptr = np.array(ncl_ptr, dtype=np.int64)
+    a.ncl_cls = np.array(ncl_cls, dtype=np.int64)
+    a.ncl_w = np.array(ncl_w, dtype=np.float64)
+    mem = sets.class_members
+    a.cm_ptr = np.concatenate([[0], np.cumsum([len(m) for m in mem])]).astype(np.int64)
+    a.cm_tok = np.concatenate([np.asarray(m, np.int64) for m in mem]) if mem else np.zeros(0, np.int64)
     s_now, n_now, w_now, s_pr, n_pr, w_pr, s_at, h_at, n_at, w_at = ([] for _ in range(10))
     for n, (_, r) in enumerate(nr):
         for s, w in r.n_now:

@@ -144,7 +144,8 @@ class HandModel:
                    a.src_score, a.hg_ptr, a.hg_grp,
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
                    a.sk_rule, a.sk_ptr, a.sk_tok, a.sk_w, a.skn_ptr, a.skn_id, a.ske_ptr, a.ske_id,
-                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.nn_ptr, a.nn_neu, a.nn_w,
+                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.ncl_ptr, a.ncl_cls, a.ncl_w, a.cm_ptr, a.cm_tok,
+                   a.nn_ptr, a.nn_neu, a.nn_w,
                    a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
                    a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id)
 

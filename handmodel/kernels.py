@@ -260,7 +260,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
-     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, nn_ptr, nn_neu, nn_w,
+     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, cm_ptr, cm_tok, nn_ptr, nn_neu, nn_w,
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
      cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = P
     (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
@@ -283,6 +283,11 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
         ov_list = np.empty(n_ho, dtype=np.int64)
         ocnt = np.zeros(1, dtype=np.int64)
         pre = np.zeros(n_nr)
+        n_cls = len(cm_ptr) - 1
+        cacc = np.zeros(n_cls)  # per class: summed output weight of the neurons firing at t
+        cflag = np.zeros(n_cls, dtype=np.bool_)
+        clist = np.empty(n_cls, dtype=np.int64)
+        ccnt = np.zeros(1, dtype=np.int64)
         pflag = np.zeros(n_nr, dtype=np.bool_)
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
@@ -531,9 +536,26 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                 act = pre[n] + pres_sum[n] - nr_thr[n]
                 if act > 0.0 and mask[nr_rule[n]]:
                     _write(n, act, nr_ptr, nr_tok, nr_w, delta, dflag, touched, dcnt)
+                    for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
+                        k = ncl_cls[j2]
+                        _note(k, cflag, clist, ccnt)
+                        cacc[k] += act * ncl_w[j2]
                 pre[n] = 0.0
                 pflag[n] = False
             pcnt[0] = 0
+            for j in range(ccnt[0]):  # each touched class once, however many neurons wrote to it
+                k = clist[j]
+                val = cacc[k]
+                for j2 in range(cm_ptr[k], cm_ptr[k + 1]):
+                    v = cm_tok[j2]
+                    if not dflag[v]:
+                        dflag[v] = True
+                        touched[dcnt[0]] = v
+                        dcnt[0] += 1
+                    delta[v] += val
+                cacc[k] = 0.0
+                cflag[k] = False
+            ccnt[0] = 0
 
             # log Z = base lse + log(1 + sum over changed entries of (new - old) probability mass)
             r = row_of[c]
