@@ -119,12 +119,7 @@ def _member(sid, c, V, class_member):
 @njit(cache=True, inline="always")
 def _write(k, scale, ptr, tok, w, delta, dflag, touched, cnt):
     for j in range(ptr[k], ptr[k + 1]):
-        v = tok[j]
-        if not dflag[v]:
-            dflag[v] = True
-            touched[cnt[0]] = v
-            cnt[0] += 1
-        delta[v] += scale * w[j]
+        _add(tok[j], scale * w[j], delta, dflag, touched, cnt)
 
 
 @njit(cache=True, inline="always")
@@ -547,12 +542,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                 k = clist[j]
                 val = cacc[k]
                 for j2 in range(cm_ptr[k], cm_ptr[k + 1]):
-                    v = cm_tok[j2]
-                    if not dflag[v]:
-                        dflag[v] = True
-                        touched[dcnt[0]] = v
-                        dcnt[0] += 1
-                    delta[v] += val
+                    _add(cm_tok[j2], val, delta, dflag, touched, dcnt)
                 cacc[k] = 0.0
                 cflag[k] = False
             ccnt[0] = 0

@@ -713,9 +713,7 @@ class Checker:
             if h_on <= h_off:
                 return Outcome(False, 0.0, f"the rule does not fire more with its triggers ({h_on:.2f} vs {h_off:.2f})")
             lp = self.last_logp(list(on), list(off))
-            rest = self._hand_without(r)
-            ho, hf = (rest.log_probs(np.asarray(s, np.int64), mask=self._mask_without(r))[-1].astype(np.float64)
-                      for s in (on, off))
+            ho, hf = self._hand_last_logp_without(r, on, off)
             worst, desc = math.inf, ""
             for sid, w in targets:
                 d_ref = self._mass(lp[0], sid) - self._mass(lp[1], sid)
@@ -757,19 +755,18 @@ class Checker:
                     f"neuron {n_idx}: fires (> {claim.level:g}) iff the rule does; ablation Δ ≥ {claim.margin:+.2f}; "
                     f"in ≥ {claim.fraction:.0%}", unit="nats")
 
-    def _hand_without(self, r):
-        """The hand model (built once); log_probs with _mask_without(r) is every rule but r."""
+    def _hand_last_logp_without(self, r, *seqs) -> list[np.ndarray]:
+        """Log-probs at the last position of each sequence under every hand rule but r (one engine call;
+        the hand model is built on first use)."""
         if getattr(self, "_hm", None) is None:
             from handmodel import HandModel
 
             self._hm = HandModel(self.rules)
             self._rule_index = {rid: i for i, rid in enumerate(self.rules.rule_ids)}
-        return self._hm
-
-    def _mask_without(self, r) -> np.ndarray:
-        m = np.ones(len(self.rules.rules), dtype=np.bool_)
-        m[self._rule_index[r.id]] = False
-        return m
+        mask = np.ones(len(self.rules.rules), dtype=np.bool_)
+        mask[self._rule_index[r.id]] = False
+        out = self._hm.log_probs_batch([np.asarray(s, np.int64) for s in seqs], mask=mask)
+        return [o[-1].astype(np.float64) for o in out]
 
     # -- running ---------------------------------------------------------------------------------
     def check(self, r) -> RuleResult:

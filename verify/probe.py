@@ -26,18 +26,15 @@ import numpy as np
 PROBED = ("neuron", "head_out", "skip")
 
 
-def _probe_rules(rules, idx: list[int], zero: int, copy: bool = False):
+def _probe_rules(rules, idx: list[int], copy: bool = False):
     """A CompiledRules with every head of `rules` and, for the k-th rule of idx, that rule with
-    next = {token k: 1} (copy off, sets and inputs unchanged); token `zero` gets nothing. copy=True: the
-    rules of idx with no `next` and copy = 1 instead."""
+    next = {token k: 1} (copy off, sets and inputs unchanged); tokens ≥ len(idx) get nothing. copy=True:
+    the rules of idx with no `next` and copy = 1 instead."""
     from handmodel.compiled import CompiledRules, build_arrays
 
     heads = [r for r in rules.rules if r.kind == "head"]
-    probes = []
-    for k, i in enumerate(idx):
-        tok = k if k < zero else k + 1
-        probes.append(dataclasses.replace(rules.rules[i], next=[], copy=1.0) if copy
-                      else dataclasses.replace(rules.rules[i], next=[(tok, 1.0)], copy=None))
+    probes = [dataclasses.replace(rules.rules[i], next=[], copy=1.0) if copy
+              else dataclasses.replace(rules.rules[i], next=[(k, 1.0)], copy=None) for k, i in enumerate(idx)]
     rs = heads + probes
     return CompiledRules(
         vocab=rules.vocab, vocab_size=rules.vocab_size, rules=rs, sets=rules.sets, n_heads=rules.n_heads,
@@ -54,12 +51,11 @@ def scalars(rules, seqs: list[np.ndarray], idx: list[int]) -> np.ndarray:
     V = rules.vocab_size
     N = sum(len(s) for s in seqs)
     out = np.zeros((N, len(idx)), np.float32)
-    zero = V - 1
+    zero = V - 1  # written by no probe
     for s in range(0, len(idx), V - 1):  # at most V − 1 probes share a pass
         part = idx[s:s + V - 1]
-        lp = np.concatenate(HandModel(_probe_rules(rules, part, zero)).log_probs_batch(seqs))
-        toks = np.array([k if k < zero else k + 1 for k in range(len(part))])
-        out[:, s:s + len(part)] = lp[:, toks] - lp[:, [zero]]
+        lp = np.concatenate(HandModel(_probe_rules(rules, part)).log_probs_batch(seqs))
+        out[:, s:s + len(part)] = lp[:, :len(part)] - lp[:, [zero]]
         del lp
     return out
 
@@ -85,19 +81,24 @@ def copy_logits(rules, seqs: list[np.ndarray], group: list[int], zero: int) -> n
     a rule's copy weight where it fires). `zero` must be a token no sequence holds (copying never writes it)."""
     from handmodel import HandModel
 
-    lp = np.concatenate(HandModel(_probe_rules(rules, group, zero, copy=True)).log_probs_batch(seqs))
+    lp = np.concatenate(HandModel(_probe_rules(rules, group, copy=True)).log_probs_batch(seqs))
     lp -= lp[:, [zero]]
     return lp
 
 
 def _support(rules, targets) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, weights) of a `next` list, overlapping sets summed."""
-    d: dict[int, float] = {}
-    for sid, w in targets:
-        for v in rules.sets.members(sid):
-            d[int(v)] = d.get(int(v), 0.0) + w
-    t = np.fromiter(d.keys(), np.int64, len(d))
-    return t, np.fromiter(d.values(), np.float64, len(d))
+    """(tokens, weights) of a `next` list, overlapping sets summed (the compiler's own expansion)."""
+    from handmodel.compiled import _Targets
+
+    t = _Targets(rules.sets)
+    t.add(targets)
+    return t.tok[0].astype(np.int64), t.w[0]
+
+
+def _lse(z: np.ndarray) -> np.ndarray:
+    """log Σ exp over each row of z [P, V]."""
+    m = z.max(1, keepdims=True)
+    return m[:, 0] + np.log(np.exp(z - m).sum(1))
 
 
 def _delta_kl(p, q, hand_lp_rows, a, toks, w) -> float:
@@ -112,8 +113,7 @@ def _delta_kl(p, q, hand_lp_rows, a, toks, w) -> float:
     if bad.any():
         full = hand_lp_rows(bad).astype(np.float64)  # [b, V]
         full[:, toks] -= d[bad]
-        m = full.max(1, keepdims=True)
-        lse[bad] = (m[:, 0] + np.log(np.exp(full - m).sum(1)))
+        lse[bad] = _lse(full)
     return float((cross + lse).sum())
 
 
@@ -132,7 +132,8 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
     absent = np.flatnonzero(np.bincount(tok, minlength=rules.vocab_size) == 0)
     copying = [i for i in range(n) if kinds[i] == "head_out" and rules.rules[i].copy is not None
                and not rules.rules[i].next] if len(absent) else []  # no absent token: nothing to read a copy against
-    rest = [i for i in range(n) if i not in set(additive) | set(copying)]
+    done = set(additive) | set(copying)
+    rest = [i for i in range(n) if i not in done]
     log(f"ablation: {len(probed)} rules probed, {len(additive) - len(probed)} bigram rules, {len(copying)} copying rules "
         f"probed, {len(rest)} recomputed")
     import time
@@ -156,9 +157,11 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
             pos = np.flatnonzero(anyhit)
             if len(pos):
                 pat, inv = np.unique(hit[:, pos].T, axis=0, return_inverse=True)
+                inv = inv.ravel()
                 for g, rowsel in enumerate(pat):
                     t, w = _support(rules, [x for (now, row), on in zip(r.rows, rowsel) if on for x in row])
-                    groups.append((pos[inv.ravel() == g], np.ones(int(np.sum(inv.ravel() == g))), t, w))
+                    at = pos[inv == g]
+                    groups.append((at, np.ones(len(at)), t, w))
         else:
             a = a_all[:, col[i]].astype(np.float64)
             pos = np.flatnonzero(a != 0)
@@ -180,7 +183,7 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
         groups = _disjoint_groups(rules, copying)
         for gi, group in enumerate(groups):
             log(f"ablation: copying rules, probe {gi + 1} of {len(groups)} ({len(group)} rules)")
-            C = copy_logits(rules, seqs, group, int(absent[0]))
+            C = copy_logits(rules, seqs, group, int(absent[0]))  # an absent token: copying never writes it
             for i in group:
                 r = rules.rules[i]
                 pos = np.flatnonzero(np.isin(tok, rules.sets.members(r.now)))
@@ -189,9 +192,7 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
                     pc = pos[c0:c0 + 2048]
                     dl = r.copy * C[pc].astype(np.float64)
                     p = np.exp(np.asarray(ref_lp[pc], np.float64)) / S[pc, None]
-                    z = hand[pc].astype(np.float64) - dl
-                    m = z.max(1, keepdims=True)
-                    d += float((p * dl).sum() + (m[:, 0] + np.log(np.exp(z - m).sum(1))).sum())
+                    d += float((p * dl).sum() + _lse(hand[pc].astype(np.float64) - dl).sum())
                 kl_without[i] = (total + d) / N if N else 0.0
             del C
     del hand
