@@ -279,6 +279,20 @@ def test_prune_schedule_falls_cubically_to_the_kept_size():
     assert kept == sorted(kept, reverse=True) and kept[-1] == 800 and kept[0] < 4096
     assert kept[0] - kept[1] > kept[1] - kept[2] > kept[2] - kept[3]  # big cuts first, gentle at the end
     assert prune_schedule(1100, 1, 64, 6) == [(366, 6)]  # one cut at a third (drafts 1-5)
+    late = prune_schedule(1000, 4, 4096, 800, window=(0.3, 0.65))
+    assert [s for s, _ in late] == [300, 417, 533, 650] and [k for _, k in late] == [k for _, k in plan]
+    assert prune_schedule(1000, 1, 64, 6, window=(0.3, 0.65)) == [(300, 6)]
+    with pytest.raises(ValueError, match="0 < start <= end < 1"):
+        prune_schedule(1000, 4, 64, 6, window=(0.7, 0.3))
+
+
+def test_suggest_cli_rejects_a_malformed_prune_window():
+    from handmodel.errors import UserError
+    from verify.discover.commands import _fraction_pair
+
+    assert _fraction_pair("0.3:0.65", "--prune-window") == (0.3, 0.65) and _fraction_pair(None, "x") is None
+    with pytest.raises(UserError, match="START:END"):
+        _fraction_pair("0.3-0.65", "--prune-window")
 
 
 def test_neuron_class_cuts_never_bring_back_a_removed_entry():

@@ -42,6 +42,19 @@ def _table(title: str, cols: list[str], rows: list[list], justify_right=()):
     return t
 
 
+def _fraction_pair(text: Optional[str], flag: str) -> Optional[tuple[float, float]]:
+    """"0.3:0.65" -> (0.3, 0.65); None stays None (the command's default)."""
+    from handmodel.errors import UserError
+
+    if text is None:
+        return None
+    try:
+        a, b = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected START:END, two fractions of the steps, e.g. 0.3:0.65") from None
+    return a, b
+
+
 def _q(tok: str) -> str:
     return repr(tok)
 
@@ -173,7 +186,8 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 joint_positions: int = typer.Option(262_144, "--joint-positions", help="Training positions the joint fit streams over (reference recomputed per batch)."),
                 query_scores: int = typer.Option(400, "--query-scores", help="Joint fit: query-dependent attention entries { now = @class, src = @class } kept per head (0: none)."),
                 neuron_classes: int = typer.Option(0, "--neuron-classes", help="Joint fit: class-level entries per neuron and kind (current-token class in `now`, attention mass on a class in `attend`, a whole class in `next`), fitted dense over the classes then cut to this many of each (0: none)."),
-                prune_cuts: int = typer.Option(4, "--prune-cuts", help="Joint fit: prune the query and neuron-class entries in this many cuts between 1/8 and 2/5 of the steps, kept counts falling cubically to the final sizes (1: one cut at a third)."),
+                prune_cuts: int = typer.Option(4, "--prune-cuts", help="Joint fit: prune the query and neuron-class entries in this many cuts between 1/8 and 2/5 of the steps (see --prune-window), kept counts falling cubically to the final sizes (1: one cut at a third)."),
+                prune_window: Optional[str] = typer.Option(None, "--prune-window", help="Joint fit: START:END, the fractions of the steps between which the cuts fall (default 0.125:0.4; a later start keeps the fit dense longer)."),
                 as_json: bool = JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
     class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
@@ -190,7 +204,8 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
     d = suggest(o, out, Path(corpus), budget=budget, n_classes=classes, class_k=class_k, k_max=k_max, with_heads=heads,
                 n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count,
                 n_neurons=neurons, target=target, copy=copy, joint_steps=joint_steps, joint_positions=joint_positions,
-                n_query=query_scores, neuron_classes=neuron_classes, prune_cuts=prune_cuts, log=log)
+                n_query=query_scores, neuron_classes=neuron_classes, prune_cuts=prune_cuts,
+                prune_window=_fraction_pair(prune_window, "--prune-window"), log=log)
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")

@@ -207,13 +207,19 @@ def net_kl(net, windows: np.ndarray, ref_lp, batch: int = 16) -> float:
                                 for s in range(0, len(X), batch)]).mean())
 
 
-def prune_schedule(steps: int, cuts: int, dense: int, final: int) -> list[tuple[int, int]]:
-    """(step, entries kept) of each cut: `cuts` cuts spread over steps/8 .. 2·steps/5, the kept count
-    falling cubically from `dense` to `final` (gradual pruning: one cut straight to `final` threw away
-    entries the rest of the fit had leaned on; held-out KL rose 0.963 -> 1.176 at the cut on draft 5)."""
+def prune_schedule(steps: int, cuts: int, dense: int, final: int,
+                   window: tuple[float, float] | None = None) -> list[tuple[int, int]]:
+    """(step, entries kept) of each cut: `cuts` cuts spread over the fraction `window` of the steps
+    (default steps/8 .. 2·steps/5), the kept count falling cubically from `dense` to `final` (gradual
+    pruning: one cut straight to `final` threw away entries the rest of the fit had leaned on; held-out
+    KL rose 0.963 -> 1.176 at the cut on draft 5). A single cut falls at the window's start (without a
+    window: at a third, as drafts 1-5 had it)."""
+    a, b = window or (1 / 8, 2 / 5)
+    if not 0 < a <= b < 1:
+        raise ValueError(f"prune window {a}..{b}: need 0 < start <= end < 1")
     if cuts <= 1 or steps < 8:
-        return [(max(steps // 3, 1), final)]
-    first, last = steps // 8, (2 * steps) // 5
+        return [(max(round(steps * a) if window else steps // 3, 1), final)]
+    first, last = round(steps * a), round(steps * b)
     out = []
     for i in range(cuts):
         t = (i + 1) / cuts
@@ -223,7 +229,8 @@ def prune_schedule(steps: int, cuts: int, dense: int, final: int) -> list[tuple[
 
 
 def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: int, batch: int = 16,
-              lr: float = 0.01, n_query: int = 400, cuts: int = 4, log=print) -> dict:
+              lr: float = 0.01, n_query: int = 400, cuts: int = 4,
+              window: tuple[float, float] | None = None, log=print) -> dict:
     """Adam on the training windows (reference log-probs recomputed per batch); the query scores are
     pruned to n_query entries per head and the neurons' class entries to `net.nc` of each kind, in
     `cuts` steps (prune_schedule). Keeps the parameters of the step with the lowest KL on the held-out
@@ -245,8 +252,8 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
     t0 = time.perf_counter()
     plan = {}
     if net.query or net.nc:
-        q_plan = prune_schedule(steps, cuts, net.K * net.K, n_query)
-        c_plan = prune_schedule(steps, cuts, net.K, net.nc)
+        q_plan = prune_schedule(steps, cuts, net.K * net.K, n_query, window)
+        c_plan = prune_schedule(steps, cuts, net.K, net.nc, window)
         plan = {s: (nq, kc) for (s, nq), (_, kc) in zip(q_plan, c_plan)}
     every = max(25, steps // 20)
     for step in range(1, steps + 1):

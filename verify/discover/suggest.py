@@ -277,7 +277,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
             joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
-            neuron_classes: int = 0, prune_cuts: int = 4,
+            neuron_classes: int = 0, prune_cuts: int = 4, prune_window: tuple[float, float] | None = None,
             held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
@@ -296,6 +296,9 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         raise UserError("--joint-steps, --query-scores and --neuron-classes must be >= 0")
     if prune_cuts < 1:
         raise UserError("--prune-cuts must be >= 1 (1: one cut straight to the kept sizes)")
+    if prune_window is not None and not 0 < prune_window[0] <= prune_window[1] < 1:
+        raise UserError(f"--prune-window {prune_window[0]}:{prune_window[1]}: need 0 < start <= end < 1 "
+                        "(fractions of --joint-steps, e.g. 0.3:0.65)")
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
@@ -480,7 +483,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         held_sample = TrainSample(oracle, held)
         ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
         res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query,
-                         cuts=prune_cuts, log=log)
+                         cuts=prune_cuts, window=prune_window, log=log)
         qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq
