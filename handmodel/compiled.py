@@ -263,8 +263,9 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     a.nr_thr = np.array([r.threshold for _, r in nr], dtype=np.float64)
     a.nr_always = np.flatnonzero(a.nr_thr < 0).astype(np.int64)  # fire with no input at all
     # token outputs are expanded; class outputs stay per class (a neuron writing ten classes would otherwise
-    # touch ~1,000 tokens per firing: the kernel sums the firing neurons' class weights, then adds each
-    # touched class once to its members)
+    # touch ~1,000 tokens per firing): the kernel sums the firing neurons' weights per class, then per
+    # *atom* (tokens in the same output classes), and updates log Z per atom with the atom's base mass,
+    # so a class output costs one exp per atom, not one per member token
     ncl_ptr, ncl_cls, ncl_w = [0], [], []
     for _, r in nr:
         nt.add([(s, w) for s, w in r.next if s < V])
@@ -276,9 +277,7 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     a.ncl_ptr = np.array(ncl_ptr, dtype=np.int64)
     a.ncl_cls = np.array(ncl_cls, dtype=np.int64)
     a.ncl_w = np.array(ncl_w, dtype=np.float64)
-    mem = sets.class_members
-    a.cm_ptr = np.concatenate([[0], np.cumsum([len(m) for m in mem])]).astype(np.int64)
-    a.cm_tok = np.concatenate([np.asarray(m, np.int64) for m in mem]) if mem else np.zeros(0, np.int64)
+    a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok = _atoms(sets.class_members, np.unique(a.ncl_cls), V)
     s_now, n_now, w_now, s_pr, n_pr, w_pr, s_at, h_at, n_at, w_at = ([] for _ in range(10))
     for n, (_, r) in enumerate(nr):
         for s, w in r.n_now:
@@ -296,3 +295,23 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     toks, hh, nn, ww = _expand(sets, s_at, np.array(h_at, np.int64), np.array(n_at, np.int64), np.array(w_at, np.float64))
     a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww)
     return a
+
+
+def _atoms(members: list[np.ndarray], used: np.ndarray, V: int) -> tuple[np.ndarray, ...]:
+    """Atoms of the classes in `used`: tokens grouped by which of those classes hold them (tokens in none
+    form one atom too, so every token has one). Returns atom_of[V]; per class (all classes, unused ones
+    empty) its atoms as CSR (ca_ptr, ca_atom); per atom its member tokens, ascending (am_ptr, am_tok)."""
+    M = np.zeros((V, len(used)), dtype=np.bool_)
+    for j, k in enumerate(used):
+        M[members[k], j] = True
+    sig, atom_of = np.unique(M, axis=0, return_inverse=True)  # sig[a]: which used classes hold atom a
+    atom_of = atom_of.reshape(-1).astype(np.int64)
+    ca = [np.zeros(0, np.int64) for _ in members]
+    for j, k in enumerate(used):
+        ca[k] = np.flatnonzero(sig[:, j]).astype(np.int64)
+    ca_ptr = np.concatenate([[0], np.cumsum([len(x) for x in ca])]).astype(np.int64)
+    ca_atom = np.concatenate(ca).astype(np.int64) if ca else np.zeros(0, np.int64)
+    order = np.argsort(atom_of, kind="stable")  # members ascending within each atom
+    am_ptr = np.zeros(len(sig) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(atom_of, minlength=len(sig)), out=am_ptr[1:])
+    return atom_of, ca_ptr, ca_atom, am_ptr, order.astype(np.int64)

@@ -29,10 +29,13 @@ _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of th
 
 
 class _BasePool:
-    """Dense base rows (float32 logits, float64 probabilities, log-sum-exp, top-K) for the current tokens seen so far."""
+    """Dense base rows (float32 logits, float64 probabilities, log-sum-exp; per atom its mass and top
+    members) for the current tokens seen so far."""
 
-    def __init__(self, V: int):
+    def __init__(self, V: int, n_atoms: int):
         self.V = V
+        self.n_atoms = n_atoms
+        self.ka = kernels.atom_top_k(n_atoms)
         self.slot = np.full(V, -1, dtype=np.int64)  # token -> row, -1 = not built
         self.reset()
 
@@ -42,13 +45,15 @@ class _BasePool:
         self.base = np.zeros((0, self.V), dtype=np.float32)
         self.prob = np.zeros((0, self.V))
         self.lse = np.zeros(0)
-        self.top = np.zeros((0, kernels.TOP_K), dtype=np.int64)
+        self.pat = np.zeros((0, self.n_atoms))
+        self.top = np.zeros((0, self.n_atoms, self.ka), dtype=np.int32)
 
-    def add(self, toks: np.ndarray, base: np.ndarray, prob: np.ndarray, lse: np.ndarray, top: np.ndarray) -> None:
+    def add(self, toks: np.ndarray, base: np.ndarray, prob: np.ndarray, lse: np.ndarray, pat: np.ndarray,
+            top: np.ndarray) -> None:
         n, k = self.n, len(toks)
         if n + k > len(self.base):
             cap = min(max(n + k, 2 * len(self.base), 64), max(self.V, n + k))
-            for name in ("base", "prob", "lse", "top"):
+            for name in ("base", "prob", "lse", "pat", "top"):
                 old = getattr(self, name)
                 new = np.empty((cap,) + old.shape[1:], dtype=old.dtype)
                 new[:n] = old[:n]
@@ -56,6 +61,7 @@ class _BasePool:
         self.base[n:n + k] = base
         self.prob[n:n + k] = prob
         self.lse[n:n + k] = lse
+        self.pat[n:n + k] = pat
         self.top[n:n + k] = top
         self.slot[toks] = np.arange(n, n + k)
         self.n = n + k
@@ -140,11 +146,13 @@ class HandModel:
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._A = _attention_arrays(a, V, H, self._ho_uncond)
+        self._n_atoms = len(a.am_ptr) - 1
         self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
                    a.src_score, a.hg_ptr, a.hg_grp,
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
                    a.sk_rule, a.sk_ptr, a.sk_tok, a.sk_w, a.skn_ptr, a.skn_id, a.ske_ptr, a.ske_id,
-                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.ncl_ptr, a.ncl_cls, a.ncl_w, a.cm_ptr, a.cm_tok,
+                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.ncl_ptr, a.ncl_cls, a.ncl_w,
+                   a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok,
                    a.nn_ptr, a.nn_neu, a.nn_w,
                    a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
                    a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id)
@@ -191,11 +199,11 @@ class HandModel:
         hand_lse = np.empty(N)
         argmax = np.empty(N, dtype=np.int64)
         if ref is not None:
-            S, A, arg, B = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
+            S, A, arg, B, R = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
         else:
-            S, A, arg, B = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0)
-        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.top, m, self._P, self._A, self._uncond(m),
-                         ref16, ref32, use16, _LUT[0], S, A, arg, B,
+            S, A, arg, B, R = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
+        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, m, self._P, self._A,
+                         self._uncond(m), ref16, ref32, use16, _LUT[0], S, A, arg, B, R,
                          want_logp, out_logp, kl, ce, agree, hand_lse, argmax)
         return ptr, out_logp, {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
 
@@ -224,36 +232,41 @@ class HandModel:
         if pool is None:
             while len(pools) >= _BASE_POOLS:
                 pools.pop(next(iter(pools)))
-            pool = _BasePool(self.rules.vocab_size)
+            pool = _BasePool(self.rules.vocab_size, self._n_atoms)
         pools[key] = pool  # most recently used last
         need = uniq[pool.slot[uniq] < 0]
         if len(need):
             V = self.rules.vocab_size
-            if pool.n + len(need) > max(_POOL_BYTES // (12 * max(V, 1)), len(uniq)):
+            row_bytes = 12 * V + pool.n_atoms * (8 + 4 * pool.ka)
+            if pool.n + len(need) > max(_POOL_BYTES // max(row_bytes, 1), len(uniq)):
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            base, prob, lse, top = kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
-                                                      a.glob_blk, a.nb_ptr, a.nb_blk)
-            pool.add(need, base, prob, lse, top)
+            pool.add(need, *kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
+                                               a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka)))
         return pool
 
     def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):
-        """sum p, sum p log p and argmax of each reference row: rule-independent, so cached for the same
-        array (identified by buffer address, shape, dtype and a sample of its bytes). Also p . base row
-        per position, cached for the same array, tokens and prior/bigram mask."""
+        """sum p, sum p log p and argmax of each reference row, and p_ref mass per atom: independent of the
+        mask, so cached for the same array (identified by buffer address, shape, dtype and a sample of its
+        bytes). Also p . base row per position, cached for the same array, tokens and prior/bigram mask."""
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
-            self._ref_cache = (key, kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1]), {})
-        _, (S, A, arg), dots = self._ref_cache
+            stats = kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
+            if len(self.rules.arrays.ncl_cls):
+                R = kernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, np.int64(self._n_atoms))
+            else:  # no class outputs: no atom is ever touched, the mass is never read
+                R = np.zeros((len(ref), self._n_atoms))
+            self._ref_cache = (key, stats + (R,), {})
+        _, (S, A, arg, R), dots = self._ref_cache
         dkey = (self._base_key(mask), tok.tobytes())
         B = dots.get(dkey)
         if B is None:
             dots.clear()
             B = kernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
             dots[dkey] = B
-        return S, A, arg, B
+        return S, A, arg, B, R
 
     # -- API ---------------------------------------------------------------------------------
     def log_probs(self, seq: np.ndarray, mask=None) -> np.ndarray:

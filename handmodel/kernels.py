@@ -17,9 +17,15 @@ TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
 
 
+def atom_top_k(n_atoms: int) -> int:
+    """Entries per (base row, atom) top list: TOP_K in all when there are few atoms, at least 8 each."""
+    return max(8, -(-TOP_K // max(n_atoms, 1)))
+
+
 @njit(cache=True, parallel=True)
-def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk):
-    """Dense base rows for the current tokens in `uniq`: logits, probabilities, log-sum-exp, top-K token ids."""
+def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk, atom_of, n_atoms, KA):
+    """Dense base rows for the current tokens in `uniq`: logits, probabilities, log-sum-exp, and per atom
+    (atoms: compiled._atoms) its probability mass and its top-KA member ids (value desc, index asc; -1 pads)."""
     U = len(uniq)
     glob = np.zeros(V)
     for b in glob_blk:
@@ -29,7 +35,8 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
     base = np.empty((U, V), dtype=np.float32)
     prob = np.empty((U, V))
     lse = np.empty(U)
-    top = np.empty((U, TOP_K), dtype=np.int64)
+    pat = np.zeros((U, n_atoms))
+    top = np.full((U, n_atoms, KA), -1, dtype=np.int32)
     for u in prange(U):
         row = glob.copy()
         c = uniq[u]
@@ -53,21 +60,22 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
         inv = 1.0 / s
         for v in range(V):
             prob[u, v] *= inv
-        # top-K by (value desc, index asc): insertion, entering only when strictly larger
-        tv = np.full(TOP_K, -np.inf)
-        ti = np.full(TOP_K, -1, dtype=np.int64)
+            pat[u, atom_of[v]] += prob[u, v]
+        # per-atom top-KA by (value desc, index asc): insertion, entering only when strictly larger
+        n_in = np.zeros(n_atoms, dtype=np.int64)
         for v in range(V):
+            a = atom_of[v]
             x = base[u, v]
-            if x > tv[TOP_K - 1] or ti[TOP_K - 1] < 0:
-                k = TOP_K - 1
-                while k > 0 and (x > tv[k - 1] or ti[k - 1] < 0):
-                    tv[k] = tv[k - 1]
-                    ti[k] = ti[k - 1]
+            tl = top[u, a]
+            if n_in[a] < KA or x > base[u, tl[KA - 1]]:
+                k = n_in[a] if n_in[a] < KA else KA - 1
+                while k > 0 and x > base[u, tl[k - 1]]:
+                    tl[k] = tl[k - 1]
                     k -= 1
-                tv[k] = x
-                ti[k] = v
-        top[u, :] = ti
-    return base, prob, lse, top
+                tl[k] = v
+                if n_in[a] < KA:
+                    n_in[a] += 1
+    return base, prob, lse, pat, top
 
 
 @njit(cache=True, parallel=True)
@@ -107,6 +115,23 @@ def ref_stats(ref16, ref32, use16, lut_p, lut_pl):
         A[i] = a
         arg[i] = best
     return S, A, arg
+
+
+@njit(cache=True, parallel=True)
+def ref_atom_mass(ref16, ref32, use16, lut_p, atom_of, n_atoms):
+    """Per reference row and atom: sum of p_ref over the atom's tokens (KL's p . class-output term)."""
+    N = ref16.shape[0] if use16 else ref32.shape[0]
+    R = np.zeros((N, n_atoms))
+    for i in prange(N):
+        if use16:
+            row = ref16[i]
+            for v in range(row.shape[0]):
+                R[i, atom_of[v]] += lut_p[row[v]]
+        else:
+            frow = ref32[i]
+            for v in range(frow.shape[0]):
+                R[i, atom_of[v]] += math.exp(np.float64(frow[v]))
+    return R
 
 
 @njit(cache=True, inline="always")
@@ -238,9 +263,9 @@ def _route(sl, mass, k, kind, c, V, mask, ho_rule, ho_now, class_member, ov_acc,
 
 
 @njit(cache=True, parallel=True)
-def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A, U,
-             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, want_logp, out_logp, out_kl, out_ce, out_agree,
-             out_lse, out_argmax):
+def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, mask, P, A, U,
+             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
+             out_agree, out_lse, out_argmax):
     """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
@@ -251,11 +276,16 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
     ref being the running max (sums rescaled when it grows). Each t then costs O(D + active reader slots).
     head_out `copy` outputs: now = @all ones are merged into the per-source-token outputs U (far part: W);
     for heads with conditional copy rules the far attention mass per source token is kept too (M).
+
+    Neuron class outputs are summed per atom (aacc; compiled._atoms) and never expanded to tokens: log Z
+    gains sum over touched atoms of P_atom (e^aacc - 1) (base_pat: the atom's base mass), each touched
+    token's term is scaled by e^aacc of its atom, and KL's p . logits gains aacc x p_ref mass of the atom (ref_R).
     """
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
-     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, cm_ptr, cm_tok, nn_ptr, nn_neu, nn_w,
+     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
+     nn_ptr, nn_neu, nn_w,
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
      cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = P
     (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
@@ -278,11 +308,18 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
         ov_list = np.empty(n_ho, dtype=np.int64)
         ocnt = np.zeros(1, dtype=np.int64)
         pre = np.zeros(n_nr)
-        n_cls = len(cm_ptr) - 1
+        n_cls = len(ca_ptr) - 1
         cacc = np.zeros(n_cls)  # per class: summed output weight of the neurons firing at t
         cflag = np.zeros(n_cls, dtype=np.bool_)
         clist = np.empty(n_cls, dtype=np.int64)
         ccnt = np.zeros(1, dtype=np.int64)
+        n_atoms = len(am_ptr) - 1
+        KA = base_atop.shape[2]
+        aacc = np.zeros(n_atoms)  # per atom: summed class outputs at t
+        aexp = np.ones(n_atoms)  # e^aacc
+        aflag = np.zeros(n_atoms, dtype=np.bool_)
+        alist = np.empty(n_atoms, dtype=np.int64)
+        acnt = np.zeros(1, dtype=np.int64)
         pflag = np.zeros(n_nr, dtype=np.bool_)
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
@@ -541,11 +578,15 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
             for j in range(ccnt[0]):  # each touched class once, however many neurons wrote to it
                 k = clist[j]
                 val = cacc[k]
-                for j2 in range(cm_ptr[k], cm_ptr[k + 1]):
-                    _add(cm_tok[j2], val, delta, dflag, touched, dcnt)
+                for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
+                    _note(ca_atom[j2], aflag, alist, acnt)
+                    aacc[ca_atom[j2]] += val
                 cacc[k] = 0.0
                 cflag[k] = False
             ccnt[0] = 0
+            na = acnt[0]
+            for j in range(na):
+                aexp[alist[j]] = math.exp(aacc[alist[j]])
 
             # log Z = base lse + log(1 + sum over changed entries of (new - old) probability mass)
             r = row_of[c]
@@ -553,47 +594,65 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
             nt = dcnt[0]
             zrel = 1.0
             hi = -np.inf
+            for j in range(na):
+                ak = alist[j]
+                zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                y = base[r, base_atop[r, ak, 0]] + aacc[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                if y > hi:
+                    hi = y
             for j in range(nt):
                 v = touched[j]
                 dv = delta[v]
-                if base[r, v] + dv > hi:
-                    hi = base[r, v] + dv
-                zrel += base_p[r, v] * (math.exp(dv) - 1.0)
+                ak = atom_of[v]
+                if base[r, v] + dv + aacc[ak] > hi:
+                    hi = base[r, v] + dv + aacc[ak]
+                zrel += base_p[r, v] * aexp[ak] * (math.exp(dv) - 1.0)
             if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
                 m = -np.inf
                 for v in range(V):
-                    y = base[r, v] + delta[v]
+                    y = base[r, v] + delta[v] + aacc[atom_of[v]]
                     if y > m:
                         m = y
                 z = 0.0
                 for v in range(V):
-                    z += math.exp(base[r, v] + delta[v] - m)
+                    z += math.exp(base[r, v] + delta[v] + aacc[atom_of[v]] - m)
                 lse = m + math.log(z)
             else:
                 lse = lb + math.log(zrel)
             out_lse[i] = lse
             if t + 1 < T:
                 nx = tok[i + 1]
-                out_ce[i] = lse - (base[r, nx] + delta[nx])
+                out_ce[i] = lse - (base[r, nx] + delta[nx] + aacc[atom_of[nx]])
             else:
                 out_ce[i] = np.nan
-            # hand argmax: best untouched among the base top-K, then every touched entry
+            # hand argmax: per atom its best member without a token delta (the atom's top list, else a scan
+            # of its members), then every touched token; ties go to the lower token id
             best = -1
             bv = -np.inf
-            for k in range(TOP_K):
-                v = base_top[r, k]
-                if v >= 0 and not dflag[v]:
-                    best = v
-                    bv = np.float64(base[r, v])
-                    break
-            if best < 0 and nt < V:
-                for v in range(V):
-                    if not dflag[v] and (best < 0 or base[r, v] > bv):
-                        best = v
-                        bv = np.float64(base[r, v])
+            for ak in range(n_atoms):
+                cand = -1
+                for k in range(KA):
+                    v = base_atop[r, ak, k]
+                    if v < 0:
+                        break
+                    if not dflag[v]:
+                        cand = v
+                        break
+                if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                    cv = -np.inf
+                    for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                        v = am_tok[j]
+                        if not dflag[v] and (cand < 0 or base[r, v] > cv):
+                            cand = v
+                            cv = base[r, v]
+                if cand >= 0:
+                    y = np.float64(base[r, cand]) + aacc[ak]
+                    if best < 0 or y > bv or (y == bv and cand < best):
+                        best = cand
+                        bv = y
             for j in range(nt):
                 v = touched[j]
-                y = base[r, v] + delta[v]
+                y = base[r, v] + delta[v] + aacc[atom_of[v]]
                 if best < 0 or y > bv or (y == bv and v < best):
                     best = v
                     bv = y
@@ -601,15 +660,21 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
             if want_logp:
                 orow = out_logp[i]
                 brow = base[r]
-                for v in range(V):
-                    orow[v] = brow[v] - lse
+                if na > 0:
+                    for v in range(V):
+                        orow[v] = brow[v] + aacc[atom_of[v]] - lse
+                else:
+                    for v in range(V):
+                        orow[v] = brow[v] - lse
                 for j in range(nt):
                     v = touched[j]
-                    orow[v] = brow[v] + delta[v] - lse
+                    orow[v] = brow[v] + delta[v] + aacc[atom_of[v]] - lse
             else:
                 # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
                 # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
                 B = ref_B[i]
+                for j in range(na):
+                    B += aacc[alist[j]] * ref_R[i, alist[j]]
                 if use16:
                     rrow = ref16[i]
                     for j in range(nt):
@@ -629,3 +694,9 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_top, mask, P, A,
                 delta[v] = 0.0
                 dflag[v] = False
             dcnt[0] = 0
+            for j in range(na):
+                ak = alist[j]
+                aacc[ak] = 0.0
+                aexp[ak] = 1.0
+                aflag[ak] = False
+            acnt[0] = 0

@@ -156,6 +156,54 @@ def test_engine_matches_twin(case):
         assert own["agree"][clear].all()
 
 
+@settings(deadline=None, derandomize=True, max_examples=40, suppress_health_check=list(HealthCheck))
+@given(cases())
+def test_argmax_and_metrics_when_atom_top_lists_run_out(case):
+    """The hand argmax reads each atom's top members (tokens in the same neuron output classes); with
+    one-entry lists it must fall back to scanning the atom's members and still agree with the twin."""
+    from unittest import mock
+
+    from handmodel import kernels
+
+    vocab, files, seqs, seed = case
+    rules = compile_text(vocab, files)
+    with mock.patch.object(kernels, "atom_top_k", lambda n_atoms: 1):
+        hm = HandModel(rules)
+        mask = np.random.default_rng(seed).random(len(rules.rule_ids)) < 0.8
+        for msk in (None, mask):
+            want = [twin.log_probs(rules, s, msk) for s in seqs]
+            hand = np.concatenate(want)
+            m = hm.stream_metrics(seqs, hand.astype(np.float32), msk)  # the reference is the hand model itself
+            srt = np.sort(hand, axis=1)
+            clear = (srt[:, -1] - srt[:, -2] > 1e-4) if len(vocab) > 1 else np.ones(len(hand), bool)
+            assert m["agree"][clear].all()
+            np.testing.assert_array_equal(m["hand_argmax"][clear], hand.argmax(1)[clear])
+            assert np.abs(m["kl"]).max() < 1e-5
+
+
+def test_argmax_skips_a_touched_atom_top_member():
+    """Neuron writes +1 to class c0 and -5 to its top member 'a': the best token is c0's second member
+    'b', found by the atom top list, or by scanning c0 when the list holds one entry."""
+    from unittest import mock
+
+    from handmodel import kernels
+
+    vocab = ["a", "b", "c", "d", "e", "f"]
+    text = ('[[class]]\nid = "c0"\ndoc = "four"\ntokens = ["a", "b", "c", "d"]\n'
+            '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "a" = 3.0, "b" = 2.0, "c" = 1.0 }\n'
+            '[[neuron]]\nid = "n"\ndoc = "always on"\nthreshold = -0.5\nnext = { "@c0" = 2.0, "a" = -10.0 }\n')
+    rules = compile_text(vocab, {"r.toml": text})
+    seq = np.array([4, 5, 0], dtype=np.int32)
+    want = np.array([-1.0, 3.0, 2.0, 1.0, 0.0, 0.0])
+    want = want - logsumexp(want)
+    for ka in (None, 1):
+        with mock.patch.object(kernels, "atom_top_k", (lambda n: ka) if ka else kernels.atom_top_k):
+            hm = HandModel(rules)
+            np.testing.assert_allclose(hm.log_probs(seq), np.tile(want, (3, 1)), atol=1e-6)
+            m = hm.stream_metrics([seq], np.tile(want, (3, 1)).astype(np.float32))
+            assert (m["hand_argmax"] == 1).all() and m["agree"].all() and np.abs(m["kl"]).max() < 1e-6
+
+
 def test_kl_equals_direct_numpy():
     vocab = ["a", "b", "c"]
     rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "b is common"\nnext = { "b" = 1.0 }\n'})
