@@ -169,10 +169,17 @@ class HandModel:
                             "tokenize with the tokenizer the rules were compiled against")
         return tok, ptr
 
-    def _run(self, seqs, mask, ref=None, want_logp=False):
+    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1):
+        """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
+        base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N])."""
         rules = self.rules
         V = rules.vocab_size
-        m = rules.mask_of(mask)
+        if row is None:
+            m = rules.mask_of(mask)
+            row = np.where(m, 0, -1).astype(np.int64)
+        else:
+            m = row >= 0
+        R = n_rows
         tok, ptr = self._tokens(seqs)
         N = len(tok)
         pool = self._base(np.unique(tok), m)
@@ -193,25 +200,26 @@ class HandModel:
             else:
                 ref32 = np.ascontiguousarray(ref, dtype=np.float32)
         out_logp = np.empty((N, V) if want_logp else (0, V), dtype=np.float32)
-        kl = np.zeros(N)
-        ce = np.empty(N)
-        agree = np.zeros(N, dtype=np.bool_)
-        hand_lse = np.empty(N)
-        argmax = np.empty(N, dtype=np.int64)
+        kl = np.zeros((R, N))
+        ce = np.empty((R, N))
+        agree = np.zeros((R, N), dtype=np.bool_)
+        hand_lse = np.empty((R, N))
+        argmax = np.empty((R, N), dtype=np.int64)
         if ref is not None:
-            S, A, arg, B, R = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
         else:
-            S, A, arg, B, R = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
-        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, m, self._P, self._A,
-                         self._uncond(m), ref16, ref32, use16, _LUT[0], S, A, arg, B, R,
+            S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
+        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
+                         self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
                          want_logp, out_logp, kl, ce, agree, hand_lse, argmax)
-        return ptr, out_logp, {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
+        out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
+        return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 
-    def _uncond(self, mask: np.ndarray) -> tuple:
+    def _uncond(self, row: np.ndarray) -> tuple:
         a = self.rules.arrays
-        key = mask[a.ho_rule].tobytes() if len(a.ho_rule) else b""
+        key = (row[a.ho_rule].tobytes(), row[a.cp_rule].tobytes())
         if self._uo_cache is None or self._uo_cache[0] != key:
-            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), mask, a.ho_rule,
+            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
                                        a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
                                        a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
             self._uo_cache = (key, out)
@@ -285,11 +293,68 @@ class HandModel:
         logits; hand_argmax: the hand model's top token. Hand log-probs are never materialised.
         """
         _, _, out = self._run(list(seqs), mask, ref=ref_logp)
-        bad = ~np.isfinite(out["kl"])
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise UserError(f"ref_logp row {i} has NaN, +inf or all -inf values; pass finite log-probs (log_softmax output)")
+        self._check_finite(out["kl"])
         return out
+
+    def row_passes(self, masks: list) -> list[tuple[list[int], np.ndarray | None]]:
+        """How stream_metrics_rows computes nested masks: (indices of the masks, per-rule first row) per
+        fused pass, or ([k], None) for a mask run alone. Masks fuse when consecutive, nested, with the same
+        prior/bigram rules, and when switching on the later ones' rules cannot change the earlier ones'
+        contributions: a head_out or copy rule counts from its head's row on (no output before); a neuron
+        attending to a head that only switches on in a later row does not fuse (its activation would
+        differ between the rows)."""
+        a = self.rules.arrays
+        ms = [self.rules.mask_of(m) for m in masks]
+        runs: list[list[int]] = []
+        for k, m in enumerate(ms):
+            prev = ms[k - 1] if k else None
+            if runs and (prev & ~m).sum() == 0 and self._base_key(prev) == self._base_key(m):
+                runs[-1].append(k)
+            else:
+                runs.append([k])
+        head_of_neuron = [[] for _ in range(len(a.nr_rule))]
+        V = self.rules.vocab_size
+        for h in range(self.rules.n_heads):
+            for n in np.unique(a.na_neu[a.na_ptr[h * V]:a.na_ptr[(h + 1) * V]]):
+                head_of_neuron[n].append(h)
+        out = []
+        for run in runs:
+            if len(run) == 1:
+                out.append((run, None))
+                continue
+            row = np.full(len(ms[0]), -1, dtype=np.int64)
+            for j, k in reversed(list(enumerate(run))):
+                row[ms[k]] = j
+            for rules_, heads in ((a.ho_rule, a.ho_head), (a.cp_rule, a.cp_head)):
+                hr = row[a.head_rule[heads]]
+                on = (row[rules_] >= 0) & (hr >= 0)
+                row[rules_[on]] = np.maximum(row[rules_[on]], hr[on])
+            ok = all(row[a.nr_rule[n]] < 0 or row[a.head_rule[h]] <= row[a.nr_rule[n]]
+                     for n, hs in enumerate(head_of_neuron) for h in hs)
+            out.extend([(run, row)] if ok else [([k], None) for k in run])
+        return out
+
+    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list) -> list[dict]:
+        """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
+        row_passes allows: a fused pass computes the attention and neurons once for all its rows."""
+        seqs = list(seqs)
+        out: list[dict | None] = [None] * len(masks)
+        for run, row in self.row_passes(masks):
+            if row is None:
+                out[run[0]] = self.stream_metrics(seqs, ref_logp, masks[run[0]])
+                continue
+            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run))
+            self._check_finite(m["kl"])
+            for j, k in enumerate(run):
+                out[k] = {name: v[j] for name, v in m.items()}
+        return out
+
+    @staticmethod
+    def _check_finite(kl: np.ndarray) -> None:
+        bad = ~np.isfinite(kl)
+        if bad.any():
+            i = int(np.flatnonzero(bad.reshape(-1))[0]) % kl.shape[-1]
+            raise UserError(f"ref_logp row {i} has NaN, +inf or all -inf values; pass finite log-probs (log_softmax output)")
 
     def explain(self, seq: np.ndarray, pos: int, mask=None) -> list[tuple[str, str]]:
         """(rule id, what it did) for every rule that fired at position `pos` (computed by the twin)."""

@@ -142,9 +142,9 @@ def _member(sid, c, V, class_member):
 
 
 @njit(cache=True, inline="always")
-def _write(k, scale, ptr, tok, w, delta, dflag, touched, cnt):
+def _write(k, scale, off, ptr, tok, w, delta, dflag, touched, cnt):
     for j in range(ptr[k], ptr[k + 1]):
-        _add(tok[j], scale * w[j], delta, dflag, touched, cnt)
+        _add(off + tok[j], scale * w[j], delta, dflag, touched, cnt)
 
 
 @njit(cache=True, inline="always")
@@ -177,26 +177,28 @@ def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
 
 
 @njit(cache=True)
-def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond, cp_rule, cp_w, cps_ptr, cps_id):
+def build_uncond(H, V, row, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond, cp_rule, cp_w, cps_ptr, cps_id):
     """Per (head, source token): the merged output of every switched-on head_out with now = @all reading
     that source (their contributions scale with the same attention weight, so they add into one sparse
     vector), `copy` outputs of now = @all head_outs included (target: the source token itself).
-    Returns CSR (ptr[H*V+1], tok, w) and per head the number of distinct target tokens."""
+    Outputs are keyed row x V + token (row: the rule's ledger row, kernels.run_seqs; one row: the token).
+    Returns CSR (ptr[H*V+1], key, w) and per head the number of distinct keys."""
+    RV = V * (max(row.max(), 0) + 1) if len(row) else V
     total = 0
     for key in range(H * V):
         for j in range(hos_ptr[key], hos_ptr[key + 1]):
             k = hos_id[j]
-            if ho_uncond[k] and mask[ho_rule[k]]:
+            if ho_uncond[k] and row[ho_rule[k]] >= 0:
                 total += ho_ptr[k + 1] - ho_ptr[k]
         total += cps_ptr[key + 1] - cps_ptr[key]
     ptr = np.zeros(H * V + 1, dtype=np.int64)
     otok = np.empty(total, dtype=np.int64)
     ow = np.empty(total)
-    acc = np.zeros(V)
-    flag = np.zeros(V, dtype=np.bool_)
-    lst = np.empty(V, dtype=np.int64)
-    hflag = np.zeros(V, dtype=np.bool_)
-    hlist = np.empty(V, dtype=np.int64)
+    acc = np.zeros(RV)
+    flag = np.zeros(RV, dtype=np.bool_)
+    lst = np.empty(RV, dtype=np.int64)
+    hflag = np.zeros(RV, dtype=np.bool_)
+    hlist = np.empty(RV, dtype=np.int64)
     ucap = np.zeros(H, dtype=np.int64)
     n = 0
     for h in range(H):
@@ -206,9 +208,10 @@ def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_
             cnt = 0
             for j in range(hos_ptr[key], hos_ptr[key + 1]):
                 k = hos_id[j]
-                if ho_uncond[k] and mask[ho_rule[k]]:
+                if ho_uncond[k] and row[ho_rule[k]] >= 0:
+                    off = row[ho_rule[k]] * V
                     for e in range(ho_ptr[k], ho_ptr[k + 1]):
-                        v = ho_tok[e]
+                        v = off + ho_tok[e]
                         if not flag[v]:
                             flag[v] = True
                             lst[cnt] = v
@@ -216,12 +219,13 @@ def build_uncond(H, V, mask, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_
                         acc[v] += ho_w[e]
             for j in range(cps_ptr[key], cps_ptr[key + 1]):
                 k = cps_id[j]
-                if mask[cp_rule[k]]:
-                    if not flag[x]:
-                        flag[x] = True
-                        lst[cnt] = x
+                if row[cp_rule[k]] >= 0:
+                    v = row[cp_rule[k]] * V + x
+                    if not flag[v]:
+                        flag[v] = True
+                        lst[cnt] = v
                         cnt += 1
-                    acc[x] += cp_w[k]
+                    acc[v] += cp_w[k]
             for e in range(cnt):
                 v = lst[e]
                 otok[n] = v
@@ -250,11 +254,11 @@ def _add(v, val, delta, dflag, touched, cnt):
 
 
 @njit(cache=True, inline="always")
-def _route(sl, mass, k, kind, c, V, mask, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
+def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
            pre, pflag, plist, pcnt):
     """Attention mass `mass` reaching reader slot `sl` (a head_out or a neuron attending to this head)."""
     if kind == 0:
-        if mask[ho_rule[k]] and _member(ho_now[k], c, V, class_member):
+        if row[ho_rule[k]] >= 0 and _member(ho_now[k], c, V, class_member):
             ov_acc[k] += mass
             _note(k, ov_flag, ov_list, ocnt)
     else:
@@ -263,11 +267,16 @@ def _route(sl, mass, k, kind, c, V, mask, ho_rule, ho_now, class_member, ov_acc,
 
 
 @njit(cache=True, parallel=True)
-def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, mask, P, A, U,
+def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
              out_agree, out_lse, out_argmax):
     """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
+
+    Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
+    goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r
+    (out_*[r, i]). Exact when each rule's contribution does not depend on which later rules are on, which
+    the caller ensures (engine.HandModel.stream_metrics_rows). One row (R = 1): a plain mask.
 
     Attention is incremental: a position at distance >= D (the head's position-table length) from t has
     score default + srcscore(token), the same for every later t, so it is folded once into running sums
@@ -296,30 +305,41 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
     n_nr = len(nr_rule)
     n_cb = len(cb_rep)
     n_sl = len(sl_kind)
+    RV = R * V
     for q in prange(len(seq_ptr) - 1):
         lo = seq_ptr[q]
         T = seq_ptr[q + 1] - lo
-        delta = np.zeros(V)
-        dflag = np.zeros(V, dtype=np.bool_)
-        touched = np.empty(V, dtype=np.int64)
+        delta = np.zeros(RV)  # keyed row x V + token
+        dflag = np.zeros(RV, dtype=np.bool_)
+        touched = np.empty(RV, dtype=np.int64)
         dcnt = np.zeros(1, dtype=np.int64)
+        cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
+        cflg = np.zeros(V, dtype=np.bool_)
+        ctl = np.empty(V, dtype=np.int64)
+        bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
+        bkey = np.empty(RV, dtype=np.int64)
         ov_acc = np.zeros(n_ho)
         ov_flag = np.zeros(n_ho, dtype=np.bool_)
         ov_list = np.empty(n_ho, dtype=np.int64)
         ocnt = np.zeros(1, dtype=np.int64)
         pre = np.zeros(n_nr)
         n_cls = len(ca_ptr) - 1
-        cacc = np.zeros(n_cls)  # per class: summed output weight of the neurons firing at t
-        cflag = np.zeros(n_cls, dtype=np.bool_)
-        clist = np.empty(n_cls, dtype=np.int64)
+        cacc = np.zeros(R * n_cls)  # per (row, class): summed output weight of the neurons firing at t
+        cflag = np.zeros(R * n_cls, dtype=np.bool_)
+        clist = np.empty(R * n_cls, dtype=np.int64)
         ccnt = np.zeros(1, dtype=np.int64)
         n_atoms = len(am_ptr) - 1
         KA = base_atop.shape[2]
-        aacc = np.zeros(n_atoms)  # per atom: summed class outputs at t
-        aexp = np.ones(n_atoms)  # e^aacc
-        aflag = np.zeros(n_atoms, dtype=np.bool_)
-        alist = np.empty(n_atoms, dtype=np.int64)
+        aacc = np.zeros(R * n_atoms)  # per (row, atom): summed class outputs at t
+        aflag = np.zeros(R * n_atoms, dtype=np.bool_)
+        alist = np.empty(R * n_atoms, dtype=np.int64)
         acnt = np.zeros(1, dtype=np.int64)
+        aptr = np.zeros(R + 1, dtype=np.int64)  # touched atom keys bucketed by row
+        akey = np.empty(R * n_atoms, dtype=np.int64)
+        cuma = np.zeros(n_atoms)  # a row's summed atom outputs, their exp, the atoms touched so far
+        aexp = np.ones(n_atoms)
+        caflg = np.zeros(n_atoms, dtype=np.bool_)
+        cal = np.empty(n_atoms, dtype=np.int64)
         pflag = np.zeros(n_nr, dtype=np.bool_)
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
@@ -341,7 +361,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         n_act = 0
         for h in range(H):
             act_lo[h] = n_act
-            if not head_used[h] or not mask[head_rule[h]]:
+            if not head_used[h] or row[head_rule[h]] < 0:
                 continue
             for t in range(T):
                 g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
@@ -363,8 +383,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             for a in range(act_lo[h], act_lo[h + 1]):
                 w_off[a + 1] = w_off[a] + ucap[h]
         W = np.zeros(w_off[n_act])
-        wix = np.full(H * V if w_off[n_act] > 0 else 0, -1, dtype=np.int64)
-        wsup = np.empty(H * V if w_off[n_act] > 0 else 0, dtype=np.int64)
+        wix = np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64)  # per (head, output key)
+        wsup = np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64)
         wcnt = np.zeros(H, dtype=np.int64)
         # conditional copy rules: running far attention mass per (active combination, source token), per-head support
         mcap = T if T < V else V
@@ -417,11 +437,11 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                             live_idx[n] = -1
             for j in range(skn_ptr[c], skn_ptr[c + 1]):
                 k = skn_id[j]
-                if mask[sk_rule[k]] and sk_first[k] < t:
-                    _write(k, 1.0, sk_ptr, sk_tok, sk_w, delta, dflag, touched, dcnt)
+                if row[sk_rule[k]] >= 0 and sk_first[k] < t:
+                    _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, delta, dflag, touched, dcnt)
             # attention heads
             for h in range(H):
-                if not head_used[h] or not mask[head_rule[h]]:
+                if not head_used[h] or row[head_rule[h]] < 0:
                     continue
                 p0 = pos_ptr[h]
                 D = pos_ptr[h + 1] - p0
@@ -442,9 +462,9 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     u1 = uo_ptr[h * V + x + 1]
                     for j in range(u0, u1):
                         v = uo_tok[j]
-                        if wix[h * V + v] < 0:
-                            wix[h * V + v] = wcnt[h]
-                            wsup[h * V + wcnt[h]] = v
+                        if wix[h * RV + v] < 0:
+                            wix[h * RV + v] = wcnt[h]
+                            wsup[h * RV + wcnt[h]] = v
                             wcnt[h] += 1
                     mx = -1
                     if cp_cond[h]:
@@ -475,7 +495,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         for j in range(e0, e1):
                             G[g_off[a] + re_slot[j]] += re_w[j] * ex
                         for j in range(u0, u1):
-                            W[w_off[a] + wix[h * V + uo_tok[j]]] += uo_w[j] * ex
+                            W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
                         if mx >= 0:
                             M[m_off[a] + mx] += ex
                 a = act_of[cb_ptr[h] + cb_of[h * V + c]]
@@ -510,49 +530,44 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         _add(uo_tok[j], w * uo_w[j], delta, dflag, touched, dcnt)
                     for j in range(re_ptr[key], re_ptr[key + 1]):
                         sl = re_slot[j]
-                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, mask, ho_rule, ho_now,
+                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
                                class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
                 if cp_cond[h]:
                     # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
                     napp = 0
                     for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
                         k = cpn_id[j]
-                        if mask[cp_rule[k]]:
+                        if row[cp_rule[k]] >= 0:
                             capp[napp] = k
                             napp += 1
                     if napp > 0:
                         for d in range(nd):
                             xs = tok[i - d]
-                            cw = 0.0
                             for u in range(napp):
                                 k = capp[u]
                                 if _member(cp_src[k], xs, V, class_member):
-                                    cw += cp_w[k]
-                            if cw != 0.0:
-                                _add(xs, cw * att[d] / z, delta, dflag, touched, dcnt)
+                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), delta, dflag, touched, dcnt)
                         if ef > 0.0:
                             mo = m_off[a]
                             for u in range(mcnt[h]):
                                 xs = msup[h * V + u]
-                                cw = 0.0
                                 for uu in range(napp):
                                     k = capp[uu]
                                     if _member(cp_src[k], xs, V, class_member):
-                                        cw += cp_w[k]
-                                if cw != 0.0:
-                                    _add(xs, cw * M[mo + u] * ef, delta, dflag, touched, dcnt)
+                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), delta, dflag,
+                                             touched, dcnt)
                 if ef > 0.0:
                     wo = w_off[a]
                     for u in range(wcnt[h]):
-                        _add(wsup[h * V + u], W[wo + u] * ef, delta, dflag, touched, dcnt)
+                        _add(wsup[h * RV + u], W[wo + u] * ef, delta, dflag, touched, dcnt)
                     go = g_off[a]
                     for u in range(sl_cnt[h]):
                         sl = sl_list[s0 + u]
-                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, mask, ho_rule, ho_now,
+                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
                                class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
             for j in range(ocnt[0]):
                 k = ov_list[j]
-                _write(k, ov_acc[k], ho_ptr, ho_tok, ho_w, delta, dflag, touched, dcnt)
+                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, delta, dflag, touched, dcnt)
                 ov_acc[k] = 0.0
                 ov_flag[k] = False
             ocnt[0] = 0
@@ -566,137 +581,184 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             for j in range(pcnt[0]):
                 n = plist[j]
                 act = pre[n] + pres_sum[n] - nr_thr[n]
-                if act > 0.0 and mask[nr_rule[n]]:
-                    _write(n, act, nr_ptr, nr_tok, nr_w, delta, dflag, touched, dcnt)
+                if act > 0.0 and row[nr_rule[n]] >= 0:
+                    rn = row[nr_rule[n]]
+                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, delta, dflag, touched, dcnt)
                     for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
-                        k = ncl_cls[j2]
+                        k = rn * n_cls + ncl_cls[j2]
                         _note(k, cflag, clist, ccnt)
                         cacc[k] += act * ncl_w[j2]
                 pre[n] = 0.0
                 pflag[n] = False
             pcnt[0] = 0
-            for j in range(ccnt[0]):  # each touched class once, however many neurons wrote to it
-                k = clist[j]
-                val = cacc[k]
+            for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
+                key = clist[j]
+                val = cacc[key]
+                rk = key // n_cls
+                k = key - rk * n_cls
                 for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
-                    _note(ca_atom[j2], aflag, alist, acnt)
-                    aacc[ca_atom[j2]] += val
-                cacc[k] = 0.0
-                cflag[k] = False
+                    ak = rk * n_atoms + ca_atom[j2]
+                    _note(ak, aflag, alist, acnt)
+                    aacc[ak] += val
+                cacc[key] = 0.0
+                cflag[key] = False
             ccnt[0] = 0
-            na = acnt[0]
-            for j in range(na):
-                aexp[alist[j]] = math.exp(aacc[alist[j]])
-
-            # log Z = base lse + log(1 + sum over changed entries of (new - old) probability mass)
+            # bucket the touched token and atom keys by row (stable), then each row in turn
+            nk = dcnt[0]
+            nak = acnt[0]
+            bptr[:] = 0
+            aptr[:] = 0
+            for j in range(nk):
+                bptr[touched[j] // V + 1] += 1
+            for j in range(nak):
+                aptr[alist[j] // n_atoms + 1] += 1
+            for rr in range(R):
+                bptr[rr + 1] += bptr[rr]
+                aptr[rr + 1] += aptr[rr]
+            for j in range(nk):
+                rr = touched[j] // V
+                bkey[bptr[rr]] = touched[j]
+                bptr[rr] += 1
+            for j in range(nak):
+                rr = alist[j] // n_atoms
+                akey[aptr[rr]] = alist[j]
+                aptr[rr] += 1
+            nt = 0
+            na = 0
+            b0 = 0
+            a0 = 0
             r = row_of[c]
             lb = base_lse[r]
-            nt = dcnt[0]
-            zrel = 1.0
-            hi = -np.inf
-            for j in range(na):
-                ak = alist[j]
-                zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
-                y = base[r, base_atop[r, ak, 0]] + aacc[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
-                if y > hi:
-                    hi = y
-            for j in range(nt):
-                v = touched[j]
-                dv = delta[v]
-                ak = atom_of[v]
-                if base[r, v] + dv + aacc[ak] > hi:
-                    hi = base[r, v] + dv + aacc[ak]
-                zrel += base_p[r, v] * aexp[ak] * (math.exp(dv) - 1.0)
-            if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                m = -np.inf
-                for v in range(V):
-                    y = base[r, v] + delta[v] + aacc[atom_of[v]]
-                    if y > m:
-                        m = y
-                z = 0.0
-                for v in range(V):
-                    z += math.exp(base[r, v] + delta[v] + aacc[atom_of[v]] - m)
-                lse = m + math.log(z)
-            else:
-                lse = lb + math.log(zrel)
-            out_lse[i] = lse
-            if t + 1 < T:
-                nx = tok[i + 1]
-                out_ce[i] = lse - (base[r, nx] + delta[nx] + aacc[atom_of[nx]])
-            else:
-                out_ce[i] = np.nan
-            # hand argmax: per atom its best member without a token delta (the atom's top list, else a scan
-            # of its members), then every touched token; ties go to the lower token id
-            best = -1
-            bv = -np.inf
-            for ak in range(n_atoms):
-                cand = -1
-                for k in range(KA):
-                    v = base_atop[r, ak, k]
-                    if v < 0:
-                        break
-                    if not dflag[v]:
-                        cand = v
-                        break
-                if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
-                    cv = -np.inf
-                    for j in range(am_ptr[ak], am_ptr[ak + 1]):
-                        v = am_tok[j]
-                        if not dflag[v] and (cand < 0 or base[r, v] > cv):
-                            cand = v
-                            cv = base[r, v]
-                if cand >= 0:
-                    y = np.float64(base[r, cand]) + aacc[ak]
-                    if best < 0 or y > bv or (y == bv and cand < best):
-                        best = cand
-                        bv = y
-            for j in range(nt):
-                v = touched[j]
-                y = base[r, v] + delta[v] + aacc[atom_of[v]]
-                if best < 0 or y > bv or (y == bv and v < best):
-                    best = v
-                    bv = y
-            out_argmax[i] = best
-            if want_logp:
-                orow = out_logp[i]
-                brow = base[r]
-                if na > 0:
-                    for v in range(V):
-                        orow[v] = brow[v] + aacc[atom_of[v]] - lse
-                else:
-                    for v in range(V):
-                        orow[v] = brow[v] - lse
-                for j in range(nt):
-                    v = touched[j]
-                    orow[v] = brow[v] + delta[v] + aacc[atom_of[v]] - lse
-            else:
-                # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
-                # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-                B = ref_B[i]
+            for rr in range(R):
+                for j in range(b0, bptr[rr]):
+                    v = bkey[j] - rr * V
+                    if not cflg[v]:
+                        cflg[v] = True
+                        ctl[nt] = v
+                        nt += 1
+                    cum[v] += delta[bkey[j]]
+                b0 = bptr[rr]
+                for j in range(a0, aptr[rr]):
+                    ak = akey[j] - rr * n_atoms
+                    if not caflg[ak]:
+                        caflg[ak] = True
+                        cal[na] = ak
+                        na += 1
+                    cuma[ak] += aacc[akey[j]]
+                    aexp[ak] = math.exp(cuma[ak])
+                a0 = aptr[rr]
+
+                # log Z = base lse + log(1 + sum over changed entries of (new - old) probability mass)
+                zrel = 1.0
+                hi = -np.inf
                 for j in range(na):
-                    B += aacc[alist[j]] * ref_R[i, alist[j]]
-                if use16:
-                    rrow = ref16[i]
-                    for j in range(nt):
-                        v = touched[j]
-                        B += lut_p[rrow[v]] * delta[v]
+                    ak = cal[j]
+                    zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                    y = base[r, base_atop[r, ak, 0]] + cuma[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                    if y > hi:
+                        hi = y
+                for j in range(nt):
+                    v = ctl[j]
+                    dv = cum[v]
+                    ak = atom_of[v]
+                    if base[r, v] + dv + cuma[ak] > hi:
+                        hi = base[r, v] + dv + cuma[ak]
+                    zrel += base_p[r, v] * aexp[ak] * (math.exp(dv) - 1.0)
+                if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
+                    m = -np.inf
+                    for v in range(V):
+                        y = base[r, v] + cum[v] + cuma[atom_of[v]]
+                        if y > m:
+                            m = y
+                    z = 0.0
+                    for v in range(V):
+                        z += math.exp(base[r, v] + cum[v] + cuma[atom_of[v]] - m)
+                    lse = m + math.log(z)
                 else:
-                    frow = ref32[i]
+                    lse = lb + math.log(zrel)
+                out_lse[rr, i] = lse
+                if t + 1 < T:
+                    nx = tok[i + 1]
+                    out_ce[rr, i] = lse - (base[r, nx] + cum[nx] + cuma[atom_of[nx]])
+                else:
+                    out_ce[rr, i] = np.nan
+                # hand argmax: per atom its best member without a token delta (the atom's top list, else a
+                # scan of its members), then every touched token; ties go to the lower token id
+                best = -1
+                bv = -np.inf
+                for ak in range(n_atoms):
+                    cand = -1
+                    for k in range(KA):
+                        v = base_atop[r, ak, k]
+                        if v < 0:
+                            break
+                        if not cflg[v]:
+                            cand = v
+                            break
+                    if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                        cv = -np.inf
+                        for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                            v = am_tok[j]
+                            if not cflg[v] and (cand < 0 or base[r, v] > cv):
+                                cand = v
+                                cv = base[r, v]
+                    if cand >= 0:
+                        y = np.float64(base[r, cand]) + cuma[ak]
+                        if best < 0 or y > bv or (y == bv and cand < best):
+                            best = cand
+                            bv = y
+                for j in range(nt):
+                    v = ctl[j]
+                    y = base[r, v] + cum[v] + cuma[atom_of[v]]
+                    if best < 0 or y > bv or (y == bv and v < best):
+                        best = v
+                        bv = y
+                out_argmax[rr, i] = best
+                if want_logp:
+                    orow = out_logp[i]
+                    brow = base[r]
+                    if na > 0:
+                        for v in range(V):
+                            orow[v] = brow[v] + cuma[atom_of[v]] - lse
+                    else:
+                        for v in range(V):
+                            orow[v] = brow[v] - lse
                     for j in range(nt):
-                        v = touched[j]
-                        B += math.exp(np.float64(frow[v])) * delta[v]
-                S = ref_S[i]
-                kl = (ref_A[i] - B) / S - math.log(S) + lse
-                out_kl[i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-                out_agree[i] = ref_arg[i] == best
-            for j in range(nt):
-                v = touched[j]
-                delta[v] = 0.0
-                dflag[v] = False
+                        v = ctl[j]
+                        orow[v] = brow[v] + cum[v] + cuma[atom_of[v]] - lse
+                else:
+                    # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
+                    # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
+                    B = ref_B[i]
+                    for j in range(na):
+                        B += cuma[cal[j]] * ref_R[i, cal[j]]
+                    if use16:
+                        rrow = ref16[i]
+                        for j in range(nt):
+                            v = ctl[j]
+                            B += lut_p[rrow[v]] * cum[v]
+                    else:
+                        frow = ref32[i]
+                        for j in range(nt):
+                            v = ctl[j]
+                            B += math.exp(np.float64(frow[v])) * cum[v]
+                    S = ref_S[i]
+                    kl = (ref_A[i] - B) / S - math.log(S) + lse
+                    out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
+                    out_agree[rr, i] = ref_arg[i] == best
+            for j in range(nk):
+                delta[touched[j]] = 0.0
+                dflag[touched[j]] = False
             dcnt[0] = 0
-            for j in range(na):
-                ak = alist[j]
-                aacc[ak] = 0.0
-                aexp[ak] = 1.0
-                aflag[ak] = False
+            for j in range(nt):
+                cum[ctl[j]] = 0.0
+                cflg[ctl[j]] = False
+            for j in range(nak):
+                aacc[alist[j]] = 0.0
+                aflag[alist[j]] = False
             acnt[0] = 0
+            for j in range(na):
+                ak = cal[j]
+                cuma[ak] = 0.0
+                aexp[ak] = 1.0
+                caflg[ak] = False

@@ -204,6 +204,60 @@ def test_argmax_skips_a_touched_atom_top_member():
             assert (m["hand_argmax"] == 1).all() and m["agree"].all() and np.abs(m["kl"]).max() < 1e-6
 
 
+@SETTINGS
+@given(cases(), st.integers(1, 4))
+def test_ledger_rows_in_one_pass_match_separate_runs(case, n_rows):
+    """stream_metrics_rows (rules switched on row by row, one engine pass where row_passes fuses them)
+    == stream_metrics under each row's mask; rows are nested masks as in the ledger, with rules put in
+    random rows (prior/bigram rules in the first, so that passes fuse) and heads after their readers."""
+    vocab, files, seqs, seed = case
+    rules = compile_text(vocab, files)
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, n_rows, len(rules.rule_ids))
+    base = np.isin(np.asarray(rules.rule_kinds), ["prior", "bigram"])
+    first[base & (rng.random(len(first)) < 0.8)] = 0
+    masks = [first <= k for k in range(n_rows)]
+    hm = HandModel(rules)
+    N = sum(len(s) for s in seqs)
+    z = rng.normal(0, 2, size=(N, len(vocab)))
+    ref = (z - logsumexp(z)[:, None]).astype(np.float32)
+    got = hm.stream_metrics_rows(seqs, ref, masks)
+    passes = hm.row_passes(masks)
+    assert sorted(k for run, _ in passes for k in run) == list(range(n_rows))
+    if n_rows > 1 and not base[first > 0].any() and "attend" not in "".join(files.values()):
+        assert len(passes) == 1 and passes[0][1] is not None  # nothing stops these rows from fusing
+    for k, mask in enumerate(masks):
+        want = hm.stream_metrics(seqs, ref, mask)
+        np.testing.assert_allclose(got[k]["kl"], want["kl"], atol=1e-9, rtol=1e-9)
+        np.testing.assert_allclose(got[k]["ce"], want["ce"], atol=1e-9, rtol=1e-9)
+        np.testing.assert_allclose(got[k]["hand_lse"], want["hand_lse"], atol=1e-9, rtol=1e-9)
+        hand = np.concatenate([twin.log_probs(rules, s, mask) for s in seqs])
+        srt = np.sort(hand, axis=1)
+        clear = (srt[:, -1] - srt[:, -2] > 1e-6) if len(vocab) > 1 else np.ones(N, bool)
+        assert (got[k]["agree"][clear] == want["agree"][clear]).all()
+        assert (got[k]["hand_argmax"][clear] == want["hand_argmax"][clear]).all()
+
+
+def test_rows_do_not_fuse_when_a_neuron_reads_a_later_head():
+    vocab = ["a", "b", "c"]
+    text = ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 1 = 2.0 }\n'
+            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nattend = { h = { "a" = 1.0 } }\nnext = { "b" = 1.0 }\n'
+            '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "h"\nsrc = "a"\nnext = { "c" = 1.0 }\n')
+    rules = compile_text(vocab, {"r.toml": text})
+    hm = HandModel(rules)
+    # head_out before its head: fuses (it counts from the head's row); neuron before its head: two passes
+    assert [p[1] is not None for p in hm.row_passes([np.array([0, 0, 1], bool), np.ones(3, bool)])] == [True]
+    fused = hm.row_passes([np.array([0, 0, 1], bool), np.ones(3, bool)])[0][1]
+    assert list(fused) == [1, 1, 1]  # the head_out (row 0) waits for its head (row 1)
+    assert hm.row_passes([np.array([0, 1, 0], bool), np.ones(3, bool)]) == [([0], None), ([1], None)]
+    seq = np.array([0, 0, 1, 0, 2], dtype=np.int32)
+    ref = np.log(np.full((5, 3), 1 / 3, dtype=np.float32))
+    for masks in ([np.array([0, 0, 1], bool), np.ones(3, bool)], [np.array([0, 1, 0], bool), np.ones(3, bool)]):
+        got = hm.stream_metrics_rows([seq], ref, masks)
+        for g, m in zip(got, masks):
+            np.testing.assert_allclose(g["kl"], twin.metrics(rules, [seq], ref, m)["kl"], atol=1e-6)
+
+
 def test_kl_equals_direct_numpy():
     vocab = ["a", "b", "c"]
     rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "b is common"\nnext = { "b" = 1.0 }\n'})

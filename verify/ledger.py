@@ -119,7 +119,7 @@ def _engine_sha() -> str:
     return _ENGINE_SHA
 
 
-def _cached_metrics(hm, ref, mask, key: str | None) -> dict:
+def _load_row(ref, key: str | None) -> dict | None:
     f = ref.dir / "ledger" / f"{key}.npz" if key else None
     if f is not None and f.exists():
         try:
@@ -127,32 +127,40 @@ def _cached_metrics(hm, ref, mask, key: str | None) -> dict:
             return {k: z[k] for k in ("kl", "ce", "agree")}
         except Exception:
             pass  # a damaged entry is recomputed
-    m = hm.stream_metrics(ref.seqs, ref.logp, mask=mask)
-    if f is not None:
-        try:
-            f.parent.mkdir(exist_ok=True)
-            tmp = f.with_suffix(".tmp.npz")
-            np.savez(tmp, kl=m["kl"], ce=m["ce"], agree=m["agree"])
-            tmp.replace(f)
-        except OSError:
-            pass
-    return m
+    return None
+
+
+def _store_row(ref, key: str | None, m: dict) -> None:
+    if key is None:
+        return
+    f = ref.dir / "ledger" / f"{key}.npz"
+    try:
+        f.parent.mkdir(exist_ok=True)
+        tmp = f.with_suffix(".tmp.npz")
+        np.savez(tmp, kl=m["kl"], ce=m["ce"], agree=m["agree"])
+        tmp.replace(f)
+    except OSError:
+        pass
 
 
 def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True):
     """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
-    since the last run on this eval set come from the row cache (row_keys)."""
+    since the last run on this eval set come from the row cache (row_keys); the others are computed
+    together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
     masks = group_masks(rules)
     if final_only:
         masks = masks[-1:]
     keys = row_keys(rules, [m for _, m in masks], ref) if cache else [None] * len(masks)
+    got = [_load_row(ref, k) for k in keys]
+    todo = [i for i, m in enumerate(got) if m is None]
+    if todo:
+        for i, m in zip(todo, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i][1] for i in todo])):
+            got[i] = m
+            _store_row(ref, keys[i], m)
     numbers = np.asarray(rules.rule_numbers)
-    rows, last = [], None
-    for (label, mask), key in zip(masks, keys):
-        m = _cached_metrics(hm, ref, mask, key)
-        rows.append(summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum())))
-        last = m
-    return rows, last
+    rows = [summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum()))
+            for (label, mask), m in zip(masks, got)]
+    return rows, got[-1]
 
 
 def touched_spans(rules, seqs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
