@@ -314,6 +314,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         touched = np.empty(RV, dtype=np.int64)
         dcnt = np.zeros(1, dtype=np.int64)
         cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
+        ecum = np.ones(V)  # e^cum
         cflg = np.zeros(V, dtype=np.bool_)
         ctl = np.empty(V, dtype=np.int64)
         bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
@@ -629,14 +630,32 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             a0 = 0
             r = row_of[c]
             lb = base_lse[r]
+            # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
+            # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
+            # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
+            zrel = 1.0
+            hi = -np.inf
+            B = ref_B[i] if not want_logp else 0.0
             for rr in range(R):
+                fresh = aptr[rr] > a0
                 for j in range(b0, bptr[rr]):
                     v = bkey[j] - rr * V
                     if not cflg[v]:
                         cflg[v] = True
                         ctl[nt] = v
                         nt += 1
-                    cum[v] += delta[bkey[j]]
+                    dv = delta[bkey[j]]
+                    cum[v] += dv
+                    if not want_logp:
+                        B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * dv
+                    if not fresh:
+                        ak = atom_of[v]
+                        e = math.exp(cum[v])
+                        zrel += base_p[r, v] * aexp[ak] * (e - ecum[v])
+                        ecum[v] = e
+                        y = base[r, v] + cum[v] + cuma[ak]
+                        if y > hi:
+                            hi = y
                 b0 = bptr[rr]
                 for j in range(a0, aptr[rr]):
                     ak = akey[j] - rr * n_atoms
@@ -646,24 +665,25 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         na += 1
                     cuma[ak] += aacc[akey[j]]
                     aexp[ak] = math.exp(cuma[ak])
+                    if not want_logp:
+                        B += aacc[akey[j]] * ref_R[i, ak]
                 a0 = aptr[rr]
-
-                # log Z = base lse + log(1 + sum over changed entries of (new - old) probability mass)
-                zrel = 1.0
-                hi = -np.inf
-                for j in range(na):
-                    ak = cal[j]
-                    zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
-                    y = base[r, base_atop[r, ak, 0]] + cuma[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
-                    if y > hi:
-                        hi = y
-                for j in range(nt):
-                    v = ctl[j]
-                    dv = cum[v]
-                    ak = atom_of[v]
-                    if base[r, v] + dv + cuma[ak] > hi:
-                        hi = base[r, v] + dv + cuma[ak]
-                    zrel += base_p[r, v] * aexp[ak] * (math.exp(dv) - 1.0)
+                if fresh:
+                    zrel = 1.0
+                    hi = -np.inf
+                    for j in range(na):
+                        ak = cal[j]
+                        zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                        y = base[r, base_atop[r, ak, 0]] + cuma[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                        if y > hi:
+                            hi = y
+                    for j in range(nt):
+                        v = ctl[j]
+                        ak = atom_of[v]
+                        if base[r, v] + cum[v] + cuma[ak] > hi:
+                            hi = base[r, v] + cum[v] + cuma[ak]
+                        ecum[v] = math.exp(cum[v])
+                        zrel += base_p[r, v] * aexp[ak] * (ecum[v] - 1.0)
                 if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
                     m = -np.inf
                     for v in range(V):
@@ -729,19 +749,6 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 else:
                     # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
                     # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-                    B = ref_B[i]
-                    for j in range(na):
-                        B += cuma[cal[j]] * ref_R[i, cal[j]]
-                    if use16:
-                        rrow = ref16[i]
-                        for j in range(nt):
-                            v = ctl[j]
-                            B += lut_p[rrow[v]] * cum[v]
-                    else:
-                        frow = ref32[i]
-                        for j in range(nt):
-                            v = ctl[j]
-                            B += math.exp(np.float64(frow[v])) * cum[v]
                     S = ref_S[i]
                     kl = (ref_A[i] - B) / S - math.log(S) + lse
                     out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
@@ -752,6 +759,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             dcnt[0] = 0
             for j in range(nt):
                 cum[ctl[j]] = 0.0
+                ecum[ctl[j]] = 1.0
                 cflg[ctl[j]] = False
             for j in range(nak):
                 aacc[alist[j]] = 0.0
