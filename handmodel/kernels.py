@@ -5,6 +5,8 @@ row dot ~1 us. So each distinct current token gets a dense *base row* (prior + b
 log-sum-exp and top-K computed once; per position only the sparse changes from heads, neurons and
 skip-trigrams are applied, and log Z is updated with O(changed) exps. KL needs p_ref: float16 input
 is read through a 65536-entry table (exp of every float16), so no exp per vocabulary entry at all.
+Class outputs of neurons change whole atoms (one exp per atom, not per member token); the ledger's
+rows are computed in one pass (outputs keyed by row, each row finished from the rows up to it).
 """
 from __future__ import annotations
 
