@@ -606,32 +606,45 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 cacc[key] = 0.0
                 cflag[key] = False
             ccnt[0] = 0
-            # bucket the touched token and atom keys by row (stable), then each row in turn
             nk = dcnt[0]
             nak = acnt[0]
-            bptr[:] = 0
-            aptr[:] = 0
-            for j in range(nk):
-                bptr[touched[j] // V + 1] += 1
-            for j in range(nak):
-                aptr[alist[j] // n_atoms + 1] += 1
-            for rr in range(R):
-                bptr[rr + 1] += bptr[rr]
-                aptr[rr + 1] += aptr[rr]
-            for j in range(nk):
-                rr = touched[j] // V
-                bkey[bptr[rr]] = touched[j]
-                bptr[rr] += 1
-            for j in range(nak):
-                rr = alist[j] // n_atoms
-                akey[aptr[rr]] = alist[j]
-                aptr[rr] += 1
-            nt = 0
-            na = 0
-            b0 = 0
-            a0 = 0
             r = row_of[c]
             lb = base_lse[r]
+            if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
+                cum_ = delta
+                cflg_ = dflag
+                ctl_ = touched
+                cuma_ = aacc
+                cal_ = alist
+                nt = nk
+                na = nak
+            else:  # bucket the touched token and atom keys by row (stable), then each row in turn
+                cum_ = cum
+                cflg_ = cflg
+                ctl_ = ctl
+                cuma_ = cuma
+                cal_ = cal
+                nt = 0
+                na = 0
+                bptr[:] = 0
+                aptr[:] = 0
+                for j in range(nk):
+                    bptr[touched[j] // V + 1] += 1
+                for j in range(nak):
+                    aptr[alist[j] // n_atoms + 1] += 1
+                for rr in range(R):
+                    bptr[rr + 1] += bptr[rr]
+                    aptr[rr + 1] += aptr[rr]
+                for j in range(nk):
+                    rr = touched[j] // V
+                    bkey[bptr[rr]] = touched[j]
+                    bptr[rr] += 1
+                for j in range(nak):
+                    rr = alist[j] // n_atoms
+                    akey[aptr[rr]] = alist[j]
+                    aptr[rr] += 1
+            b0 = 0
+            a0 = 0
             # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
             # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
             # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
@@ -639,69 +652,87 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             hi = -np.inf
             B = ref_B[i] if not want_logp else 0.0
             for rr in range(R):
-                fresh = aptr[rr] > a0
-                for j in range(b0, bptr[rr]):
-                    v = bkey[j] - rr * V
-                    if not cflg[v]:
-                        cflg[v] = True
-                        ctl[nt] = v
-                        nt += 1
-                    dv = delta[bkey[j]]
-                    cum[v] += dv
+                if R == 1:
+                    fresh = True
+                    for j in range(na):
+                        aexp[alist[j]] = math.exp(aacc[alist[j]])
                     if not want_logp:
-                        B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * dv
-                    if not fresh:
-                        ak = atom_of[v]
-                        e = math.exp(cum[v])
-                        zrel += base_p[r, v] * aexp[ak] * (e - ecum[v])
-                        ecum[v] = e
-                        y = base[r, v] + cum[v] + cuma[ak]
-                        if y > hi:
-                            hi = y
-                b0 = bptr[rr]
-                for j in range(a0, aptr[rr]):
-                    ak = akey[j] - rr * n_atoms
-                    if not caflg[ak]:
-                        caflg[ak] = True
-                        cal[na] = ak
-                        na += 1
-                    cuma[ak] += aacc[akey[j]]
-                    aexp[ak] = math.exp(cuma[ak])
-                    if not want_logp:
-                        B += aacc[akey[j]] * ref_R[i, ak]
-                a0 = aptr[rr]
+                        for j in range(na):
+                            B += aacc[alist[j]] * ref_R[i, alist[j]]
+                        if use16:
+                            rrow = ref16[i]
+                            for j in range(nt):
+                                B += lut_p[rrow[touched[j]]] * delta[touched[j]]
+                        else:
+                            frow = ref32[i]
+                            for j in range(nt):
+                                B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
+                else:
+                    fresh = aptr[rr] > a0
+                    for j in range(b0, bptr[rr]):
+                        v = bkey[j] - rr * V
+                        if not cflg[v]:
+                            cflg[v] = True
+                            ctl[nt] = v
+                            nt += 1
+                        dv = delta[bkey[j]]
+                        cum[v] += dv
+                        if not want_logp:
+                            B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * dv
+                        if not fresh:
+                            ak = atom_of[v]
+                            e = math.exp(cum[v])
+                            zrel += base_p[r, v] * aexp[ak] * (e - ecum[v])
+                            ecum[v] = e
+                            y = base[r, v] + cum[v] + cuma[ak]
+                            if y > hi:
+                                hi = y
+                    b0 = bptr[rr]
+                    for j in range(a0, aptr[rr]):
+                        ak = akey[j] - rr * n_atoms
+                        if not caflg[ak]:
+                            caflg[ak] = True
+                            cal[na] = ak
+                            na += 1
+                        cuma[ak] += aacc[akey[j]]
+                        aexp[ak] = math.exp(cuma[ak])
+                        if not want_logp:
+                            B += aacc[akey[j]] * ref_R[i, ak]
+                    a0 = aptr[rr]
                 if fresh:
                     zrel = 1.0
                     hi = -np.inf
                     for j in range(na):
-                        ak = cal[j]
+                        ak = cal_[j]
                         zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
-                        y = base[r, base_atop[r, ak, 0]] + cuma[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                        y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
                         if y > hi:
                             hi = y
                     for j in range(nt):
-                        v = ctl[j]
+                        v = ctl_[j]
                         ak = atom_of[v]
-                        if base[r, v] + cum[v] + cuma[ak] > hi:
-                            hi = base[r, v] + cum[v] + cuma[ak]
-                        ecum[v] = math.exp(cum[v])
-                        zrel += base_p[r, v] * aexp[ak] * (ecum[v] - 1.0)
+                        if base[r, v] + cum_[v] + cuma_[ak] > hi:
+                            hi = base[r, v] + cum_[v] + cuma_[ak]
+                        e = math.exp(cum_[v])
+                        if R > 1:
+                            ecum[v] = e
+                        zrel += base_p[r, v] * aexp[ak] * (e - 1.0)
                 if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
                     m = -np.inf
                     for v in range(V):
-                        y = base[r, v] + cum[v] + cuma[atom_of[v]]
+                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
                         if y > m:
                             m = y
                     z = 0.0
                     for v in range(V):
-                        z += math.exp(base[r, v] + cum[v] + cuma[atom_of[v]] - m)
+                        z += math.exp(base[r, v] + cum_[v] + cuma_[atom_of[v]] - m)
                     lse = m + math.log(z)
                 else:
                     lse = lb + math.log(zrel)
                 out_lse[rr, i] = lse
                 if t + 1 < T:
                     nx = tok[i + 1]
-                    out_ce[rr, i] = lse - (base[r, nx] + cum[nx] + cuma[atom_of[nx]])
+                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cuma_[atom_of[nx]])
                 else:
                     out_ce[rr, i] = np.nan
                 # hand argmax: per atom its best member without a token delta (the atom's top list, else a
@@ -714,24 +745,24 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         v = base_atop[r, ak, k]
                         if v < 0:
                             break
-                        if not cflg[v]:
+                        if not cflg_[v]:
                             cand = v
                             break
                     if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
                         cv = -np.inf
                         for j in range(am_ptr[ak], am_ptr[ak + 1]):
                             v = am_tok[j]
-                            if not cflg[v] and (cand < 0 or base[r, v] > cv):
+                            if not cflg_[v] and (cand < 0 or base[r, v] > cv):
                                 cand = v
                                 cv = base[r, v]
                     if cand >= 0:
-                        y = np.float64(base[r, cand]) + cuma[ak]
+                        y = np.float64(base[r, cand]) + cuma_[ak]
                         if best < 0 or y > bv or (y == bv and cand < best):
                             best = cand
                             bv = y
                 for j in range(nt):
-                    v = ctl[j]
-                    y = base[r, v] + cum[v] + cuma[atom_of[v]]
+                    v = ctl_[j]
+                    y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
                     if best < 0 or y > bv or (y == bv and v < best):
                         best = v
                         bv = y
@@ -741,13 +772,13 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     brow = base[r]
                     if na > 0:
                         for v in range(V):
-                            orow[v] = brow[v] + cuma[atom_of[v]] - lse
+                            orow[v] = brow[v] + cuma_[atom_of[v]] - lse
                     else:
                         for v in range(V):
                             orow[v] = brow[v] - lse
                     for j in range(nt):
-                        v = ctl[j]
-                        orow[v] = brow[v] + cum[v] + cuma[atom_of[v]] - lse
+                        v = ctl_[j]
+                        orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
                 else:
                     # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
                     # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
@@ -759,16 +790,18 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
             dcnt[0] = 0
-            for j in range(nt):
-                cum[ctl[j]] = 0.0
-                ecum[ctl[j]] = 1.0
-                cflg[ctl[j]] = False
             for j in range(nak):
                 aacc[alist[j]] = 0.0
                 aflag[alist[j]] = False
+                aexp[alist[j] % n_atoms] = 1.0
             acnt[0] = 0
-            for j in range(na):
-                ak = cal[j]
-                cuma[ak] = 0.0
-                aexp[ak] = 1.0
-                caflg[ak] = False
+            if R > 1:
+                for j in range(nt):
+                    cum[ctl[j]] = 0.0
+                    ecum[ctl[j]] = 1.0
+                    cflg[ctl[j]] = False
+                for j in range(na):
+                    ak = cal[j]
+                    cuma[ak] = 0.0
+                    aexp[ak] = 1.0
+                    caflg[ak] = False
