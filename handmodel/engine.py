@@ -26,6 +26,7 @@ def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
 _LUT: tuple[np.ndarray, np.ndarray] | None = None
 _BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
+MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
 
 
 class _BasePool:
@@ -308,7 +309,8 @@ class HandModel:
         runs: list[list[int]] = []
         for k, m in enumerate(ms):
             prev = ms[k - 1] if k else None
-            if runs and (prev & ~m).sum() == 0 and self._base_key(prev) == self._base_key(m):
+            if (runs and len(runs[-1]) < MAX_FUSED_ROWS and (prev & ~m).sum() == 0
+                    and self._base_key(prev) == self._base_key(m)):
                 runs[-1].append(k)
             else:
                 runs.append([k])

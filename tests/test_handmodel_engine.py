@@ -238,6 +238,30 @@ def test_ledger_rows_in_one_pass_match_separate_runs(case, n_rows):
         assert (got[k]["hand_argmax"][clear] == want["hand_argmax"][clear]).all()
 
 
+def test_long_row_runs_are_split_into_passes_of_at_most_max_fused_rows():
+    from unittest import mock
+
+    from handmodel import engine
+
+    vocab = ["a", "b", "c"]
+    text = "".join(f'[[bigram]]\nid = "b{i}"\ndoc = "d"\nnow = "{t}"\nnext = {{ "c" = {i + 1}.0 }}\n'
+                   for i, t in enumerate(["a", "b"])) + \
+        '[[head]]\nid = "h"\ndoc = "d"\nposition = { 1 = 2.0 }\n' + \
+        "".join(f'[[head_out]]\nid = "o{i}"\ndoc = "d"\nhead = "h"\nsrc = "{t}"\nnext = {{ "{u}" = 1.5 }}\n'
+                for i, (t, u) in enumerate([("a", "b"), ("b", "c"), ("c", "a"), ("a", "c")]))
+    rules = compile_text(vocab, {"r.toml": text})
+    hm = HandModel(rules)
+    n = len(rules.rule_ids)
+    masks = [np.arange(n) < k for k in range(3, n + 1)]  # bigrams and the head always on, then one head_out per row
+    with mock.patch.object(engine, "MAX_FUSED_ROWS", 2):
+        passes = hm.row_passes(masks)
+        assert [run for run, _ in passes] == [[0, 1], [2, 3], [4]]
+        seq = np.array([0, 1, 2, 0, 0, 1], dtype=np.int32)
+        ref = np.log(np.full((6, 3), 1 / 3, dtype=np.float32))
+        for got, m in zip(hm.stream_metrics_rows([seq], ref, masks), masks):
+            np.testing.assert_allclose(got["kl"], twin.metrics(rules, [seq], ref, m)["kl"], atol=1e-6)
+
+
 def test_rows_do_not_fuse_when_a_neuron_reads_a_later_head():
     vocab = ["a", "b", "c"]
     text = ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 1 = 2.0 }\n'
