@@ -1,0 +1,69 @@
+"""Where the shipped rules leave KL on valid.txt (rules/README.md, "The long tail" and Findings).
+
+    python rules/pockets.py [--rules rules] [--copy-seqs 120]      # ~1 minute on 2 cores
+
+Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), and, after
+a few frequent tokens, the probability the reference and the hand model put on tokens already in the
+context (the copy gap). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
+Uses verify's cache of the reference's log-probs (built by the first `handmodel verify --corpus …`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BANDS = [(0, 1), (1, 5), (5, 20), (20, 60), (60, 120), (120, 256)]
+AFTER = [" the", " and", ".", " a", " to", ",", " his", " her"]
+
+
+def main() -> int:
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from handmodel import HandModel, load_rules
+    from handmodel.vocab import load_vocab
+    from verify import data as D
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rules", default=str(ROOT / "rules"))
+    ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt"))
+    ap.add_argument("--copy-seqs", type=int, default=120, help="sequences read for the in-context mass")
+    a = ap.parse_args()
+    ckpt = D.checkpoint_info(None)
+    ref = D.get_ref_cache(ckpt, D.EvalSpec(corpus=Path(a.corpus)), log=lambda m: print(m, file=sys.stderr))
+    vocab = load_vocab(ckpt.path / "tokenizer.json")
+    hm = HandModel(load_rules(a.rules, vocab))
+    seqs = ref.seqs
+    kl = hm.stream_metrics(seqs, ref.logp)["kl"]
+    pos = np.concatenate([np.arange(len(s)) for s in seqs])
+    print(f"mean KL {kl.mean():.4f} nats/token over {len(kl):,} positions")
+    print("positions   share of KL   mean KL")
+    for lo, hi in BANDS:
+        m = (pos >= lo) & (pos < hi)
+        if m.any():
+            print(f"{lo:>4}-{hi - 1:<4}  {kl[m].sum() / kl.sum():10.3f}   {kl[m].mean():7.3f}")
+    n = min(a.copy_seqs, len(seqs))
+    N = int(sum(len(s) for s in seqs[:n]))
+    hand = np.concatenate(hm.log_probs_batch(seqs[:n]))
+    refp = np.asarray(ref.logp[:N], np.float32)
+    ids = {vocab.index(t): t for t in AFTER if t in vocab}
+    mass = {t: [] for t in ids.values()}
+    start = 0
+    for s in seqs[:n]:
+        for t, c in enumerate(s):
+            if int(c) in ids:
+                ctx = np.unique(s[:t + 1])
+                mass[ids[int(c)]].append((np.exp(refp[start + t, ctx]).sum(), np.exp(hand[start + t, ctx]).sum()))
+        start += len(s)
+    print(f"after token: probability on tokens already in the context (first {n} sequences), reference vs hand")
+    for t, v in mass.items():
+        if v:
+            v = np.array(v)
+            print(f"{t!r:8} n={len(v):5d}  reference {v[:, 0].mean():.3f}  hand {v[:, 1].mean():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
