@@ -137,8 +137,11 @@ class HandModel:
         H = rules.n_heads
         used = np.zeros(H, dtype=np.bool_)
         used[a.ho_head] = True
+        self._neuron_heads: list[list[int]] = [[] for _ in range(len(a.nr_rule))]  # heads each neuron attends to
         for h in range(H):  # heads nobody reads need no attention computed
             used[h] |= a.na_ptr[(h + 1) * V] > a.na_ptr[h * V]
+            for n in np.unique(a.na_neu[a.na_ptr[h * V]:a.na_ptr[(h + 1) * V]]):
+                self._neuron_heads[n].append(h)
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
@@ -218,7 +221,7 @@ class HandModel:
 
     def _uncond(self, row: np.ndarray) -> tuple:
         a = self.rules.arrays
-        key = (row[a.ho_rule].tobytes(), row[a.cp_rule].tobytes())
+        key = row[a.ho_rule].tobytes()  # copy rules are head_outs too
         if self._uo_cache is None or self._uo_cache[0] != key:
             out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
                                        a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
@@ -314,11 +317,6 @@ class HandModel:
                 runs[-1].append(k)
             else:
                 runs.append([k])
-        head_of_neuron = [[] for _ in range(len(a.nr_rule))]
-        V = self.rules.vocab_size
-        for h in range(self.rules.n_heads):
-            for n in np.unique(a.na_neu[a.na_ptr[h * V]:a.na_ptr[(h + 1) * V]]):
-                head_of_neuron[n].append(h)
         out = []
         for run in runs:
             if len(run) == 1:
@@ -332,7 +330,7 @@ class HandModel:
                 on = (row[rules_] >= 0) & (hr >= 0)
                 row[rules_[on]] = np.maximum(row[rules_[on]], hr[on])
             ok = all(row[a.nr_rule[n]] < 0 or row[a.head_rule[h]] <= row[a.nr_rule[n]]
-                     for n, hs in enumerate(head_of_neuron) for h in hs)
+                     for n, hs in enumerate(self._neuron_heads) for h in hs)
             out.extend([(run, row)] if ok else [([k], None) for k in run])
         return out
 

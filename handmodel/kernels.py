@@ -319,6 +319,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         ecum = np.ones(V)  # e^cum
         cflg = np.zeros(V, dtype=np.bool_)
         ctl = np.empty(V, dtype=np.int64)
+        tcnt = np.zeros(1, dtype=np.int64)  # tokens in ctl
         bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
         bkey = np.empty(RV, dtype=np.int64)
         ov_acc = np.zeros(n_ho)
@@ -343,6 +344,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         aexp = np.ones(n_atoms)
         caflg = np.zeros(n_atoms, dtype=np.bool_)
         cal = np.empty(n_atoms, dtype=np.int64)
+        tacnt = np.zeros(1, dtype=np.int64)  # atoms in cal
         pflag = np.zeros(n_nr, dtype=np.bool_)
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
@@ -626,6 +628,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 cal_ = cal
                 nt = 0
                 na = 0
+                tcnt[0] = 0
+                tacnt[0] = 0
                 bptr[:] = 0
                 aptr[:] = 0
                 for j in range(nk):
@@ -671,10 +675,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     fresh = aptr[rr] > a0
                     for j in range(b0, bptr[rr]):
                         v = bkey[j] - rr * V
-                        if not cflg[v]:
-                            cflg[v] = True
-                            ctl[nt] = v
-                            nt += 1
+                        _note(v, cflg, ctl, tcnt)
                         dv = delta[bkey[j]]
                         cum[v] += dv
                         if not want_logp:
@@ -690,15 +691,14 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     b0 = bptr[rr]
                     for j in range(a0, aptr[rr]):
                         ak = akey[j] - rr * n_atoms
-                        if not caflg[ak]:
-                            caflg[ak] = True
-                            cal[na] = ak
-                            na += 1
+                        _note(ak, caflg, cal, tacnt)
                         cuma[ak] += aacc[akey[j]]
                         aexp[ak] = math.exp(cuma[ak])
                         if not want_logp:
                             B += aacc[akey[j]] * ref_R[i, ak]
                     a0 = aptr[rr]
+                    nt = tcnt[0]
+                    na = tacnt[0]
                 if fresh:
                     zrel = 1.0
                     hi = -np.inf

@@ -207,6 +207,13 @@ def net_kl(net, windows: np.ndarray, ref_lp, batch: int = 16) -> float:
                                 for s in range(0, len(X), batch)]).mean())
 
 
+def check_window(window: tuple[float, float]) -> tuple[float, float]:
+    a, b = window
+    if not 0 < a <= b < 1:
+        raise ValueError(f"prune window {a}..{b}: need 0 < start <= end < 1")
+    return a, b
+
+
 def prune_schedule(steps: int, cuts: int, dense: int, final: int,
                    window: tuple[float, float] | None = None) -> list[tuple[int, int]]:
     """(step, entries kept) of each cut: `cuts` cuts spread over the fraction `window` of the steps
@@ -214,9 +221,7 @@ def prune_schedule(steps: int, cuts: int, dense: int, final: int,
     pruning: one cut straight to `final` threw away entries the rest of the fit had leaned on; held-out
     KL rose 0.963 -> 1.176 at the cut on draft 5). A single cut falls at the window's start (without a
     window: at a third, as drafts 1-5 had it)."""
-    a, b = window or (1 / 8, 2 / 5)
-    if not 0 < a <= b < 1:
-        raise ValueError(f"prune window {a}..{b}: need 0 < start <= end < 1")
+    a, b = check_window(window or (1 / 8, 2 / 5))
     if cuts <= 1 or steps < 8:
         return [(max(round(steps * a) if window else steps // 3, 1), final)]
     first, last = round(steps * a), round(steps * b)

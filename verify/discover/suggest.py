@@ -296,9 +296,13 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         raise UserError("--joint-steps, --query-scores and --neuron-classes must be >= 0")
     if prune_cuts < 1:
         raise UserError("--prune-cuts must be >= 1 (1: one cut straight to the kept sizes)")
-    if prune_window is not None and not 0 < prune_window[0] <= prune_window[1] < 1:
-        raise UserError(f"--prune-window {prune_window[0]}:{prune_window[1]}: need 0 < start <= end < 1 "
-                        "(fractions of --joint-steps, e.g. 0.3:0.65)")
+    if prune_window is not None:
+        from .jointfit import check_window
+
+        try:
+            check_window(prune_window)
+        except ValueError as e:
+            raise UserError(f"--prune-window: {e} (fractions of --joint-steps, e.g. 0.3:0.65)") from None
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.glob("*.toml")):
