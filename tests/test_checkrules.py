@@ -409,3 +409,75 @@ def test_feature_claim_needs_targets_and_a_whole_flag(tmp_path, planted):
     c = Checker.from_paths(f, planted[0], planted[1], examples=5)
     with pytest.raises(UserError, match="feature must be 0 or 1"):
         c.check(c.rules.rules[0])
+
+
+HELPS = """
+[[bigram]]
+id = "bigram.blue"
+doc = "After ' blue' comes ' moon' sometimes."
+now = " blue"
+next = {{ " moon" = 0.5 }}
+
+[[skip]]
+id = "skip.zap_blue_moon"
+doc = "zap earlier, ' blue' now => ' moon' ({w:+})."
+earlier = "zap"
+now = " blue"
+next = {{ " moon" = {w} }}
+check = {{ helps = 1 }}
+"""
+
+
+@pytest.mark.parametrize("w,status", [(2.0, "pass"), (-2.0, "fail")])
+def test_helps_claim_is_judged_by_kl_on_text_where_the_rule_acts(tmp_path, planted, w, status):
+    """`helps = 1`: at corpus positions where ' blue' follows 'zap', the hand model with the rule must be closer
+    to the reference (KL) than without it. The planted skip-trigram with its true sign helps; the wrong sign
+    hurts, and the counterexample is real text (nothing inserted) with both KLs."""
+    from verify.checkrules import Checker
+
+    f = tmp_path / "helps.toml"
+    f.write_text(HELPS.format(w=w), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=EXAMPLES)
+    r = c.check(c.rules.rules[1])
+    assert r.status == status, (r.measured, r.counterexample, r.counter_detail)
+    assert "KL(ref ‖ hand without the rule)" in r.claimed
+    if status == "fail":
+        assert "zap" in r.counterexample and "«" not in r.counterexample and "without" in r.counter_detail
+    # --helps checks the same claim on a rule whose check line states another one
+    f.write_text(HELPS.format(w=w).replace("check = { helps = 1 }", 'check = { expect = "fail", why = "x" }'),
+                 encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=EXAMPLES, helps_all=True)
+    assert c.check(c.rules.rules[1]).status == status
+
+
+def test_helps_claim_without_a_trigger_in_the_pool_claims_nothing(tmp_path, planted):
+    import json as _json
+
+    from verify.checkrules import Checker
+
+    f = tmp_path / "h.toml"
+    f.write_text(HELPS.format(w=2.0), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    seen = set(int(t) for t in c.pool)
+    absent = next(t for i, t in enumerate(c.o.vocab) if i not in seen and t.isprintable() and t.strip())
+    f.write_text(HELPS.format(w=2.0).replace('earlier = "zap"', f"earlier = {_json.dumps(absent)}"), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=5)
+    r = c.check(c.rules.rules[1])
+    assert r.status == "no claim" and "does not occur" in r.measured
+
+
+def test_kl_last_is_finite_and_nonnegative():
+    from hypothesis import given, settings, strategies as st
+
+    from verify.checkrules import kl_last
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.floats(-30, 30), min_size=3, max_size=3), st.lists(st.floats(-30, 30), min_size=3, max_size=3))
+    def prop(a, b):
+        la = np.asarray(a) - np.logaddexp.reduce(a)
+        lb = np.asarray(b) - np.logaddexp.reduce(b)
+        k = kl_last(la, lb)
+        assert np.isfinite(k) and k >= 0
+        assert kl_last(la, la) == pytest.approx(0.0, abs=1e-12)
+
+    prop()

@@ -32,6 +32,13 @@ lists, drawn by hypothesis with `derandomize=True`, so every run draws the same 
   direction of its weight by more than the rest of the hand model (every rule but this one) does:
   sign(w)·[(L_ref(trig) − L_ref(neutral)) − (L_hand∖rule(trig) − L_hand∖rule(neutral))] ≥ margin, where
   the rule fires more with its triggers than without (a pair where it does not is a failing case).
+- any rule with `helps = 1`: the weakest claim a fitted rule can make, that it is a *correction toward
+  the reference where it acts*. Contexts are corpus slices (max_prefix + 1 tokens, nothing inserted: a
+  correction fitted to text claims nothing about token soup) ending at a pool position where the rule's
+  trigger occurs (its current-token set; for [[skip]] / [[head_out]] with the source among the tokens
+  before). In each, KL(p_ref ‖ p_hand∖rule) − KL(p_ref ‖ p_hand) ≥ margin at the last position. A
+  context where the rule changes nothing (a neuron below its threshold) is no example and is drawn
+  again; a rule whose trigger never occurs in the pool, or never acts, claims nothing.
 
 A class target (@class) is measured as the class's total probability (log of the summed p); a context
 passes when every target meets the claim. @all targets (a constant shift) claim nothing.
@@ -49,6 +56,7 @@ Claim syntax (optional, per rule): `check = { key = value, ... }` with keys
   share              [[head]]: attention share the reference must reach
   level (0.0)        [[neuron]]: firing level of the reference neuron
   feature (0)        [[neuron]] 1: claim the behaviour (see above), not a reference neuron
+  helps (0)          1: claim only that the rule corrects the hand model toward the reference (see above)
   neutral            the neutral token of causal tests (default: drawn among frequent tokens)
   distance           [[skip]]/[[head_out]]/[[head]] score entries: fixed distance of the inserted token
   expect ("pass")    "fail": a known-false rule (reported xfail; passing becomes xpass, an error)
@@ -73,7 +81,7 @@ import numpy as np
 
 from handmodel.errors import UserError
 
-CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "feature", "neutral", "distance",
+CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "feature", "helps", "neutral", "distance",
               "expect", "why"}
 HEAD_RE = re.compile(r"(?:^|[._\-])head[._\-]?(\d+)(?=$|[._\-])")
 NEURON_RE = re.compile(r"(?:^|[._\-])neuron[._\-]?(\d+)(?=$|[._\-])")
@@ -100,6 +108,7 @@ class Claim:
     share: float | None = None
     level: float = 0.0
     feature: bool = False
+    helps: bool = False
     neutral: int | None = None
     distance: int | None = None
     expect: str = "pass"
@@ -120,6 +129,7 @@ class Outcome:
     ok: bool
     effect: float  # the per-context number compared with the claim (min over targets)
     detail: str = ""
+    skip: bool = False  # not an example of the claim (a `helps` rule that does not act here): drawn again
 
 
 @dataclass
@@ -207,10 +217,12 @@ def parse_claim(raw: dict, where: str, rid: str, tok_id: dict[str, int]) -> Clai
         if raw["together"] not in (0, 1):
             raise bad(f"together must be 0 or 1 (got {raw['together']})", "write together = 1 to claim the targets as pools")
         c.together = bool(raw["together"])
-    if "feature" in raw:
-        if raw["feature"] not in (0, 1):
-            raise bad(f"feature must be 0 or 1 (got {raw['feature']})", "write feature = 1 to claim the neuron's behaviour")
-        c.feature = bool(raw["feature"])
+    for k, fix in (("feature", "write feature = 1 to claim the neuron's behaviour"),
+                   ("helps", "write helps = 1 to claim that the rule corrects the hand model toward the reference")):
+        if k in raw:
+            if raw[k] not in (0, 1):
+                raise bad(f"{k} must be 0 or 1 (got {raw[k]})", fix)
+            setattr(c, k, bool(raw[k]))
     for k in ("ref_head", "ref_neuron", "distance"):
         if k in raw:
             setattr(c, k, int(raw[k]))
@@ -233,6 +245,14 @@ def parse_claim(raw: dict, where: str, rid: str, tok_id: dict[str, int]) -> Clai
         c.expect = raw["expect"]
     c.why = str(raw.get("why", ""))
     return c
+
+
+def kl_last(lp_ref: np.ndarray, lp_hand: np.ndarray) -> float:
+    """KL(p_ref ‖ p_hand) of one position from two log-prob vectors [V], in log space (terms with
+    p_ref = 0 count 0; float rounding below 0 is clipped)."""
+    p = np.exp(lp_ref)
+    d = np.where(p > 0, lp_ref - lp_hand, 0.0)
+    return max(0.0, float(p @ d))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,7 +331,8 @@ def unigram_logp(oracle, pool: np.ndarray, max_tokens: int = 8192) -> np.ndarray
 
 class Checker:
     def __init__(self, oracle, rules, checks: dict[str, dict], pool: np.ndarray, pool_note: str = "",
-                 examples: int = DEFAULT_EXAMPLES, max_prefix: int = MAX_PREFIX, shrink_calls: int = 300):
+                 examples: int = DEFAULT_EXAMPLES, max_prefix: int = MAX_PREFIX, shrink_calls: int = 300,
+                 helps_all: bool = False):
         if rules.vocab != oracle.vocab:
             raise UserError("the rules were compiled against another vocabulary than the checkpoint's tokenizer")
         self.o = oracle
@@ -324,6 +345,7 @@ class Checker:
         self.examples = max(1, int(examples))
         self.max_prefix = max(1, min(max_prefix, oracle.cfg.n_ctx - 4))
         self.shrink_calls = shrink_calls
+        self.helps_all = helps_all  # check every rule's `helps` claim instead of what its check line states
         with one_thread():  # same float rounding in every process (pytest sets 1 torch thread, the CLI 2)
             self.uni = unigram_logp(oracle, pool)
         counts = np.bincount(pool, minlength=self.V)
@@ -459,7 +481,70 @@ class Checker:
         fn = getattr(self, f"_plan_{r.kind}", None)
         if fn is None:
             raise NoClaim(f"no check for rule kind {r.kind}")
+        if claim.helps:
+            return self._plan_helps(r, claim)
         return fn(r, claim)
+
+    def _plan_helps(self, r, claim: Claim) -> Plan:
+        """`helps = 1`: contexts are corpus slices ending where the rule's trigger occurs in the pool (no token
+        is inserted: a fitted correction claims nothing about contexts unlike the text it was fitted to),
+        judged by KL to the reference at the last position with and without the rule."""
+        from hypothesis import strategies as st
+
+        where = self._trigger_positions(r)
+        if not len(where):
+            raise NoClaim(f"the rule's trigger does not occur in the context pool ({self.pool_note})")
+        L = self.max_prefix
+
+        def context(t):
+            return [int(x) for x in self.pool[max(0, t - L): t + 1]]
+
+        def evaluate(t):
+            seq = context(t)
+            lp_ref = self.last_logp(seq)[0]
+            on, off = self._hand_last_logp(r, [seq, seq], without=[False, True])
+            if np.max(np.abs(on - off)) < 1e-6:
+                return Outcome(False, 0.0, "the rule does not act in this context", skip=True)
+            kl_on, kl_off = kl_last(lp_ref, on), kl_last(lp_ref, off)
+            eff = kl_off - kl_on
+            return Outcome(eff >= claim.margin, eff, f"KL(ref ‖ hand) {kl_on:.3f} with the rule, {kl_off:.3f} without")
+
+        return Plan(st.sampled_from([int(t) for t in where]), evaluate, lambda t: self._text(context(t)),
+                    self._claim_text(claim, "KL(ref ‖ hand without the rule) − KL(ref ‖ hand)"))
+
+    def _trigger_positions(self, r) -> np.ndarray:
+        """Positions t of the pool where the rule can act on the next-token prediction: its current-token
+        set (any row / score entry / positive `now` input) at t and, for [[skip]] / [[head_out]], its source
+        among the max_prefix tokens before t."""
+        P, L = self.pool, self.max_prefix
+
+        def at(sid) -> np.ndarray:
+            return np.isin(P, self.sets.members(sid))
+
+        def before(sid) -> np.ndarray:  # a member of sid in P[t-L .. t-1]
+            c = np.concatenate([[0], np.cumsum(at(sid))])
+            t = np.arange(len(P))
+            return c[t] - c[np.maximum(t - L, 0)] > 0
+
+        any_pos = np.ones(len(P), dtype=bool)
+        if r.kind == "bigram":
+            hit = np.zeros(len(P), dtype=bool)
+            for now, _ in r.rows:
+                hit |= at(now)
+        elif r.kind in ("skip", "head_out"):
+            hit = at(r.now) & before(r.src)
+        elif r.kind == "head":
+            hit = any_pos if r.position else np.zeros(len(P), dtype=bool)
+            for now, src, _ in r.scores:
+                hit = hit | (at(now) & before(src))
+        elif r.kind == "neuron":
+            pos_now = [s for s, w in r.n_now if w > 0]
+            hit = np.zeros(len(P), dtype=bool) if pos_now else any_pos
+            for s in pos_now:
+                hit = hit | at(s)
+        else:
+            hit = any_pos
+        return np.flatnonzero(hit)
 
     def _plan_prior(self, r, claim: Claim) -> Plan:
         from hypothesis import strategies as st
@@ -556,7 +641,7 @@ class Checker:
             return (self._text(seqs(case)[0], {len(left): "«"})
                     + f"   (neutral {self.o.vocab[n]!r} in its place; distance {len(right) + 1})")
 
-        return Plan(cases(), evaluate, render, self._claim_text(claim, "sign·Δ log p (src vs neutral)"))
+        return Plan(cases(), evaluate, render, self._claim_text(claim, "sign·Δ log p (src vs neutral)"),)
 
     def _plan_skip(self, r, claim: Claim) -> Plan:
         return self._insertion_plan(r, claim, None)
@@ -756,17 +841,29 @@ class Checker:
                     f"in ≥ {claim.fraction:.0%}", unit="nats")
 
     def _hand_last_logp_without(self, r, *seqs) -> list[np.ndarray]:
-        """Log-probs at the last position of each sequence under every hand rule but r (one engine call;
-        the hand model is built on first use)."""
+        """Log-probs at the last position of each sequence under every hand rule but r."""
+        return self._hand_last_logp(r, list(seqs), without=[True] * len(seqs))
+
+    def _hand_last_logp(self, r, seqs: list, without: list[bool]) -> list[np.ndarray]:
+        """Log-probs at the last position of each sequence under the hand model, without rule r where
+        `without` says so (one engine call per mask; the hand model is built on first use)."""
         if getattr(self, "_hm", None) is None:
             from handmodel import HandModel
 
             self._hm = HandModel(self.rules)
             self._rule_index = {rid: i for i, rid in enumerate(self.rules.rule_ids)}
-        mask = np.ones(len(self.rules.rules), dtype=np.bool_)
-        mask[self._rule_index[r.id]] = False
-        out = self._hm.log_probs_batch([np.asarray(s, np.int64) for s in seqs], mask=mask)
-        return [o[-1].astype(np.float64) for o in out]
+        out: list = [None] * len(seqs)
+        for off in (False, True):
+            idx = [k for k, w in enumerate(without) if w == off]
+            if not idx:
+                continue
+            mask = np.ones(len(self.rules.rules), dtype=np.bool_)
+            if off:
+                mask[self._rule_index[r.id]] = False
+            got = self._hm.log_probs_batch([np.asarray(seqs[k], np.int64) for k in idx], mask=mask)
+            for k, o in zip(idx, got):
+                out[k] = o[-1].astype(np.float64)
+        return out
 
     # -- running ---------------------------------------------------------------------------------
     def check(self, r) -> RuleResult:
@@ -777,11 +874,14 @@ class Checker:
     def _check(self, r) -> RuleResult:
         import zlib
 
-        from hypothesis import HealthCheck, Phase, find, given, seed, settings
+        from hypothesis import HealthCheck, Phase, assume, find, given, seed, settings
         from hypothesis.errors import NoSuchExample
 
         where = f"{r.file}:{r.line}"
         claim = parse_claim(self.checks.get(r.id, {}), where, r.id, self.sets.tok_id)
+        if self.helps_all:  # margin, fraction, neutral and distance carry over; an expect mark was about the other claim
+            claim = Claim(margin=claim.margin, fraction=claim.fraction, neutral=claim.neutral, distance=claim.distance,
+                          helps=True)
         res = RuleResult(id=r.id, kind=r.kind, where=where, status="pass", why=claim.why)
         try:
             plan = self.plan(r, claim)
@@ -804,6 +904,7 @@ class Checker:
         @given(plan.strategy)
         def collect(case):
             out = plan.evaluate(case)
+            assume(not out.skip)
             outcomes.append(out)
             if not out.ok and not failing:
                 failing.append(case)
@@ -814,6 +915,9 @@ class Checker:
         res.share = share
         res.median_effect = float(np.median([o.effect for o in outcomes])) if outcomes else None
         unit = plan.unit
+        if not outcomes and claim.helps:
+            res.status, res.measured = "no claim", "the rule did not act in any context drawn where its trigger occurs"
+            return res
         res.measured = (f"{share:.0%} of {len(outcomes)} contexts pass; median {res.median_effect:+.2f} {unit}"
                         if outcomes else "no contexts generated")
         held = bool(outcomes) and share >= claim.fraction - 1e-12
@@ -826,7 +930,8 @@ class Checker:
                 # passing, so the shrinker stops improving and returns the smallest failure found so far.
                 key = repr(c)
                 if key not in memo:
-                    memo[key] = len(memo) < self.shrink_calls and not plan.evaluate(c).ok
+                    out = plan.evaluate(c) if len(memo) < self.shrink_calls else None
+                    memo[key] = out is not None and not out.ok and not out.skip
                 return memo[key]
 
             try:
