@@ -1,10 +1,13 @@
 """Where the shipped rules leave KL on valid.txt (rules/README.md, "The long tail" and Findings).
 
-    python rules/pockets.py [--rules rules] [--copy-seqs 120]      # ~1 minute on 2 cores
+    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8]    # ~1 minute (+ ~5 s a rule)
 
 Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), and, after
 a few frequent tokens, the probability the reference and the hand model put on tokens already in the
-context (the copy gap). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
+context (the copy gap). With --rule-gains N: for N rules of each family (drawn with a fixed seed), how a
+rule's gain is spread over the positions where it acts (switching it off changes the KL): the share of
+those positions it improves, the median change, and the share of its net gain the best tenth of them
+carries. The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
 Uses verify's cache of the reference's log-probs (built by the first `handmodel verify --corpus …`).
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> int:
     ap.add_argument("--rules", default=str(ROOT / "rules"))
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt"))
     ap.add_argument("--copy-seqs", type=int, default=120, help="sequences read for the in-context mass")
+    ap.add_argument("--rule-gains", type=int, default=0, help="rules per family whose per-position gain is read")
     a = ap.parse_args()
     ckpt = D.checkpoint_info(None)
     ref = D.get_ref_cache(ckpt, D.EvalSpec(corpus=Path(a.corpus)), log=lambda m: print(m, file=sys.stderr))
@@ -62,7 +66,43 @@ def main() -> int:
         if v:
             v = np.array(v)
             print(f"{t!r:8} n={len(v):5d}  reference {v[:, 0].mean():.3f}  hand {v[:, 1].mean():.3f}")
+    if a.rule_gains > 0:
+        rule_gains(hm, seqs, ref.logp, kl, a.rule_gains)
     return 0
+
+
+def family(r) -> str:
+    if r.kind == "head_out":
+        return "copying" if r.copy is not None else "head_out"
+    return r.kind
+
+
+def rule_gains(hm, seqs, ref_logp, kl_all, n: int) -> None:
+    """Per sampled rule: positions where switching it off changes the KL, and how the gain spreads over them."""
+    import numpy as np
+
+    rules = hm.rules.rules
+    rng = np.random.default_rng(0)
+    print(f"per-position gain of single rules (KL without the rule − with it, at the positions where it acts; {n} rules "
+          "per family)")
+    print("family     rule                                  acts at   improves   median gain   net gain   best tenth's share")
+    for fam in ("bigram", "head_out", "copying", "neuron"):
+        idx = [i for i, r in enumerate(rules) if family(r) == fam]
+        if not idx:
+            continue
+        for i in sorted(rng.choice(idx, size=min(n, len(idx)), replace=False)):
+            mask = np.ones(len(rules), dtype=np.bool_)
+            mask[i] = False
+            d = hm.stream_metrics(seqs, ref_logp, mask=mask)["kl"] - kl_all
+            acts = np.abs(d) > 1e-7  # above float rounding of the two passes
+            g = np.sort(d[acts])
+            if not len(g):
+                print(f"{fam:10s} {rules[i].id:36s}  never acts")
+                continue
+            best = g[-max(1, len(g) // 10):].sum()
+            share = f"{best / g.sum():.2f}" if g.sum() > 0 else "n/a (net loss)"
+            print(f"{fam:10s} {rules[i].id:36s} {acts.mean():8.1%}   {np.mean(g > 0):8.0%}   {np.median(g):+11.5f}   "
+                  f"{g.sum() / len(d):+.5f}   {share}")
 
 
 if __name__ == "__main__":
