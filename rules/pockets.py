@@ -2,8 +2,9 @@
 
     python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8]    # ~1 minute (+ ~5 s a rule)
 
-Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), and, after
-a few frequent tokens, the probability the reference and the hand model put on tokens already in the
+Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), where the
+top-1 disagreements sit (by the reference's top-1 probability, whether that token is already in the context,
+and the most frequent (reference, hand) pairs), and, after a few frequent tokens, the probability the reference and the hand model put on tokens already in the
 context (the copy gap). With --rule-gains N: for N rules of each family (drawn with a fixed seed), how a
 rule's gain is spread over the positions where it acts (switching it off changes the KL): the share of
 those positions it improves, the median change, and the share of its net gain the best tenth of them
@@ -40,7 +41,8 @@ def main() -> int:
     vocab = load_vocab(ckpt.path / "tokenizer.json")
     hm = HandModel(load_rules(a.rules, vocab))
     seqs = ref.seqs
-    kl = hm.stream_metrics(seqs, ref.logp)["kl"]
+    met = hm.stream_metrics(seqs, ref.logp)
+    kl = met["kl"]
     pos = np.concatenate([np.arange(len(s)) for s in seqs])
     print(f"mean KL {kl.mean():.4f} nats/token over {len(kl):,} positions")
     print("positions   share of KL   mean KL")
@@ -48,6 +50,7 @@ def main() -> int:
         m = (pos >= lo) & (pos < hi)
         if m.any():
             print(f"{lo:>4}-{hi - 1:<4}  {kl[m].sum() / kl.sum():10.3f}   {kl[m].mean():7.3f}")
+    top1_misses(seqs, ref.logp, met, vocab)
     n = min(a.copy_seqs, len(seqs))
     N = int(sum(len(s) for s in seqs[:n]))
     hand = np.concatenate(hm.log_probs_batch(seqs[:n]))
@@ -69,6 +72,38 @@ def main() -> int:
     if a.rule_gains > 0:
         rule_gains(hm, seqs, ref.logp, kl, a.rule_gains)
     return 0
+
+
+def top1_misses(seqs, ref_logp, met, vocab) -> None:
+    import numpy as np
+    from collections import Counter
+
+    N = len(met["kl"])
+    r_arg = np.empty(N, np.int64)
+    r_p = np.empty(N)
+    for s in range(0, N, 8192):
+        x = np.asarray(ref_logp[s:s + 8192], np.float32)
+        r_arg[s:s + 8192] = x.argmax(1)
+        r_p[s:s + 8192] = np.exp(x.max(1))
+    agree, miss = met["agree"], ~met["agree"]
+    in_ctx = np.zeros(N, bool)
+    i = 0
+    for sq in seqs:
+        seen = set()
+        for c in sq:
+            seen.add(int(c))
+            in_ctx[i] = int(r_arg[i]) in seen
+            i += 1
+    print(f"top-1 agreement {agree.mean():.3f}; where the {miss.sum():,} disagreements sit:")
+    for lo, hi in ((0, .3), (.3, .5), (.5, .7), (.7, 1.0001)):
+        m = (r_p >= lo) & (r_p < hi)
+        print(f"  reference top-1 p in [{lo:.1f}, {min(hi, 1):.1f}{']' if hi > 1 else ')'}: {m.mean():6.1%} of positions, "
+              f"agreement {agree[m].mean():.3f}, {(miss & m).sum() / miss.sum():6.1%} of the disagreements")
+    for name, m in (("already in the context", in_ctx), ("not in the context", ~in_ctx)):
+        print(f"  reference top-1 {name}: {m.mean():6.1%} of positions, agreement {agree[m].mean():.3f}, "
+              f"{(miss & m).sum() / miss.sum():6.1%} of the disagreements")
+    pairs = Counter((vocab[a], vocab[b]) for a, b in zip(r_arg[miss], met["hand_argmax"][miss]))
+    print("  most frequent (reference top-1, hand top-1): " + ", ".join(f"{a!r}/{b!r} {n}" for (a, b), n in pairs.most_common(10)))
 
 
 def family(r) -> str:
