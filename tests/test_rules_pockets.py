@@ -1,0 +1,67 @@
+"""rules/pockets.py's analyses on the small fixture ruleset with a made-up reference: the numbers it prints are
+the ones computed directly here (no torch, no ../shared)."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+
+from handmodel import HandModel, load_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "rules_small"
+VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
+
+
+def _pockets():
+    spec = importlib.util.spec_from_file_location("pockets", ROOT / "rules" / "pockets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _world(seed=0):
+    rng = np.random.default_rng(seed)
+    hm = HandModel(load_rules(FIXTURE, VOCAB))
+    seqs = [rng.integers(0, len(VOCAB), size=n).astype(np.int64) for n in (12, 30, 7)]
+    seqs[1][5:9] = [2, 1, 4, 5]  # ' cat' ' the' ' ice' ' cream': the skip rule, the head_out and the neuron act
+    logits = rng.normal(size=(sum(map(len, seqs)), len(VOCAB))) * 2
+    ref = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)).astype(np.float32)
+    return hm, seqs, ref
+
+
+def test_top1_misses_counts_what_stream_metrics_says(capsys):
+    hm, seqs, ref = _world()
+    met = hm.stream_metrics(seqs, ref)
+    _pockets().top1_misses(seqs, ref, met, VOCAB)
+    out = capsys.readouterr().out
+    assert f"top-1 agreement {met['agree'].mean():.3f}" in out
+    assert f"the {(~met['agree']).sum():,} disagreements" in out
+    shares = [float(x) for x in re.findall(r"([\d.]+)% of the disagreements", out)]
+    assert len(shares) == 6 and abs(sum(shares[:4]) - 100) < 0.2 and abs(sum(shares[4:]) - 100) < 0.2
+    miss = ~met["agree"]
+    pair = (VOCAB[int(ref[miss][0].argmax())], VOCAB[int(met["hand_argmax"][miss][0])])
+    assert f"{pair[0]!r}/{pair[1]!r}" in out
+
+
+def test_rule_gains_reads_each_rule_ablation(capsys):
+    hm, seqs, ref = _world()
+    kl = hm.stream_metrics(seqs, ref)["kl"]
+    _pockets().rule_gains(hm, seqs, ref, kl, 5)
+    out = capsys.readouterr().out
+    rules = hm.rules.rules
+    for i, r in enumerate(rules):
+        fam = _pockets().family(r)
+        if fam not in ("bigram", "head_out", "copying", "neuron"):
+            continue
+        line = next(ln for ln in out.splitlines() if f" {r.id} " in ln)
+        mask = np.ones(len(rules), dtype=bool)
+        mask[i] = False
+        d = hm.stream_metrics(seqs, ref, mask=mask)["kl"] - kl
+        acts = np.abs(d) > 1e-7
+        if not acts.any():
+            assert "never acts" in line
+            continue
+        assert f"{acts.mean():.1%}" in line and f"{d[acts].sum() / len(d):+.5f}" in line
