@@ -362,6 +362,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         # attention state: active score combinations (those of this sequence's tokens) per head
         act_of = np.full(n_cb, -1, dtype=np.int64)
         act_cb = np.empty(n_cb, dtype=np.int64)
+        act_last = np.empty(n_cb, dtype=np.int64)  # last position whose current token selects the combination
         act_lo = np.zeros(H + 1, dtype=np.int64)
         n_act = 0
         for h in range(H):
@@ -374,6 +375,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     act_of[g] = n_act
                     act_cb[n_act] = g
                     n_act += 1
+                act_last[act_of[g]] = t
         act_lo[H] = n_act
         g_off = np.empty(n_act + 1, dtype=np.int64)
         g_off[0] = 0
@@ -479,6 +481,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                             mcnt[h] += 1
                         mx = mix[h * V + x]
                     for a in range(act_lo[h], act_lo[h + 1]):
+                        if act_last[a] < t:
+                            continue  # no position from t on reads this combination's sums
                         r0 = cb_rep[act_cb[a]]
                         sc = 0.0
                         for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
