@@ -1,6 +1,6 @@
 """Where the shipped rules leave KL on valid.txt (rules/README.md, "The long tail" and Findings).
 
-    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8]    # ~1 minute (+ ~5 s a rule)
+    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8] [--census]   # ~20 s (+ ~5 s a rule)
 
 Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), where the
 top-1 disagreements sit (by the reference's top-1 probability, whether that token is already in the context,
@@ -8,7 +8,8 @@ and the most frequent (reference, hand) pairs), and, after a few frequent tokens
 context (the copy gap). With --rule-gains N: for N rules of each family (drawn with a fixed seed), how a
 rule's gain is spread over the positions where it acts (switching it off changes the KL): the share of
 those positions it improves, the median change, and the share of its net gain the best tenth of them
-carries. The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
+carries. With --census: which classes the neuron rules read and write most (how many neurons have a class entry in
+`now`, in `attend` per head, in `next`). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
 Uses verify's cache of the reference's log-probs (built by the first `handmodel verify --corpus …`).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> int:
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt"))
     ap.add_argument("--copy-seqs", type=int, default=120, help="sequences read for the in-context mass")
     ap.add_argument("--rule-gains", type=int, default=0, help="rules per family whose per-position gain is read")
+    ap.add_argument("--census", action="store_true", help="count the classes the neuron rules read and write")
     a = ap.parse_args()
     ckpt = D.checkpoint_info(None)
     ref = D.get_ref_cache(ckpt, D.EvalSpec(corpus=Path(a.corpus)), log=lambda m: print(m, file=sys.stderr))
@@ -71,6 +73,8 @@ def main() -> int:
             print(f"{t!r:8} n={len(v):5d}  reference {v[:, 0].mean():.3f}  hand {v[:, 1].mean():.3f}")
     if a.rule_gains > 0:
         rule_gains(hm, seqs, ref.logp, kl, a.rule_gains)
+    if a.census:
+        census(hm.rules)
     return 0
 
 
@@ -104,6 +108,33 @@ def top1_misses(seqs, ref_logp, met, vocab) -> None:
               f"{(miss & m).sum() / miss.sum():6.1%} of the disagreements")
     pairs = Counter((vocab[a], vocab[b]) for a, b in zip(r_arg[miss], met["hand_argmax"][miss]))
     print("  most frequent (reference top-1, hand top-1): " + ", ".join(f"{a!r}/{b!r} {n}" for (a, b), n in pairs.most_common(10)))
+
+
+def census(rules, top: int = 5) -> None:
+    """Per kind of neuron entry, the classes the most neuron rules have an entry for (token entries not counted)."""
+    from collections import Counter
+
+    sets = rules.sets
+    neurons = [r for r in rules.rules if r.kind == "neuron"]
+    is_class = lambda sid: sid >= sets.V  # noqa: E731  (token ids are < V, classes above)
+    now = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.n_now if is_class(s)})
+    nxt = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.next if is_class(s)})
+    att = Counter((h, sets.name(s)) for r in neurons for h, s in {(h, s) for h, s, _ in r.n_attend if is_class(s)})
+    heads = [r.id for r in rules.rules if r.kind == "head"]
+    print(f"neuron census ({len(neurons)} neuron rules; neurons with a class entry of each kind):")
+    print("  now:    " + ", ".join(f"{c} {n}" for c, n in now.most_common(top)))
+    print("  attend: " + ", ".join(f"{heads[h]} → {c} {n}" for (h, c), n in att.most_common(top)))
+    print("  next:   " + ", ".join(f"{c} {n}" for c, n in nxt.most_common(top)))
+    import numpy as np
+
+    copies = [r for r in rules.rules if r.kind == "head_out" and r.copy is not None]
+    print(f"copy weights per head ({len(copies)} copying rules; per class of the current token):")
+    for h, name in enumerate(heads):
+        ws = sorted(((r.copy, sets.name(r.now)) for r in copies if r.head == h), reverse=True)
+        if ws:
+            w = np.array([x for x, _ in ws])
+            print(f"  {name}: {len(w)} rules, {int((w > 0).sum())} positive, median {np.median(w):+.1f}; highest "
+                  + ", ".join(f"{c} {x:+.1f}" for x, c in ws[:4]))
 
 
 def family(r) -> str:
