@@ -1,6 +1,6 @@
 """Where the shipped rules leave KL on valid.txt (rules/README.md, "The long tail" and Findings).
 
-    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8] [--census]   # ~20 s (+ ~5 s a rule)
+    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8] [--census] [--tails 8000]
 
 Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), where the
 top-1 disagreements sit (by the reference's top-1 probability, whether that token is already in the context,
@@ -9,7 +9,9 @@ context (the copy gap). With --rule-gains N: for N rules of each family (drawn w
 rule's gain is spread over the positions where it acts (switching it off changes the KL): the share of
 those positions it improves, the median change, and the share of its net gain the best tenth of them
 carries. With --census: which classes the neuron rules read and write most (how many neurons have a class entry in
-`now`, in `attend` per head, in `next`). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
+`now`, in `attend` per head, in `next`). With --tails K: what the last ~K numbers of each family are worth
+(the rules at the end of their family, the least used ones, switched off without refitting: KL added per 1,000
+numbers). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
 Uses verify's cache of the reference's log-probs (built by the first `handmodel verify --corpus …`).
 """
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> int:
     ap.add_argument("--copy-seqs", type=int, default=120, help="sequences read for the in-context mass")
     ap.add_argument("--rule-gains", type=int, default=0, help="rules per family whose per-position gain is read")
     ap.add_argument("--census", action="store_true", help="count the classes the neuron rules read and write")
+    ap.add_argument("--tails", type=int, default=0, help="numbers per family switched off at its end")
     a = ap.parse_args()
     ckpt = D.checkpoint_info(None)
     ref = D.get_ref_cache(ckpt, D.EvalSpec(corpus=Path(a.corpus)), log=lambda m: print(m, file=sys.stderr))
@@ -75,6 +78,8 @@ def main() -> int:
         rule_gains(hm, seqs, ref.logp, kl, a.rule_gains)
     if a.census:
         census(hm.rules)
+    if a.tails > 0:
+        tails(hm, seqs, ref.logp, kl, a.tails)
     return 0
 
 
@@ -135,6 +140,36 @@ def census(rules, top: int = 5) -> None:
             w = np.array([x for x, _ in ws])
             print(f"  {name}: {len(w)} rules, {int((w > 0).sum())} positive, median {np.median(w):+.1f}; highest "
                   + ", ".join(f"{c} {x:+.1f}" for x, c in ws[:4]))
+
+
+def tails(hm, seqs, ref_logp, kl_all, k: int) -> None:
+    """Switch off the last rules of each family (file order: most used first) until ~k numbers are off."""
+    import numpy as np
+
+    rules = hm.rules.rules
+    fams = {"token rows": [i for i, r in enumerate(rules) if r.kind == "bigram" and "token" in r.group]}
+    per_head: dict[int, list[int]] = {}
+    for i, r in enumerate(rules):
+        if r.kind == "head_out" and r.copy is None:
+            per_head.setdefault(r.head, []).append(i)
+    # rank by rank across the heads, so the tail takes each head's least attended sources alike
+    fams["head_out rows (each head's last)"] = [rows[j] for j in range(max(map(len, per_head.values()), default=0))
+                                                for rows in per_head.values() if j < len(rows)]
+    fams["neurons"] = [i for i, r in enumerate(rules) if r.kind == "neuron"]
+    print(f"the last ~{k:,} numbers of each family switched off (no refit; KL added per 1,000 numbers):")
+    for name, idx in fams.items():
+        off, n = [], 0
+        for i in reversed(idx):
+            if n >= k:
+                break
+            off.append(i)
+            n += rules[i].numbers
+        if not off:
+            continue
+        mask = np.ones(len(rules), dtype=np.bool_)
+        mask[off] = False
+        d = float(hm.stream_metrics(seqs, ref_logp, mask=mask)["kl"].mean() - kl_all.mean())
+        print(f"  {name:34s} {len(off):4d} rules, {n:6,} numbers: {d:+.4f} nats/token, {1000 * d / n:+.4f} per 1,000 numbers")
 
 
 def family(r) -> str:

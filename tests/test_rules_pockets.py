@@ -65,3 +65,17 @@ def test_rule_gains_reads_each_rule_ablation(capsys):
             assert "never acts" in line
             continue
         assert f"{acts.mean():.1%}" in line and f"{d[acts].sum() / len(d):+.5f}" in line
+
+
+def test_tails_switch_off_the_end_of_each_family(capsys):
+    hm, seqs, ref = _world()
+    kl = hm.stream_metrics(seqs, ref)["kl"]
+    _pockets().tails(hm, seqs, ref, kl, 1)  # one number: each family's last rule alone
+    out = capsys.readouterr().out
+    rules = hm.rules.rules
+    last_neuron = max(i for i, r in enumerate(rules) if r.kind == "neuron")
+    mask = np.ones(len(rules), dtype=bool)
+    mask[last_neuron] = False
+    d = hm.stream_metrics(seqs, ref, mask=mask)["kl"].mean() - kl.mean()
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("neurons"))
+    assert f"1 rules, {rules[last_neuron].numbers:6,} numbers: {d:+.4f} nats/token" in line
