@@ -4,14 +4,18 @@
 
 Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), where the
 top-1 disagreements sit (by the reference's top-1 probability, whether that token is already in the context,
-and the most frequent (reference, hand) pairs), and, after a few frequent tokens, the probability the reference and the hand model put on tokens already in the
-context (the copy gap). With --rule-gains N: for N rules of each family (drawn with a fixed seed), how a
-rule's gain is spread over the positions where it acts (switching it off changes the KL): the share of
-those positions it improves, the median change, and the share of its net gain the best tenth of them
-carries. With --census: which classes the neuron rules read and write most (how many neurons have a class entry in
-`now`, in `attend` per head, in `next`). With --tails K: what the last ~K numbers of each family are worth
-(the rules at the end of their family, the least used ones, switched off without refitting: KL added per 1,000
-numbers). The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
+and the most frequent (reference, hand) pairs), and, after a few frequent tokens, the probability the
+reference and the hand model put on tokens already in the context (the copy gap).
+
+--rule-gains N: for N rules of each family (drawn with a fixed seed), how a rule's gain is spread over the
+positions where it acts (switching it off changes the KL): the share of those positions it improves, the
+median change, and the share of its net gain the best tenth of them carries.
+--census: which classes the neuron rules read and write most (how many neurons have a class entry in `now`,
+in `attend` per head, in `next`), and the copy weights per head.
+--tails K: what the last ~K numbers of each family are worth (the rules at the end of their family, the
+least used ones, switched off without refitting: KL added per 1,000 numbers).
+
+The per-token shares of the remaining KL are `handmodel verify --worst K`'s.
 Uses verify's cache of the reference's log-probs (built by the first `handmodel verify --corpus …`).
 """
 from __future__ import annotations

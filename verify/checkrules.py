@@ -641,7 +641,7 @@ class Checker:
             return (self._text(seqs(case)[0], {len(left): "«"})
                     + f"   (neutral {self.o.vocab[n]!r} in its place; distance {len(right) + 1})")
 
-        return Plan(cases(), evaluate, render, self._claim_text(claim, "sign·Δ log p (src vs neutral)"),)
+        return Plan(cases(), evaluate, render, self._claim_text(claim, "sign·Δ log p (src vs neutral)"))
 
     def _plan_skip(self, r, claim: Claim) -> Plan:
         return self._insertion_plan(r, claim, None)
