@@ -146,6 +146,15 @@ def census(rules, top: int = 5) -> None:
                   + ", ".join(f"{c} {x:+.1f}" for x, c in ws[:4]))
 
 
+def kl_added(hm, seqs, ref_logp, kl_all, off: list[int]):
+    """Per-position KL with the rules `off` switched off minus KL with every rule on."""
+    import numpy as np
+
+    mask = np.ones(len(hm.rules.rules), dtype=np.bool_)
+    mask[off] = False
+    return hm.stream_metrics(seqs, ref_logp, mask=mask)["kl"] - kl_all
+
+
 def tails(hm, seqs, ref_logp, kl_all, k: int) -> None:
     """Switch off the last rules of each family (file order: most used first) until ~k numbers are off."""
     import numpy as np
@@ -170,9 +179,7 @@ def tails(hm, seqs, ref_logp, kl_all, k: int) -> None:
             n += rules[i].numbers
         if not off:
             continue
-        mask = np.ones(len(rules), dtype=np.bool_)
-        mask[off] = False
-        d = float(hm.stream_metrics(seqs, ref_logp, mask=mask)["kl"].mean() - kl_all.mean())
+        d = float(kl_added(hm, seqs, ref_logp, kl_all, off).mean())
         print(f"  {name:34s} {len(off):4d} rules, {n:6,} numbers: {d:+.4f} nats/token, {1000 * d / n:+.4f} per 1,000 numbers")
 
 
@@ -196,9 +203,7 @@ def rule_gains(hm, seqs, ref_logp, kl_all, n: int) -> None:
         if not idx:
             continue
         for i in sorted(rng.choice(idx, size=min(n, len(idx)), replace=False)):
-            mask = np.ones(len(rules), dtype=np.bool_)
-            mask[i] = False
-            d = hm.stream_metrics(seqs, ref_logp, mask=mask)["kl"] - kl_all
+            d = kl_added(hm, seqs, ref_logp, kl_all, [i])
             acts = np.abs(d) > 1e-7  # above float rounding of the two passes
             g = np.sort(d[acts])
             if not len(g):
