@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .errors import UserError
-from .resolve import Rule, TokenSets, resolve_entry
+from .resolve import Rule, TokenSets, count_weighted_sets, resolve_entry
 from .rulefile import Entry, read_rule_file
 
 
@@ -81,14 +81,15 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
         if e.id in first:
             o = first[e.id]
             raise UserError(f"{e.file.path}:{e.line}: duplicate id '{e.id}' (first used at {o.file.path}:{o.line}); "
-                            "ids must be unique across all rule files and classes: rename one")
+                            "ids must be unique across all rule files, classes and weighted sets: rename one")
         first[e.id] = e
 
     sets = TokenSets(vocab)
-    sets.define_classes([e for e in entries if e.kind == "class"])
+    sets.define_classes([e for e in entries if e.kind == "class"], [e for e in entries if e.kind == "weights"])
     head_entries = [e for e in entries if e.kind == "head"]
     heads = {e.id: i for i, e in enumerate(head_entries)}
-    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind != "class"]
+    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind not in ("class", "weights")]
+    count_weighted_sets(rules, sets)
 
     groups: list[str] = []
     gidx: dict[str, int] = {}
@@ -137,7 +138,7 @@ class _Targets:
             w = np.fromiter(d.values(), dtype=np.float64, count=len(d))
         elif items:
             toks = np.concatenate([self.sets.members(s) for s, _ in items])
-            ws = np.concatenate([np.full(self.sets.size(s), w) for s, w in items])
+            ws = np.concatenate([w * self.sets.weights_of(s) for s, w in items])
             tok, inv = np.unique(toks, return_inverse=True)
             w = np.bincount(inv, weights=ws)
             tok = tok.astype(np.int32)
@@ -160,6 +161,11 @@ def _expand(sets: TokenSets, sids: list[int], *vals) -> tuple[np.ndarray, ...]:
     toks = [sets.members(s) for s in sids]
     n = np.array([len(t) for t in toks])
     return (np.concatenate(toks).astype(np.int64),) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+
+
+def _member_weights(sets: TokenSets, sids: list[int]) -> np.ndarray:
+    """The set weight of each token _expand lists for these sids (1 unless a weighted set)."""
+    return np.concatenate([sets.weights_of(s) for s in sids]) if sids else np.zeros(0)
 
 
 def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
@@ -265,12 +271,14 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     # token outputs are expanded; class outputs stay per class (a neuron writing ten classes would otherwise
     # touch ~1,000 tokens per firing): the kernel sums the firing neurons' weights per class, then per
     # *atom* (tokens in the same output classes), and updates log Z per atom with the atom's base mass,
-    # so a class output costs one exp per atom, not one per member token
+    # so a class output costs one exp per atom, not one per member token. Weighted sets are not uniform
+    # over their members, so they cannot be atoms: expanded to tokens.
     ncl_ptr, ncl_cls, ncl_w = [0], [], []
     for _, r in nr:
-        nt.add([(s, w) for s, w in r.next if s < V])
-        for s, w in r.next:
-            if s >= V:
+        plain = [s >= V and not sets.is_weighted(s) for s, _ in r.next]
+        nt.add([x for x, p in zip(r.next, plain) if not p])
+        for (s, w), p in zip(r.next, plain):
+            if p:
                 ncl_cls.append(s - V); ncl_w.append(w)
         ncl_ptr.append(len(ncl_cls))
     a.nr_ptr, a.nr_tok, a.nr_w = nt.arrays()
@@ -287,13 +295,13 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
         for h, s, w in r.n_attend:
             s_at.append(s); h_at.append(h); n_at.append(n); w_at.append(w)
     toks, nn, ww = _expand(sets, s_now, np.array(n_now, np.int64), np.array(w_now, np.float64))
-    a.nn_ptr, a.nn_neu, a.nn_w = _csr(toks, V, nn, ww)
+    a.nn_ptr, a.nn_neu, a.nn_w = _csr(toks, V, nn, ww * _member_weights(sets, s_now))
     a.npe_neu = np.array(n_pr, dtype=np.int64)
     a.npe_w = np.array(w_pr, dtype=np.float64)
     toks, ee = _expand(sets, s_pr, np.arange(len(s_pr), dtype=np.int64))
     a.np_ptr, a.np_ent = _csr(toks, V, ee)
     toks, hh, nn, ww = _expand(sets, s_at, np.array(h_at, np.int64), np.array(n_at, np.int64), np.array(w_at, np.float64))
-    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww)
+    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww * _member_weights(sets, s_at))
     return a
 
 

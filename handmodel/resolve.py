@@ -1,8 +1,10 @@
 """Resolving rule entries against a vocabulary: token strings and classes -> token-set ids, numbers -> floats.
 
 A *set id* (sid) names a set of token ids: sid < V is the single token sid; sid = V + k is class k.
-Class 0 is the built-in `@all` (every token). The result is a list of `Rule` objects that both the
-compiler (flat arrays for the kernels) and the numpy twin (a direct interpreter) read.
+Class 0 is the built-in `@all` (every token). Weighted sets ([[weights]]) are numbered after the classes
+and also carry one weight per member (`weights_of`; 1 for every member of a token or a plain class).
+The result is a list of `Rule` objects that both the compiler (flat arrays for the kernels) and the
+numpy twin (a direct interpreter) read.
 """
 from __future__ import annotations
 
@@ -40,6 +42,11 @@ class Rule:
     n_present: list[tuple[int, float]] = field(default_factory=list)
     n_attend: list[tuple[int, int, float]] = field(default_factory=list)  # (head number, src sid, w)
 
+    def value_sids(self) -> list[int]:
+        """The sids of its value tables (next, bigram rows, neuron now/attend): where weighted sets may go."""
+        return ([s for s, _ in self.next] + [s for _, row in self.rows for s, _ in row]
+                + [s for s, _ in self.n_now] + [s for _, s, _ in self.n_attend])
+
 
 class TokenSets:
     """Vocabulary lookups, class definitions and the membership of every set id."""
@@ -52,6 +59,8 @@ class TokenSets:
         self.class_ids: dict[str, int] = {ALL_NAME: 0}
         self.class_members: list[np.ndarray] = [np.arange(self.V, dtype=np.int32)]
         self.class_docs: list[str] = ["every token"]
+        self.class_weights: list[np.ndarray | None] = [None]  # weighted set: per member; None: a plain class
+        self.class_entries: list[int] = [0]  # weighted set: entries written (its explicit numbers)
         self._member_matrix: np.ndarray | None = None
 
     @property
@@ -62,6 +71,14 @@ class TokenSets:
         if sid < self.V:
             return np.array([sid], dtype=np.int32)
         return self.class_members[sid - self.V]
+
+    def weights_of(self, sid: int) -> np.ndarray:
+        """Weight of each member (aligned with members(sid)): 1 unless sid is a weighted set."""
+        w = self.class_weights[sid - self.V] if sid >= self.V else None
+        return np.ones(self.size(sid)) if w is None else w
+
+    def is_weighted(self, sid: int) -> bool:
+        return sid >= self.V and self.class_weights[sid - self.V] is not None
 
     def size(self, sid: int) -> int:
         return 1 if sid < self.V else len(self.class_members[sid - self.V])
@@ -96,8 +113,9 @@ class TokenSets:
             else "no close token in the vocabulary; tokens are case- and space-sensitive (' the' has a leading space)"
         raise e.fail(f"unknown token {spelled!r} in {what}", fix, *quoted(spelled))
 
-    def ref(self, e: Entry, s, what: str) -> int:
-        """sid for a written reference: "token", "@class", or "@@..." for a token that starts with '@'."""
+    def ref(self, e: Entry, s, what: str, weighted_ok: bool = False) -> int:
+        """sid for a written reference: "token", "@class", or "@@..." for a token that starts with '@'.
+        A weighted set only where each entry has a number (`weighted_ok`: next/now/attend tables)."""
         tid = self.tok_id.get(s) if type(s) is str else None  # fast path; anything odd gets the checks below
         if tid is not None and s[:1] != "@":
             return tid
@@ -113,29 +131,34 @@ class TokenSets:
                 hint = ("did you mean " + ", ".join("@" + c for c in close) + "?") if close else \
                     f"define it with [[class]] id = \"{name}\"; a token that starts with '@' is written '@@...'"
                 raise e.fail(f"unknown class {s!r} in {what}", hint, *quoted(s))
+            if not weighted_ok and self.class_weights[k] is not None:
+                raise e.fail(f"{s!r} is a weighted set ([[weights]]); {what} needs a plain set of tokens",
+                             "use a [[class]] there (weighted sets go in next/now/attend tables)", *quoted(s))
             return self.V + k
         return self.token(e, s, what)
 
-    def weights(self, e: Entry, key: str) -> list[tuple[int, float]]:
+    def weights(self, e: Entry, key: str, weighted_ok: bool = True) -> list[tuple[int, float]]:
         """A {"token or @class" = number} table -> [(sid, w)]."""
         out = []
         what = f"'{key}'"
         for s, w in table(e, e.body[key], key).items():
-            out.append((self.ref(e, s, what), number(e, w, key, s)))
+            out.append((self.ref(e, s, what, weighted_ok), number(e, w, key, s)))
         return out
 
     # -- classes ---------------------------------------------------------------------------------
-    def define_classes(self, entries: list[Entry]) -> None:
-        """Resolve [[class]] entries in any order (a class may use a class defined in a later file)."""
-        by_name: dict[str, Entry] = {}
-        for e in entries:
+    def define_classes(self, entries: list[Entry], weighted: list[Entry] = ()) -> None:
+        """Resolve [[class]] entries in any order (a class may use a class defined in a later file), then
+        the [[weights]] entries (which may use any class, but no weighted set)."""
+        for e in list(entries) + list(weighted):
             if e.id == ALL_NAME:
                 raise e.fail("'all' is the built-in class of every token", "choose another id", "id")
-            by_name[e.id] = e
             self.class_ids[e.id] = len(self.class_names)
             self.class_names.append(e.id)
             self.class_members.append(np.zeros(0, dtype=np.int32))
             self.class_docs.append(e.body["doc"])
+            self.class_weights.append(np.zeros(0) if e.kind == "weights" else None)
+            self.class_entries.append(len(e.body["tokens"]) if e.kind == "weights" else 0)
+        by_name: dict[str, Entry] = {e.id: e for e in entries}
         state: dict[str, int] = {}  # 1 = resolving, 2 = done
 
         def resolve(name: str, user: Entry) -> np.ndarray:
@@ -156,7 +179,7 @@ class TokenSets:
                 if not isinstance(items, list):
                     raise e.fail(f"'{key}' must be a list of tokens/@classes", f"write {key} = [\" dog\", \"@animals\"]", key)
                 for s in items:
-                    if isinstance(s, str) and s.startswith("@") and not s.startswith("@@") and s[1:] in self.class_ids:
+                    if isinstance(s, str) and s.startswith("@") and not s.startswith("@@") and s[1:] in by_name:
                         mem[resolve(s[1:], e)] = add
                     else:
                         mem[self.members(self.ref(e, s, f"'{key}'"))] = add
@@ -169,6 +192,15 @@ class TokenSets:
 
         for e in entries:
             resolve(e.id, e)
+        for e in weighted:
+            w = np.zeros(self.V)
+            covered = np.zeros(self.V, dtype=np.bool_)
+            for sid, x in self.weights(e, "tokens", weighted_ok=False):
+                w[self.members(sid)] += x  # overlaps add
+                covered[self.members(sid)] = True
+            k = self.class_ids[e.id]
+            self.class_members[k] = np.flatnonzero(covered).astype(np.int32)
+            self.class_weights[k] = w[covered]
 
     def _pattern(self, e: Entry, mem: np.ndarray) -> None:
         pat = e.body["pattern"]
@@ -193,7 +225,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
             for now, nxt in table(e, b["rows"], "rows").items():
                 now_sid = sets.ref(e, now, "'rows'")
                 what = f"rows[{now!r}]"
-                row = [(sets.ref(e, s, what), number(e, w, what, s)) for s, w in table(e, nxt, what).items()]
+                row = [(sets.ref(e, s, what, weighted_ok=True), number(e, w, what, s)) for s, w in table(e, nxt, what).items()]
                 r.rows.append((now_sid, row))
         else:
             r.rows.append((sets.ref(e, b["now"], "'now'"), sets.weights(e, "next")))
@@ -237,13 +269,23 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         if "now" in b:
             r.n_now = sets.weights(e, "now")
         if "present" in b:
-            r.n_present = sets.weights(e, "present")
+            r.n_present = sets.weights(e, "present", weighted_ok=False)
         for hname, srcs in table(e, b.get("attend", {}), "attend").items():
             h = _head(e, hname, heads, "attend")
             for s, w in table(e, srcs, f"attend.{hname}").items():
-                r.n_attend.append((h, sets.ref(e, s, f"attend.{hname}"), number(e, w, f"attend.{hname}", s)))
+                r.n_attend.append((h, sets.ref(e, s, f"attend.{hname}", weighted_ok=True), number(e, w, f"attend.{hname}", s)))
         r.numbers += len(r.n_now) + len(r.n_present) + len(r.n_attend)
     return r
+
+
+def count_weighted_sets(rules: list[Rule], sets: TokenSets) -> None:
+    """A weighted set's entries are explicit numbers once: on the first rule (ledger order) referencing it."""
+    seen: set[int] = set()
+    for r in rules:
+        for sid in r.value_sids():
+            if sets.is_weighted(sid) and sid not in seen:
+                seen.add(sid)
+                r.numbers += sets.class_entries[sid - sets.V]
 
 
 def _head(e: Entry, name, heads: dict[str, int], what: str) -> int:

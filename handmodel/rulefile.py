@@ -20,10 +20,11 @@ from pathlib import Path
 
 from .errors import UserError
 
-# Rule kinds, the keys each may have, and the keys it must have. `class` is not a rule (no effect of
-# its own, not in the ledger) but shares the id namespace.
+# Rule kinds, the keys each may have, and the keys it must have. `class` and `weights` (a weighted token
+# set) are not rules (no effect of their own, not in the ledger) but share the id namespace.
 KEYS: dict[str, set[str]] = {
     "class": {"id", "doc", "tokens", "pattern", "except"},
+    "weights": {"id", "doc", "tokens"},
     "prior": {"id", "doc", "group", "next", "check"},
     "bigram": {"id", "doc", "group", "now", "next", "rows", "check"},
     "head": {"id", "doc", "group", "position", "score", "check"},
@@ -35,6 +36,7 @@ KEYS: dict[str, set[str]] = {
 # against the reference (verify/checkrules.py). A flat table of numbers/strings; the engine ignores it.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "class": ("id", "doc"),
+    "weights": ("id", "doc", "tokens"),
     "prior": ("id", "doc", "next"),
     "bigram": ("id", "doc"),
     "head": ("id", "doc"),
@@ -253,6 +255,8 @@ def check_entry(e: Entry) -> None:
                      "add next = { \" the\" = 1.0 } or copy = 1.0 (see docs/rules.md, [[head_out]])")
     if kind == "class" and "tokens" not in body and "pattern" not in body:
         raise e.fail("needs 'tokens' or 'pattern'", "list tokens, e.g. tokens = [\" dog\", \" cat\"], or give a regex")
+    if kind == "weights" and not table(e, body["tokens"], "tokens"):
+        raise e.fail("'tokens' is empty", "give every token (or @class) its weight, e.g. tokens = { \".\" = 1.0, \"!\" = 0.7 }", "tokens")
 
 
 def number(e: Entry, value, ctx: str, key: str | None = None, needles: tuple[str, ...] | None = None) -> float:

@@ -16,9 +16,17 @@ def _in(rules: CompiledRules, sid: int, tokens: np.ndarray) -> np.ndarray:
     return np.isin(tokens, rules.sets.members(sid))
 
 
+def _weight(rules: CompiledRules, sid: int, tokens: np.ndarray) -> np.ndarray:
+    """Per token: its weight in set `sid` (1 for a member of a plain set, the set's weight for a member of a
+    weighted set, 0 for a non-member)."""
+    full = np.zeros(rules.vocab_size)
+    full[rules.sets.members(sid)] = rules.sets.weights_of(sid)
+    return full[tokens]
+
+
 def _write(rules: CompiledRules, logit: np.ndarray, targets: list[tuple[int, float]], scale: float) -> None:
     for sid, w in targets:
-        logit[rules.sets.members(sid)] += scale * w
+        logit[rules.sets.members(sid)] += scale * w * rules.sets.weights_of(sid)
 
 
 def attention(rules: CompiledRules, r: Rule, seq: np.ndarray, t: int) -> np.ndarray:
@@ -84,12 +92,12 @@ def contributions(rules: CompiledRules, seq: np.ndarray, t: int, mask: np.ndarra
         elif r.kind == "neuron":
             pre = -r.threshold
             for sid, w in r.n_now:
-                pre += w * _in(rules, sid, cur)[0]
+                pre += w * _weight(rules, sid, cur)[0]
             for sid, w in r.n_present:
                 pre += w * bool(_in(rules, sid, earlier).any())
             for h, sid, w in r.n_attend:
                 if h in att:
-                    pre += w * float(att[h][_in(rules, sid, seq[: t + 1])].sum())
+                    pre += w * float((att[h] * _weight(rules, sid, seq[: t + 1])).sum())
             act = max(0.0, pre)
             _write(rules, d, r.next, act)
             desc = f"activation {act:.3f}"

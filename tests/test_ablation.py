@@ -36,6 +36,19 @@ head = "head.prev"
 src = " ice"
 now = " dog"
 next = { "." = 1.0 }
+
+[[weights]]
+id = "pets_w"
+doc = "Pets, the cat most; a full stop against."
+tokens = { " cat" = 1.0, " dog" = 0.6, "." = -0.5 }
+
+[[neuron]]
+id = "pets.again"
+doc = "A pet now or looked at: it sits, and pets are named less (a weighted set read and written)."
+threshold = 0.3
+now = { "@pets_w" = 0.8 }
+attend = { "head.prev" = { "@pets_w" = 1.5 } }
+next = { " sat" = 0.5, "@pets_w" = -0.7 }
 '''
 
 

@@ -481,3 +481,59 @@ def test_kl_last_is_finite_and_nonnegative():
         assert kl_last(la, la) == pytest.approx(0.0, abs=1e-12)
 
     prop()
+
+
+WEIGHTED = """
+[[bigram]]
+id = "bigram.the_w"
+doc = "After ' the': ' dog' up, ' moon' down, through a weighted set."
+now = " the"
+next = {{ "@after_the" = 1.0 }}
+
+[[bigram]]
+id = "bigram.the_w_wrong"
+doc = "The same set with the wrong sign: ' dog' down, ' moon' up."
+now = " the"
+next = {{ "@after_the" = -1.0 }}
+
+[[neuron]]
+id = "neuron.{neuron}.the_w"
+doc = "The ' the' neuron reading a weighted set (' blue' weighs against it: not a trigger)."
+now = {{ "@the_w" = 1.0 }}
+next = {{ "@after_the" = 0.1 }}
+check = {{ level = 0.5, min_weight = 0.08 }}  # 0.1 x -0.5 on ' moon' is below it: only ' dog' is claimed
+
+[[weights]]
+id = "after_the"
+doc = "What ' the' is followed by."
+tokens = {{ " dog" = 1.0, " moon" = -0.5 }}
+
+[[weights]]
+id = "the_w"
+doc = "The word 'the', against ' blue'."
+tokens = {{ " the" = 1.0, "the" = 1.0, " blue" = -1.0 }}
+"""
+
+
+def test_weighted_set_claims_split_by_the_sign_of_each_member(tmp_path, facts, planted):
+    """A weighted-set target pushes each member by x·w_v: its raised members are one pooled target, its lowered
+    ones another; as a neuron input, only members with x·w_v > 0 are triggers."""
+    from verify.checkrules import Checker, Claim
+
+    f = tmp_path / "w.toml"
+    f.write_text(WEIGHTED.format(**facts), encoding="utf-8")
+    c = Checker.from_paths(f, planted[0], planted[1], examples=EXAMPLES)
+    res = {r.id: r for r in c.check_all()}
+    row = c.rules.rules[0].rows[0][1]
+    assert [(list(p), p.name, w) for p, w in c._targets(row, Claim())] == \
+        [([oracle_id(c, " dog")], "@after_the (1 raised)", 1.0), ([oracle_id(c, " moon")], "@after_the (1 lowered)", -0.5)]
+    ok = res["bigram.the_w"]
+    assert ok.status == "pass", (ok.measured, ok.counter_detail)
+    bad = res["bigram.the_w_wrong"]
+    assert bad.status == "fail" and "@after_the" in bad.counter_detail, bad
+    n = res[f"neuron.{facts['neuron']}.the_w"]
+    assert n.status == "pass", (n.measured, n.counterexample, n.counter_detail)
+
+
+def oracle_id(checker, tok: str) -> int:
+    return checker.o.vocab.index(tok)

@@ -511,3 +511,81 @@ def test_objective_gradient_is_the_same_in_one_chunk_or_many(oracle, tmp_path):
     assert vals[0] == pytest.approx(vals[1], rel=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
     assert (grads[0] != 0).any()
+
+
+# -- weighted sets ([[weights]]): constants to fit, references fitted -------------------------------------
+WEIGHTED_SETS = """# weighted sets only: fit never touches this file
+[[weights]]
+id = "ends_w"
+doc = "sentence ends, the full stop most"
+tokens = { "." = 1.0, " moon" = 0.4, "@animals" = -0.3 }
+
+[[weights]]
+id = "story_w"
+doc = "story words"
+tokens = { " dog" = 0.5, " sun" = 1.5, " blue" = -1.0, "@all" = 0.05 }
+"""
+WEIGHTED_RULES = CLASSES + """
+[[prior]]
+id = "p"
+doc = "prior through a weighted set"
+next = { "@ends_w" = 0.7, " the" = 0.2 }
+
+[[bigram]]
+id = "rows"
+doc = "rows writing weighted sets"
+rows = { "@animals" = { "@ends_w" = 1.5 }, " the" = { "@story_w" = -0.5, " dog" = 1.0 } }
+
+[[skip]]
+id = "sk"
+doc = "zap earlier"
+earlier = "zap"
+next = { "@story_w" = 0.4 }
+
+[[head]]
+id = "h0"
+doc = "previous token"
+position = { 0 = -0.5, 1 = 2.0, default = -1.0 }
+
+[[head_out]]
+id = "ho"
+doc = "writes a weighted set"
+head = "h0"
+src = "@animals"
+next = { "@ends_w" = 1.2 }
+
+[[neuron]]
+id = "n0"
+doc = "reads and writes weighted sets"
+threshold = 0.2
+now = { "@story_w" = 1.0, " up" = 0.5 }
+attend = { h0 = { "@ends_w" = 0.9, "@story_w" = -0.4 } }
+next = { "@ends_w" = 1.0, "@story_w" = 0.3 }
+"""
+
+
+def test_torchrules_with_weighted_sets_equal_the_engine_and_fit_keeps_the_sets(oracle, planted, tmp_path):
+    """Weighted sets in every value place (prior, rows, skip, head_out, neuron now/attend/next): torch == engine;
+    `fit` moves the references' numbers and writes the sets' file back unchanged."""
+    import torch
+
+    from handmodel import HandModel, load_rules
+    from verify.discover.slots import read_slots
+    from verify.discover.torchrules import TorchRules
+
+    d = tmp_path / "w"
+    d.mkdir()
+    (d / "00_sets.toml").write_text(WEIGHTED_SETS, encoding="utf-8")
+    (d / "10_rules.toml").write_text(WEIGHTED_RULES, encoding="utf-8")
+    rules = load_rules(d, oracle.vocab)
+    S = read_slots(rules)
+    assert len(S.slots) == 17 and int(rules.rule_numbers.sum()) == 17 + 3 + 4  # the sets' 7 entries are no slots
+    W = _random_windows(oracle.vocab, seed=3)
+    tr = TorchRules(rules, S, W)
+    got = torch.log_softmax(tr.logits(torch.as_tensor(S.values, dtype=torch.float64)), -1).numpy()
+    want = np.stack(HandModel(rules).log_probs_batch(list(W)))
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+    sets_before = (d / "00_sets.toml").read_bytes()
+    res = fit(oracle, planted, d, steps=3)
+    assert res["kl_after"] < res["kl_before"] and res["numbers_total"] == 17
+    assert (d / "00_sets.toml").read_bytes() == sets_before and str(d / "10_rules.toml") in res["written"]

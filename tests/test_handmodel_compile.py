@@ -81,3 +81,38 @@ def test_big_table_compiles(tmp_path):
     r = load_rules(tmp_path, vocab)
     assert r.rule_numbers[0] == 500 * 20
     assert len(r.arrays.blk_tok) == 500 * 20
+
+
+def test_weighted_set_numbers_count_once_on_the_first_user(tmp_path):
+    """A [[weights]] table's entries are explicit numbers once, on the first rule in ledger order that references it
+    (here a prior in an earlier file than the set itself); the ledger's cumulative numbers column counts them once;
+    an unreferenced weighted set counts 0 and changes nothing."""
+    from types import SimpleNamespace
+
+    from verify import ledger as L
+
+    vocab = ["a", "b", "c", "d"]
+    (tmp_path / "00_first.toml").write_text('group = "one"\n[[prior]]\nid = "p"\ndoc = "d"\nnext = { "@w" = 1.0, "d" = 0.5 }\n')
+    later = ('group = "two"\n[[weights]]\nid = "w"\ndoc = "three entries"\ntokens = { "a" = 1.0, "b" = 0.5, "@all" = 0.1 }\n'
+             '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = -1\nnow = { "@w" = 1.0 }\nnext = { "@w" = 2.0 }\n'
+             '[[bigram]]\nid = "b"\ndoc = "d"\nrows = { "c" = { "@w" = -1.0 }, "a" = { "@w" = 1.0 } }\n')
+    (tmp_path / "10_later.toml").write_text(later)
+    r = load_rules(tmp_path, vocab)
+    assert r.rule_ids == ["p", "n", "b"]
+    assert list(r.rule_numbers) == [2 + 3, 3, 2]
+    assert [int(r.rule_numbers[m].sum()) for _, m in L.group_masks(r)] == [0, 5, 10]
+    assert list(r.sets.members(r.rules[0].next[0][0])) == [0, 1, 2, 3]
+    np.testing.assert_allclose(r.sets.weights_of(r.rules[0].next[0][0]), [1.1, 0.6, 0.1, 0.1])
+    # the same rules with an extra, unreferenced weighted set: same numbers, same log-probs
+    (tmp_path / "20_unused.toml").write_text('[[weights]]\nid = "spare"\ndoc = "nobody reads it"\ntokens = { "c" = 4.0, "d" = 1.0 }\n')
+    r2 = load_rules(tmp_path, vocab)
+    assert list(r2.rule_numbers) == [5, 3, 2]
+    seq = np.array([0, 2, 1, 3], dtype=np.int32)
+    np.testing.assert_allclose(HandModel(r2).log_probs(seq), HandModel(r).log_probs(seq), atol=1e-7)
+    # a weighted set is not a rule: it is neither in the ledger nor in masks, and its file keys the cached rows
+    meta = SimpleNamespace(meta={"key": "eval"})
+    masks = [m for _, m in L.group_masks(r2)]
+    before = L.row_keys(r2, masks, meta)
+    (tmp_path / "10_later.toml").write_text(later.replace('"b" = 0.5', '"b" = 0.25'))
+    after = L.row_keys(load_rules(tmp_path, vocab), masks, meta)
+    assert before[1] != after[1]  # row "+ one" holds only p (00_first), which reads @w from 10_later

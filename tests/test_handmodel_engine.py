@@ -47,9 +47,19 @@ def rulesets(draw):
     ref = st.one_of(st.integers(0, V - 1).map(lambda i: tok_ref(vocab[i])),
                     st.sampled_from(["@" + c for c in classes] + ["@all"]))
 
-    def weights(max_size=3, min_size=1):
-        d = draw(st.dictionaries(ref, num, min_size=min_size, max_size=max_size))
+    def weights(max_size=3, min_size=1, value=True):
+        """A { reference = number } table; `value`: a value table (next/now/attend/rows), where weighted sets may go."""
+        d = draw(st.dictionaries(vref if value else ref, num, min_size=min_size, max_size=max_size))
         return "{ " + ", ".join(f"{q(k)} = {v}" for k, v in d.items()) + " }"
+
+    wsets = []  # weighted sets, in any file (users may come before them)
+    vref = ref
+    for k in range(draw(st.integers(0, 2))):
+        files[draw(st.sampled_from(sorted(files)))].append(f'[[weights]]\nid = "w{k}"\ndoc = "weighted set {k}"\n'
+                                                           f"tokens = {weights(max_size=4, value=False)}")
+        wsets.append(f"@w{k}")
+    if wsets:
+        vref = st.one_of(ref, ref, st.sampled_from(wsets))  # a value reference is a weighted set about 1 time in 3
 
     rid = iter(range(1000))
     heads = []
@@ -85,7 +95,7 @@ def rulesets(draw):
             if draw(st.booleans()):
                 body += f"now = {weights()}\n"
             if draw(st.booleans()):
-                body += f"present = {weights()}\n"
+                body += f"present = {weights(value=False)}\n"
             if heads and draw(st.booleans()):
                 body += "attend = { " + ", ".join(f"{h} = {weights()}" for h in draw(st.lists(st.sampled_from(heads), min_size=1, unique=True))) + " }\n"
             body += f"next = {weights()}"
@@ -324,7 +334,9 @@ def long_attention_cases(draw, with_copy=False, min_len=1):
     V = len(vocab)
     big = st.floats(-40, 40, allow_nan=False).map(lambda x: round(x, 2))
     ref = st.sampled_from([tok_ref(t) for t in vocab] + ["@c0", "@all"])
-    lines = ['[[class]]\nid = "c0"\ndoc = "class"\ntokens = ["a", " d", "@@f"]']
+    vref = st.sampled_from([tok_ref(t) for t in vocab] + ["@c0", "@all", "@w0", "@w0"])  # value places: weighted sets too
+    lines = ['[[class]]\nid = "c0"\ndoc = "class"\ntokens = ["a", " d", "@@f"]',
+             '[[weights]]\nid = "w0"\ndoc = "weighted"\ntokens = { "a" = 1.0, "@c0" = 0.5, "e" = -0.75, "b" = 2.0 }']
     heads = []
     for h in range(draw(st.integers(1, 2))):
         pos = draw(st.dictionaries(st.sampled_from(["0", "1", "2", "5", "default"]), big, max_size=4))
@@ -345,8 +357,8 @@ def long_attention_cases(draw, with_copy=False, min_len=1):
     for i in range(draw(st.integers(0, 2))):
         h = draw(st.sampled_from(heads))
         lines.append(f'[[neuron]]\nid = "n{i}"\ndoc = "neuron"\nthreshold = {draw(st.sampled_from([-0.5, 0.2]))}\n'
-                     f'attend = {{ {h} = {{ {q(draw(ref))} = {draw(big) / 8} }} }}\n'
-                     f'present = {{ {q(draw(ref))} = {draw(big) / 20} }}\nnext = {{ {q(draw(ref))} = 2.0 }}')
+                     f'attend = {{ {h} = {{ {q(draw(vref))} = {draw(big) / 8} }} }}\n'
+                     f'present = {{ {q(draw(ref))} = {draw(big) / 20} }}\nnext = {{ {q(draw(vref))} = 2.0 }}')
     n = draw(st.integers(min_len, 256 if min_len < 256 else min_len + 60))
     seed = draw(st.integers(0, 2**31 - 1))
     rng = np.random.default_rng(seed)
@@ -459,3 +471,30 @@ def test_base_rows_cached_across_calls_and_masks():
             np.testing.assert_allclose(g, twin.log_probs(rules, s, mask), atol=1e-5, rtol=0)
         one = hm.log_probs(np.array([2, 0], dtype=np.int32), mask)  # a subset of the cached tokens
         np.testing.assert_allclose(one, twin.log_probs(rules, np.array([2, 0]), mask), atol=1e-5, rtol=0)
+
+
+def test_weighted_set_hand_computed():
+    """@w = { a = 1.0, @c0 = 0.5, c = 0.25 } with c0 = {b, c}: w_a = 1, w_b = 0.5, w_c = 0.5 + 0.25 = 0.75 (overlaps
+    add); d, e are not members. Neuron: threshold 0.5, now {@w = 2}, attend the uniform head {@w = 1} (weighted
+    mass: mean of w over positions 0..t), next {@w = 1, e = 0.5}. Bigram row d -> {@w = -2}. seq = a d c b."""
+    vocab = ["a", "b", "c", "d", "e"]
+    text = ('[[bigram]]\nid = "row"\ndoc = "d"\nrows = { "d" = { "@w" = -2.0 } }\n'
+            '[[head]]\nid = "h"\ndoc = "uniform"\n'
+            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.5\nnow = { "@w" = 2.0 }\nattend = { h = { "@w" = 1.0 } }\n'
+            'next = { "@w" = 1.0, "e" = 0.5 }\n'
+            '[[class]]\nid = "c0"\ndoc = "b and c"\ntokens = ["b", "c"]\n'
+            '[[weights]]\nid = "w"\ndoc = "defined after its users"\ntokens = { "a" = 1.0, "@c0" = 0.5, "c" = 0.25 }\n')
+    rules = compile_text(vocab, {"r.toml": text})
+    w = np.array([1.0, 0.5, 0.75, 0.0, 0.0])
+    seq = np.array([0, 3, 2, 1], dtype=np.int32)
+    acts = [-0.5 + 2 * 1.0 + 1.0,  # t = 0, c = a: now w_a, attention on itself
+            max(0.0, -0.5 + 0.0 + (1.0 + 0.0) / 2),  # t = 1, c = d (not a member): 0.0, the neuron is silent
+            -0.5 + 2 * 0.75 + (1.0 + 0.0 + 0.75) / 3,  # t = 2, c = c
+            -0.5 + 2 * 0.5 + (1.0 + 0.0 + 0.75 + 0.5) / 4]  # t = 3, c = b
+    assert acts[1] == 0.0
+    want = np.array([a * (w + np.array([0, 0, 0, 0, 0.5])) for a in acts])
+    want[1] += -2.0 * w  # the bigram row of d
+    np.testing.assert_allclose(twin.logits(rules, seq), want, atol=1e-12)
+    np.testing.assert_allclose(HandModel(rules).log_probs(seq), want - logsumexp(want)[:, None], atol=1e-6)
+    assert rules.sets.name(rules.rules[0].rows[0][1][0][0]) == "@w"
+    assert list(rules.rule_numbers) == [1 + 3, 0, 5]  # the bigram, first user, carries the set's 3 entries

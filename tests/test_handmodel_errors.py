@@ -158,3 +158,50 @@ def test_head_out_needs_next_or_copy(tmp_path):
     r = load_rules(tmp_path, VOCAB)
     assert [x.copy for x in r.rules[1:]] == [2.0, -1.0] and list(r.rule_numbers) == [1, 1, 3]
     assert r.rules[1].next == []
+
+
+# -- [[weights]]: weighted token sets ----------------------------------------------------------------
+WSET = '[[weights]]\nid = "name"\ndoc = "d"\ntokens = { " dog" = 1.0, " cat" = 0.5 }\n'  # lines 1-4
+
+
+@pytest.mark.parametrize("text, line, kind, key", [
+    ('[[class]]\nid = "c"\ndoc = "d"\ntokens = [" the", "@name"]\n', 8, "class 'c'", "'tokens'"),
+    ('[[class]]\nid = "c"\ndoc = "d"\ntokens = [" the", " dog"]\nexcept = ["@name"]\n', 9, "class 'c'", "'except'"),
+    ('[[head]]\nid = "h"\ndoc = "d"\n[[head_out]]\nid = "o"\ndoc = "d"\nhead = "h"\nsrc = "@name"\nnext = { "." = 1.0 }\n',
+     12, "head_out 'o'", "'src'"),
+    ('[[bigram]]\nid = "b"\ndoc = "d"\nnow = "@name"\nnext = { "." = 1.0 }\n', 8, "bigram 'b'", "'now'"),
+    ('[[bigram]]\nid = "b"\ndoc = "d"\nrows = { "@name" = { "." = 1.0 } }\n', 8, "bigram 'b'", "'rows'"),
+    ('[[skip]]\nid = "s"\ndoc = "d"\nearlier = "@name"\nnext = { "." = 1.0 }\n', 8, "skip 's'", "'earlier'"),
+    ('[[neuron]]\nid = "n"\ndoc = "d"\npresent = { "@name" = 1.0 }\nnext = { "." = 1.0 }\n', 8, "neuron 'n'", "'present'"),
+    ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 1 = 1.0 }\nscore = [{ src = "@name", w = 1.0 }]\n', 9, "head 'h'", "score 'src'"),
+    ('[[weights]]\nid = "w2"\ndoc = "d"\ntokens = { " the" = 1.0, "@name" = 1.0 }\n', 8, "weights 'w2'", "'tokens'"),
+])
+def test_weighted_set_where_a_plain_set_is_needed(tmp_path, text, line, kind, key):
+    msg = fails(tmp_path, {"a.toml": WSET + text})
+    assert msg == (f"{tmp_path / 'a.toml'}:{line}: {kind}: '@name' is a weighted set ([[weights]]); {key} needs a plain "
+                   "set of tokens; use a [[class]] there (weighted sets go in next/now/attend tables)"), msg
+
+
+@pytest.mark.parametrize("tokens, what", [("{}", "'tokens' is empty"),
+                                          ('{ " dog" = "1.0" }', "must be a number, got '1.0'"),
+                                          ('{ " dog" = nan }', "is nan (not finite)"),
+                                          ('[" dog", " cat"]', "'tokens' must be a table")])
+def test_weighted_set_tokens_must_be_a_table_of_numbers(tmp_path, tokens, what):
+    msg = fails(tmp_path, {"a.toml": f'[[prior]]\nid = "p"\ndoc = "d"\nnext = {{ "." = 1.0 }}\n\n'
+                                     f'[[weights]]\nid = "w"\ndoc = "d"\ntokens = {tokens}\n'})
+    assert msg.startswith(f"{tmp_path / 'a.toml'}:9: weights 'w': "), msg
+    assert what in msg and "; " in msg, msg
+
+
+def test_unknown_reference_suggests_a_weighted_set(tmp_path):
+    msg = fails(tmp_path, {"a.toml": WSET + '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "@nmae" = 1.0 }\n'})
+    assert msg.startswith(f"{tmp_path / 'a.toml'}:8: prior 'p': unknown class '@nmae'"), msg
+    assert "did you mean @name?" in msg
+
+
+def test_weighted_set_is_not_a_rule(tmp_path):
+    """No group, check or next of its own; it shares the id namespace with rules and classes."""
+    msg = fails(tmp_path, {"a.toml": WSET + '[[prior]]\nid = "name"\ndoc = "d"\nnext = { "." = 1.0 }\n'})
+    assert ":6: duplicate id 'name'" in msg
+    msg = fails(tmp_path, {"a.toml": '[[weights]]\nid = "w"\ndoc = "d"\ngroup = "g"\ntokens = { " dog" = 1.0 }\n'})
+    assert ":4: weights 'w': unknown key 'group'" in msg

@@ -40,3 +40,22 @@ def test_catalog_bad_rules_folder(tiny_world, tmp_path):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_catalog_lists_weighted_sets_apart_from_classes(tmp_path):
+    """Weighted sets ([[weights]]) get their own table: size and the largest weights; the header counts both kinds."""
+    from handmodel import load_rules
+    from verify.catalog import catalog_markdown
+
+    (tmp_path / "r.toml").write_text('[[class]]\nid = "ab"\ndoc = "a and b"\ntokens = ["a", "b"]\n'
+                                     '[[weights]]\nid = "w"\ndoc = "mostly c"\ntokens = { "c" = -3.0, "@ab" = 0.5, "b" = 1.0 }\n'
+                                     '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "@w" = 1.0 }\n')
+    rules = load_rules(tmp_path, ["a", "b", "c", "d"])
+    res = {"header": {"eval_set": "e", "n_tokens": 1, "checkpoint_hash": "h", "n_rules": 1, "n_groups": 1},
+           "final": {"kl": 0.5, "explained": 0.1, "top1": 0.2}, "ledger": [],
+           "ablation": [{"rule": "p", "delta": 0.1, "doc": "d"}]}
+    text = catalog_markdown(res, rules, tmp_path, "handmodel catalog")
+    assert "4 explicit numbers, 1 token classes, 1 weighted token sets" in text
+    assert "| `@ab` | 2 | a and b |" in text
+    assert "## Weighted token sets" in text and "| `@w` | 3 | 'c' -3.00, 'b' +1.50, 'a' +0.50 | mostly c |" in text
+    assert "`@w` |" not in text.split("## Weighted token sets")[0]  # not listed as a class

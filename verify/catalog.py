@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from .commands import CHECKPOINT_OPT, CORPUS_OPT, SAMPLED_OPT, SEED_OPT, TRAIN_OPT, evaluate
@@ -20,6 +21,9 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
     h, f = res["header"], res["final"]
     numbers = dict(zip(rules.rule_ids, (int(n) for n in rules.rule_numbers)))
     kinds = dict(zip(rules.rule_ids, rules.rule_kinds))
+    sets = rules.sets
+    plain = [k for k in range(1, len(sets.class_names)) if sets.class_weights[k] is None]
+    weighted = [k for k in range(1, len(sets.class_names)) if sets.class_weights[k] is not None]
     lines = [
         "# Catalog of the shipped rules",
         "",
@@ -27,7 +31,7 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
         "",
         f"- eval set: {h['eval_set']} ({h['n_tokens']:,} positions)",
         f"- checkpoint: {h['checkpoint_hash']}; {h['n_rules']} rules in {h['n_groups']} groups, "
-        f"{int(sum(numbers.values())):,} explicit numbers, {len(rules.sets.class_names) - 1} token classes",
+        f"{int(sum(numbers.values())):,} explicit numbers, {len(plain)} token classes, {len(weighted)} weighted token sets",
         f"- all rules on: KL(p_ref ‖ p_hand) = {f['kl']:.4f} nats/token, {100 * f['explained']:.1f}% of the unigram KL "
         f"explained, top-1 agreement {100 * f['top1']:.1f}%",
         "- ΔKL = KL with only that rule switched off − KL with every rule on (nats/token): what the rule removes."
@@ -55,10 +59,17 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
             d = ab[i]["delta"]
             flag = " ⚠" if d < 0 else ""
             lines.append(f"| `{i}` | {kinds[i]} | {numbers[i]:,} | {d:+.5f}{flag} | {_md(ab[i]['doc'])} |")
-    if rules.sets.class_names[1:]:
+    if plain:
         lines += ["", "## Token classes", "", "| class | members | doc |", "|---|---:|---|"]
-        for name, mem, doc in zip(rules.sets.class_names[1:], rules.sets.class_members[1:], rules.sets.class_docs[1:]):
-            lines.append(f"| `@{name}` | {len(mem)} | {_md(doc)} |")
+        for k in plain:
+            lines.append(f"| `@{sets.class_names[k]}` | {len(sets.class_members[k])} | {_md(sets.class_docs[k])} |")
+    if weighted:
+        lines += ["", "## Weighted token sets", "", "| set | members | largest weights | doc |", "|---|---:|---|---|"]
+        for k in weighted:
+            mem, w = sets.class_members[k], sets.class_weights[k]
+            top = np.argsort(-np.abs(w), kind="stable")[:4]
+            big = ", ".join(f"{_md(repr(rules.vocab[mem[j]]))} {w[j]:+.2f}" for j in top)
+            lines.append(f"| `@{sets.class_names[k]}` | {len(mem)} | {big} | {_md(sets.class_docs[k])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,9 @@ lists, drawn by hypothesis with `derandomize=True`, so every run draws the same 
   again; a rule whose trigger never occurs in the pool, or never acts, claims nothing.
 
 A class target (@class) is measured as the class's total probability (log of the summed p); a context
-passes when every target meets the claim. @all targets (a constant shift) claim nothing.
+passes when every target meets the claim. @all targets (a constant shift) claim nothing. A weighted set
+([[weights]]) entry x pushes each member v its own way, sign(x·w_v): its raised members are one pooled
+target, its lowered ones another (as a neuron input, its members with x·w_v > 0 are the triggers).
 
 Claim syntax (optional, per rule): `check = { key = value, ... }` with keys
   margin (0.0)       effect size in nats, in the direction of the weight's sign
@@ -410,13 +412,30 @@ class Checker:
         mx = m.max()
         return float(mx + np.log(np.exp(m - mx).sum()))
 
-    def _targets(self, items, claim: Claim) -> list[tuple[int, float]]:
-        out = [(s, w) for s, w in items if w != 0 and abs(w) >= claim.min_weight and s != self.sets.ALL]
+    def _signed(self, items, shift: float = 0.0, min_weight: float = 0.0) -> list:
+        """(sid, w − shift) per entry, but a weighted set's members each move by x·w_v − shift: its entry
+        becomes one Pool per sign (members with |x·w_v − shift| ≥ min_weight; weight: their mean)."""
+        out = []
+        for s, w in items:
+            if not self.sets.is_weighted(s):
+                out.append((s, w - shift))
+                continue
+            vals = w * self.sets.weights_of(s) - shift
+            mem = self.sets.members(s)
+            for sign, label in ((1.0, "raised"), (-1.0, "lowered")):
+                on = (vals * sign > 0) & (np.abs(vals) >= min_weight)
+                if on.any():
+                    out.append((Pool([int(t) for t in mem[on]], f"{self.sets.name(s)} ({on.sum()} {label})"), float(vals[on].mean())))
+        return out
+
+    def _targets(self, items, claim: Claim, shift: float = 0.0) -> list[tuple[int, float]]:
+        out = [(s, w) for s, w in self._signed(items, shift, claim.min_weight)
+               if w != 0 and abs(w) >= claim.min_weight and s != self.sets.ALL]
         if not claim.together:
             return out
         pools = []
         for sign, label in ((1.0, "raised"), (-1.0, "lowered")):
-            toks = sorted({int(t) for s, w in out if w * sign > 0 for t in self.sets.members(s)})
+            toks = sorted({int(t) for s, w in out if w * sign > 0 for t in self._tokens_of(s)})
             if toks:
                 pools.append((Pool(toks, f"{len(toks)} {label} token" + ("s" if len(toks) > 1 else "")), sign))
         return pools
@@ -457,8 +476,8 @@ class Checker:
             raise CannotCheck("no token is left to serve as the neutral token; set check.neutral")
         return cand
 
-    def _members(self, sid: int) -> list[int]:
-        return [int(t) for t in self.sets.members(sid)]
+    def _members(self, sid) -> list[int]:
+        return [int(t) for t in self._tokens_of(sid)]
 
     @staticmethod
     def _claim_text(claim: Claim, what: str) -> str:
@@ -519,7 +538,7 @@ class Checker:
         P, L = self.pool, self.max_prefix
 
         def at(sid) -> np.ndarray:
-            return np.isin(P, self.sets.members(sid))
+            return np.isin(P, self._tokens_of(sid))
 
         def before(sid) -> np.ndarray:  # a member of sid in P[t-L .. t-1]
             c = np.concatenate([[0], np.cumsum(at(sid))])
@@ -538,7 +557,7 @@ class Checker:
             for now, src, _ in r.scores:
                 hit = hit | (at(now) & before(src))
         elif r.kind == "neuron":
-            pos_now = [s for s, w in r.n_now if w > 0]
+            pos_now = [s for s, w in self._signed(r.n_now) if w > 0]
             hit = np.zeros(len(P), dtype=bool) if pos_now else any_pos
             for s in pos_now:
                 hit = hit | at(s)
@@ -551,10 +570,9 @@ class Checker:
 
         wvec = np.zeros(self.V)
         for sid, w in r.next:
-            wvec[self.sets.members(sid)] += w
+            wvec[self.sets.members(sid)] += w * self.sets.weights_of(sid)
         w_med = float(np.median(wvec))
-        targets = [(s, w - w_med) for s, w in r.next]
-        targets = self._targets(targets, claim)
+        targets = self._targets(r.next, claim, shift=w_med)
         if not targets:
             raise NoClaim("no listed weight differs from the median weight (by min_weight)")
         sizes = {s: len(self._tokens_of(s)) for s, _ in targets}
@@ -734,17 +752,17 @@ class Checker:
         import torch
         from hypothesis import strategies as st
 
-        from handmodel.twin import _in
+        from handmodel.twin import _in, _weight
 
         targets = self._targets(r.next, claim)
         if claim.feature and not targets:
             raise NoClaim("no target weight (above min_weight): a feature claim is about its targets")
         n_idx = None if claim.feature else self._ref_index(r, claim, "neuron")
-        now_pos = [(s, w) for s, w in r.n_now if w > 0]
+        now_pos = [(s, w) for s, w in self._signed(r.n_now) if w > 0]  # a weighted set: its raising members
         present_pos = [(s, w) for s, w in r.n_present if w > 0]
-        attend_pos = [(h, s, w) for h, s, w in r.n_attend if w > 0]
+        attend_pos = [(h, p, x) for h, s, w in r.n_attend for p, x in self._signed([(s, w)]) if x > 0]
         trig_sids = [s for s, _ in now_pos] + [s for s, _ in present_pos] + [s for _, s, _ in attend_pos]
-        excl = np.concatenate([self.sets.members(s) for s in trig_sids]) if trig_sids else np.zeros(0, np.int32)
+        excl = np.concatenate([self._tokens_of(s) for s in trig_sids]) if trig_sids else np.zeros(0, np.int32)
         neutrals = self._neutrals(claim, excl)
         trig = set(int(t) for t in excl)
         model = self.o.model
@@ -756,11 +774,11 @@ class Checker:
             cur, earlier = s[t:], s[:t]
             pre = -r.threshold
             for sid, w in r.n_now:
-                pre += w * _in(self.rules, sid, cur)[0]
+                pre += w * _weight(self.rules, sid, cur)[0]
             for sid, w in r.n_present:
                 pre += w * bool(_in(self.rules, sid, earlier).any())
             for hh, sid, w in r.n_attend:
-                pre += w * float(self._attention(self.heads[hh], s, t)[_in(self.rules, sid, s)].sum())
+                pre += w * float((self._attention(self.heads[hh], s, t) * _weight(self.rules, sid, s)).sum())
             return max(0.0, pre)
 
         @st.composite

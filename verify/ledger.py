@@ -72,8 +72,9 @@ ROW_CACHE_VERSION = 1
 def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     """A content key per ledger row: the logits under a row's mask depend only on the rules it switches
     on (switched-off rules contribute nothing, and a head that is off gives its readers nothing), on
-    the classes, and on the eval set. So a row's key hashes the text of every file holding one of its
-    rules or a class: editing the last rule file recomputes only the rows that include it."""
+    the classes and weighted sets, and on the eval set. So a row's key hashes the text of every file
+    holding one of its rules, a class or a weighted set: editing the last rule file recomputes only the
+    rows that include it."""
     import hashlib
     from pathlib import Path
 
@@ -85,7 +86,7 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     if folder is not None:
         for f in sorted(folder.glob("*.toml")):
             b = texts.get(str(f)) or f.read_bytes()
-            if b"[[class]]" in b:
+            if b"[[class]]" in b or b"[[weights]]" in b:
                 texts[str(f)] = b
                 class_files.append(str(f))
     sha = {f: hashlib.sha256(b).hexdigest() for f, b in texts.items()}

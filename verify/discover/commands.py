@@ -227,7 +227,8 @@ def fit_cmd(rules: Path = typer.Argument(..., help="Rule folder (every *.toml) o
             as_json: bool = JSON):
     """Calibrate the numbers of hand-written rule files to minimise KL(p_ref ‖ p_hand) on training text.
 
-    Structure is never added or removed; comments, order and formatting of the files are kept."""
+    Structure is never added or removed; comments, order and formatting of the files are kept. A [[weights]]
+    set's own weights are not fitted (they stay as written): the numbers of the rules referencing it are."""
     from reference.oracle import Oracle
 
     from .fit import fit_rules

@@ -1,6 +1,7 @@
 """`handmodel fit`: calibrate the numbers of hand-written rule files against the reference.
 
-Structure (which tokens, classes, contexts, outputs) is the person's; fit only moves numbers, to
+Structure (which tokens, classes, contexts, outputs) is the person's; fit only moves the rules' numbers
+(a [[weights]] set's own weights are structure here: the numbers referencing it move, its weights do not), to
 minimise the mean over training positions of KL(p_ref ‖ p_hand) (reference first; log-softmax only).
 Gradients come from torchrules.py (the documented semantics in torch; tests check it equals the
 engine); L-BFGS with a strong-Wolfe line search makes every accepted step lower the KL, so the

@@ -12,6 +12,8 @@ of a sequence with current token c = seq[t]:
          + Σ head_out.copy × attention on each position s whose token ∈ src, added to the logit of seq[s]   if c ∈ now
          + Σ neuron.next × ReLU(−threshold + Σ now w[c∈] + Σ present w[earlier ∈] + Σ attend w·attention mass)
   attention of a head from t over s ≤ t: softmax_s(position[t−s] (else default) + Σ score w·[c ∈ now][seq[s] ∈ src])
+A weighted set ([[weights]]) scales each member's share by its weight w_v (`c ∈ R` becomes w_c, attention
+mass the weighted mass). Its weights are constants here: fit moves the numbers of the rules referencing it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ class TorchRules:
         self.n_slots = len(slots.values)
         self.ZERO = self.n_slots  # index of a constant 0 appended to theta
         self._member = torch.as_tensor(self.sets.member_matrix)  # [classes, V] bool
+        self._weight = torch.zeros(self._member.shape, dtype=torch.float64)  # [classes, V]: w_v, 0 off the set
+        for k in range(len(self._weight)):
+            self._weight[k, self.sets.members(self.V + k)] = torch.as_tensor(self.sets.weights_of(self.V + k))
         self._build()
 
     # -- token-set helpers -------------------------------------------------------------------------
@@ -41,14 +46,20 @@ class TorchRules:
             return toks == sid
         return self._member[sid - self.V][toks]
 
+    def weight_in(self, sid: int, toks: torch.Tensor, dtype) -> torch.Tensor:
+        """Each token's weight in set sid: 1 or 0 for a plain set, w_v (0 off the set) for a weighted one."""
+        if sid < self.V:
+            return (toks == sid).to(dtype)
+        return self._weight[sid - self.V][toks].to(dtype)
+
     def _targets(self, entries):
-        """[(row, sid, slot)] -> index arrays (row, token, slot) expanding class sids to members."""
-        r, t, s = [], [], []
+        """[(row, sid, slot)] -> index arrays (row, token, slot, set weight) expanding class sids to members."""
+        r, t, s, w = [], [], [], []
         for row, sid, slot in entries:
             m = self.members(sid)
-            r.append(np.full(len(m), row)); t.append(m); s.append(np.full(len(m), slot))
-        cat = (lambda xs: torch.as_tensor(np.concatenate(xs), dtype=torch.int64) if xs else torch.zeros(0, dtype=torch.int64))
-        return cat(r), cat(t), cat(s)
+            r.append(np.full(len(m), row)); t.append(m); s.append(np.full(len(m), slot)); w.append(self.sets.weights_of(sid))
+        cat = (lambda xs, dt: torch.as_tensor(np.concatenate(xs), dtype=dt) if xs else torch.zeros(0, dtype=dt))
+        return cat(r, torch.int64), cat(t, torch.int64), cat(s, torch.int64), cat(w, torch.float64)
 
     # -- structure (no parameters) --------------------------------------------------------------------
     def _build(self):
@@ -92,9 +103,9 @@ class TorchRules:
                                       for (sid, _), slot in zip(r.next, sl["next"])])
 
     def _scatter(self, theta_ext, idx, n_rows) -> torch.Tensor:
-        rows, toks, slots = idx
+        rows, toks, slots, w = idx
         out = torch.zeros(n_rows * self.V, dtype=theta_ext.dtype)
-        return out.index_add(0, rows * self.V + toks, theta_ext[slots]).view(n_rows, self.V)
+        return out.index_add(0, rows * self.V + toks, theta_ext[slots] * w.to(theta_ext.dtype)).view(n_rows, self.V)
 
     # -- forward --------------------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, idx=None) -> torch.Tensor:
@@ -125,11 +136,11 @@ class TorchRules:
             for _, r, sl in self.neu:
                 pre = (-th[sl["threshold"]] if "threshold" in sl else th.new_zeros(())).expand(B, T)
                 for (sid, _), slot in zip(r.n_now, sl.get("now", [])):
-                    pre = pre + th[slot] * self.in_set(sid, W).to(th.dtype)
+                    pre = pre + th[slot] * self.weight_in(sid, W, th.dtype)
                 for (sid, _), slot in zip(r.n_present, sl.get("present", [])):
                     pre = pre + th[slot] * prev_any(self.in_set(sid, W)).to(th.dtype)
                 for (h, sid, _), slot in zip(r.n_attend, sl.get("attend", [])):
-                    pre = pre + th[slot] * (att[h] * self.in_set(sid, W)[:, None, :].to(th.dtype)).sum(-1)
+                    pre = pre + th[slot] * (att[h] * self.weight_in(sid, W, th.dtype)[:, None, :]).sum(-1)
                 acts.append(torch.relu(pre))
             out = out + torch.stack(acts, -1) @ self._scatter(th, self.neu_idx, len(self.neu))
         return out
