@@ -242,7 +242,7 @@ def test_joint_fit_bad_input(planted, tmp_path):
     ckpt, train = planted
     with pytest.raises(UserError, match="must be >= 0"):
         suggest(Oracle.load(ckpt), tmp_path / "j", train, joint_steps=-1, log=lambda m: None)
-    with pytest.raises(UserError, match="neuron-classes must be >= 0"):
+    with pytest.raises(UserError, match=r"neuron-classes and the --shared-\* options must be >= 0"):
         suggest(Oracle.load(ckpt), tmp_path / "j", train, neuron_classes=-1, log=lambda m: None)
     assert not (tmp_path / "j").exists()
 
@@ -318,3 +318,98 @@ def test_neuron_class_cuts_never_bring_back_a_removed_entry():
     for before, after in zip(first, (net.nc_now_m, net.nc_att_m, net.nc_out_m)):
         assert bool((after <= before).all())
     assert float(net.nc_now_m.sum()) == 2 * n
+
+
+def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry():
+    import torch
+    from types import SimpleNamespace
+
+    from verify.discover.jointfit import _cut_shared
+
+    V, H, n, mo, mr = 12, 2, 5, 3, 2
+    g = torch.Generator().manual_seed(1)
+    net = SimpleNamespace(V=V, H=H, sh_out=mo, sh_read=mr, so=torch.randn(mo, V, generator=g),
+                          so_c=torch.randn(n, mo, generator=g), sr=torch.randn(H, mr, V, generator=g),
+                          sr_c=torch.randn(H, mr, n, generator=g))
+    for name in ("so", "so_c", "sr", "sr_c"):
+        setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
+    train = np.tile(np.arange(V), (3, 2))
+    _cut_shared(net, train, 6, 2)
+    assert (net.so_m.sum(1) == 6).all() and (net.sr_m.sum(2) == 6).all()
+    assert (net.so_c_m.sum(1) == 2).all() and (net.sr_c_m.sum((0, 1)) == 2).all()  # read refs: over all heads
+    assert float((net.so * (1 - net.so_m)).abs().sum()) == 0.0
+    first = [m.clone() for m in (net.so_m, net.so_c_m, net.sr_m, net.sr_c_m)]
+    for p in (net.so, net.so_c, net.sr, net.sr_c):  # momentum: removed entries grow large
+        p[p == 0] = 100.0
+    _cut_shared(net, train, 4, 1)
+    for before, after in zip(first, (net.so_m, net.so_c_m, net.sr_m, net.sr_c_m)):
+        assert bool((after <= before).all())
+    assert (net.so_m.sum(1) == 4).all() and (net.sr_c_m.sum((0, 1)) == 1).all()
+
+
+def test_shared_patterns_change_the_net_as_documented():
+    """An output pattern adds act · x · pattern to the logits; a read pattern adds x · Σ_s a(s) pattern[seq_s]
+    to the neuron's input (checked against a direct computation on the built net)."""
+    import torch
+
+    from verify.discover.bigrams import BigramDraft
+    from verify.discover.jointfit import build_net
+    from verify.discover.neurons import NeuronDraft
+    from verify.discover.heads import HeadDraft
+
+    V, K = 10, 2
+    bd = BigramDraft.__new__(BigramDraft)
+    bd.class_names, bd.label, bd.token_rows, bd.class_rows = ["a", "b"], np.array([0, 1] * 5), {}, []
+    bd.prior = np.zeros(V)
+    head = HeadDraft.__new__(HeadDraft)
+    head.position, head.pos_default = np.array([0.5, 0.2]), 0.0
+    head.score_tok, head.score_w = np.array([3]), np.array([1.0])
+    neu = NeuronDraft(0, np.array([1]), np.array([2.0]), [], np.zeros(0, np.int64), np.zeros(0), threshold=0.5)
+    net = build_net(bd, [head], [], np.zeros(0, np.int64), [0.0], V, query=False, neurons=[neu], shared=(1, 1, 3, 1))
+    X = torch.tensor([[1, 3, 4, 1, 7]])
+    with torch.no_grad():
+        base = net(X)
+        net.so.zero_(); net.so[0, 5] = 1.5; net.so_c[0, 0] = 2.0
+        net.sr.zero_(); net.sr[0, 0, 3] = 4.0; net.sr_c[0, 0, 0] = -0.25
+        lp = net(X)
+        A = net.attention(X, 0)[0]  # [T, T]
+        pre = 2.0 * (X[0] == 1).float() - 0.5 - 0.25 * 4.0 * (A * (X[0] == 3).float()[None]).sum(1)
+        z = torch.zeros(5, V)
+        z[:, 5] = torch.relu(pre) * 2.0 * 1.5
+        want = torch.log_softmax(z, -1)
+    assert torch.allclose(base, torch.log_softmax(torch.zeros(5, V), -1), atol=1e-6)
+    assert torch.allclose(lp[0], want, atol=1e-5)
+
+
+def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_the_same(planted, tmp_path):
+    """--shared-*: the patterns are written as [[weights]] tables (largest |weight| 1, at most --shared-size
+    tokens), each neuron references at most --shared-refs of each kind, and the engine reading the files gives
+    the torch model's held-out KL."""
+    import tomllib
+
+    from handmodel import load_rules
+    from reference.oracle import Oracle
+    from verify.discover.suggest import PATTERN_FILE, suggest
+
+    ckpt, train = planted
+    o = Oracle.load(ckpt)
+    out = tmp_path / "shared"
+    s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
+                rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
+                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, neuron_classes=2,
+                shared=(2, 1, 4, 1), log=lambda m: None)
+    joint = s["history"][-1]
+    assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint
+    rules = load_rules(out, o.vocab)
+    assert int(np.sum(rules.rule_numbers)) == s["numbers"]
+    sets = tomllib.loads((out / PATTERN_FILE).read_text())["weights"]
+    assert sets and all(0 < len(w["tokens"]) <= 4 and max(abs(x) for x in w["tokens"].values()) == 1.0 for w in sets)
+    names = {"@" + w["id"] for w in sets}
+    neurons = tomllib.loads((out / "50_neurons.toml").read_text())["neuron"]
+    n_out = [sum(k in names for k in n["next"]) for n in neurons]
+    n_read = [sum(k in names for h in n.get("attend", {}).values() for k in h) for n in neurons]
+    assert max(n_out + n_read) <= 1 and sum(n_out) + sum(n_read) > 0, (n_out, n_read)
+    used = {k for n in neurons for k in n["next"]} | {k for n in neurons for h in n.get("attend", {}).values() for k in h}
+    assert names <= used  # an unreferenced pattern is not written
+    with pytest.raises(UserError, match="shared-size"):
+        suggest(o, tmp_path / "bad", train, n_neurons=3, joint_steps=5, shared=(2, 0, 0, 1), log=lambda m: None)

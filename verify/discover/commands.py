@@ -188,6 +188,10 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 neuron_classes: int = typer.Option(0, "--neuron-classes", help="Joint fit: class-level entries per neuron and kind (current-token class in `now`, attention mass on a class in `attend`, a whole class in `next`), fitted dense over the classes then cut to this many of each (0: none)."),
                 prune_cuts: int = typer.Option(4, "--prune-cuts", help="Joint fit: prune the query and neuron-class entries in this many cuts between 1/8 and 2/5 of the steps (see --prune-window), kept counts falling cubically to the final sizes (1: one cut at a third)."),
                 prune_window: Optional[str] = typer.Option(None, "--prune-window", help="Joint fit: START:END, the fractions of the steps between which the cuts fall (default 0.125:0.4; a later start keeps the fit dense longer)."),
+                shared_out: int = typer.Option(0, "--shared-out", help="Joint fit: output patterns (\\[\\[weights]] tables) the neurons share: a neuron adds x × pattern to the logits (0: none; needs --neurons, --shared-size, --shared-refs)."),
+                shared_read: int = typer.Option(0, "--shared-read", help="Joint fit: read patterns per head the neurons share: a neuron's input gains x × the head's attention weighted by the pattern (0: none)."),
+                shared_size: int = typer.Option(0, "--shared-size", help="Joint fit: tokens kept per shared pattern (fitted dense over the vocabulary, then cut like the class entries)."),
+                shared_refs: int = typer.Option(0, "--shared-refs", help="Joint fit: pattern references kept per neuron and kind (output patterns; read patterns over all heads)."),
                 as_json: bool = JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
     class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
@@ -205,7 +209,8 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count,
                 n_neurons=neurons, target=target, copy=copy, joint_steps=joint_steps, joint_positions=joint_positions,
                 n_query=query_scores, neuron_classes=neuron_classes, prune_cuts=prune_cuts,
-                prune_window=_fraction_pair(prune_window, "--prune-window"), log=log)
+                prune_window=_fraction_pair(prune_window, "--prune-window"),
+                shared=(shared_out, shared_read, shared_size, shared_refs), log=log)
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")

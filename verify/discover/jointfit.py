@@ -15,7 +15,12 @@ query-dependent attention scores (class of the current token × class of the sou
 dense and then cut to the `n_query` entries that move the most attention, and (with `neuron_classes` = k)
 class-level neuron entries: each neuron also reads the class of the current token (`now = { "@class" = w }`),
 each head's attention mass on every class (`attend`), and writes to whole classes (`next`), fitted dense over
-the classes and cut to the k entries of each kind that matter most per neuron. Held-out training windows
+the classes and cut to the k entries of each kind that matter most per neuron. With `shared` = (M_out, M_read,
+L, k), the neurons also share *weighted token sets* ([[weights]]): M_out output patterns (a neuron adds
+x · pattern to the logits) and, per head, M_read read patterns (a neuron's pre-activation gains
+x · Σ_s a_h,t(s) · pattern[seq_s]); both factors (the patterns and each neuron's x) are fitted jointly, the
+patterns dense over the vocabulary until cut to their L largest tokens, each neuron's references cut to the k
+of each kind that matter most (pattern = one set of numbers paid once, a reference = one number). Held-out training windows
 pick the best step (never valid.txt). After writing, suggest reloads the files with the engine and
 reports its KL next to this model's: the two must agree.
 """
@@ -28,6 +33,15 @@ import numpy as np
 
 from .bigrams import BigramDraft, SparseRow
 from .heads import HeadDraft
+
+
+@dataclass
+class Pattern:
+    """A fitted shared weighted token set: written as a [[weights]] table (largest |weight| = 1)."""
+    head: int  # -1: an output pattern; else the head whose attention it weighs
+    tokens: np.ndarray
+    w: np.ndarray
+    refs: np.ndarray | None = None  # per neuron: its reference weight x (0: no reference)
 
 
 @dataclass
@@ -46,7 +60,7 @@ def _flat(rows: list[SparseRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, copy_w: list[float], V: int,
-              query: bool = True, neurons=(), neuron_classes: int = 0):
+              query: bool = True, neurons=(), neuron_classes: int = 0, shared=(0, 0, 0, 0)):
     import torch
     from torch import nn
 
@@ -125,6 +139,17 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             self.register_buffer("nc_now_m", torch.ones(K, n))
             self.register_buffer("nc_att_m", torch.ones(len(heads), K, n))
             self.register_buffer("nc_out_m", torch.ones(n, K))
+            # shared weighted sets: patterns [M, V] (dense until cut_shared keeps L tokens each) and each
+            # neuron's reference weights; patterns start small and random (a zero pattern gets no gradient)
+            mo, mr, self.sh_L, self.sh_k = shared if self.n_neu else (0, 0, 0, 0)
+            self.sh_out, self.sh_read = mo, mr
+            g = torch.Generator().manual_seed(0)
+            self.so = nn.Parameter(0.05 * torch.randn(mo, V, generator=g))
+            self.so_c = nn.Parameter(torch.zeros(self.n_neu if mo else 0, mo))
+            self.sr = nn.Parameter(0.05 * torch.randn(len(heads), mr, V, generator=g))
+            self.sr_c = nn.Parameter(torch.zeros(len(heads), mr, self.n_neu if mr else 0))
+            for name, p in (("so", self.so), ("so_c", self.so_c), ("sr", self.sr), ("sr_c", self.sr_c)):
+                self.register_buffer(name + "_m", torch.ones_like(p))
 
         def attention(self, X, hi):
             """[B, T, T] attention of head hi on windows X [B, T] (engine semantics, causal)."""
@@ -169,6 +194,9 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 if self.nc:  # attention mass on each class [BT, K]
                     massc = (A @ lab_oh).reshape(B * T, self.K + 1)
                     pre = pre + massc[:, :self.K] @ (self.nc_att[hi] * self.nc_att_m[hi])
+                if self.sh_read:  # weighted attention mass on each read pattern [BT, M_read]
+                    P = (self.sr[hi] * self.sr_m[hi]).T[X]  # [B, T, M_read]: each source token's pattern weights
+                    pre = pre + (A @ P).reshape(B * T, -1) @ (self.sr_c[hi] * self.sr_c_m[hi])
                 srcidx, n, j, vv, _ = self.ho[hi]
                 if n:
                     O = torch.nn.functional.one_hot(srcidx[X], n + 1).float()  # [B, T, n+1]
@@ -183,6 +211,8 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 if self.nc:
                     zc = torch.nn.functional.pad(act @ (self.nc_out * self.nc_out_m), (0, 1))  # [BT, K+1]
                     z = z + zc[:, self.lab]
+                if self.sh_out:
+                    z = z + (act @ (self.so_c * self.so_c_m)) @ (self.so * self.so_m)
             if adds:
                 z = z.index_add(1, torch.cat([a for a, _ in adds]), torch.cat([b for _, b in adds], 1))
             z = z.reshape(B, T, V)
@@ -255,11 +285,18 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
     hist = [{"step": 0, "held_kl": best}]
     log(f"joint fit: held-out KL before {best:.4f} ({len(train)} training windows, {len(held)} held out)")
     t0 = time.perf_counter()
-    plan = {}
-    if net.query or net.nc:
-        q_plan = prune_schedule(steps, cuts, net.K * net.K, n_query, window)
-        c_plan = prune_schedule(steps, cuts, net.K, net.nc, window)
-        plan = {s: (nq, kc) for (s, nq), (_, kc) in zip(q_plan, c_plan)}
+    plan: dict[int, dict[str, int]] = {}  # step -> kept count per kind of pruned entry
+    kinds = {}
+    if net.query:
+        kinds["query"] = (net.K * net.K, n_query)
+    if net.nc:
+        kinds["classes"] = (net.K, net.nc)
+    if net.sh_out or net.sh_read:
+        kinds["pattern tokens"] = (net.V, net.sh_L)
+        kinds["pattern refs"] = (max(net.sh_out, net.H * net.sh_read), net.sh_k)
+    for kind, (dense, final) in kinds.items():
+        for s, kept in prune_schedule(steps, cuts, dense, final, window):
+            plan.setdefault(s, {})[kind] = kept
     every = max(25, steps // 20)
     for step in range(1, steps + 1):
         X = torch.from_numpy(train[rng.choice(len(train), batch, replace=False)].astype(np.int64))
@@ -273,12 +310,17 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
         sched.step()
         loss = float(loss.detach())
         if step in plan:
-            nq, kc = plan[step]
-            if net.query:
-                _cut_query(net, train, nq)
-            if net.nc:
-                _cut_neuron_classes(net, train, kc)
-            log(f"joint fit step {step}: pruned to {nq} query entries per head, {kc} class entries per neuron and kind")
+            kept = plan[step]
+            if "query" in kept:
+                _cut_query(net, train, kept["query"])
+            if "classes" in kept:
+                _cut_neuron_classes(net, train, kept["classes"])
+            if "pattern tokens" in kept:
+                _cut_shared(net, train, kept["pattern tokens"], kept["pattern refs"])
+            log(f"joint fit step {step}: pruned to " + ", ".join(f"{n} {what}" for what, n in (
+                ("query entries per head", kept.get("query")), ("class entries per neuron and kind", kept.get("classes")),
+                ("tokens per shared pattern", kept.get("pattern tokens")),
+                ("pattern references per neuron and kind", kept.get("pattern refs"))) if n is not None))
             # a cut changes the model: from here on compare with the start (no query scores), not a denser step
             best, best_state = start, start_state
         if step % every == 0 or step == steps:
@@ -322,10 +364,7 @@ def _cut_neuron_classes(net, train: np.ndarray, k: int) -> None:
     freq = np.sqrt(np.bincount(net.lab.numpy()[train].ravel(), minlength=K + 1)[:K].astype(np.float64))
 
     def keep_top(imp: np.ndarray) -> np.ndarray:  # imp [n_neu, m] -> bool mask keeping k per row
-        m = np.zeros_like(imp, dtype=bool)
-        top = np.argsort(-imp, axis=1)[:, :k]
-        np.put_along_axis(m, top, True, axis=1)
-        return m & (imp > 0)
+        return _keep_top(imp, k)
 
     with torch.no_grad():
         now = keep_top(np.abs((net.nc_now * net.nc_now_m).numpy()).T * freq[None])  # [n, K]
@@ -339,15 +378,50 @@ def _cut_neuron_classes(net, train: np.ndarray, k: int) -> None:
             p *= mk
 
 
+def _keep_top(imp: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask keeping the k largest (positive) entries of each row of imp."""
+    m = np.zeros_like(imp, dtype=bool)
+    np.put_along_axis(m, np.argsort(-imp, axis=1)[:, :k], True, axis=1)
+    return m & (imp > 0)
+
+
+def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int) -> None:
+    """Keep each shared pattern's n_tokens tokens that matter most (|w| × √(training count)) and each
+    neuron's k references of each kind (output patterns; read patterns over all heads) that matter most
+    (|x| × the pattern's size: its √-count-weighted norm); entries an earlier cut removed stay removed."""
+    import torch
+
+    freq = np.sqrt(np.bincount(train.ravel(), minlength=net.V).astype(np.float64))
+    with torch.no_grad():
+        if net.sh_out:
+            so = (net.so * net.so_m).numpy()
+            net.so_m.copy_(torch.from_numpy(_keep_top(np.abs(so) * freq, n_tokens).astype(np.float32)))
+            net.so *= net.so_m
+            size = np.sqrt(((net.so.numpy() * freq) ** 2).sum(1))  # [M_out]
+            imp = np.abs((net.so_c * net.so_c_m).numpy()) * size[None]
+            net.so_c_m.copy_(torch.from_numpy(_keep_top(imp, k).astype(np.float32)))
+            net.so_c *= net.so_c_m
+        if net.sh_read:
+            H, M = net.H, net.sh_read
+            sr = (net.sr * net.sr_m).numpy().reshape(H * M, -1)
+            net.sr_m.copy_(torch.from_numpy(_keep_top(np.abs(sr) * freq, n_tokens).reshape(H, M, -1).astype(np.float32)))
+            net.sr *= net.sr_m
+            size = np.sqrt(((net.sr.numpy() * freq) ** 2).sum(2))  # [H, M]
+            imp = np.abs((net.sr_c * net.sr_c_m).numpy()) * size[:, :, None]  # [H, M, n]
+            keep = _keep_top(imp.reshape(H * M, -1).T, k).T.reshape(H, M, -1)
+            net.sr_c_m.copy_(torch.from_numpy(keep.astype(np.float32)))
+            net.sr_c *= net.sr_c_m
+
+
 def _unflat(values, lengths) -> list[np.ndarray]:
     """Split a flat parameter back into its rows (build_net concatenated them in row order)."""
     return np.split(values.detach().numpy().astype(np.float64), np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[float],
-              neurons=()) -> tuple[list[QueryScores], np.ndarray]:
-    """Write the fitted numbers into the draft objects. Returns per-head query scores and copy-by-class
-    weights [H, K]."""
+              neurons=()) -> tuple[list[QueryScores], np.ndarray, list[Pattern]]:
+    """Write the fitted numbers into the draft objects. Returns per-head query scores, copy-by-class
+    weights [H, K] and the shared patterns (their references are in the neurons' next_sets/attend_sets)."""
     import torch
 
     with torch.no_grad():
@@ -387,5 +461,30 @@ def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[f
                 d.now_cls = [(int(k), float(cn[k, i])) for k in np.flatnonzero(cn[:, i])]
                 d.attend_cls = [(int(h), int(k), float(ca[h, k, i])) for h, k in np.argwhere(ca[:, :, i] != 0)]
                 d.next_cls = [(int(k), float(co[i, k])) for k in np.flatnonzero(co[i])]
+        patterns: list[Pattern] = []
+        # a pattern is written with its largest |weight| = 1 and the references scaled to match (same product)
+        if net.sh_out:
+            so, sc = (net.so * net.so_m).numpy(), (net.so_c * net.so_c_m).numpy()
+            for k in range(net.sh_out):
+                patterns.append(_pattern(-1, so[k], sc[:, k]))
+        if net.sh_read:
+            sr, rc = (net.sr * net.sr_m).numpy(), (net.sr_c * net.sr_c_m).numpy()
+            for h in range(net.H):
+                for k in range(net.sh_read):
+                    patterns.append(_pattern(h, sr[h, k], rc[h, k]))
+        for i, d in enumerate(neurons):
+            d.next_sets = [(j, float(p.refs[i])) for j, p in enumerate(patterns) if p.head < 0 and p.refs[i] != 0]
+            d.attend_sets = [(p.head, j, float(p.refs[i])) for j, p in enumerate(patterns) if p.head >= 0 and p.refs[i] != 0]
+        used = {j for d in neurons for j, _ in d.next_sets} | {j for d in neurons for _, j, _ in d.attend_sets}
+        # indices stay those of `patterns`; unreferenced patterns get no tokens written (the writer skips them)
+        for j, p in enumerate(patterns):
+            if j not in used:
+                p.tokens = p.tokens[:0]
         copy_w[:] = [float(x) for x in net.copy.numpy()]
-        return qs, net.copy_cls.numpy().astype(np.float64)
+        return qs, net.copy_cls.numpy().astype(np.float64), patterns
+
+
+def _pattern(head: int, w: np.ndarray, refs: np.ndarray) -> Pattern:
+    tok = np.flatnonzero(w)
+    scale = float(np.abs(w[tok]).max()) if len(tok) else 1.0
+    return Pattern(head, tok.astype(np.int64), (w[tok] / scale).astype(np.float64), (refs * scale).astype(np.float64))

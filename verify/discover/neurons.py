@@ -32,6 +32,9 @@ class NeuronDraft:
     now_cls: list = field(default_factory=list)
     attend_cls: list = field(default_factory=list)
     next_cls: list = field(default_factory=list)
+    # shared weighted sets (joint fit with shared patterns): (pattern index, x) / (head index, pattern index, x)
+    next_sets: list = field(default_factory=list)
+    attend_sets: list = field(default_factory=list)
 
 
 def reference_activations(oracle, windows: np.ndarray, batch: int = 16) -> np.ndarray:

@@ -198,12 +198,60 @@ def neuron_doc(neuron: int, now, attend, nxt) -> str:
     return doc + f"; pushes {names(top(nxt, 1.0, 3))} up and {names(top(nxt, -1.0, 2))} down."
 
 
+PATTERN_FILE = "48_neuron_patterns.toml"
+
+
+def pattern_names(heads: list[HeadDraft], patterns, vocab: list[str], counts=None) -> list[str]:
+    """Ids of the shared patterns: kind, number and the two tokens that weigh most (|w| × √count)."""
+    out = []
+    for j, p in enumerate(patterns):
+        top = ranked(p.tokens, np.abs(p.w), counts)[:2] if len(p.tokens) else []
+        tail = "_".join(name_part(vocab[p.tokens[i]]) for i in top) or "empty"
+        kind = "out" if p.head < 0 else f"{head_id(heads[p.head])}.read"
+        out.append(f"{kind}{j:02d}.{tail}")
+    return out
+
+
+def write_pattern_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], patterns, names, counts=None) -> None:
+    """48_neuron_patterns.toml: the shared weighted token sets the neurons read and write ([[weights]])."""
+    if not any(len(p.tokens) for p in patterns):
+        return
+    V = fs.vocab
+    fs.start(PATTERN_FILE, None, "Weighted token sets shared by the neurons (joint fit): output patterns (a neuron adds\n"
+             "x × pattern to the logits) and read patterns per head (a neuron's input gains x × the head's attention\n"
+             "weighted by the pattern). Each pattern is paid for once; a neuron's reference is one number.")
+    users = [0] * len(patterns)
+    for d in neurons:
+        for j, _ in d.next_sets:
+            users[j] += 1
+        for _, j, _ in d.attend_sets:
+            users[j] += 1
+    for j, p in enumerate(patterns):
+        if not len(p.tokens):
+            continue
+        up = ", ".join(repr(V[p.tokens[i]]) for i in ranked(p.tokens, p.w, counts)[:4]) or "nothing"
+        down = ", ".join(repr(V[p.tokens[i]]) for i in ranked(p.tokens, p.w, counts, -1.0)[:3]) or "nothing"
+        if p.head < 0:
+            doc = f"Output pattern shared by {users[j]} neurons: raises {up}; lowers {down}."
+        else:
+            doc = (f"What {users[j]} neurons read from head {heads[p.head].ref_head}: attention on {up} counts "
+                   f"positively, on {down} negatively.")
+        order = np.argsort(-np.abs(p.w), kind="stable")
+        items = [(q(V[p.tokens[i]]), float(p.w[i])) for i in order if num(p.w[i]) != "0.000"]
+        fs.add(PATTERN_FILE, f"[[weights]]\nid = \"{names[j]}\"\ndoc = {q(doc)}\ntokens = {inline_table(items)}\n")
+
+
 def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], class_names=(), counts=None,
-                      class_members=()) -> None:
-    """50_neurons.toml; class-level entries (joint fit with --neuron-classes) are written as "@class" keys."""
+                      class_members=(), patterns=()) -> None:
+    """50_neurons.toml; class-level entries (joint fit with --neuron-classes) are written as "@class" keys,
+    references to shared patterns (joint fit with shared patterns; written to PATTERN_FILE) as "@pattern" keys."""
     if not neurons:
         return
     V = fs.vocab
+    pnames = pattern_names(heads, patterns, V, counts)
+    write_pattern_file(fs, heads, neurons, patterns, pnames, counts)
+    pat = [f"\"@{n}\"" for n in pnames]
+    pcnt = [float(np.asarray(counts, float)[p.tokens].sum()) if counts is not None else 1.0 for p in patterns]
     fname = "50_neurons.toml"
     fs.start(fname, "neurons", "MLP neurons whose firing depends on context, not only on the current token\n"
              "(largest contextual activation variance x logit effect first). `now`: mean activation after each\n"
@@ -218,13 +266,18 @@ def write_neuron_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronD
             att.setdefault(head_id(heads[hi]), []).append(f"{q(V[src])} = {num(w)}")
         for hi, k, w in d.attend_cls:
             att.setdefault(head_id(heads[hi]), []).append(f"{cls[k]} = {num(w)}")
+        for hi, j, w in d.attend_sets:
+            att.setdefault(head_id(heads[hi]), []).append(f"{pat[j]} = {num(w)}")
         attend = ", ".join(f'"{h}" = {{ {", ".join(e)} }}' for h, e in att.items())
         doc = neuron_doc(d.neuron,
                          [(repr(V[t]), w, cnt[t]) for t, w in zip(d.now_tok, d.now_w)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.now_cls],
                          [(heads[hi].ref_head, repr(V[t]), w, cnt[t]) for hi, t, w in d.attend]
-                         + [(heads[hi].ref_head, f"@{class_names[k]}", w, ccnt[k]) for hi, k, w in d.attend_cls],
-                         [(repr(V[t]), w, cnt[t]) for t, w in zip(d.support, d.delta)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.next_cls])
-        nxt = inline_table([(q(V[t]), float(w)) for t, w in zip(d.support, d.delta)] + [(cls[k], w) for k, w in d.next_cls])
+                         + [(heads[hi].ref_head, f"@{class_names[k]}", w, ccnt[k]) for hi, k, w in d.attend_cls]
+                         + [(heads[hi].ref_head, f"@{pnames[j]}", w, pcnt[j]) for hi, j, w in d.attend_sets],
+                         [(repr(V[t]), w, cnt[t]) for t, w in zip(d.support, d.delta)] + [(f"@{class_names[k]}", w, ccnt[k]) for k, w in d.next_cls]
+                         + [(f"@{pnames[j]}", w, pcnt[j]) for j, w in d.next_sets])
+        nxt = inline_table([(q(V[t]), float(w)) for t, w in zip(d.support, d.delta)] + [(cls[k], w) for k, w in d.next_cls]
+                           + [(pat[j], w) for j, w in d.next_sets])
         fs.add(fname, f"# contextual share of its activation variance on training text: {d.ctx_share:.2f}; "
                       f"mean activation {d.mean_act:.3f}\n"
                       f"[[neuron]]\nid = \"neuron.{d.neuron}\"\ndoc = {q(doc)}\n" + DRAFT_CHECK + f"threshold = {num(d.threshold)}\nnow = {now}\n"
@@ -278,7 +331,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
             joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
             neuron_classes: int = 0, prune_cuts: int = 4, prune_window: tuple[float, float] | None = None,
-            held_positions: int = 8192, log=print) -> dict:
+            shared: tuple[int, int, int, int] = (0, 0, 0, 0), held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
     after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
@@ -292,8 +345,11 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     from .fit import check_training_text
 
     check_training_text(train_corpus)  # never fit on what is reported
-    if joint_steps < 0 or n_query < 0 or neuron_classes < 0:
-        raise UserError("--joint-steps, --query-scores and --neuron-classes must be >= 0")
+    if joint_steps < 0 or n_query < 0 or neuron_classes < 0 or min(shared) < 0:
+        raise UserError("--joint-steps, --query-scores, --neuron-classes and the --shared-* options must be >= 0")
+    if (shared[0] or shared[1]) and not (shared[2] and shared[3] and joint_steps and n_neurons):
+        raise UserError("--shared-out/--shared-read need --shared-size > 0, --shared-refs > 0, --joint-steps > 0 and "
+                        "--neurons > 0 (the patterns are fitted jointly with the neurons that use them)")
     if prune_cuts < 1:
         raise UserError("--prune-cuts must be >= 1 (1: one cut straight to the kept sizes)")
     if prune_window is not None:
@@ -419,13 +475,14 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     copy_ref = copy_expectation(attn, sample, member, sample.p) if use_copy else None
 
     copy_cls = None  # [H, K] per-class copy corrections (joint fit only)
+    patterns: list = []  # shared weighted token sets (joint fit with `shared` only)
 
     def rewrite():
         write_bigram_files(fs, bd, counts)
         write_head_files(fs, heads, draft.outs, bd.class_names, counts)
         if use_copy:
             write_copy_file(fs, heads, words, copy_w, copy_cls, bd.class_names)
-        write_neuron_file(fs, heads, draft.neurons, bd.class_names, counts, bd.class_members)
+        write_neuron_file(fs, heads, draft.neurons, bd.class_names, counts, bd.class_members, patterns)
         fs.write()
         return HandModel(load_rules(out_dir, vocab))
 
@@ -483,12 +540,12 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
         n_held = max(2, min(held_positions // T, len(allw) // 4))
         held, train_w = allw[-n_held:], allw[:-n_held]
         net = build_net(bd, heads, draft.outs, words if use_copy else np.zeros(0, np.int64), copy_w, V,
-                        query=n_query > 0, neurons=draft.neurons, neuron_classes=neuron_classes)
+                        query=n_query > 0, neurons=draft.neurons, neuron_classes=neuron_classes, shared=shared)
         held_sample = TrainSample(oracle, held)
         ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
         res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query,
                          cuts=prune_cuts, window=prune_window, log=log)
-        qs, copy_cls = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
+        qs, copy_cls, patterns[:] = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq
         hm = rewrite()
