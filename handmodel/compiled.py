@@ -272,28 +272,45 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     # touch ~1,000 tokens per firing): the kernel sums the firing neurons' weights per class, then per
     # *atom* (tokens in the same output classes), and updates log Z per atom with the atom's base mass,
     # so a class output costs one exp per atom, not one per member token. Weighted sets are not uniform
-    # over their members, so they cannot be atoms: expanded to tokens.
+    # over their members (no atoms), but are shared by many neurons: the kernel sums the firing neurons'
+    # act x per set, then writes each touched set once from its own (token, weight) list (ws_*).
+    ws_sids = sorted({s for _, r in nr for s in [s for s, _ in r.next] + [s for _, s, _ in r.n_attend] if sets.is_weighted(s)})
+    ws_of = {s: j for j, s in enumerate(ws_sids)}
+    wt = _Targets(sets)
+    for s in ws_sids:
+        wt.add([(s, 1.0)])
+    a.ws_ptr, a.ws_tok, a.ws_w = wt.arrays()
     ncl_ptr, ncl_cls, ncl_w = [0], [], []
+    nws_ptr, nws_set, nws_w = [0], [], []
     for _, r in nr:
-        plain = [s >= V and not sets.is_weighted(s) for s, _ in r.next]
-        nt.add([x for x, p in zip(r.next, plain) if not p])
-        for (s, w), p in zip(r.next, plain):
-            if p:
+        nt.add([(s, w) for s, w in r.next if s < V])
+        for s, w in r.next:
+            if sets.is_weighted(s):
+                nws_set.append(ws_of[s]); nws_w.append(w)
+            elif s >= V:
                 ncl_cls.append(s - V); ncl_w.append(w)
         ncl_ptr.append(len(ncl_cls))
+        nws_ptr.append(len(nws_set))
     a.nr_ptr, a.nr_tok, a.nr_w = nt.arrays()
     a.ncl_ptr = np.array(ncl_ptr, dtype=np.int64)
     a.ncl_cls = np.array(ncl_cls, dtype=np.int64)
     a.ncl_w = np.array(ncl_w, dtype=np.float64)
+    a.nws_ptr = np.array(nws_ptr, dtype=np.int64)
+    a.nws_set = np.array(nws_set, dtype=np.int64)
+    a.nws_w = np.array(nws_w, dtype=np.float64)
     a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok = _atoms(sets.class_members, np.unique(a.ncl_cls), V)
     s_now, n_now, w_now, s_pr, n_pr, w_pr, s_at, h_at, n_at, w_at = ([] for _ in range(10))
+    readers: dict[tuple[int, int], list[tuple[int, float]]] = {}  # (head, weighted set) -> [(neuron, x)]
     for n, (_, r) in enumerate(nr):
         for s, w in r.n_now:
             s_now.append(s); n_now.append(n); w_now.append(w)
         for s, w in r.n_present:
             s_pr.append(s); n_pr.append(n); w_pr.append(w)
         for h, s, w in r.n_attend:
-            s_at.append(s); h_at.append(h); n_at.append(n); w_at.append(w)
+            if sets.is_weighted(s):
+                readers.setdefault((h, ws_of[s]), []).append((n, w))
+            else:
+                s_at.append(s); h_at.append(h); n_at.append(n); w_at.append(w)
     toks, nn, ww = _expand(sets, s_now, np.array(n_now, np.int64), np.array(w_now, np.float64))
     a.nn_ptr, a.nn_neu, a.nn_w = _csr(toks, V, nn, ww * _member_weights(sets, s_now))
     a.npe_neu = np.array(n_pr, dtype=np.int64)
@@ -301,7 +318,14 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     toks, ee = _expand(sets, s_pr, np.arange(len(s_pr), dtype=np.int64))
     a.np_ptr, a.np_ent = _csr(toks, V, ee)
     toks, hh, nn, ww = _expand(sets, s_at, np.array(h_at, np.int64), np.array(n_at, np.int64), np.array(w_at, np.float64))
-    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww * _member_weights(sets, s_at))
+    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww)
+    # attended weighted sets: one reader per (head, set), whose weighted mass goes to its neurons (x each)
+    keys = sorted(readers)
+    a.wr_head = np.array([h for h, _ in keys], dtype=np.int64)
+    a.wr_set = np.array([j for _, j in keys], dtype=np.int64)
+    a.wrn_ptr = np.concatenate([[0], np.cumsum([len(readers[k]) for k in keys])]).astype(np.int64)
+    a.wrn_neu = np.array([n for k in keys for n, _ in readers[k]], dtype=np.int64)
+    a.wrn_w = np.array([w for k in keys for _, w in readers[k]], dtype=np.float64)
     return a
 
 

@@ -74,8 +74,9 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     Score combinations: the current token c selects a set of score groups of head h (hg_ptr/hg_grp);
     tokens selecting the same set share a combination, numbered per head (cb_of[h*V + c]; global id
     cb_ptr[h] + local), represented by one of its tokens (cb_rep). Reader slots: per head, one per
-    head_out reading it (kind 0) and one per neuron attending to it (kind 1); re_* lists, per
-    (head, source token), the slots it feeds and the weight (1 for a head_out, the attend weight)."""
+    head_out reading it (kind 0), one per neuron attending to it (kind 1) and one per weighted set
+    neurons attend to through it (kind 2, id: the reader, compiled wr_*); re_* lists, per (head, source
+    token), the slots it feeds and the weight (1 for a head_out, the attend weight, the set weight)."""
     cb_of = np.zeros(H * V, dtype=np.int64)
     cb_ptr = np.zeros(H + 1, dtype=np.int64)
     reps = []
@@ -104,6 +105,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     sl_ptr = np.zeros(H + 1, dtype=np.int64)
     sl_kind, sl_id = [], []
     ho_slot = np.zeros(len(ho_head), dtype=np.int64)
+    wr_slot = np.zeros(len(a.wr_head), dtype=np.int64)
     neu_slot = {}
     for h in range(H):
         hos = np.flatnonzero((ho_head == h) & ~ho_uncond & has_next)
@@ -111,17 +113,22 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
         neus = np.unique(np.asarray(a.na_neu)[na_head == h])
         for j, n in enumerate(neus):
             neu_slot[(h, int(n))] = len(hos) + j
-        sl_kind += [0] * len(hos) + [1] * len(neus)
-        sl_id += list(hos) + list(neus)
-        sl_ptr[h + 1] = sl_ptr[h] + len(hos) + len(neus)
+        wrs = np.flatnonzero(a.wr_head == h)
+        wr_slot[wrs] = len(hos) + len(neus) + np.arange(len(wrs))
+        sl_kind += [0] * len(hos) + [1] * len(neus) + [2] * len(wrs)
+        sl_id += list(hos) + list(neus) + list(wrs)
+        sl_ptr[h + 1] = sl_ptr[h] + len(hos) + len(neus) + len(wrs)
     hos_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.hos_ptr))
     hos_id = np.asarray(a.hos_id, dtype=np.int64)
     cond = ~ho_uncond[hos_id]
     hos_keys, hos_id = hos_keys[cond], hos_id[cond]
-    keys = np.concatenate([hos_keys, na_keys])
+    n_mem = np.diff(a.ws_ptr)[a.wr_set]  # a weighted-set reader is fed by every member of its set
+    mem = np.concatenate([np.arange(a.ws_ptr[j], a.ws_ptr[j + 1]) for j in a.wr_set]) if len(n_mem) else np.zeros(0, np.int64)
+    keys = np.concatenate([hos_keys, na_keys, np.repeat(a.wr_head * V, n_mem) + a.ws_tok[mem]])
     slots = np.concatenate([ho_slot[hos_id],
-                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64)])
-    ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64)])
+                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64),
+                            np.repeat(wr_slot, n_mem)])
+    ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64), a.ws_w[mem]])
     order = np.argsort(keys, kind="stable")
     re_ptr = np.zeros(H * V + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=H * V), out=re_ptr[1:])
@@ -137,11 +144,13 @@ class HandModel:
         H = rules.n_heads
         used = np.zeros(H, dtype=np.bool_)
         used[a.ho_head] = True
-        self._neuron_heads: list[list[int]] = [[] for _ in range(len(a.nr_rule))]  # heads each neuron attends to
-        for h in range(H):  # heads nobody reads need no attention computed
-            used[h] |= a.na_ptr[(h + 1) * V] > a.na_ptr[h * V]
-            for n in np.unique(a.na_neu[a.na_ptr[h * V]:a.na_ptr[(h + 1) * V]]):
-                self._neuron_heads[n].append(h)
+        self._neuron_heads: list[set[int]] = [set() for _ in range(len(a.nr_rule))]  # heads each neuron attends to
+        na_head = np.repeat(np.arange(H, dtype=np.int64), np.diff(a.na_ptr[::V]))
+        pairs = np.stack([np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]),
+                          np.concatenate([a.na_neu, a.wrn_neu])], 1).astype(np.int64)
+        for h, n in np.unique(pairs, axis=0):
+            used[h] = True  # heads nobody reads need no attention computed
+            self._neuron_heads[n].add(int(h))
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
@@ -159,7 +168,8 @@ class HandModel:
                    a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok,
                    a.nn_ptr, a.nn_neu, a.nn_w,
                    a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
-                   a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id)
+                   a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id,
+                   a.nws_ptr, a.nws_set, a.nws_w, a.ws_ptr, a.ws_tok, a.ws_w, a.wrn_ptr, a.wrn_neu, a.wrn_w)
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -257,15 +257,19 @@ def _add(v, val, delta, dflag, touched, cnt):
 
 @njit(cache=True, inline="always")
 def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
-           pre, pflag, plist, pcnt):
-    """Attention mass `mass` reaching reader slot `sl` (a head_out or a neuron attending to this head)."""
+           pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt):
+    """Attention mass `mass` reaching reader slot `sl` (a head_out, a neuron attending to this head, or a
+    weighted set read through it: its mass goes to its neurons once the heads are done)."""
     if kind == 0:
         if row[ho_rule[k]] >= 0 and _member(ho_now[k], c, V, class_member):
             ov_acc[k] += mass
             _note(k, ov_flag, ov_list, ocnt)
-    else:
+    elif kind == 1:
         pre[k] += mass
         _note(k, pflag, plist, pcnt)
+    else:
+        wr_mass[k] += mass
+        _note(k, wr_flag, wr_list, wr_cnt)
 
 
 @njit(cache=True, parallel=True)
@@ -291,6 +295,10 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
     Neuron class outputs are summed per atom (aacc; compiled._atoms) and never expanded to tokens: log Z
     gains sum over touched atoms of P_atom (e^aacc - 1) (base_pat: the atom's base mass), each touched
     token's term is scaled by e^aacc of its atom, and KL's p . logits gains aacc x p_ref mass of the atom (ref_R).
+
+    Weighted sets shared by neurons cost per set, not per reference: outputs are summed per (row, set)
+    over the firing neurons (sacc) and each touched set is written once (ws_*); a set attended through a
+    head is one reader slot (kind 2) whose weighted mass is fanned out to the neurons reading it (wrn_*).
     """
     (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
@@ -298,7 +306,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
      nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
      nn_ptr, nn_neu, nn_w,
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
-     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = P
+     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
+     nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
     (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     H = len(head_rule)
@@ -348,6 +357,16 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         pflag = np.zeros(n_nr, dtype=np.bool_)
         plist = np.empty(n_nr, dtype=np.int64)
         pcnt = np.zeros(1, dtype=np.int64)
+        n_ws = len(ws_ptr) - 1
+        sacc = np.zeros(R * n_ws)  # per (row, weighted set): summed act x of the neurons writing it at t
+        sflag = np.zeros(R * n_ws, dtype=np.bool_)
+        slist = np.empty(R * n_ws, dtype=np.int64)
+        scnt = np.zeros(1, dtype=np.int64)
+        n_wr = len(wrn_ptr) - 1
+        wr_mass = np.zeros(n_wr)  # per (head, weighted set) read: weighted attention mass at t
+        wr_flag = np.zeros(n_wr, dtype=np.bool_)
+        wr_list = np.empty(n_wr, dtype=np.int64)
+        wr_cnt = np.zeros(1, dtype=np.int64)
         pres_sum = np.zeros(n_nr)
         # neurons whose presence inputs minus threshold are > 0: they fire even with no other input at t
         live_idx = np.full(n_nr, -1, dtype=np.int64)
@@ -540,7 +559,8 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     for j in range(re_ptr[key], re_ptr[key + 1]):
                         sl = re_slot[j]
                         _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
                 if cp_cond[h]:
                     # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
                     napp = 0
@@ -573,13 +593,23 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     for u in range(sl_cnt[h]):
                         sl = sl_list[s0 + u]
                         _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt)
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
             for j in range(ocnt[0]):
                 k = ov_list[j]
                 _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, delta, dflag, touched, dcnt)
                 ov_acc[k] = 0.0
                 ov_flag[k] = False
             ocnt[0] = 0
+            for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
+                k = wr_list[j]
+                for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
+                    n = wrn_neu[j2]
+                    pre[n] += wrn_w[j2] * wr_mass[k]
+                    _note(n, pflag, plist, pcnt)
+                wr_mass[k] = 0.0
+                wr_flag[k] = False
+            wr_cnt[0] = 0
             # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
             for j in range(nn_ptr[c], nn_ptr[c + 1]):
                 n = nn_neu[j]
@@ -597,9 +627,20 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         k = rn * n_cls + ncl_cls[j2]
                         _note(k, cflag, clist, ccnt)
                         cacc[k] += act * ncl_w[j2]
+                    for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
+                        k = rn * n_ws + nws_set[j2]
+                        _note(k, sflag, slist, scnt)
+                        sacc[k] += act * nws_w[j2]
                 pre[n] = 0.0
                 pflag[n] = False
             pcnt[0] = 0
+            for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
+                key = slist[j]
+                rk = key // n_ws
+                _write(key - rk * n_ws, sacc[key], rk * V, ws_ptr, ws_tok, ws_w, delta, dflag, touched, dcnt)
+                sacc[key] = 0.0
+                sflag[key] = False
+            scnt[0] = 0
             for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
                 key = clist[j]
                 val = cacc[key]

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,9 @@ def tok_ref(tok: str) -> str:
 
 
 @st.composite
-def rulesets(draw):
-    """(vocab, {file name: TOML text}) for a random, valid rule set."""
+def rulesets(draw, shared=False):
+    """(vocab, {file name: TOML text}) for a random, valid rule set. `shared`: mostly neurons, attending to
+    and writing the same few weighted sets (the kernel's per-set paths)."""
     vocab = draw(st.lists(st.text(alphabet=" ab@\nZ", min_size=1, max_size=3), min_size=3, max_size=14, unique=True))
     V = len(vocab)
     num = st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 3))
@@ -54,16 +56,16 @@ def rulesets(draw):
 
     wsets = []  # weighted sets, in any file (users may come before them)
     vref = ref
-    for k in range(draw(st.integers(0, 2))):
+    for k in range(draw(st.integers(1 if shared else 0, 2))):
         files[draw(st.sampled_from(sorted(files)))].append(f'[[weights]]\nid = "w{k}"\ndoc = "weighted set {k}"\n'
                                                            f"tokens = {weights(max_size=4, value=False)}")
         wsets.append(f"@w{k}")
-    if wsets:
-        vref = st.one_of(ref, ref, st.sampled_from(wsets))  # a value reference is a weighted set about 1 time in 3
+    if wsets:  # a value reference is a weighted set about 1 time in 3 (shared: 2 in 3)
+        vref = st.one_of(ref, st.sampled_from(wsets), st.sampled_from(wsets)) if shared else st.one_of(ref, ref, st.sampled_from(wsets))
 
     rid = iter(range(1000))
     heads = []
-    for h in range(draw(st.integers(0, 2))):
+    for h in range(draw(st.integers(1 if shared else 0, 2))):
         pos = draw(st.dictionaries(st.sampled_from(["0", "1", "2", "3", "default"]), num, max_size=4))
         scores = [f"{{ now = {q(draw(ref))}, src = {q(draw(ref))}, w = {draw(num)} }}" for _ in range(draw(st.integers(0, 3)))]
         text = f'[[head]]\nid = "h{h}"\ndoc = "head {h}"\nposition = {{ ' + ", ".join(f"{k} = {v}" for k, v in pos.items()) + " }"
@@ -72,7 +74,9 @@ def rulesets(draw):
         heads.append(f"h{h}")
         files["00_rules.toml"].append(text)
     kinds = ["prior", "bigram", "bigram_rows", "skip", "neuron"] + (["head_out"] if heads else [])
-    for _ in range(draw(st.integers(0, 7))):
+    if shared:
+        kinds += ["neuron"] * 6
+    for _ in range(draw(st.integers(3, 8) if shared else st.integers(0, 7))):
         kind = draw(st.sampled_from(kinds))
         i = next(rid)
         head = f'[[{kind.split("_rows")[0]}]]\nid = "r{i}"\ndoc = "rule {i}"\n'
@@ -96,7 +100,7 @@ def rulesets(draw):
                 body += f"now = {weights()}\n"
             if draw(st.booleans()):
                 body += f"present = {weights(value=False)}\n"
-            if heads and draw(st.booleans()):
+            if heads and (shared or draw(st.booleans())):
                 body += "attend = { " + ", ".join(f"{h} = {weights()}" for h in draw(st.lists(st.sampled_from(heads), min_size=1, unique=True))) + " }\n"
             body += f"next = {weights()}"
         files[draw(st.sampled_from(["00_rules.toml", "20_more.toml"]))].append(head + body)
@@ -111,8 +115,8 @@ def compile_text(vocab, files):
 
 
 @st.composite
-def cases(draw):
-    vocab, files = draw(rulesets())
+def cases(draw, shared=False):
+    vocab, files = draw(rulesets(shared))
     V = len(vocab)
     seqs = draw(st.lists(st.lists(st.integers(0, V - 1), min_size=1, max_size=12), min_size=1, max_size=3))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -127,6 +131,16 @@ def logsumexp(x):
 @SETTINGS
 @given(cases())
 def test_engine_matches_twin(case):
+    _check_engine_matches_twin(case)
+
+
+@SETTINGS
+@given(cases(shared=True))
+def test_neurons_sharing_weighted_sets_match_twin(case):
+    _check_engine_matches_twin(case)
+
+
+def _check_engine_matches_twin(case):
     vocab, files, seqs, seed = case
     rules = compile_text(vocab, files)
     rng = np.random.default_rng(seed)
@@ -219,13 +233,25 @@ def test_argmax_skips_a_touched_atom_top_member():
 def test_ledger_rows_in_one_pass_match_separate_runs(case, n_rows):
     """stream_metrics_rows (rules switched on row by row, one engine pass where row_passes fuses them)
     == stream_metrics under each row's mask; rows are nested masks as in the ledger, with rules put in
-    random rows (prior/bigram rules in the first, so that passes fuse) and heads after their readers."""
+    random rows (prior/bigram rules and most heads in the first, so that passes fuse) and heads after
+    their readers."""
+    _check_rows(case, n_rows)
+
+
+@SETTINGS
+@given(cases(shared=True), st.integers(2, 4))
+def test_ledger_rows_with_shared_weighted_sets_match_separate_runs(case, n_rows):
+    _check_rows(case, n_rows)
+
+
+def _check_rows(case, n_rows):
     vocab, files, seqs, seed = case
     rules = compile_text(vocab, files)
     rng = np.random.default_rng(seed)
     first = rng.integers(0, n_rows, len(rules.rule_ids))
     base = np.isin(np.asarray(rules.rule_kinds), ["prior", "bigram"])
     first[base & (rng.random(len(first)) < 0.8)] = 0
+    first[(np.asarray(rules.rule_kinds) == "head") & (rng.random(len(first)) < 0.5)] = 0
     masks = [first <= k for k in range(n_rows)]
     hm = HandModel(rules)
     N = sum(len(s) for s in seqs)
@@ -272,11 +298,13 @@ def test_long_row_runs_are_split_into_passes_of_at_most_max_fused_rows():
             np.testing.assert_allclose(got["kl"], twin.metrics(rules, [seq], ref, m)["kl"], atol=1e-6)
 
 
-def test_rows_do_not_fuse_when_a_neuron_reads_a_later_head():
+@pytest.mark.parametrize("src", ['"a"', '"@w"'])  # a token, or a weighted set (its own reader slot)
+def test_rows_do_not_fuse_when_a_neuron_reads_a_later_head(src):
     vocab = ["a", "b", "c"]
     text = ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 1 = 2.0 }\n'
-            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nattend = { h = { "a" = 1.0 } }\nnext = { "b" = 1.0 }\n'
-            '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "h"\nsrc = "a"\nnext = { "c" = 1.0 }\n')
+            f'[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nattend = {{ h = {{ {src} = 1.0 }} }}\nnext = {{ "b" = 1.0 }}\n'
+            '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "h"\nsrc = "a"\nnext = { "c" = 1.0 }\n'
+            '[[weights]]\nid = "w"\ndoc = "mostly a"\ntokens = { "a" = 1.0, "c" = 0.25 }\n')
     rules = compile_text(vocab, {"r.toml": text})
     hm = HandModel(rules)
     # head_out before its head: fuses (it counts from the head's row); neuron before its head: two passes
