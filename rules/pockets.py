@@ -120,20 +120,24 @@ def top1_misses(seqs, ref_logp, met, vocab) -> None:
 
 
 def census(rules, top: int = 5) -> None:
-    """Per kind of neuron entry, the classes the most neuron rules have an entry for (token entries not counted)."""
+    """Per kind of neuron entry, the classes (then the weighted sets) the most neuron rules have an entry for
+    (token entries not counted)."""
     from collections import Counter
 
     sets = rules.sets
     neurons = [r for r in rules.rules if r.kind == "neuron"]
-    is_class = lambda sid: sid >= sets.V  # noqa: E731  (token ids are < V, classes above)
-    now = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.n_now if is_class(s)})
-    nxt = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.next if is_class(s)})
-    att = Counter((h, sets.name(s)) for r in neurons for h, s in {(h, s) for h, s, _ in r.n_attend if is_class(s)})
     heads = [r.id for r in rules.rules if r.kind == "head"]
-    print(f"neuron census ({len(neurons)} neuron rules; neurons with a class entry of each kind):")
-    print("  now:    " + ", ".join(f"{c} {n}" for c, n in now.most_common(top)))
-    print("  attend: " + ", ".join(f"{heads[h]} → {c} {n}" for (h, c), n in att.most_common(top)))
-    print("  next:   " + ", ".join(f"{c} {n}" for c, n in nxt.most_common(top)))
+    for what, keep in (("class", lambda sid: sid >= sets.V and not sets.is_weighted(sid)),
+                       ("weighted set", sets.is_weighted)):
+        now = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.n_now if keep(s)})
+        nxt = Counter(sets.name(s) for r in neurons for s in {s for s, _ in r.next if keep(s)})
+        att = Counter((h, sets.name(s)) for r in neurons for h, s in {(h, s) for h, s, _ in r.n_attend if keep(s)})
+        if not (now or nxt or att):
+            continue
+        print(f"neuron census ({len(neurons)} neuron rules; neurons with a {what} entry of each kind):")
+        print("  now:    " + ", ".join(f"{c} {n}" for c, n in now.most_common(top)))
+        print("  attend: " + ", ".join(f"{heads[h]} → {c} {n}" for (h, c), n in att.most_common(top)))
+        print("  next:   " + ", ".join(f"{c} {n}" for c, n in nxt.most_common(top)))
     import numpy as np
 
     copies = [r for r in rules.rules if r.kind == "head_out" and r.copy is not None]

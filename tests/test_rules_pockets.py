@@ -79,3 +79,39 @@ def test_tails_switch_off_the_end_of_each_family(capsys):
     d = hm.stream_metrics(seqs, ref, mask=mask)["kl"].mean() - kl.mean()
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("neurons"))
     assert f"1 rules, {rules[last_neuron].numbers:6,} numbers: {d:+.4f} nats/token" in line
+
+
+def test_census_counts_classes_and_weighted_sets_apart(tmp_path, capsys):
+    (tmp_path / "r.toml").write_text('''
+[[class]]
+id = "animals"
+doc = "Animals."
+tokens = [" cat", " dog"]
+
+[[weights]]
+id = "ends"
+doc = "Sentence ends, weighted."
+tokens = { "." = 1.0, " sat" = 0.5 }
+
+[[head]]
+id = "h"
+doc = "Uniform head."
+
+[[neuron]]
+id = "n1"
+doc = "Reads animals and ends."
+now = { "@animals" = 1.0, "@ends" = 0.5 }
+attend = { "h" = { "@ends" = 2.0 } }
+next = { "@ends" = 1.0, " the" = 0.3 }
+
+[[neuron]]
+id = "n2"
+doc = "Writes animals."
+now = { " the" = 1.0 }
+next = { "@animals" = 1.0 }
+''', encoding="utf-8")
+    _pockets().census(load_rules(tmp_path, VOCAB))
+    out = capsys.readouterr().out
+    classes, weighted = out.split("weighted set entry")
+    assert "now:    @animals 1" in classes and "next:   @animals 1" in classes and "@ends" not in classes
+    assert "now:    @ends 1" in weighted and "attend: h → @ends 1" in weighted and "next:   @ends 1" in weighted
