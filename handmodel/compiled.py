@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .resolve import Rule, TokenSets, count_weighted_sets, resolve_entry
-from .rulefile import Entry, read_rule_file
+from .rulefile import NOT_RULES, Entry, read_rule_file
 
 
 def vocab_fingerprint(vocab: list[str]) -> str:
@@ -88,7 +88,7 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
     sets.define_classes([e for e in entries if e.kind == "class"], [e for e in entries if e.kind == "weights"])
     head_entries = [e for e in entries if e.kind == "head"]
     heads = {e.id: i for i, e in enumerate(head_entries)}
-    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind not in ("class", "weights")]
+    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind not in NOT_RULES]
     count_weighted_sets(rules, sets)
 
     groups: list[str] = []

@@ -44,6 +44,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "skip": ("id", "doc", "earlier", "next"),
     "neuron": ("id", "doc", "next"),
 }
+NOT_RULES = ("class", "weights")  # kinds that define token sets: no ledger row, no mask entry, no claim
 TOP_KEYS = {"group", "vocab"} | set(KEYS)
 ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 _ID_LINE = re.compile(r"""\bid\s*=\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)')""")

@@ -29,10 +29,10 @@ def _rule_ids() -> tuple[list[str] | None, str]:
         return None, f"shipped ruleset not written yet ({RULES} is absent)"
     from handmodel.compiled import rule_file_paths
     from handmodel.errors import UserError
-    from handmodel.rulefile import read_rule_file
+    from handmodel.rulefile import NOT_RULES, read_rule_file
 
     try:
-        ids = [e.id for f in rule_file_paths(RULES) for e in read_rule_file(f)[1] if e.kind != "class"]
+        ids = [e.id for f in rule_file_paths(RULES) for e in read_rule_file(f)[1] if e.kind not in NOT_RULES]
     except UserError as e:
         return [], f"cannot read the shipped ruleset: {e}"
     return ids, "" if ids else f"{RULES} holds no rules"

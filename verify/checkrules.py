@@ -178,13 +178,13 @@ class Plan:
 
 def read_checks(rules_path: Path) -> dict[str, dict]:
     from handmodel.compiled import rule_file_paths
-    from handmodel.rulefile import read_rule_file
+    from handmodel.rulefile import NOT_RULES, read_rule_file
 
     out: dict[str, dict] = {}
     for f in rule_file_paths(Path(rules_path)):
         _, entries = read_rule_file(f)
         for e in entries:
-            if e.kind != "class":
+            if e.kind not in NOT_RULES:
                 out[e.id] = dict(e.body.get("check", {}))
     return out
 
