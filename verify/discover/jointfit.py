@@ -363,16 +363,13 @@ def _cut_neuron_classes(net, train: np.ndarray, k: int) -> None:
     K = net.K
     freq = np.sqrt(np.bincount(net.lab.numpy()[train].ravel(), minlength=K + 1)[:K].astype(np.float64))
 
-    def keep_top(imp: np.ndarray) -> np.ndarray:  # imp [n_neu, m] -> bool mask keeping k per row
-        return _keep_top(imp, k)
-
     with torch.no_grad():
-        now = keep_top(np.abs((net.nc_now * net.nc_now_m).numpy()).T * freq[None])  # [n, K]
+        now = _keep_top(np.abs((net.nc_now * net.nc_now_m).numpy()).T * freq[None], k)  # [n, K]
         net.nc_now_m.copy_(torch.from_numpy(now.T.astype(np.float32)))
         att = np.abs((net.nc_att * net.nc_att_m).numpy()) * freq[None, :, None]  # [H, K, n]
-        m = keep_top(att.transpose(2, 0, 1).reshape(att.shape[2], -1)).reshape(att.shape[2], net.H, K)
+        m = _keep_top(att.transpose(2, 0, 1).reshape(att.shape[2], -1), k).reshape(att.shape[2], net.H, K)
         net.nc_att_m.copy_(torch.from_numpy(m.transpose(1, 2, 0).astype(np.float32)))
-        out = keep_top(np.abs((net.nc_out * net.nc_out_m).numpy()) * freq[None])
+        out = _keep_top(np.abs((net.nc_out * net.nc_out_m).numpy()) * freq[None], k)
         net.nc_out_m.copy_(torch.from_numpy(out.astype(np.float32)))
         for p, mk in ((net.nc_now, net.nc_now_m), (net.nc_att, net.nc_att_m), (net.nc_out, net.nc_out_m)):
             p *= mk
@@ -475,11 +472,6 @@ def read_back(net, bd: BigramDraft, heads: list[HeadDraft], outs, copy_w: list[f
         for i, d in enumerate(neurons):
             d.next_sets = [(j, float(p.refs[i])) for j, p in enumerate(patterns) if p.head < 0 and p.refs[i] != 0]
             d.attend_sets = [(p.head, j, float(p.refs[i])) for j, p in enumerate(patterns) if p.head >= 0 and p.refs[i] != 0]
-        used = {j for d in neurons for j, _ in d.next_sets} | {j for d in neurons for _, j, _ in d.attend_sets}
-        # indices stay those of `patterns`; unreferenced patterns get no tokens written (the writer skips them)
-        for j, p in enumerate(patterns):
-            if j not in used:
-                p.tokens = p.tokens[:0]
         copy_w[:] = [float(x) for x in net.copy.numpy()]
         return qs, net.copy_cls.numpy().astype(np.float64), patterns
 

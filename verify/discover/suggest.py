@@ -213,21 +213,22 @@ def pattern_names(heads: list[HeadDraft], patterns, vocab: list[str], counts=Non
 
 
 def write_pattern_file(fs: FileSet, heads: list[HeadDraft], neurons: list[NeuronDraft], patterns, names, counts=None) -> None:
-    """48_neuron_patterns.toml: the shared weighted token sets the neurons read and write ([[weights]])."""
-    if not any(len(p.tokens) for p in patterns):
-        return
-    V = fs.vocab
-    fs.start(PATTERN_FILE, None, "Weighted token sets shared by the neurons (joint fit): output patterns (a neuron adds\n"
-             "x × pattern to the logits) and read patterns per head (a neuron's input gains x × the head's attention\n"
-             "weighted by the pattern). Each pattern is paid for once; a neuron's reference is one number.")
+    """48_neuron_patterns.toml: the shared weighted token sets the neurons read and write ([[weights]]); a
+    pattern no neuron references after the cuts is not written."""
     users = [0] * len(patterns)
     for d in neurons:
         for j, _ in d.next_sets:
             users[j] += 1
         for _, j, _ in d.attend_sets:
             users[j] += 1
+    if not any(users):
+        return
+    V = fs.vocab
+    fs.start(PATTERN_FILE, None, "Weighted token sets shared by the neurons (joint fit): output patterns (a neuron adds\n"
+             "x × pattern to the logits) and read patterns per head (a neuron's input gains x × the head's attention\n"
+             "weighted by the pattern). Each pattern is paid for once; a neuron's reference is one number.")
     for j, p in enumerate(patterns):
-        if not len(p.tokens):
+        if not users[j]:
             continue
         up = ", ".join(repr(V[p.tokens[i]]) for i in ranked(p.tokens, p.w, counts)[:4]) or "nothing"
         down = ", ".join(repr(V[p.tokens[i]]) for i in ranked(p.tokens, p.w, counts, -1.0)[:3]) or "nothing"
