@@ -1,0 +1,63 @@
+"""rules/story_start.py: the correction matches the reference's top-k probabilities exactly and never raises
+the KL, and the rule it writes fires at a story's first position only (engine reading the file back)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handmodel import HandModel, load_rules
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "rules_small"
+VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
+
+
+def _mod():
+    spec = importlib.util.spec_from_file_location("story_start", ROOT / "rules" / "story_start.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _logsoftmax(x):
+    x = np.asarray(x, np.float64)
+    return x - np.logaddexp.reduce(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 30), st.data())
+def test_correction_matches_top_k_and_lowers_kl(seed, V, data):
+    k = data.draw(st.integers(1, V - 1))
+    rng = np.random.default_rng(seed)
+    ref, hand = _logsoftmax(rng.normal(size=V) * 3), _logsoftmax(rng.normal(size=V) * 3)
+    m = _mod()
+    top, delta = m.correction(ref, hand, k)
+    new = hand.copy()
+    new[top] += delta
+    new = _logsoftmax(new)
+    np.testing.assert_allclose(np.exp(new[top]), np.exp(ref[top]), rtol=1e-6, atol=1e-12)
+    assert set(top) == set(np.argsort(-ref)[:k])
+    assert m.kl(ref, new) <= m.kl(ref, hand) + 1e-9
+
+
+def test_written_rule_fires_at_the_first_position_only(tmp_path):
+    m = _mod()
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(FIXTURE, rules_dir)
+    base = HandModel(load_rules(rules_dir, VOCAB))
+    seq = np.array([0, 1, 2, 0, 3, 7], np.int64)  # '<|endoftext|>' first and again later (a second story)
+    before = base.log_probs(seq).astype(np.float64)
+    ref = _logsoftmax(np.arange(len(VOCAB), dtype=np.float64))
+    top, delta = m.correction(ref, before[0], 4)
+    text = m.block(VOCAB, top, delta, 4, m.kl(ref, before[0]), 0.0)
+    (rules_dir / "99_story.toml").write_text('group = "long tail"\n\n' + text + "\n")
+    rules = load_rules(rules_dir, VOCAB)
+    assert "story.start" in rules.rule_ids
+    after = HandModel(rules).log_probs(seq).astype(np.float64)
+    np.testing.assert_allclose(np.exp(after[0][top]), np.exp(ref[top]), atol=1e-5)
+    np.testing.assert_allclose(after[1:], before[1:], atol=1e-6)  # the later '<|endoftext|>' has tokens before it
