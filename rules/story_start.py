@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 RULES = Path(__file__).resolve().parent
-FILE = RULES / "60_long_tail.toml"
+FILE_NAME = "60_long_tail.toml"
 RULE_ID = "story.start"
 BEGIN = "# --- story.start (written by rules/story_start.py) ---"
 END = "# --- end story.start ---"
@@ -82,8 +82,13 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=256, help="tokens of the reference's distribution matched")
-    ap.add_argument("--rules", default=str(RULES))
+    ap.add_argument("--rules", default=str(RULES), help=f"ruleset directory; the rule goes into its {FILE_NAME}")
     a = ap.parse_args()
+    file = Path(a.rules) / FILE_NAME
+    if not file.is_file():
+        print(f"{file}: no such file; the story.start rule goes into the ruleset's long-tail file "
+              f"(create it, e.g. with a `group = \"long tail\"` line, or pass --rules DIR)", file=sys.stderr)
+        return 2
     oracle = Oracle.load()
     vocab = load_vocab(oracle.path / "tokenizer.json")
     seq = np.array([vocab.index("<|endoftext|>")])
@@ -94,15 +99,15 @@ def main() -> int:
     hand_lp = hm.log_probs(seq, mask=mask)[0]
     top, delta = correction(ref_lp, hand_lp, a.k)
     new = block(vocab, top, delta, a.k, kl(ref_lp, hand_lp), 0.0)
-    text = FILE.read_text()
+    text = file.read_text()
     pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     text = pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new + "\n"
-    FILE.write_text(text)
+    file.write_text(text)
     # Measure what was written: the engine reading the file back.
     rules = load_rules(a.rules, vocab)
     after = kl(ref_lp, HandModel(rules).log_probs(seq)[0])
-    FILE.write_text(pat.sub(lambda m: block(vocab, top, delta, a.k, kl(ref_lp, hand_lp), after), text))
-    print(f"{FILE.name}: {RULE_ID} with {a.k} entries; KL at [EOT] {kl(ref_lp, hand_lp):.4f} -> {after:.4f}",
+    file.write_text(pat.sub(lambda m: block(vocab, top, delta, a.k, kl(ref_lp, hand_lp), after), text))
+    print(f"{file.name}: {RULE_ID} with {a.k} entries; KL at [EOT] {kl(ref_lp, hand_lp):.4f} -> {after:.4f}",
           file=sys.stderr)
     return 0
 
