@@ -347,6 +347,31 @@ def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry
     assert (net.so_m.sum(1) == 4).all() and (net.sr_c_m.sum((0, 1)) == 1).all()
 
 
+def test_output_and_read_patterns_can_keep_different_sizes():
+    """--shared-size OUT:READ: one cut keeps OUT tokens per output pattern and READ per read pattern."""
+    import torch
+    from types import SimpleNamespace
+
+    from handmodel.errors import UserError
+    from verify.discover.commands import _size_pair
+    from verify.discover.jointfit import _cut_shared, pattern_sizes
+
+    assert _size_pair("500", "--shared-size") == (500, 500) and _size_pair("1200:600", "--shared-size") == (1200, 600)
+    for bad in ("12:x", "1:2:3", ""):
+        with pytest.raises(UserError, match="OUT:READ"):
+            _size_pair(bad, "--shared-size")
+    assert pattern_sizes(7) == (7, 7) and pattern_sizes((9, 4)) == (9, 4)
+    V, H, n, mo, mr = 12, 2, 5, 3, 2
+    g = torch.Generator().manual_seed(2)
+    net = SimpleNamespace(V=V, H=H, sh_out=mo, sh_read=mr, so=torch.randn(mo, V, generator=g),
+                          so_c=torch.randn(n, mo, generator=g), sr=torch.randn(H, mr, V, generator=g),
+                          sr_c=torch.randn(H, mr, n, generator=g))
+    for name in ("so", "so_c", "sr", "sr_c"):
+        setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
+    _cut_shared(net, np.tile(np.arange(V), (3, 2)), 8, 2, 3)
+    assert (net.so_m.sum(1) == 8).all() and (net.sr_m.sum(2) == 3).all()
+
+
 def test_shared_patterns_change_the_net_as_documented():
     """An output pattern adds act · x · pattern to the logits; a read pattern adds x · Σ_s a(s) pattern[seq_s]
     to the neuron's input (checked against a direct computation on the built net)."""
@@ -381,9 +406,10 @@ def test_shared_patterns_change_the_net_as_documented():
     assert torch.allclose(lp[0], want, atol=1e-5)
 
 
-def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_the_same(planted, tmp_path):
+@pytest.mark.parametrize("size", [4, (4, 3)])
+def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_the_same(planted, tmp_path, size):
     """--shared-*: the patterns are written as [[weights]] tables (largest |weight| 1, at most --shared-size
-    tokens), each neuron references at most --shared-refs of each kind, and the engine reading the files gives
+    tokens, OUT:READ per kind), each neuron references at most --shared-refs of each kind, and the engine reading the files gives
     the torch model's held-out KL."""
     import tomllib
 
@@ -397,13 +423,15 @@ def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_t
     s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
                 rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
                 joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, neuron_classes=2,
-                shared=(2, 1, 4, 1), log=lambda m: None)
+                shared=(2, 1, size, 1), log=lambda m: None)
     joint = s["history"][-1]
     assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint
     rules = load_rules(out, o.vocab)
     assert int(np.sum(rules.rule_numbers)) == s["numbers"]
     sets = tomllib.loads((out / PATTERN_FILE).read_text())["weights"]
-    assert sets and all(0 < len(w["tokens"]) <= 4 and max(abs(x) for x in w["tokens"].values()) == 1.0 for w in sets)
+    n_out_tokens, n_read_tokens = (size, size) if isinstance(size, int) else size
+    assert sets and all(0 < len(w["tokens"]) <= (n_out_tokens if w["id"].startswith("out") else n_read_tokens)
+                        and max(abs(x) for x in w["tokens"].values()) == 1.0 for w in sets)
     names = {"@" + w["id"] for w in sets}
     neurons = tomllib.loads((out / "50_neurons.toml").read_text())["neuron"]
     n_out = [sum(k in names for k in n["next"]) for n in neurons]

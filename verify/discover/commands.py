@@ -55,6 +55,20 @@ def _fraction_pair(text: Optional[str], flag: str) -> Optional[tuple[float, floa
     return a, b
 
 
+def _size_pair(text: str, flag: str) -> tuple[int, int]:
+    """"500" -> (500, 500); "1200:600" -> (1200, 600): tokens per output pattern and per read pattern."""
+    from handmodel.errors import UserError
+
+    try:
+        sizes = [int(x) for x in text.split(":")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise UserError(f"{flag} {text!r}: expected N (tokens per shared pattern) or OUT:READ (tokens per output "
+                        "pattern and per read pattern), e.g. 500 or 1200:600")
+    return sizes[0], sizes[-1]
+
+
 def _q(tok: str) -> str:
     return repr(tok)
 
@@ -190,7 +204,7 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 prune_window: Optional[str] = typer.Option(None, "--prune-window", help="Joint fit: START:END, the fractions of the steps between which the cuts fall (default 0.125:0.4; a later start keeps the fit dense longer)."),
                 shared_out: int = typer.Option(0, "--shared-out", help="Joint fit: output patterns (\\[\\[weights]] tables) the neurons share: a neuron adds x × pattern to the logits (0: none; needs --neurons, --shared-size, --shared-refs)."),
                 shared_read: int = typer.Option(0, "--shared-read", help="Joint fit: read patterns per head the neurons share: a neuron's input gains x × the head's attention weighted by the pattern (0: none)."),
-                shared_size: int = typer.Option(0, "--shared-size", help="Joint fit: tokens kept per shared pattern (fitted dense over the vocabulary, then cut like the class entries)."),
+                shared_size: str = typer.Option("0", "--shared-size", help="Joint fit: tokens kept per shared pattern (fitted dense over the vocabulary, then cut like the class entries); OUT:READ keeps OUT per output pattern and READ per read pattern."),
                 shared_refs: int = typer.Option(0, "--shared-refs", help="Joint fit: pattern references kept per neuron and kind (output patterns; read patterns over all heads)."),
                 as_json: bool = JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
@@ -210,7 +224,7 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
                 n_neurons=neurons, target=target, copy=copy, joint_steps=joint_steps, joint_positions=joint_positions,
                 n_query=query_scores, neuron_classes=neuron_classes, prune_cuts=prune_cuts,
                 prune_window=_fraction_pair(prune_window, "--prune-window"),
-                shared=(shared_out, shared_read, shared_size, shared_refs), log=log)
+                shared=(shared_out, shared_read, _size_pair(shared_size, "--shared-size"), shared_refs), log=log)
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")

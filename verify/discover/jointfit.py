@@ -141,7 +141,8 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             self.register_buffer("nc_out_m", torch.ones(n, K))
             # shared weighted sets: patterns [M, V] (dense until cut_shared keeps L tokens each) and each
             # neuron's reference weights; patterns start small and random (a zero pattern gets no gradient)
-            mo, mr, self.sh_L, self.sh_k = shared if self.n_neu else (0, 0, 0, 0)
+            mo, mr, L, self.sh_k = shared if self.n_neu else (0, 0, 0, 0)
+            self.sh_L, self.sh_L_read = pattern_sizes(L)
             self.sh_out, self.sh_read = mo, mr
             g = torch.Generator().manual_seed(0)
             self.so = nn.Parameter(0.05 * torch.randn(mo, V, generator=g))
@@ -293,6 +294,8 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
         kinds["classes"] = (net.K, net.nc)
     if net.sh_out or net.sh_read:
         kinds["pattern tokens"] = (net.V, net.sh_L)
+        if net.sh_read and net.sh_out and net.sh_L_read != net.sh_L:
+            kinds["read pattern tokens"] = (net.V, net.sh_L_read)
         kinds["pattern refs"] = (max(net.sh_out, net.H * net.sh_read), net.sh_k)
     for kind, (dense, final) in kinds.items():
         for s, kept in prune_schedule(steps, cuts, dense, final, window):
@@ -316,10 +319,11 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
             if "classes" in kept:
                 _cut_neuron_classes(net, train, kept["classes"])
             if "pattern tokens" in kept:
-                _cut_shared(net, train, kept["pattern tokens"], kept["pattern refs"])
+                _cut_shared(net, train, kept["pattern tokens"], kept["pattern refs"], kept.get("read pattern tokens"))
             log(f"joint fit step {step}: pruned to " + ", ".join(f"{n} {what}" for what, n in (
                 ("query entries per head", kept.get("query")), ("class entries per neuron and kind", kept.get("classes")),
-                ("tokens per shared pattern", kept.get("pattern tokens")),
+                ("tokens per " + ("output" if "read pattern tokens" in kept else "shared") + " pattern",
+                 kept.get("pattern tokens")), ("tokens per read pattern", kept.get("read pattern tokens")),
                 ("pattern references per neuron and kind", kept.get("pattern refs"))) if n is not None))
             # a cut changes the model: from here on compare with the start (no query scores), not a denser step
             best, best_state = start, start_state
@@ -382,8 +386,14 @@ def _keep_top(imp: np.ndarray, k: int) -> np.ndarray:
     return m & (imp > 0)
 
 
-def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int) -> None:
-    """Keep each shared pattern's n_tokens tokens that matter most (|w| × √(training count)) and each
+def pattern_sizes(size) -> tuple[int, int]:
+    """A shared-pattern size as (tokens per output pattern, tokens per read pattern): N means N for both."""
+    return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+
+
+def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int, n_read_tokens: int | None = None) -> None:
+    """Keep each output pattern's n_tokens tokens (each read pattern's n_read_tokens, default the same) that
+    matter most (|w| × √(training count)) and each
     neuron's k references of each kind (output patterns; read patterns over all heads) that matter most
     (|x| × the pattern's size: its √-count-weighted norm); entries an earlier cut removed stay removed."""
     import torch
@@ -401,7 +411,8 @@ def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int) -> None:
         if net.sh_read:
             H, M = net.H, net.sh_read
             sr = (net.sr * net.sr_m).numpy().reshape(H * M, -1)
-            net.sr_m.copy_(torch.from_numpy(_keep_top(np.abs(sr) * freq, n_tokens).reshape(H, M, -1).astype(np.float32)))
+            n_read = n_tokens if n_read_tokens is None else n_read_tokens
+            net.sr_m.copy_(torch.from_numpy(_keep_top(np.abs(sr) * freq, n_read).reshape(H, M, -1).astype(np.float32)))
             net.sr *= net.sr_m
             size = np.sqrt(((net.sr.numpy() * freq) ** 2).sum(2))  # [H, M]
             imp = np.abs((net.sr_c * net.sr_c_m).numpy()) * size[:, :, None]  # [H, M, n]

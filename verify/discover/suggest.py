@@ -332,7 +332,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
             att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
             joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
             neuron_classes: int = 0, prune_cuts: int = 4, prune_window: tuple[float, float] | None = None,
-            shared: tuple[int, int, int, int] = (0, 0, 0, 0), held_positions: int = 8192, log=print) -> dict:
+            shared: tuple = (0, 0, 0, 0), held_positions: int = 8192, log=print) -> dict:
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
     after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
@@ -344,11 +344,13 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     from .common import sample_windows
 
     from .fit import check_training_text
+    from .jointfit import pattern_sizes
 
     check_training_text(train_corpus)  # never fit on what is reported
-    if joint_steps < 0 or n_query < 0 or neuron_classes < 0 or min(shared) < 0:
+    shared = (shared[0], shared[1], pattern_sizes(shared[2]), shared[3])  # size: N or (per output, per read pattern)
+    if joint_steps < 0 or n_query < 0 or neuron_classes < 0 or min(shared[:2] + shared[2] + shared[3:]) < 0:
         raise UserError("--joint-steps, --query-scores, --neuron-classes and the --shared-* options must be >= 0")
-    if (shared[0] or shared[1]) and not (shared[2] and shared[3] and joint_steps and n_neurons):
+    if (shared[0] or shared[1]) and not (min(shared[2]) and shared[3] and joint_steps and n_neurons):
         raise UserError("--shared-out/--shared-read need --shared-size > 0, --shared-refs > 0, --joint-steps > 0 and "
                         "--neurons > 0 (the patterns are fitted jointly with the neurons that use them)")
     if prune_cuts < 1:
