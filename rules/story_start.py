@@ -55,14 +55,16 @@ def block(vocab: list[str], top, delta, k: int, before: float, after: float) -> 
     from handmodel.writer import inline_table, q
 
     items = [(q(vocab[int(i)]), float(d)) for i, d in zip(top, delta)]
+    first = ", ".join(repr(vocab[int(i)]) for i in top[:4])
+    doc = (f"The first prediction of a story ('<|endoftext|>' with nothing before it): the reference's own "
+           f"distribution there, for its {k} likeliest tokens ({first}); the fitted rules only ever saw "
+           "'<|endoftext|>' after a previous story.")
     return "\n".join([
         BEGIN,
         f"# K = {k}: KL(ref ‖ hand) at the context [EOT] {before:.3f} nats without this rule, {after:.3f} with it.",
         "[[neuron]]",
         f'id = "{RULE_ID}"',
-        'doc = "The first prediction of a story (\'<|endoftext|>\' with nothing before it): the reference\'s own '
-        f'distribution there, for its {k} likeliest tokens (\'Once\', \'once\', \' a\', \' two\'); the fitted rules '
-        'only ever saw \'<|endoftext|>\' after a previous story."',
+        f"doc = {q(doc)}",
         'check = { expect = "none", why = "fires at one context only (a story\'s first position); its numbers are '
         'the reference\'s output there, not a claim about other contexts" }',
         "threshold = 0.0",
@@ -84,6 +86,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=256, help="tokens of the reference's distribution matched")
     ap.add_argument("--rules", default=str(RULES), help=f"ruleset directory; the rule goes into its {FILE_NAME}")
     a = ap.parse_args()
+    if a.k < 1:
+        ap.error(f"--k {a.k}: must be at least 1 (tokens of the reference's distribution to match)")
     file = Path(a.rules) / FILE_NAME
     if not file.is_file():
         print(f"{file}: no such file; the story.start rule goes into the ruleset's long-tail file "

@@ -61,3 +61,14 @@ def test_written_rule_fires_at_the_first_position_only(tmp_path):
     after = HandModel(rules).log_probs(seq).astype(np.float64)
     np.testing.assert_allclose(np.exp(after[0][top]), np.exp(ref[top]), atol=1e-5)
     np.testing.assert_allclose(after[1:], before[1:], atol=1e-6)  # the later '<|endoftext|>' has tokens before it
+
+
+def test_block_is_valid_toml_whatever_the_tokens():
+    import tomllib
+
+    m = _mod()
+    vocab = ["a\n", 'b"', "c\\", "'d'", "e"]
+    text = m.block(vocab, np.array([0, 1, 2, 3]), np.array([0.5, -1.0, 2.0, 0.25]), 4, 1.0, 0.5)
+    rule = tomllib.loads(text)["neuron"][0]
+    assert rule["id"] == "story.start" and rule["next"] == {"a\n": 0.5, 'b"': -1.0, "c\\": 2.0, "'d'": 0.25}
+    assert repr("a\n") in rule["doc"] and repr('b"') in rule["doc"]
