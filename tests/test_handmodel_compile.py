@@ -10,9 +10,7 @@ import numpy as np
 
 from handmodel import HandModel, load_rules
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "rules_small"
-VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
+from conftest import ROOT, SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB
 
 
 def test_handmodel_never_imports_torch_or_reference():

@@ -2,24 +2,13 @@
 the ones computed directly here (no torch, no ../shared)."""
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 
 from handmodel import HandModel, load_rules
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "rules_small"
-VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
-
-
-def _pockets():
-    spec = importlib.util.spec_from_file_location("pockets", ROOT / "rules" / "pockets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB, rules_script
 
 
 def _world(seed=0):
@@ -35,7 +24,7 @@ def _world(seed=0):
 def test_top1_misses_counts_what_stream_metrics_says(capsys):
     hm, seqs, ref = _world()
     met = hm.stream_metrics(seqs, ref)
-    _pockets().top1_misses(seqs, ref, met, VOCAB)
+    rules_script("pockets").top1_misses(seqs, ref, met, VOCAB)
     out = capsys.readouterr().out
     assert f"top-1 agreement {met['agree'].mean():.3f}" in out
     assert f"the {(~met['agree']).sum():,} disagreements" in out
@@ -49,11 +38,11 @@ def test_top1_misses_counts_what_stream_metrics_says(capsys):
 def test_rule_gains_reads_each_rule_ablation(capsys):
     hm, seqs, ref = _world()
     kl = hm.stream_metrics(seqs, ref)["kl"]
-    _pockets().rule_gains(hm, seqs, ref, kl, 5)
+    rules_script("pockets").rule_gains(hm, seqs, ref, kl, 5)
     out = capsys.readouterr().out
     rules = hm.rules.rules
     for i, r in enumerate(rules):
-        fam = _pockets().family(r)
+        fam = rules_script("pockets").family(r)
         if fam not in ("bigram", "head_out", "copying", "neuron"):
             continue
         line = next(ln for ln in out.splitlines() if f" {r.id} " in ln)
@@ -70,7 +59,7 @@ def test_rule_gains_reads_each_rule_ablation(capsys):
 def test_tails_switch_off_the_end_of_each_family(capsys):
     hm, seqs, ref = _world()
     kl = hm.stream_metrics(seqs, ref)["kl"]
-    _pockets().tails(hm, seqs, ref, kl, 1)  # one number: each family's last rule alone
+    rules_script("pockets").tails(hm, seqs, ref, kl, 1)  # one number: each family's last rule alone
     out = capsys.readouterr().out
     rules = hm.rules.rules
     last_neuron = max(i for i, r in enumerate(rules) if r.kind == "neuron")
@@ -110,7 +99,7 @@ doc = "Writes animals."
 now = { " the" = 1.0 }
 next = { "@animals" = 1.0 }
 ''', encoding="utf-8")
-    _pockets().census(load_rules(tmp_path, VOCAB))
+    rules_script("pockets").census(load_rules(tmp_path, VOCAB))
     out = capsys.readouterr().out
     classes, weighted = out.split("weighted set entry")
     assert "now:    @animals 1" in classes and "next:   @animals 1" in classes and "@ends" not in classes

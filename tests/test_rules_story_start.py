@@ -2,9 +2,7 @@
 the KL, and the rule it writes fires at a story's first position only (engine reading the file back)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-from pathlib import Path
 
 import numpy as np
 from hypothesis import given, settings
@@ -12,16 +10,7 @@ from hypothesis import strategies as st
 
 from handmodel import HandModel, load_rules
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "rules_small"
-VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
-
-
-def _mod():
-    spec = importlib.util.spec_from_file_location("story_start", ROOT / "rules" / "story_start.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB, rules_script
 
 
 def _logsoftmax(x):
@@ -35,7 +24,7 @@ def test_correction_matches_top_k_and_lowers_kl(seed, V, data):
     k = data.draw(st.integers(1, V - 1))
     rng = np.random.default_rng(seed)
     ref, hand = _logsoftmax(rng.normal(size=V) * 3), _logsoftmax(rng.normal(size=V) * 3)
-    m = _mod()
+    m = rules_script("story_start")
     top, delta = m.correction(ref, hand, k)
     new = hand.copy()
     new[top] += delta
@@ -46,7 +35,7 @@ def test_correction_matches_top_k_and_lowers_kl(seed, V, data):
 
 
 def test_written_rule_fires_at_the_first_position_only(tmp_path):
-    m = _mod()
+    m = rules_script("story_start")
     rules_dir = tmp_path / "rules"
     shutil.copytree(FIXTURE, rules_dir)
     base = HandModel(load_rules(rules_dir, VOCAB))
@@ -66,7 +55,7 @@ def test_written_rule_fires_at_the_first_position_only(tmp_path):
 def test_block_is_valid_toml_whatever_the_tokens():
     import tomllib
 
-    m = _mod()
+    m = rules_script("story_start")
     vocab = ["a\n", 'b"', "c\\", "'d'", "e"]
     text = m.block(vocab, np.array([0, 1, 2, 3]), np.array([0.5, -1.0, 2.0, 0.25]), 4, 1.0, 0.5)
     rule = tomllib.loads(text)["neuron"][0]
