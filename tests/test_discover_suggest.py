@@ -334,14 +334,14 @@ def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry
     for name in ("so", "so_c", "sr", "sr_c"):
         setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
     train = np.tile(np.arange(V), (3, 2))
-    _cut_shared(net, train, 6, 2)
+    _cut_shared(net, train, 6, 6, 2)
     assert (net.so_m.sum(1) == 6).all() and (net.sr_m.sum(2) == 6).all()
     assert (net.so_c_m.sum(1) == 2).all() and (net.sr_c_m.sum((0, 1)) == 2).all()  # read refs: over all heads
     assert float((net.so * (1 - net.so_m)).abs().sum()) == 0.0
     first = [m.clone() for m in (net.so_m, net.so_c_m, net.sr_m, net.sr_c_m)]
     for p in (net.so, net.so_c, net.sr, net.sr_c):  # momentum: removed entries grow large
         p[p == 0] = 100.0
-    _cut_shared(net, train, 4, 1)
+    _cut_shared(net, train, 4, 4, 1)
     for before, after in zip(first, (net.so_m, net.so_c_m, net.sr_m, net.sr_c_m)):
         assert bool((after <= before).all())
     assert (net.so_m.sum(1) == 4).all() and (net.sr_c_m.sum((0, 1)) == 1).all()
@@ -356,7 +356,8 @@ def test_output_and_read_patterns_can_keep_different_sizes():
     from verify.discover.commands import _size_pair
     from verify.discover.jointfit import _cut_shared, pattern_sizes
 
-    assert _size_pair("500", "--shared-size") == (500, 500) and _size_pair("1200:600", "--shared-size") == (1200, 600)
+    assert pattern_sizes(_size_pair("500", "--shared-size")) == (500, 500)
+    assert pattern_sizes(_size_pair("1200:600", "--shared-size")) == (1200, 600)
     for bad in ("12:x", "1:2:3", ""):
         with pytest.raises(UserError, match="OUT:READ"):
             _size_pair(bad, "--shared-size")
@@ -368,7 +369,7 @@ def test_output_and_read_patterns_can_keep_different_sizes():
                           sr_c=torch.randn(H, mr, n, generator=g))
     for name in ("so", "so_c", "sr", "sr_c"):
         setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
-    _cut_shared(net, np.tile(np.arange(V), (3, 2)), 8, 2, 3)
+    _cut_shared(net, np.tile(np.arange(V), (3, 2)), 8, 3, 2)
     assert (net.so_m.sum(1) == 8).all() and (net.sr_m.sum(2) == 3).all()
 
 

@@ -55,8 +55,8 @@ def _fraction_pair(text: Optional[str], flag: str) -> Optional[tuple[float, floa
     return a, b
 
 
-def _size_pair(text: str, flag: str) -> tuple[int, int]:
-    """"500" -> (500, 500); "1200:600" -> (1200, 600): tokens per output pattern and per read pattern."""
+def _size_pair(text: str, flag: str) -> int | tuple[int, int]:
+    """"500" -> 500; "1200:600" -> (1200, 600): tokens per output pattern and per read pattern."""
     from handmodel.errors import UserError
 
     try:
@@ -66,7 +66,7 @@ def _size_pair(text: str, flag: str) -> tuple[int, int]:
     if len(sizes) not in (1, 2):
         raise UserError(f"{flag} {text!r}: expected N (tokens per shared pattern) or OUT:READ (tokens per output "
                         "pattern and per read pattern), e.g. 500 or 1200:600")
-    return sizes[0], sizes[-1]
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
 def _q(tok: str) -> str:

@@ -142,7 +142,7 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             # shared weighted sets: patterns [M, V] (dense until cut_shared keeps L tokens each) and each
             # neuron's reference weights; patterns start small and random (a zero pattern gets no gradient)
             mo, mr, L, self.sh_k = shared if self.n_neu else (0, 0, 0, 0)
-            self.sh_L, self.sh_L_read = pattern_sizes(L)
+            self.sh_L_out, self.sh_L_read = pattern_sizes(L)
             self.sh_out, self.sh_read = mo, mr
             g = torch.Generator().manual_seed(0)
             self.so = nn.Parameter(0.05 * torch.randn(mo, V, generator=g))
@@ -293,9 +293,8 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
     if net.nc:
         kinds["classes"] = (net.K, net.nc)
     if net.sh_out or net.sh_read:
-        kinds["pattern tokens"] = (net.V, net.sh_L)
-        if net.sh_read and net.sh_out and net.sh_L_read != net.sh_L:
-            kinds["read pattern tokens"] = (net.V, net.sh_L_read)
+        kinds["output pattern tokens"] = (net.V, net.sh_L_out)
+        kinds["read pattern tokens"] = (net.V, net.sh_L_read)
         kinds["pattern refs"] = (max(net.sh_out, net.H * net.sh_read), net.sh_k)
     for kind, (dense, final) in kinds.items():
         for s, kept in prune_schedule(steps, cuts, dense, final, window):
@@ -318,12 +317,12 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
                 _cut_query(net, train, kept["query"])
             if "classes" in kept:
                 _cut_neuron_classes(net, train, kept["classes"])
-            if "pattern tokens" in kept:
-                _cut_shared(net, train, kept["pattern tokens"], kept["pattern refs"], kept.get("read pattern tokens"))
+            if "pattern refs" in kept:  # every kind's cuts fall on the same steps (prune_schedule)
+                _cut_shared(net, train, kept["output pattern tokens"], kept["read pattern tokens"], kept["pattern refs"])
             log(f"joint fit step {step}: pruned to " + ", ".join(f"{n} {what}" for what, n in (
                 ("query entries per head", kept.get("query")), ("class entries per neuron and kind", kept.get("classes")),
-                ("tokens per " + ("output" if "read pattern tokens" in kept else "shared") + " pattern",
-                 kept.get("pattern tokens")), ("tokens per read pattern", kept.get("read pattern tokens")),
+                ("tokens per output pattern", kept.get("output pattern tokens") if net.sh_out else None),
+                ("tokens per read pattern", kept.get("read pattern tokens") if net.sh_read else None),
                 ("pattern references per neuron and kind", kept.get("pattern refs"))) if n is not None))
             # a cut changes the model: from here on compare with the start (no query scores), not a denser step
             best, best_state = start, start_state
@@ -391,9 +390,9 @@ def pattern_sizes(size) -> tuple[int, int]:
     return (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
 
 
-def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int, n_read_tokens: int | None = None) -> None:
-    """Keep each output pattern's n_tokens tokens (each read pattern's n_read_tokens, default the same) that
-    matter most (|w| × √(training count)) and each
+def _cut_shared(net, train: np.ndarray, n_out: int, n_read: int, k: int) -> None:
+    """Keep each output pattern's n_out tokens and each read pattern's n_read tokens that matter most
+    (|w| × √(training count)) and each
     neuron's k references of each kind (output patterns; read patterns over all heads) that matter most
     (|x| × the pattern's size: its √-count-weighted norm); entries an earlier cut removed stay removed."""
     import torch
@@ -402,7 +401,7 @@ def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int, n_read_tokens: in
     with torch.no_grad():
         if net.sh_out:
             so = (net.so * net.so_m).numpy()
-            net.so_m.copy_(torch.from_numpy(_keep_top(np.abs(so) * freq, n_tokens).astype(np.float32)))
+            net.so_m.copy_(torch.from_numpy(_keep_top(np.abs(so) * freq, n_out).astype(np.float32)))
             net.so *= net.so_m
             size = np.sqrt(((net.so.numpy() * freq) ** 2).sum(1))  # [M_out]
             imp = np.abs((net.so_c * net.so_c_m).numpy()) * size[None]
@@ -411,7 +410,6 @@ def _cut_shared(net, train: np.ndarray, n_tokens: int, k: int, n_read_tokens: in
         if net.sh_read:
             H, M = net.H, net.sh_read
             sr = (net.sr * net.sr_m).numpy().reshape(H * M, -1)
-            n_read = n_tokens if n_read_tokens is None else n_read_tokens
             net.sr_m.copy_(torch.from_numpy(_keep_top(np.abs(sr) * freq, n_read).reshape(H, M, -1).astype(np.float32)))
             net.sr *= net.sr_m
             size = np.sqrt(((net.sr.numpy() * freq) ** 2).sum(2))  # [H, M]
