@@ -43,6 +43,17 @@ def correction(ref_lp, hand_lp, k: int):
     return top, r[top] - h[top] + shift
 
 
+def corrected(hand_lp, top, delta):
+    """The hand model's log-probs at [EOT] with the rule on, its numbers rounded as the file writes them."""
+    import numpy as np
+
+    from handmodel.writer import num
+
+    z = np.asarray(hand_lp, np.float64).copy()
+    z[top] += [float(num(d)) for d in delta]
+    return z - np.logaddexp.reduce(z)
+
+
 def kl(ref_lp, hand_lp) -> float:
     import numpy as np
 
@@ -102,17 +113,12 @@ def main() -> int:
     hm = HandModel(rules)
     hand_lp = hm.log_probs(seq, mask=mask)[0]
     top, delta = correction(ref_lp, hand_lp, a.k)
-    new = block(vocab, top, delta, a.k, kl(ref_lp, hand_lp), 0.0)
+    before, after = kl(ref_lp, hand_lp), kl(ref_lp, corrected(hand_lp, top, delta))
+    new = block(vocab, top, delta, a.k, before, after)
     text = file.read_text()
     pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    text = pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new + "\n"
-    file.write_text(text)
-    # Measure what was written: the engine reading the file back.
-    rules = load_rules(a.rules, vocab)
-    after = kl(ref_lp, HandModel(rules).log_probs(seq)[0])
-    file.write_text(pat.sub(lambda m: block(vocab, top, delta, a.k, kl(ref_lp, hand_lp), after), text))
-    print(f"{file.name}: {RULE_ID} with {a.k} entries; KL at [EOT] {kl(ref_lp, hand_lp):.4f} -> {after:.4f}",
-          file=sys.stderr)
+    file.write_text(pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new + "\n")
+    print(f"{file.name}: {RULE_ID} with {a.k} entries; KL at [EOT] {before:.4f} -> {after:.4f}", file=sys.stderr)
     return 0
 
 

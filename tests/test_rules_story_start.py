@@ -48,6 +48,7 @@ def test_written_rule_fires_at_the_first_position_only(tmp_path):
     rules = load_rules(rules_dir, VOCAB)
     assert "story.start" in rules.rule_ids
     after = HandModel(rules).log_probs(seq).astype(np.float64)
+    np.testing.assert_allclose(after[0], m.corrected(before[0], top, delta), atol=1e-5)  # what the script reports
     np.testing.assert_allclose(np.exp(after[0][top]), np.exp(ref[top]), atol=1e-5)
     np.testing.assert_allclose(after[1:], before[1:], atol=1e-6)  # the later '<|endoftext|>' has tokens before it
 
