@@ -320,19 +320,24 @@ def test_neuron_class_cuts_never_bring_back_a_removed_entry():
     assert float(net.nc_now_m.sum()) == 2 * n
 
 
-def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry():
+def _pattern_net(seed: int, V: int = 12, H: int = 2, n: int = 5, mo: int = 3, mr: int = 2):
+    """The shared-pattern parameters and masks of a joint-fit net (what _cut_shared reads), random."""
     import torch
     from types import SimpleNamespace
 
-    from verify.discover.jointfit import _cut_shared
-
-    V, H, n, mo, mr = 12, 2, 5, 3, 2
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     net = SimpleNamespace(V=V, H=H, sh_out=mo, sh_read=mr, so=torch.randn(mo, V, generator=g),
                           so_c=torch.randn(n, mo, generator=g), sr=torch.randn(H, mr, V, generator=g),
                           sr_c=torch.randn(H, mr, n, generator=g))
     for name in ("so", "so_c", "sr", "sr_c"):
         setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
+    return net
+
+
+def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry():
+    from verify.discover.jointfit import _cut_shared
+
+    V, net = 12, _pattern_net(seed=1)
     train = np.tile(np.arange(V), (3, 2))
     _cut_shared(net, train, 6, 6, 2)
     assert (net.so_m.sum(1) == 6).all() and (net.sr_m.sum(2) == 6).all()
@@ -349,9 +354,6 @@ def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry
 
 def test_output_and_read_patterns_can_keep_different_sizes():
     """--shared-size OUT:READ: one cut keeps OUT tokens per output pattern and READ per read pattern."""
-    import torch
-    from types import SimpleNamespace
-
     from handmodel.errors import UserError
     from verify.discover.commands import _size_pair
     from verify.discover.jointfit import _cut_shared, pattern_sizes
@@ -362,13 +364,7 @@ def test_output_and_read_patterns_can_keep_different_sizes():
         with pytest.raises(UserError, match="OUT:READ"):
             _size_pair(bad, "--shared-size")
     assert pattern_sizes(7) == (7, 7) and pattern_sizes((9, 4)) == (9, 4)
-    V, H, n, mo, mr = 12, 2, 5, 3, 2
-    g = torch.Generator().manual_seed(2)
-    net = SimpleNamespace(V=V, H=H, sh_out=mo, sh_read=mr, so=torch.randn(mo, V, generator=g),
-                          so_c=torch.randn(n, mo, generator=g), sr=torch.randn(H, mr, V, generator=g),
-                          sr_c=torch.randn(H, mr, n, generator=g))
-    for name in ("so", "so_c", "sr", "sr_c"):
-        setattr(net, name + "_m", torch.ones_like(getattr(net, name)))
+    V, net = 12, _pattern_net(seed=2)
     _cut_shared(net, np.tile(np.arange(V), (3, 2)), 8, 3, 2)
     assert (net.so_m.sum(1) == 8).all() and (net.sr_m.sum(2) == 3).all()
 
