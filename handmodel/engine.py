@@ -27,6 +27,7 @@ _LUT: tuple[np.ndarray, np.ndarray] | None = None
 _BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
+DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
 
 
 class _BasePool:
@@ -160,6 +161,9 @@ class HandModel:
         self._uo_cache = None
         self._A = _attention_arrays(a, V, H, self._ho_uncond)
         self._n_atoms = len(a.am_ptr) - 1
+        # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
+        # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
+        self.dense_min = max(1, V // DENSE_SHARE)
         self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
                    a.src_score, a.hg_ptr, a.hg_grp,
                    a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
@@ -225,7 +229,7 @@ class HandModel:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                          self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                         want_logp, out_logp, kl, ce, agree, hand_lse, argmax)
+                         want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 

@@ -7,6 +7,10 @@ skip-trigrams are applied, and log Z is updated with O(changed) exps. KL needs p
 is read through a 65536-entry table (exp of every float16), so no exp per vocabulary entry at all.
 Class outputs of neurons change whole atoms (one exp per atom, not per member token); the ledger's
 rows are computed in one pass (outputs keyed by row, each row finished from the rows up to it).
+A position whose outputs touch much of the vocabulary (large weighted sets written by many neurons) is
+the exception: there the per-token bookkeeping costs more than the exps, so weighted-set outputs, and all
+outputs once the previous position was that large, are summed into a dense row without flags and log Z
+and the argmax come from one sequential pass over the vocabulary (_dense_finish).
 """
 from __future__ import annotations
 
@@ -157,6 +161,34 @@ def _note(n, flag, lst, cnt):
         cnt[0] += 1
 
 
+@njit(cache=True, inline="always")
+def _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi):
+    """Token v's summed delta changed from `old` to cum[v]: add its new minus old probability mass
+    (relative to the base row's) to zrel and keep hi, the largest changed logit (overflow guard)."""
+    ak = atom_of[v]
+    zrel += base_p[r, v] * aexp[ak] * (math.exp(cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
+    y = base[r, v] + cum[v] + cuma[ak]
+    return zrel, (y if y > hi else hi)
+
+
+@njit(cache=True, inline="always")
+def _dense_finish(brow, cum, cums, cuma, atom_of, V):
+    """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by one sequential pass
+    over the vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and
+    exact (no cancellation), so it is also the fallback when the incremental log Z is at risk."""
+    m = -np.inf
+    best = -1
+    for v in range(V):
+        y = brow[v] + cum[v] + cums[v] + cuma[atom_of[v]]
+        if y > m:
+            m = y
+            best = v
+    z = 0.0
+    for v in range(V):
+        z += math.exp(brow[v] + cum[v] + cums[v] + cuma[atom_of[v]] - m)
+    return m + math.log(z), best
+
+
 @njit(cache=True, parallel=True)
 def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
     """sum_v p_ref[i, v] * base[row of tok[i], v] per position: the rule-independent part of the KL dot
@@ -275,7 +307,7 @@ def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, 
 @njit(cache=True, parallel=True)
 def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
-             out_agree, out_lse, out_argmax):
+             out_agree, out_lse, out_argmax, dense_min):
     """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
@@ -325,7 +357,6 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         touched = np.empty(RV, dtype=np.int64)
         dcnt = np.zeros(1, dtype=np.int64)
         cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
-        ecum = np.ones(V)  # e^cum
         cflg = np.zeros(V, dtype=np.bool_)
         ctl = np.empty(V, dtype=np.int64)
         tcnt = np.zeros(1, dtype=np.int64)  # tokens in ctl
@@ -359,6 +390,16 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         pcnt = np.zeros(1, dtype=np.int64)
         n_ws = len(ws_ptr) - 1
         sacc = np.zeros(R * n_ws)  # per (row, weighted set): summed act x of the neurons writing it at t
+        # weighted-set outputs bypass the touched lists: a set has hundreds of members, so they are summed into
+        # a dense row per ledger row (sd) and a position that writes one finishes densely
+        sd = np.zeros(R * V)
+        srow = np.zeros(R, dtype=np.bool_)
+        cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
+        # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
+        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
+        # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
+        dense_pos = False
+        no_flags = np.ones(RV, dtype=np.bool_)
         sflag = np.zeros(R * n_ws, dtype=np.bool_)
         slist = np.empty(R * n_ws, dtype=np.int64)
         scnt = np.zeros(1, dtype=np.int64)
@@ -437,6 +478,13 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
         for t in range(T):
             i = lo + t
             c = tok[i]
+            if dense_pos:
+                dl = sd
+                df = no_flags
+                srow[:] = True
+            else:
+                dl = delta
+                df = dflag
             # tokens strictly before t: arm skip-trigrams and neuron presence inputs on first sight
             if t > 0:
                 x = tok[i - 1]
@@ -464,7 +512,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             for j in range(skn_ptr[c], skn_ptr[c + 1]):
                 k = skn_id[j]
                 if row[sk_rule[k]] >= 0 and sk_first[k] < t:
-                    _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, delta, dflag, touched, dcnt)
+                    _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
             # attention heads
             for h in range(H):
                 if not head_used[h] or row[head_rule[h]] < 0:
@@ -555,7 +603,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     w = att[d] / z
                     key = h * V + tok[i - d]
                     for j in range(uo_ptr[key], uo_ptr[key + 1]):
-                        _add(uo_tok[j], w * uo_w[j], delta, dflag, touched, dcnt)
+                        _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
                     for j in range(re_ptr[key], re_ptr[key + 1]):
                         sl = re_slot[j]
                         _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
@@ -575,7 +623,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                             for u in range(napp):
                                 k = capp[u]
                                 if _member(cp_src[k], xs, V, class_member):
-                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), delta, dflag, touched, dcnt)
+                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
                         if ef > 0.0:
                             mo = m_off[a]
                             for u in range(mcnt[h]):
@@ -583,12 +631,12 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                                 for uu in range(napp):
                                     k = capp[uu]
                                     if _member(cp_src[k], xs, V, class_member):
-                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), delta, dflag,
+                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
                                              touched, dcnt)
                 if ef > 0.0:
                     wo = w_off[a]
                     for u in range(wcnt[h]):
-                        _add(wsup[h * RV + u], W[wo + u] * ef, delta, dflag, touched, dcnt)
+                        _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
                     go = g_off[a]
                     for u in range(sl_cnt[h]):
                         sl = sl_list[s0 + u]
@@ -597,7 +645,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                                wr_mass, wr_flag, wr_list, wr_cnt)
             for j in range(ocnt[0]):
                 k = ov_list[j]
-                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, delta, dflag, touched, dcnt)
+                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
                 ov_acc[k] = 0.0
                 ov_flag[k] = False
             ocnt[0] = 0
@@ -622,7 +670,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 act = pre[n] + pres_sum[n] - nr_thr[n]
                 if act > 0.0 and row[nr_rule[n]] >= 0:
                     rn = row[nr_rule[n]]
-                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, delta, dflag, touched, dcnt)
+                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
                     for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
                         k = rn * n_cls + ncl_cls[j2]
                         _note(k, cflag, clist, ccnt)
@@ -637,7 +685,12 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
                 key = slist[j]
                 rk = key // n_ws
-                _write(key - rk * n_ws, sacc[key], rk * V, ws_ptr, ws_tok, ws_w, delta, dflag, touched, dcnt)
+                k = key - rk * n_ws
+                val = sacc[key]
+                o = rk * V
+                for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
+                    sd[o + ws_tok[j2]] += val * ws_w[j2]
+                srow[rk] = True
                 sacc[key] = 0.0
                 sflag[key] = False
             scnt[0] = 0
@@ -663,6 +716,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 ctl_ = touched
                 cuma_ = aacc
                 cal_ = alist
+                cums_ = sd
                 nt = nk
                 na = nak
             else:  # bucket the touched token and atom keys by row (stable), then each row in turn
@@ -671,6 +725,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 ctl_ = ctl
                 cuma_ = cuma
                 cal_ = cal
+                cums_ = cums
                 nt = 0
                 na = 0
                 tcnt[0] = 0
@@ -700,9 +755,21 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             zrel = 1.0
             hi = -np.inf
             B = ref_B[i] if not want_logp else 0.0
+            # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
+            # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
+            # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
+            dense = False
+            sused = False
+            nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
             for rr in range(R):
                 if R == 1:
                     fresh = True
+                    dense = nk >= dense_min or srow[0]
+                    sused = srow[0]
+                    if sused and not want_logp:
+                        for v in range(V):
+                            if sd[v] != 0.0:
+                                B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * sd[v]
                     for j in range(na):
                         aexp[alist[j]] = math.exp(aacc[alist[j]])
                     if not want_logp:
@@ -718,21 +785,31 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                                 B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
                 else:
                     fresh = aptr[rr] > a0
+                    if srow[rr]:  # this row's flagless outputs join its touched tokens
+                        srow[rr] = False
+                        o = rr * V
+                        for v in range(V):
+                            x = sd[o + v]
+                            if x != 0.0:
+                                nz += 1
+                                sd[o + v] = 0.0
+                                _note(v, cflg, ctl, tcnt)
+                                old = cum[v]
+                                cum[v] += x
+                                if not want_logp:
+                                    B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * x
+                                if not fresh:
+                                    zrel, hi = _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi)
                     for j in range(b0, bptr[rr]):
                         v = bkey[j] - rr * V
                         _note(v, cflg, ctl, tcnt)
                         dv = delta[bkey[j]]
+                        old = cum[v]
                         cum[v] += dv
                         if not want_logp:
                             B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * dv
                         if not fresh:
-                            ak = atom_of[v]
-                            e = math.exp(cum[v])
-                            zrel += base_p[r, v] * aexp[ak] * (e - ecum[v])
-                            ecum[v] = e
-                            y = base[r, v] + cum[v] + cuma[ak]
-                            if y > hi:
-                                hi = y
+                            zrel, hi = _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi)
                     b0 = bptr[rr]
                     for j in range(a0, aptr[rr]):
                         ak = akey[j] - rr * n_atoms
@@ -744,7 +821,12 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     a0 = aptr[rr]
                     nt = tcnt[0]
                     na = tacnt[0]
-                if fresh:
+                    dense = fresh and nt >= dense_min
+                if dense:
+                    lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
+                    hi = lse  # >= every logit: keeps the overflow guard
+                elif fresh:
                     zrel = 1.0
                     hi = -np.inf
                     for j in range(na):
@@ -758,72 +840,69 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                         ak = atom_of[v]
                         if base[r, v] + cum_[v] + cuma_[ak] > hi:
                             hi = base[r, v] + cum_[v] + cuma_[ak]
-                        e = math.exp(cum_[v])
-                        if R > 1:
-                            ecum[v] = e
-                        zrel += base_p[r, v] * aexp[ak] * (e - 1.0)
-                if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                    m = -np.inf
-                    for v in range(V):
-                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
-                        if y > m:
-                            m = y
-                    z = 0.0
-                    for v in range(V):
-                        z += math.exp(base[r, v] + cum_[v] + cuma_[atom_of[v]] - m)
-                    lse = m + math.log(z)
-                else:
-                    lse = lb + math.log(zrel)
+                        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
+                if not dense:
+                    if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
+                        lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    else:
+                        lse = lb + math.log(zrel)
+                        best = -2  # argmax below
                 out_lse[rr, i] = lse
                 if t + 1 < T:
                     nx = tok[i + 1]
-                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cuma_[atom_of[nx]])
+                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
                 else:
                     out_ce[rr, i] = np.nan
-                # hand argmax: per atom its best member without a token delta (the atom's top list, else a
-                # scan of its members), then every touched token; ties go to the lower token id
-                best = -1
-                bv = -np.inf
-                for ak in range(n_atoms):
-                    cand = -1
-                    for k in range(KA):
-                        v = base_atop[r, ak, k]
-                        if v < 0:
-                            break
-                        if not cflg_[v]:
-                            cand = v
-                            break
-                    if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
-                        cv = -np.inf
-                        for j in range(am_ptr[ak], am_ptr[ak + 1]):
-                            v = am_tok[j]
-                            if not cflg_[v] and (cand < 0 or base[r, v] > cv):
+                # hand argmax (unless a dense pass found it): per atom its best member without a token delta
+                # (the atom's top list, else a scan of its members), then every touched token; ties go to the
+                # lower token id
+                if best == -2:
+                    best = -1
+                    bv = -np.inf
+                    for ak in range(n_atoms):
+                        cand = -1
+                        for k in range(KA):
+                            v = base_atop[r, ak, k]
+                            if v < 0:
+                                break
+                            if not cflg_[v]:
                                 cand = v
-                                cv = base[r, v]
-                    if cand >= 0:
-                        y = np.float64(base[r, cand]) + cuma_[ak]
-                        if best < 0 or y > bv or (y == bv and cand < best):
-                            best = cand
+                                break
+                        if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                            cv = -np.inf
+                            for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                                v = am_tok[j]
+                                if not cflg_[v] and (cand < 0 or base[r, v] > cv):
+                                    cand = v
+                                    cv = base[r, v]
+                        if cand >= 0:
+                            y = np.float64(base[r, cand]) + cuma_[ak]
+                            if best < 0 or y > bv or (y == bv and cand < best):
+                                best = cand
+                                bv = y
+                    for j in range(nt):
+                        v = ctl_[j]
+                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
+                        if best < 0 or y > bv or (y == bv and v < best):
+                            best = v
                             bv = y
-                for j in range(nt):
-                    v = ctl_[j]
-                    y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
-                    if best < 0 or y > bv or (y == bv and v < best):
-                        best = v
-                        bv = y
                 out_argmax[rr, i] = best
                 if want_logp:
                     orow = out_logp[i]
                     brow = base[r]
-                    if na > 0:
+                    if dense:
                         for v in range(V):
-                            orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                            orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
                     else:
-                        for v in range(V):
-                            orow[v] = brow[v] - lse
-                    for j in range(nt):
-                        v = ctl_[j]
-                        orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
+                        if na > 0:
+                            for v in range(V):
+                                orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                        else:
+                            for v in range(V):
+                                orow[v] = brow[v] - lse
+                        for j in range(nt):
+                            v = ctl_[j]
+                            orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
                 else:
                     # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
                     # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
@@ -835,6 +914,13 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
             dcnt[0] = 0
+            if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
+                for v in range(V):
+                    if sd[v] != 0.0:
+                        nz += 1
+                        sd[v] = 0.0
+                srow[0] = False
+            dense_pos = nk + nz >= dense_min
             for j in range(nak):
                 aacc[alist[j]] = 0.0
                 aflag[alist[j]] = False
@@ -843,7 +929,6 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
             if R > 1:
                 for j in range(nt):
                     cum[ctl[j]] = 0.0
-                    ecum[ctl[j]] = 1.0
                     cflg[ctl[j]] = False
                 for j in range(na):
                     ak = cal[j]

@@ -128,25 +128,39 @@ def logsumexp(x):
     return (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-@SETTINGS
-@given(cases())
-def test_engine_matches_twin(case):
-    _check_engine_matches_twin(case)
+# How a position finishes log Z and the argmax: per touched token, by one dense pass over the vocabulary
+# (kernels._dense_finish), or the engine's own choice by the touched count. Every property below draws it.
+FINISH = st.sampled_from(["engine's choice", "dense", "per touched token"])
+
+
+def _model(rules, finish: str) -> HandModel:
+    hm = HandModel(rules)
+    if finish == "dense":
+        hm.dense_min = 0
+    elif finish == "per touched token":
+        hm.dense_min = rules.vocab_size + 1  # positions writing a weighted set still finish densely
+    return hm
 
 
 @SETTINGS
-@given(cases(shared=True))
-def test_neurons_sharing_weighted_sets_match_twin(case):
-    _check_engine_matches_twin(case)
+@given(cases(), FINISH)
+def test_engine_matches_twin(case, finish):
+    _check_engine_matches_twin(case, finish)
 
 
-def _check_engine_matches_twin(case):
+@SETTINGS
+@given(cases(shared=True), FINISH)
+def test_neurons_sharing_weighted_sets_match_twin(case, finish):
+    _check_engine_matches_twin(case, finish)
+
+
+def _check_engine_matches_twin(case, finish):
     vocab, files, seqs, seed = case
     rules = compile_text(vocab, files)
     rng = np.random.default_rng(seed)
     n = len(rules.rule_ids)
     masks = [None, rng.random(n) < 0.6]
-    hm = HandModel(rules)
+    hm = _model(rules, finish)
     for mask in masks:
         got = hm.log_probs_batch(seqs, mask)
         want = [twin.log_probs(rules, s, mask) for s in seqs]
@@ -192,7 +206,7 @@ def test_argmax_and_metrics_when_atom_top_lists_run_out(case):
     vocab, files, seqs, seed = case
     rules = compile_text(vocab, files)
     with mock.patch.object(kernels, "atom_top_k", lambda n_atoms: 1):
-        hm = HandModel(rules)
+        hm = _model(rules, "per touched token")  # the atom top lists serve that path only
         mask = np.random.default_rng(seed).random(len(rules.rule_ids)) < 0.8
         for msk in (None, mask):
             want = [twin.log_probs(rules, s, msk) for s in seqs]
@@ -222,29 +236,29 @@ def test_argmax_skips_a_touched_atom_top_member():
     want = want - logsumexp(want)
     for ka in (None, 1):
         with mock.patch.object(kernels, "atom_top_k", (lambda n: ka) if ka else kernels.atom_top_k):
-            hm = HandModel(rules)
+            hm = _model(rules, "per touched token")  # the atom top lists serve that path only
             np.testing.assert_allclose(hm.log_probs(seq), np.tile(want, (3, 1)), atol=1e-6)
             m = hm.stream_metrics([seq], np.tile(want, (3, 1)).astype(np.float32))
             assert (m["hand_argmax"] == 1).all() and m["agree"].all() and np.abs(m["kl"]).max() < 1e-6
 
 
 @SETTINGS
-@given(cases(), st.integers(1, 4))
-def test_ledger_rows_in_one_pass_match_separate_runs(case, n_rows):
+@given(cases(), st.integers(1, 4), FINISH)
+def test_ledger_rows_in_one_pass_match_separate_runs(case, n_rows, finish):
     """stream_metrics_rows (rules switched on row by row, one engine pass where row_passes fuses them)
     == stream_metrics under each row's mask; rows are nested masks as in the ledger, with rules put in
     random rows (prior/bigram rules and most heads in the first, so that passes fuse) and heads after
     their readers."""
-    _check_rows(case, n_rows)
+    _check_rows(case, n_rows, finish)
 
 
 @SETTINGS
-@given(cases(shared=True), st.integers(2, 4))
-def test_ledger_rows_with_shared_weighted_sets_match_separate_runs(case, n_rows):
-    _check_rows(case, n_rows)
+@given(cases(shared=True), st.integers(2, 4), FINISH)
+def test_ledger_rows_with_shared_weighted_sets_match_separate_runs(case, n_rows, finish):
+    _check_rows(case, n_rows, finish)
 
 
-def _check_rows(case, n_rows):
+def _check_rows(case, n_rows, finish):
     vocab, files, seqs, seed = case
     rules = compile_text(vocab, files)
     rng = np.random.default_rng(seed)
@@ -253,7 +267,7 @@ def _check_rows(case, n_rows):
     first[base & (rng.random(len(first)) < 0.8)] = 0
     first[(np.asarray(rules.rule_kinds) == "head") & (rng.random(len(first)) < 0.5)] = 0
     masks = [first <= k for k in range(n_rows)]
-    hm = HandModel(rules)
+    hm = _model(rules, finish)
     N = sum(len(s) for s in seqs)
     z = rng.normal(0, 2, size=(N, len(vocab)))
     ref = (z - logsumexp(z)[:, None]).astype(np.float32)
