@@ -38,9 +38,14 @@ def test_top1_misses_counts_what_stream_metrics_says(capsys):
 def test_rule_gains_reads_each_rule_ablation(capsys):
     hm, seqs, ref = _world()
     kl = hm.stream_metrics(seqs, ref)["kl"]
-    rules_script("pockets").rule_gains(hm, seqs, ref, kl, 5)
+    rules_script("pockets").rule_gains(hm, seqs, ref, kl, 5, n_first=2)
     out = capsys.readouterr().out
     rules = hm.rules.rules
+    M = len(seqs[0]) + len(seqs[1])
+    on = np.concatenate(hm.log_probs_batch(seqs[:2])).astype(np.float64)
+    p_ref = np.exp(ref[:M].astype(np.float64))
+    p_ref /= p_ref.sum(1, keepdims=True)
+    checked = 0
     for i, r in enumerate(rules):
         fam = rules_script("pockets").family(r)
         if fam not in ("bigram", "head_out", "copying", "neuron"):
@@ -54,6 +59,17 @@ def test_rule_gains_reads_each_rule_ablation(capsys):
             assert "never acts" in line
             continue
         assert f"{acts.mean():.1%}" in line and f"{d[acts].sum() / len(d):+.5f}" in line
+        # first order on the first two sequences: the rule's logit change against the reference minus the rest
+        a = acts[:M]
+        if not a.any():
+            assert "n/a (does not act there)" in line
+            continue
+        off = np.concatenate(hm.log_probs_batch(seqs[:2], mask=mask)).astype(np.float64)
+        dl = on - off
+        right = ((p_ref - np.exp(off)) * (dl - dl.mean(1, keepdims=True))).sum(1)[a] > 0
+        assert line.endswith(f"{right.mean():.0%} of {int(a.sum()):,}")
+        checked += 1
+    assert checked >= 2  # the fixture's sequences make several rules act in the first two
 
 
 def test_tails_switch_off_the_end_of_each_family(capsys):
