@@ -97,11 +97,14 @@ def test_touched_spans_end_at_the_last_position_a_rule_can_fire(tmp_path):
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3).map(lambda i: [1, 2, 3, 8][i]) | st.integers(0, 8), min_size=1, max_size=12),
-                min_size=1, max_size=6), st.integers(0, 2 ** 31 - 1), st.floats(0.5, 6.0))
-def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scale):
+                min_size=1, max_size=6), st.integers(0, 2 ** 31 - 1), st.floats(0.5, 6.0), st.sampled_from([1, 3, 1 << 20]))
+def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scale, chunk):
     """verify/probe.fast_ablation (rule scalars probed from the engine, KL change from the rule's support)
-    against ledger.run_ablation (the rule switched off and the model re-run), every rule kind."""
-    from verify.probe import fast_ablation
+    against ledger.run_ablation (the rule switched off and the model re-run), every rule kind; `chunk`: the
+    gathered entries per block (1 and 3 split every rule's positions into many blocks)."""
+    from unittest import mock
+
+    from verify import probe
 
     rules = _rules(tmp_path_factory.mktemp("probe"))
     hm = handmodel.HandModel(rules)
@@ -113,7 +116,8 @@ def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scal
     full = hm.stream_metrics(seqs, logp)["kl"]
     kl_full = float(np.mean(full))
     slow = {a["rule"]: a for a in L.run_ablation(hm, rules, ref, kl_full, full)}
-    fast = {a["rule"]: a for a in fast_ablation(hm, rules, ref, kl_full, full)}
+    with mock.patch.object(probe, "CHUNK_ENTRIES", chunk):
+        fast = {a["rule"]: a for a in probe.fast_ablation(hm, rules, ref, kl_full, full)}
     assert slow.keys() == fast.keys()
     for rid, a in slow.items():
         assert abs(fast[rid]["kl_without"] - a["kl_without"]) < 2e-5 * max(1.0, abs(a["kl_without"])), (rid, fast[rid], a)

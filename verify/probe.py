@@ -24,6 +24,7 @@ import dataclasses
 import numpy as np
 
 PROBED = ("neuron", "head_out", "skip")
+CHUNK_ENTRIES = 1 << 20  # (position, support token) entries per gathered block: 8 MiB per float64 array
 
 
 def _probe_rules(rules, idx: list[int], copy: bool = False):
@@ -171,9 +172,15 @@ def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda
         for pos, a, t, w in groups:
             if not len(pos) or not len(t):
                 continue
-            p = np.exp(np.asarray(ref_lp[pos[:, None], t[None, :]], np.float64)) / S[pos, None]
-            q = np.exp(hand[pos[:, None], t[None, :]].astype(np.float64))
-            d += _delta_kl(p, q, lambda m, pos=pos: hand[pos[m]], a, t, w)
+            # positions in chunks of ~CHUNK_ENTRIES gathered entries: a neuron writing large weighted sets has
+            # thousands of support tokens at tens of thousands of positions, and arrays that size cost more in
+            # fresh pages (system time) than in arithmetic
+            step = max(1, CHUNK_ENTRIES // len(t))
+            for c0 in range(0, len(pos), step):
+                pc, ac = pos[c0:c0 + step], a[c0:c0 + step]
+                p = np.exp(np.asarray(ref_lp[pc[:, None], t[None, :]], np.float64)) / S[pc, None]
+                q = np.exp(hand[pc[:, None], t[None, :]].astype(np.float64))
+                d += _delta_kl(p, q, lambda m, pc=pc: hand[pc[m]], ac, t, w)
         kl_without[i] = (total + d) / N if N else 0.0
     del a_all
     if copying:
