@@ -32,20 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import handmodel
-    from handmodel.vocab import load_vocab
-    from reference.corpus import encode_stories, read_stories
-    from reference.tokenizer import load_tokenizer
+    from weighted_sets import corpus_windows  # run as a script: benchmarks/ is on sys.path
 
-    ckpt = ROOT / "reference" / "default"
-    vocab = load_vocab(ckpt / "tokenizer.json")
+    vocab, seqs, n = corpus_windows(args.corpus, args.tokens)
     V = len(vocab)
-    seqs, n = [], 0
-    for s in encode_stories(load_tokenizer(ckpt / "tokenizer.json"), read_stories(args.corpus)[:2000]):
-        for lo in range(0, len(s), 256):
-            seqs.append(s[lo:lo + 256][: args.tokens - n])
-            n += len(seqs[-1])
-        if n >= args.tokens:
-            break
     rules = handmodel.load_rules(args.rules, vocab)
     hm = handmodel.HandModel(rules)
     z = np.random.default_rng(1).normal(0, 2, size=(n, V))

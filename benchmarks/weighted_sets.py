@@ -56,6 +56,24 @@ def ruleset(vocab: list[str], counts: np.ndarray, n_sets: int, set_size: int, n_
     return "\n".join(parts)
 
 
+def corpus_windows(corpus: Path, n_tokens: int) -> tuple[list[str], list[np.ndarray], int]:
+    """The shipped vocabulary and the first n_tokens of the corpus as windows of <= 256 tokens (n_ctx), story by
+    story: (vocab, windows, tokens in them). benchmarks/dense_finish.py times on the same windows."""
+    from handmodel.vocab import load_vocab
+    from reference.corpus import encode_stories, read_stories
+    from reference.tokenizer import load_tokenizer
+
+    ckpt = ROOT / "reference" / "default"
+    seqs, n = [], 0
+    for s in encode_stories(load_tokenizer(ckpt / "tokenizer.json"), read_stories(corpus)[:2000]):
+        for lo in range(0, len(s), 256):
+            seqs.append(s[lo:lo + 256][: n_tokens - n])
+            n += len(seqs[-1])
+        if n >= n_tokens:
+            break
+    return load_vocab(ckpt / "tokenizer.json"), seqs, n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=16384)
@@ -68,19 +86,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import handmodel
-    from handmodel.vocab import load_vocab
-    from reference.corpus import encode_stories, read_stories
-    from reference.tokenizer import load_tokenizer
 
-    ckpt = ROOT / "reference" / "default"
-    vocab = load_vocab(ckpt / "tokenizer.json")
-    seqs, n = [], 0
-    for s in encode_stories(load_tokenizer(ckpt / "tokenizer.json"), read_stories(args.corpus)[:2000]):
-        for lo in range(0, len(s), 256):
-            seqs.append(s[lo:lo + 256][: args.tokens - n])
-            n += len(seqs[-1])
-        if n >= args.tokens:
-            break
+    vocab, seqs, n = corpus_windows(args.corpus, args.tokens)
     counts = np.bincount(np.concatenate(seqs), minlength=len(vocab)).astype(np.float64)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "rules.toml").write_text(ruleset(vocab, counts, args.sets, args.set_size, args.neurons, args.refs, 0), encoding="utf-8")
