@@ -162,13 +162,29 @@ def _note(n, flag, lst, cnt):
 
 
 @njit(cache=True, inline="always")
-def _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi):
-    """Token v's summed delta changed from `old` to cum[v]: add its new minus old probability mass
-    (relative to the base row's) to zrel and keep hi, the largest changed logit (overflow guard)."""
-    ak = atom_of[v]
-    zrel += base_p[r, v] * aexp[ak] * (math.exp(cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
-    y = base[r, v] + cum[v] + cuma[ak]
-    return zrel, (y if y > hi else hi)
+def _p_ref(i, v, use16, lut_p, ref16, ref32):
+    """The reference's probability of token v at position i (float16 rows through the exp table)."""
+    return lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))
+
+
+@njit(cache=True, inline="always")
+def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp,
+               cuma, atom_of, B, zrel, hi):
+    """A fused ledger row changes token v's logit by x: sum it into cum (noting v as touched), add p_ref(v) x to
+    the KL's p . logits (B) and, unless the row recomputes zrel from scratch (fresh), v's new minus old
+    probability mass (relative to the base row's) to zrel; hi keeps the largest changed logit (overflow guard)."""
+    _note(v, cflg, ctl, tcnt)
+    old = cum[v]
+    cum[v] += x
+    if not want_logp:
+        B += _p_ref(i, v, use16, lut_p, ref16, ref32) * x
+    if not fresh:
+        ak = atom_of[v]
+        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
+        y = base[r, v] + cum[v] + cuma[ak]
+        if y > hi:
+            hi = y
+    return B, zrel, hi
 
 
 @njit(cache=True, inline="always")
@@ -769,7 +785,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                     if sused and not want_logp:
                         for v in range(V):
                             if sd[v] != 0.0:
-                                B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * sd[v]
+                                B += _p_ref(i, v, use16, lut_p, ref16, ref32) * sd[v]
                     for j in range(na):
                         aexp[alist[j]] = math.exp(aacc[alist[j]])
                     if not want_logp:
@@ -793,23 +809,12 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
                             if x != 0.0:
                                 nz += 1
                                 sd[o + v] = 0.0
-                                _note(v, cflg, ctl, tcnt)
-                                old = cum[v]
-                                cum[v] += x
-                                if not want_logp:
-                                    B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * x
-                                if not fresh:
-                                    zrel, hi = _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi)
+                                B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                                                         cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
                     for j in range(b0, bptr[rr]):
-                        v = bkey[j] - rr * V
-                        _note(v, cflg, ctl, tcnt)
-                        dv = delta[bkey[j]]
-                        old = cum[v]
-                        cum[v] += dv
-                        if not want_logp:
-                            B += (lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))) * dv
-                        if not fresh:
-                            zrel, hi = _zrel_step(v, old, r, cum, base, base_p, aexp, cuma, atom_of, zrel, hi)
+                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], i, r, fresh, want_logp, use16, lut_p,
+                                                 ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
+                                                 B, zrel, hi)
                     b0 = bptr[rr]
                     for j in range(a0, aptr[rr]):
                         ak = akey[j] - rr * n_atoms
