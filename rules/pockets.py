@@ -229,8 +229,8 @@ def rule_gains(hm, seqs, ref_logp, kl_all, n: int, n_first: int) -> None:
 
 def points_right(hm, seqs, on, p_ref, i: int, acts) -> str:
     """Share of the positions `acts` where rule i's logit change δ = log p_hand − log p_hand∖i points toward the
-    reference: Σ_v (p_ref − p_hand∖i)_v δ_v > 0, minus the derivative of KL(ref ‖ hand∖i + εδ) at ε = 0 (a constant
-    in δ cancels: both distributions sum to 1)."""
+    reference: Σ_v (p_ref − p_hand∖i)_v δ_v > 0. That sum is minus the derivative of KL(ref ‖ hand∖i + εδ) at ε = 0;
+    a constant in δ cancels from it, since both distributions sum to 1."""
     import numpy as np
 
     if not acts.any():
