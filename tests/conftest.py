@@ -188,10 +188,10 @@ def tiny_world(tmp_path_factory):
     return ckpt, evalf, train
 
 
-# -- discovery fixtures: a tiny reference trained on text with planted regularities (verify/discover/planted.py)
+# -- discovery fixtures: a tiny reference trained on text with planted regularities (tests/planted.py)
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
-    from verify.discover.planted import train_planted
+    from planted import train_planted
 
     folder = tmp_path_factory.getbasetemp() / "discover_planted"  # shared by every test_discover_* module
     ckpt = train_planted(folder)

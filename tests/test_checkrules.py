@@ -1,5 +1,5 @@
 """`handmodel check-rules` on a tiny reference trained on text with a planted skip-trigram
-(verify/discover/planted.py: after ' blue' comes ' moon' when 'zap' occurred earlier)."""
+(tests/planted.py: after ' blue' comes ' moon' when 'zap' occurred earlier)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from handmodel.errors import UserError
+from planted import PLANTED_TARGET
 
 EXAMPLES = 30
 
@@ -31,7 +32,19 @@ def facts(oracle, planted):
     is_the = w.reshape(-1) == oracle.vocab.index(" the")
     sel = (post[is_the] > 0).mean(0) - (post[~is_the] > 0).mean(0)  # fires on ' the', rarely elsewhere
     neuron = int(np.argmax(sel))
-    assert sel[neuron] > 0.7, "the planted reference should have a neuron that fires on ' the'"
+    # the neuron set by hand (tests/planted.py), asserted here before any claim about it is checked
+    assert neuron == oracle.cfg.d_mlp - 1 and sel[neuron] > 0.95, (neuron, sel[neuron])
+    up = oracle.vocab.index(PLANTED_TARGET)
+    seq = np.array(_ids(oracle, "zap", " the", " big", " cat", " sat", " on", " the"))
+    c = oracle.run_with_cache(seq)
+    assert c["mlp.post"][-1, neuron] > 1.0
+    import torch
+
+    with torch.inference_mode():
+        x2 = torch.as_tensor(c["resid_post"][-1])
+        ablated = x2 - float(c["mlp.post"][-1, neuron]) * oracle.model.W_out[neuron]
+        lp = [torch.log_softmax(oracle.model.unembed(x).double(), -1)[up].item() for x in (x2, ablated)]
+    assert lp[0] - lp[1] > 0.5, f"the planted neuron should raise {PLANTED_TARGET!r} by about a nat, not {lp[0] - lp[1]:.2f}"
     # which head moves 'zap' to ' blue'
     seq = np.array(_ids(oracle, "zap", " the", " big", " cat", " blue"))
     pat = oracle.run_with_cache(seq)["attn.pattern"]  # [H, T, T]
@@ -174,9 +187,9 @@ check = {{ fraction = 1.0 }}
 
 [[neuron]]
 id = "neuron.{neuron}.the"
-doc = "A neuron that fires on ' the' (and on 'the' at a story start: same word)."
+doc = "A neuron that fires on ' the' (and on 'the' at a story start: same word) and raises ' up'."
 now = {{ " the" = 1.0, "the" = 1.0 }}
-next = {{ " dog" = 0.1 }}
+next = {{ " up" = 0.1 }}
 check = {{ level = 0.5 }}
 
 [[neuron]]
@@ -500,13 +513,18 @@ next = {{ "@after_the" = -1.0 }}
 id = "neuron.{neuron}.the_w"
 doc = "The ' the' neuron reading a weighted set (' blue' weighs against it: not a trigger)."
 now = {{ "@the_w" = 1.0 }}
-next = {{ "@after_the" = 0.1 }}
-check = {{ level = 0.5, min_weight = 0.08 }}  # 0.1 x -0.5 on ' moon' is below it: only ' dog' is claimed
+next = {{ "@neuron_out" = 0.1 }}
+check = {{ level = 0.5, min_weight = 0.08 }}  # 0.1 x -0.5 on ' moon' is below it: only ' up' is claimed
 
 [[weights]]
 id = "after_the"
 doc = "What ' the' is followed by."
 tokens = {{ " dog" = 1.0, " moon" = -0.5 }}
+
+[[weights]]
+id = "neuron_out"
+doc = "What the planted ' the' neuron writes (' up'), and a small weight that no claim covers."
+tokens = {{ " up" = 1.0, " moon" = -0.5 }}
 
 [[weights]]
 id = "the_w"

@@ -1,5 +1,5 @@
 """`handmodel fit` (verify/discover/fit.py, slots.py, torchrules.py) on a tiny reference trained for seconds on
-text with planted regularities (verify/discover/planted.py; the same reference as test_discover_inspect)."""
+text with planted regularities (tests/planted.py; the same reference as test_discover_inspect)."""
 from __future__ import annotations
 
 import json

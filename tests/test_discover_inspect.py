@@ -1,4 +1,4 @@
-"""`handmodel inspect` on a tiny reference trained on text with planted regularities (verify/discover/planted.py)."""
+"""`handmodel inspect` on a tiny reference trained on text with planted regularities (tests/planted.py)."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ def test_token_tables(oracle, planted):
 
 def test_head_profile_sums_to_one_and_finds_skip_trigram(oracle, planted):
     from verify.discover.inspect import inspect_head
-    from verify.discover.planted import A_TOKEN, B
+    from planted import A_TOKEN, B
 
     found = False
     for h in range(oracle.cfg.n_heads):

@@ -1,5 +1,5 @@
 """`handmodel suggest` on a tiny reference trained on text with planted regularities
-(verify/discover/planted.py): it must find the planted bigrams and the planted skip-trigram again."""
+(tests/planted.py): it must find the planted bigrams and the planted skip-trigram again."""
 from __future__ import annotations
 
 import subprocess
@@ -27,7 +27,7 @@ def drafted(planted, tmp_path_factory):
 
 def test_draft_recovers_planted_bigrams(drafted):
     from handmodel import HandModel, load_rules
-    from verify.discover.planted import B, BIGRAMS
+    from planted import B, BIGRAMS
 
     o, out, _ = drafted
     rules = load_rules(out, o.vocab)
@@ -46,7 +46,7 @@ def test_draft_recovers_planted_skip_trigram(drafted):
     """Some head attends to A (' zap' / 'zap') and its [[head_out]] row for A boosts C (' moon') most."""
     import tomllib
 
-    from verify.discover.planted import A, A_TOKEN, C
+    from planted import A, A_TOKEN, C
 
     o, out, _ = drafted
     found = []
