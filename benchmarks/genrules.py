@@ -40,7 +40,7 @@ CLASS_PATTERNS = {
 }
 
 
-def _q(tok: str) -> str:
+def quote(tok: str) -> str:
     """A token as a TOML key/string ('@'-leading tokens are written '@@...')."""
     if tok.startswith("@"):
         tok = "@" + tok
@@ -51,7 +51,8 @@ def _q(tok: str) -> str:
 _ESC = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
-def _table(items) -> str:
+def toml_table(items) -> str:
+    """(quoted key, number) pairs as a TOML inline table, numbers to 3 decimals."""
     return "{ " + ", ".join(f"{k} = {v:.3f}" for k, v in items) + " }"
 
 
@@ -78,7 +79,7 @@ def generate(out_dir: str | Path, vocab: list[str], scale: float = 1.0, seed: in
 
     def targets(n: int) -> list[tuple[str, float]]:
         toks = np.unique(freq(n * 2))[:n]
-        return [(_q(vocab[t]), float(rng.normal(1.0, 0.7))) for t in toks]
+        return [(quote(vocab[t]), float(rng.normal(1.0, 0.7))) for t in toks]
 
     fp = vocab_fingerprint(vocab)
     head = f'vocab = "{fp}"\n'
@@ -97,10 +98,10 @@ def generate(out_dir: str | Path, vocab: list[str], scale: float = 1.0, seed: in
         uni = (p / p.sum(1, keepdims=True)).mean(0)
         lu = np.log(uni + 1e-12)
         top = np.argsort(-lu)[:256]
-        prior = [(_q(vocab[t]), float(lu[t] - np.median(lu))) for t in top]
+        prior = [(quote(vocab[t]), float(lu[t] - np.median(lu))) for t in top]
     else:
-        prior = [(_q(vocab[t]), float(6.0 - 0.02 * i)) for i, t in enumerate(rank[:256])]
-    add("00_prior.toml", f'[[prior]]\nid = "prior.unigram"\ndoc = "Unigram backoff."\nnext = {_table(prior)}\n', len(prior))
+        prior = [(quote(vocab[t]), float(6.0 - 0.02 * i)) for i, t in enumerate(rank[:256])]
+    add("00_prior.toml", f'[[prior]]\nid = "prior.unigram"\ndoc = "Unigram backoff."\nnext = {toml_table(prior)}\n', len(prior))
 
     # classes + class-default bigram rows
     cls = []
@@ -113,7 +114,7 @@ def generate(out_dir: str | Path, vocab: list[str], scale: float = 1.0, seed: in
                 f'[[class]]\nid = "{name}"\ndoc = "Tokens matching {name}."\npattern = {json.dumps(pat)}\n')
     for name in cls:
         add("15_class_bigrams.toml", f'[[bigram]]\nid = "bigram.class.{name}"\ndoc = "Default after @{name}."\n'
-            f'now = "@{name}"\nnext = {_table(targets(24))}\n', 24)
+            f'now = "@{name}"\nnext = {toml_table(targets(24))}\n', 24)
 
     # bigram table: top_k per token in 16 rules of V/16 rows
     n_blocks = 16
@@ -125,10 +126,10 @@ def generate(out_dir: str | Path, vocab: list[str], scale: float = 1.0, seed: in
                 row = bigram_logits[t]
                 idx = np.argpartition(-row, top_k)[:top_k]
                 med = float(np.median(row))
-                items = [(_q(vocab[j]), float(row[j] - med)) for j in idx]
+                items = [(quote(vocab[j]), float(row[j] - med)) for j in idx]
             else:
                 items = targets(top_k)
-            rows.append(f"{_q(vocab[t])} = {_table(items)}")
+            rows.append(f"{quote(vocab[t])} = {toml_table(items)}")
         add(f"20_bigram_{b:02d}.toml", f'[[bigram]]\nid = "bigram.table.{b:02d}"\ndoc = "Top-{top_k} next tokens, block {b}."\n'
             "[bigram.rows]\n" + "\n".join(rows) + "\n", len(rows) * top_k)
 
@@ -137,44 +138,44 @@ def generate(out_dir: str | Path, vocab: list[str], scale: float = 1.0, seed: in
         'position = { 0 = 0.5, 1 = 5.0, 2 = 1.5, default = 0.0 }\n', 4)
     n_sc = max(1, int(48 * scale))
     sc_src = np.unique(freq(n_sc * 2, lo=50))[:n_sc]
-    scores = ", ".join(f'{{ src = {_q(vocab[s])}, w = {float(rng.uniform(1, 4)):.3f} }}' for s in sc_src)
+    scores = ", ".join(f'{{ src = {quote(vocab[s])}, w = {float(rng.uniform(1, 4)):.3f} }}' for s in sc_src)
     add("30_heads.toml", '[[head]]\nid = "head.content"\ndoc = "Content head: attends to names and objects."\n'
         f'position = {{ 0 = -2.0, default = 0.0 }}\nscore = [{scores}]\n', 2 + n_sc)
     n_ov = int(512 * scale)
     src = freq(n_ov)
     for i in range(n_ov):
         add("31_head_out.toml", f'[[head_out]]\nid = "ov.prev.{i}"\ndoc = "Previous token writes its continuations."\n'
-            f'head = "head.prev"\nsrc = {_q(vocab[src[i]])}\nnext = {_table(targets(8))}\n', 8)
+            f'head = "head.prev"\nsrc = {quote(vocab[src[i]])}\nnext = {toml_table(targets(8))}\n', 8)
     n_ovc = int(64 * scale)
     for i in range(n_ovc):
         s = sc_src[i % len(sc_src)]
         add("32_head_out_content.toml", f'[[head_out]]\nid = "ov.content.{i}"\ndoc = "Attended name is repeated."\n'
-            f'head = "head.content"\nsrc = {_q(vocab[s])}\nnext = {_table(targets(4))}\n', 4)
+            f'head = "head.content"\nsrc = {quote(vocab[s])}\nnext = {toml_table(targets(4))}\n', 4)
 
     # neurons
     n_nr = int(300 * scale)
     for i in range(n_nr):
         now = freq(int(rng.integers(1, 5)))
-        parts = [f"now = {_table([(_q(vocab[t]), float(rng.uniform(0.5, 2))) for t in np.unique(now)])}"]
+        parts = [f"now = {toml_table([(quote(vocab[t]), float(rng.uniform(0.5, 2))) for t in np.unique(now)])}"]
         nums = len(np.unique(now)) + 1 + 6
         if i % 3 == 0:
             pr = np.unique(freq(2, lo=20))
-            parts.append(f"present = {_table([(_q(vocab[t]), float(rng.uniform(0.3, 1))) for t in pr])}")
+            parts.append(f"present = {toml_table([(quote(vocab[t]), float(rng.uniform(0.3, 1))) for t in pr])}")
             nums += len(pr)
         if i % 4 == 0:
             at = np.unique(freq(2))
-            parts.append('attend = { "head.prev" = ' + _table([(_q(vocab[t]), float(rng.uniform(1, 2))) for t in at]) + " }")
+            parts.append('attend = { "head.prev" = ' + toml_table([(quote(vocab[t]), float(rng.uniform(1, 2))) for t in at]) + " }")
             nums += len(at)
         add("40_neurons.toml", f'[[neuron]]\nid = "neuron.{i}"\ndoc = "A conjunction of current and earlier tokens."\n'
-            f"threshold = {float(rng.uniform(0.5, 1.5)):.3f}\n" + "\n".join(parts) + f"\nnext = {_table(targets(6))}\n", nums)
+            f"threshold = {float(rng.uniform(0.5, 1.5)):.3f}\n" + "\n".join(parts) + f"\nnext = {toml_table(targets(6))}\n", nums)
 
     # skip-trigrams
     n_sk = int(500 * scale)
     for i in range(n_sk):
         e = freq(1, lo=30)[0]
-        now = f'"@{cls[i % len(cls)]}"' if (i % 2 and cls) else _q(vocab[freq(1)[0]])
+        now = f'"@{cls[i % len(cls)]}"' if (i % 2 and cls) else quote(vocab[freq(1)[0]])
         add("50_skips.toml", f'[[skip]]\nid = "skip.{i}"\ndoc = "Earlier token raises a later continuation."\n'
-            f"earlier = {_q(vocab[e])}\nnow = {now}\nnext = {_table(targets(4))}\n", 4)
+            f"earlier = {quote(vocab[e])}\nnow = {now}\nnext = {toml_table(targets(4))}\n", 4)
 
     nbytes = 0
     for fname, parts in files.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genrules import _q, _table  # run as a script: benchmarks/ is on sys.path
+from genrules import quote, toml_table  # run as a script: benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,26 +33,26 @@ def ruleset(vocab: list[str], counts: np.ndarray, n_sets: int, set_size: int, n_
     def some(n: int) -> np.ndarray:
         return rng.choice(V, size=n, replace=False, p=p)
 
-    parts = [f"[[prior]]\nid = \"prior\"\ndoc = \"Unigram.\"\nnext = {_table((_q(vocab[t]), float(np.log(p[t]) + 8)) for t in rank[:256])}\n"]
-    rows = [f"{_q(vocab[t])} = {_table((_q(vocab[u]), float(rng.normal(1, 1))) for u in some(16))}" for t in rank[:512]]
+    parts = [f"[[prior]]\nid = \"prior\"\ndoc = \"Unigram.\"\nnext = {toml_table((quote(vocab[t]), float(np.log(p[t]) + 8)) for t in rank[:256])}\n"]
+    rows = [f"{quote(vocab[t])} = {toml_table((quote(vocab[u]), float(rng.normal(1, 1))) for u in some(16))}" for t in rank[:512]]
     parts.append("[[bigram]]\nid = \"bigram\"\ndoc = \"Top-16 rows.\"\n[bigram.rows]\n" + "\n".join(rows) + "\n")
     parts.append('[[head]]\nid = "h0"\ndoc = "Previous token."\nposition = { 0 = 0.5, 1 = 5.0, 2 = 1.5, default = 0.0 }\n')
     for h in range(1, 4):
-        score = ", ".join(f"{{ src = {_q(vocab[s])}, w = {rng.uniform(1, 4):.3f} }}" for s in some(40))
+        score = ", ".join(f"{{ src = {quote(vocab[s])}, w = {rng.uniform(1, 4):.3f} }}" for s in some(40))
         parts.append(f'[[head]]\nid = "h{h}"\ndoc = "Content head."\nposition = {{ 0 = -1.0, 1 = 0.5, default = 0.0 }}\n'
                      f"score = [{score}]\n")
     for k in range(n_sets):
         parts.append(f'[[weights]]\nid = "w{k}"\ndoc = "Pattern {k}."\n'
-                     f"tokens = {_table((_q(vocab[t]), float(rng.normal(0.5, 0.5))) for t in some(set_size))}\n")
+                     f"tokens = {toml_table((quote(vocab[t]), float(rng.normal(0.5, 0.5))) for t in some(set_size))}\n")
     for n in range(n_neurons):
         sets = lambda m: [f'"@w{k}"' for k in rng.choice(n_sets, size=m, replace=False)]  # noqa: E731
-        now = list(zip(sets(2), rng.normal(0, 1, 2))) + [(_q(vocab[t]), float(rng.normal(0, 1))) for t in some(4)]
+        now = list(zip(sets(2), rng.normal(0, 1, 2))) + [(quote(vocab[t]), float(rng.normal(0, 1))) for t in some(4)]
         att = rng.integers(0, 4, refs)
-        attend = ", ".join(f"h{h} = {_table(zip(sets(int((att == h).sum())), rng.normal(0, 1.5, refs)))}"
+        attend = ", ".join(f"h{h} = {toml_table(zip(sets(int((att == h).sum())), rng.normal(0, 1.5, refs)))}"
                            for h in range(4) if (att == h).any())
-        nxt = list(zip(sets(refs), rng.normal(0, 0.3, refs))) + [(_q(vocab[t]), float(rng.normal(0, 0.3))) for t in some(4)]
+        nxt = list(zip(sets(refs), rng.normal(0, 0.3, refs))) + [(quote(vocab[t]), float(rng.normal(0, 0.3))) for t in some(4)]
         parts.append(f'[[neuron]]\nid = "n{n}"\ndoc = "Neuron {n}."\nthreshold = {rng.uniform(0.5, 1.5):.3f}\n'
-                     f"now = {_table(now)}\nattend = {{ {attend} }}\nnext = {_table(nxt)}\n")
+                     f"now = {toml_table(now)}\nattend = {{ {attend} }}\nnext = {toml_table(nxt)}\n")
     return "\n".join(parts)
 
 

@@ -15,16 +15,6 @@ SMALL_RULES = ROOT / "tests" / "fixtures" / "rules_small"
 SMALL_VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
 
 
-def rules_script(name: str):
-    """A script of rules/ (pockets.py, story_start.py, …) imported as a module, so tests call its functions."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "rules" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def require(ok: bool, reason: str) -> None:
     """Skip the calling test with `reason` unless CI demands it, in which case fail."""
     if ok:

@@ -182,3 +182,42 @@ def test_skip_and_present_count_once(example):
     assert "neuron.chase" not in d
     lp = handmodel.HandModel(rules).log_probs(once)
     np.testing.assert_allclose(lp, twin.log_probs(rules, once), atol=TOL_ENGINE)
+
+
+# -- the project's pages: no machine paths, links that resolve, commands that name real modules ----------
+PAGES = ["README.md", "docs/*.md", "rules/README.md", "research/README.md", "benchmarks/README.md"]
+# pages written on other branches of issue 19; once they are merged, delete this set
+PENDING = {"docs/architecture.md", "docs/claims.md"}
+
+
+def _pages() -> list[Path]:
+    return sorted({p for pat in PAGES for p in ROOT.glob(pat)})
+
+
+def test_pages_name_no_machine_paths():
+    for page in _pages():
+        for n, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            assert not re.search(r"(?<![\w.])/(work|root|home|tmp)/", line), \
+                f"{page.relative_to(ROOT)}:{n} names a machine path: {line.strip()[:100]}"
+
+
+def test_page_links_and_commands_resolve():
+    for page in _pages():
+        text = page.read_text(encoding="utf-8")
+        where = page.relative_to(ROOT)
+        for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"\w+://", link):
+                continue
+            target = (page.parent / link).resolve()
+            rel = target.relative_to(ROOT).as_posix() if target.is_relative_to(ROOT) else str(target)
+            assert target.exists() or rel in PENDING, f"{where} links to {link}, which does not exist"
+        for mod in re.findall(r"python -m (research\.\w+|benchmarks|verify\.cli)", text):
+            assert (ROOT / (mod.replace(".", "/") + ".py")).exists() or (ROOT / mod / "__init__.py").exists(), \
+                f"{where} runs `python -m {mod}`, which is not a module of this project"
+        for script in re.findall(r"python ((?:benchmarks|research|rules)/\w+\.py)", text):
+            assert (ROOT / script).exists(), f"{where} runs {script}, which does not exist"
+
+
+def test_readme_is_a_front_page():
+    """Issue 19: the README is a front page (history and findings live in research/README.md)."""
+    assert len((ROOT / "README.md").read_bytes()) <= 8192

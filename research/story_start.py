@@ -14,8 +14,8 @@ probabilities equal the reference's and scales the rest of the hand distribution
 The numbers come from the reference's output at the single context [EOT], not from any corpus text, and
 from the hand model without this rule (so re-run after every re-draft of the other files).
 
-    python rules/story_start.py            # rewrites the story.start block of rules/60_long_tail.toml
-    python rules/story_start.py --k 128    # fewer numbers
+    python -m research.story_start            # rewrites the story.start block of rules/60_long_tail.toml
+    python -m research.story_start --k 128    # fewer numbers
 """
 from __future__ import annotations
 
@@ -24,11 +24,13 @@ import re
 import sys
 from pathlib import Path
 
-RULES = Path(__file__).resolve().parent
+RULES = Path(__file__).resolve().parents[1] / "rules"
 FILE_NAME = "60_long_tail.toml"
 RULE_ID = "story.start"
-BEGIN = "# --- story.start (written by rules/story_start.py) ---"
+BEGIN = "# --- story.start (written by research/story_start.py) ---"
 END = "# --- end story.start ---"
+# the block as found in a file, whichever script path its marker names (files written before the move say rules/)
+BLOCK = re.compile(r"^# --- story\.start \(written by [\w/.]+\) ---$.*?^" + re.escape(END) + "$", re.S | re.M)
 
 
 def correction(ref_lp, hand_lp, k: int):
@@ -86,6 +88,11 @@ def block(vocab: list[str], top, delta, k: int, before: float, after: float) -> 
     ])
 
 
+def put_block(text: str, new: str) -> str:
+    """`text` with its story.start block replaced by `new`, or `new` appended when it has none."""
+    return BLOCK.sub(lambda m: new, text, count=1) if BLOCK.search(text) else text.rstrip("\n") + "\n\n" + new + "\n"
+
+
 def main() -> int:
     import numpy as np
 
@@ -116,8 +123,7 @@ def main() -> int:
     before, after = kl(ref_lp, hand_lp), kl(ref_lp, corrected(hand_lp, top, delta))
     new = block(vocab, top, delta, a.k, before, after)
     text = file.read_text()
-    pat = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    file.write_text(pat.sub(lambda m: new, text) if pat.search(text) else text.rstrip("\n") + "\n\n" + new + "\n")
+    file.write_text(put_block(text, new))
     print(f"{file.name}: {RULE_ID} with {a.k} entries; KL at [EOT] {before:.4f} -> {after:.4f}", file=sys.stderr)
     return 0
 

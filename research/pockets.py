@@ -1,6 +1,6 @@
-"""Where the shipped rules leave KL on valid.txt (rules/README.md, "The long tail" and Findings).
+"""Where the shipped rules leave KL on valid.txt (research/README.md, "The long tail" and Findings).
 
-    python rules/pockets.py [--rules rules] [--copy-seqs 120] [--rule-gains 8] [--census] [--tails 8000]
+    python -m research.pockets [--rules rules] [--copy-seqs 120] [--rule-gains 8] [--census] [--tails 8000]
 
 Prints the mean KL(ref ‖ hand) by position in the sequence (and each band's share of the total), where the
 top-1 disagreements sit (by the reference's top-1 probability, whether that token is already in the context,
@@ -34,7 +34,6 @@ AFTER = [" the", " and", ".", " a", " to", ",", " his", " her"]
 def main() -> int:
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     from handmodel import HandModel, load_rules
     from handmodel.vocab import load_vocab
     from verify import data as D

@@ -1,10 +1,10 @@
-"""Interventions on the shipped reference that say where its behaviour lives (rules/README.md, Findings).
+"""Interventions on the shipped reference that say where its behaviour lives (research/README.md, Findings).
 
 Each row is KL(p_ref ‖ p_intervened) in nats/token over windows of valid.txt: how much of the
 reference's next-token distribution the intervened part carries. An additive rule set can only match
 what survives its own form, so these also bound what the rule language can reach.
 
-    python rules/diagnostics.py [--windows 64]      # ~1 minute on 2 cores
+    python -m research.diagnostics [--windows 64]      # ~1 minute on 2 cores
 
 - unigram: the reference's mean next-token distribution on these windows (the ledger's yardstick);
 - attention mean-ablated: every head's output replaced by its mean over all positions;
@@ -29,7 +29,6 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT))
     from reference.oracle import Oracle
     from verify.discover.common import sample_windows
 

@@ -7,19 +7,21 @@ contextual neurons), runs `handmodel check-rules` on them (same example budget a
 and marks each claim the reference refutes `expect = "fail"` with the measured reason, so the
 failure stays visible (strict xfail) instead of disappearing.
 
-    python rules/claims.py            # rewrites the check lines of rules/*.toml in place
+    python -m research.claims                  # rewrites the check lines of rules/*.toml in place
+    python -m research.claims --rules drafts/  # the same for another ruleset
 
 Re-run after `suggest`; edit CLAIMS below to claim more (or differently).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
 import tomllib
 from pathlib import Path
 
-RULES = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = 10  # the shipped pytest cases' default budget (tests/test_shipped_rules_check.py)
 
 # (file, kind, how many rules from the top of the file (None: all), claim) — files list the most frequent /
@@ -69,7 +71,13 @@ def toml_str(s: str) -> str:
 
 
 def main() -> int:
-    texts = {f.name: f.read_text(encoding="utf-8") for f in RULES.glob("*.toml")}
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rules", type=Path, default=ROOT / "rules",
+                    help="ruleset directory whose check lines are rewritten")
+    rules_dir = ap.parse_args().rules
+    if not rules_dir.is_dir():
+        ap.error(f"--rules {rules_dir}: no such directory (a ruleset folder such as rules/ or a suggest --out folder)")
+    texts = {f.name: f.read_text(encoding="utf-8") for f in rules_dir.glob("*.toml")}
     claimed: dict[str, tuple[str, str]] = {}
     for fname, kind, n, claim in CLAIMS:
         if fname not in texts:  # a draft without that file (e.g. suggest --neurons 0)
@@ -79,13 +87,13 @@ def main() -> int:
             texts[fname] = set_check(texts[fname], r["id"], claim)
             claimed[r["id"]] = (fname, claim)
     for fname, t in texts.items():
-        (RULES / fname).write_text(t, encoding="utf-8")
+        (rules_dir / fname).write_text(t, encoding="utf-8")
     # the same checker, arguments and example budget as tests/test_shipped_rules_check.py, so what is
     # marked here is exactly what the pytest cases will find
     from verify.checkrules import Checker
 
-    corpus = RULES.parent.parent / "shared" / "corpus" / "tinystories" / "train.txt"
-    checker = Checker.from_paths(RULES, RULES.parent / "reference" / "default", corpus if corpus.exists() else None,
+    corpus = ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt"
+    checker = Checker.from_paths(rules_dir, ROOT / "reference" / "default", corpus if corpus.exists() else None,
                                  examples=EXAMPLES, shrink_calls=max(100, 5 * EXAMPLES))
     by_id = {r.id: r for r in checker.rules.rules}
     res = [checker.check(by_id[rid]).to_dict() for rid in claimed]
@@ -98,7 +106,7 @@ def main() -> int:
         why = f"reference disagrees: {x['measured']}"[:200]
         texts[fname] = set_check(texts[fname], x["id"], f'{claim}, expect = "fail", why = {toml_str(why)}')
     for fname, t in texts.items():
-        (RULES / fname).write_text(t, encoding="utf-8")
+        (rules_dir / fname).write_text(t, encoding="utf-8")
     from collections import Counter
 
     n_rules = len(checker.rules.rules)

@@ -1,4 +1,4 @@
-"""rules/pockets.py's analyses on the small fixture ruleset with a made-up reference: the numbers it prints are
+"""research/pockets.py's analyses on the small fixture ruleset with a made-up reference: the numbers it prints are
 the ones computed directly here (no torch, no ../shared)."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import re
 import numpy as np
 
 from handmodel import HandModel, load_rules
+from research import pockets
 
-from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB, rules_script
+from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB
 
 
 def _world(seed=0):
@@ -24,7 +25,7 @@ def _world(seed=0):
 def test_top1_misses_counts_what_stream_metrics_says(capsys):
     hm, seqs, ref = _world()
     met = hm.stream_metrics(seqs, ref)
-    rules_script("pockets").top1_misses(seqs, ref, met, VOCAB)
+    pockets.top1_misses(seqs, ref, met, VOCAB)
     out = capsys.readouterr().out
     assert f"top-1 agreement {met['agree'].mean():.3f}" in out
     assert f"the {(~met['agree']).sum():,} disagreements" in out
@@ -38,7 +39,7 @@ def test_top1_misses_counts_what_stream_metrics_says(capsys):
 def test_rule_gains_reads_each_rule_ablation(capsys):
     hm, seqs, ref = _world()
     kl = hm.stream_metrics(seqs, ref)["kl"]
-    rules_script("pockets").rule_gains(hm, seqs, ref, kl, 5, n_first=2)
+    pockets.rule_gains(hm, seqs, ref, kl, 5, n_first=2)
     out = capsys.readouterr().out
     rules = hm.rules.rules
     M = len(seqs[0]) + len(seqs[1])
@@ -47,7 +48,7 @@ def test_rule_gains_reads_each_rule_ablation(capsys):
     p_ref /= p_ref.sum(1, keepdims=True)
     checked = 0
     for i, r in enumerate(rules):
-        fam = rules_script("pockets").family(r)
+        fam = pockets.family(r)
         if fam not in ("bigram", "head_out", "copying", "neuron"):
             continue
         line = next(ln for ln in out.splitlines() if f" {r.id} " in ln)
@@ -75,7 +76,7 @@ def test_rule_gains_reads_each_rule_ablation(capsys):
 def test_tails_switch_off_the_end_of_each_family(capsys):
     hm, seqs, ref = _world()
     kl = hm.stream_metrics(seqs, ref)["kl"]
-    rules_script("pockets").tails(hm, seqs, ref, kl, 1)  # one number: each family's last rule alone
+    pockets.tails(hm, seqs, ref, kl, 1)  # one number: each family's last rule alone
     out = capsys.readouterr().out
     rules = hm.rules.rules
     last_neuron = max(i for i, r in enumerate(rules) if r.kind == "neuron")
@@ -115,7 +116,7 @@ doc = "Writes animals."
 now = { " the" = 1.0 }
 next = { "@animals" = 1.0 }
 ''', encoding="utf-8")
-    rules_script("pockets").census(load_rules(tmp_path, VOCAB))
+    pockets.census(load_rules(tmp_path, VOCAB))
     out = capsys.readouterr().out
     classes, weighted = out.split("weighted set entry")
     assert "now:    @animals 1" in classes and "next:   @animals 1" in classes and "@ends" not in classes

@@ -1,4 +1,4 @@
-"""rules/story_start.py: the correction matches the reference's top-k probabilities exactly and never raises
+"""research/story_start.py: the correction matches the reference's top-k probabilities exactly and never raises
 the KL, and the rule it writes fires at a story's first position only (engine reading the file back)."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handmodel import HandModel, load_rules
+from research import story_start as m
 
-from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB, rules_script
+from conftest import SMALL_RULES as FIXTURE, SMALL_VOCAB as VOCAB
 
 
 def _logsoftmax(x):
@@ -24,7 +25,6 @@ def test_correction_matches_top_k_and_lowers_kl(seed, V, data):
     k = data.draw(st.integers(1, V - 1))
     rng = np.random.default_rng(seed)
     ref, hand = _logsoftmax(rng.normal(size=V) * 3), _logsoftmax(rng.normal(size=V) * 3)
-    m = rules_script("story_start")
     top, delta = m.correction(ref, hand, k)
     new = hand.copy()
     new[top] += delta
@@ -35,7 +35,6 @@ def test_correction_matches_top_k_and_lowers_kl(seed, V, data):
 
 
 def test_written_rule_fires_at_the_first_position_only(tmp_path):
-    m = rules_script("story_start")
     rules_dir = tmp_path / "rules"
     shutil.copytree(FIXTURE, rules_dir)
     base = HandModel(load_rules(rules_dir, VOCAB))
@@ -56,9 +55,18 @@ def test_written_rule_fires_at_the_first_position_only(tmp_path):
 def test_block_is_valid_toml_whatever_the_tokens():
     import tomllib
 
-    m = rules_script("story_start")
     vocab = ["a\n", 'b"', "c\\", "'d'", "e"]
     text = m.block(vocab, np.array([0, 1, 2, 3]), np.array([0.5, -1.0, 2.0, 0.25]), 4, 1.0, 0.5)
     rule = tomllib.loads(text)["neuron"][0]
     assert rule["id"] == "story.start" and rule["next"] == {"a\n": 0.5, 'b"': -1.0, "c\\": 2.0, "'d'": 0.25}
     assert repr("a\n") in rule["doc"] and repr('b"') in rule["doc"]
+
+
+def test_put_block_replaces_the_block_whichever_path_its_marker_names():
+    new = m.block(["a", "b"], np.array([0]), np.array([1.0]), 1, 1.0, 0.5)
+    for marker in (m.BEGIN, "# --- story.start (written by rules/story_start.py) ---"):  # before the move
+        old = "\n".join([marker, 'id = "story.start"', "old numbers", m.END])
+        text = m.put_block(f'group = "long tail"\n\n{old}\n\n[[neuron]]\nid = "after"\n', new)
+        assert "old numbers" not in text and text.count(m.END) == 1 and text.count(new) == 1
+        assert text.startswith('group = "long tail"\n\n') and text.endswith('[[neuron]]\nid = "after"\n')
+    assert m.put_block('group = "long tail"\n', new) == 'group = "long tail"\n\n' + new + "\n"  # none yet: appended
