@@ -56,7 +56,6 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[OneLayerTransformer
         if not (path / f).exists():
             raise UserError(f"{path}: checkpoint is missing {f}; re-run `handmodel train` or copy the whole folder")
     cfg = _read_config(path / "config.json")
-    _check_tokenizer_hash(path)
     _check_shapes(path, cfg)  # before anything is allocated: a wrong n_ctx must fail fast, not after GBs
     try:
         state = load_file(str(path / "model.safetensors"))
@@ -76,6 +75,7 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[OneLayerTransformer
     if n_tok != cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {n_tok} tokens but config.json says vocab_size={cfg.vocab_size}; "
                         "the tokenizer and the weights come from different runs")
+    _check_tokenizer_hash(path)
     model = OneLayerTransformer(cfg)
     try:
         model.load_state_dict(state)

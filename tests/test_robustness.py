@@ -288,3 +288,221 @@ def test_concurrent_verify_processes_on_a_fresh_cache_agree(tiny_world, tmp_path
     a, b = (json.loads(o[0]) for o in outs)
     assert [r["kl"] for r in a["ledger"]] == [r["kl"] for r in b["ledger"]]
     assert not any("damaged" in o[1] for o in outs)
+
+
+# -- #2: fit's write-back never loses an edit ------------------------------------------------------
+FIT_A = '[[prior]]\nid = "pa"\ndoc = "d"\nnext = { " the" = 1.0, " dog" = 2.0 }  # keep me\n'
+FIT_B = '[[bigram]]\nid = "pb"\ndoc = "d"\nnow = " the"\nnext = { " cat" = 0.5 }\n'
+
+
+def _slots(d: Path):
+    from verify.discover.slots import read_slots
+
+    S = read_slots(load_rules(d, VOCAB))
+    return S, S.values + 1.0  # every number changes
+
+
+def test_write_back_refuses_a_file_edited_by_another_process_meanwhile(tmp_path):
+    from verify.discover.slots import write_back
+
+    d = write(tmp_path / "r", {"a.toml": FIT_A, "b.toml": FIT_B})
+    S, theta = _slots(d)
+    added = '\n[[prior]]\nid = "added_meanwhile"\ndoc = "written while fit ran"\nnext = { "." = 1.0 }\n'
+    subprocess.run([sys.executable, "-c", f"open({str(d / 'b.toml')!r}, 'a').write({added!r})"], check=True)
+    with pytest.raises(UserError, match=r"b.toml: changed on disk while fit was running .* nothing was written"):
+        write_back(S, theta)
+    assert (d / "a.toml").read_text() == FIT_A  # nothing written: not even the unchanged-on-disk file
+    assert (d / "b.toml").read_text() == FIT_B + added
+    S, theta = _slots(d)  # read again: now it goes through, keeping the comment and the new rule
+    assert write_back(S, theta) == [str(d / "a.toml"), str(d / "b.toml")]
+    assert "# keep me" in (d / "a.toml").read_text() and "added_meanwhile" in (d / "b.toml").read_text()
+    assert load_rules(d, VOCAB).rules[0].next == [(1, 2.0), (2, 3.0)]
+
+
+def test_write_back_is_all_or_nothing(tmp_path, monkeypatch):
+    from verify.discover import slots
+
+    d = write(tmp_path / "r", {"a.toml": FIT_A, "b.toml": FIT_B})
+    S, theta = _slots(d)
+    real = Path.write_text
+    calls = []
+
+    def flaky(self, *a, **kw):
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "write_text", flaky)
+    with pytest.raises(UserError, match="could not write the fitted rule files .* nothing was changed"):
+        slots.write_back(S, theta)
+    monkeypatch.setattr(Path, "write_text", real)
+    assert (d / "a.toml").read_text() == FIT_A and (d / "b.toml").read_text() == FIT_B
+    assert sorted(p.name for p in d.iterdir()) == ["a.toml", "b.toml"]  # no temporaries left
+
+
+def test_write_back_through_a_symlink_keeps_the_link(tmp_path):
+    from verify.discover.slots import write_back
+
+    real = write(tmp_path / "store", {"a.toml": FIT_A})
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "a.toml").symlink_to(real / "a.toml")
+    S, theta = _slots(d)
+    write_back(S, theta)
+    assert (d / "a.toml").is_symlink() and (real / "a.toml").read_text() != FIT_A
+    assert load_rules(d, VOCAB).rules[0].next == [(1, 2.0), (2, 3.0)]
+
+
+def test_write_back_keeps_a_byte_order_mark(tmp_path):
+    from verify.discover.slots import write_back
+
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "a.toml").write_bytes(b"\xef\xbb\xbf" + FIT_A.encode())
+    S, theta = _slots(d)
+    write_back(S, theta)
+    assert (d / "a.toml").read_bytes().startswith(b"\xef\xbb\xbf[[prior]]")
+    assert load_rules(d, VOCAB).rules[0].next == [(1, 2.0), (2, 3.0)]
+
+
+# -- #12: eval text that is not UTF-8 is never read silently -----------------------------------------
+def test_non_utf8_eval_text_warns_with_file_and_count(tmp_path, capsys):
+    from reference.corpus import read_stories
+
+    f = tmp_path / "eval.txt"
+    f.write_bytes(b"Tom saw a dog.\n<|endoftext|>\nLily \xff\xfe had a \xe9 cat.\n<|endoftext|>\n")
+    stories = read_stories(f)
+    assert stories[1] == "Lily \ufffd\ufffd had a \ufffd cat."
+    err = capsys.readouterr().err.strip()
+    assert err == f"warning: {f}: 3 bytes not valid UTF-8, read as U+FFFD; re-save the file as UTF-8 if this is not expected"
+    f.write_text("Tom saw a dog.\n<|endoftext|>\n", encoding="utf-8")
+    read_stories(f)
+    assert capsys.readouterr().err == ""
+
+
+def test_non_finite_reference_log_probs_are_blamed_on_the_reference(tmp_path):
+    from handmodel import HandModel
+
+    write(tmp_path, {"a.toml": '[[prior]]\nid = "p"\ndoc = "d"\nnext = { " dog" = 1.0 }\n'})
+    hm = HandModel(load_rules(tmp_path, VOCAB))
+    ref = np.log(np.full((3, 7), 1 / 7, np.float32))
+    ref[1, 2] = np.nan
+    with pytest.raises(UserError, match=r"^reference log-probs \(ref_logp\) row 1 have NaN"):
+        hm.stream_metrics([np.array([1, 2, 3], dtype=np.int32)], ref)
+
+
+# -- fuzz: mutated rule files, eval texts and cache entries ----------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+BASE_RULES = {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS}
+SNIPPETS = ["[", "]", "{", "}", '"', "'", "=", "\n", "#", ",", "@", ".", "1e39", "-", "0", "9" * 12, "nan", "\ufeff",
+            "[[class]]\n", "[[ class ]]\n", 'id = "p"', "# id = \"after_dot\"\n", "{}", "²", " ", "\\", "\x00"]
+
+
+@st.composite
+def text_mutation(draw, text: str):
+    """A few edits of a text: insert a TOML-significant snippet, delete a span, or duplicate a line."""
+    for _ in range(draw(st.integers(1, 3))):
+        i = draw(st.integers(0, len(text)))
+        op = draw(st.sampled_from(["insert", "delete", "dup"]))
+        if op == "insert":
+            text = text[:i] + draw(st.sampled_from(SNIPPETS)) + text[i:]
+        elif op == "delete":
+            text = text[:i] + text[i + draw(st.integers(1, 12)):]
+        else:
+            lines = text.splitlines(keepends=True) or [""]
+            k = draw(st.integers(0, len(lines) - 1))
+            text = "".join(lines[: k + 1] + lines[k:])
+    return text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_load_rules_gives_rules_or_one_line_error(tmp_path_factory, data):
+    from conftest import SMALL_VOCAB
+
+    name = data.draw(st.sampled_from(sorted(BASE_RULES)))
+    d = write(tmp_path_factory.mktemp("fz"), {**BASE_RULES, name: data.draw(text_mutation(BASE_RULES[name]))})
+    vocab = VOCAB + [t for t in SMALL_VOCAB if t not in VOCAB] + ["<|x|>"]
+    try:
+        r = load_rules(d, vocab)
+    except UserError as e:
+        msg = str(e)
+        assert "\n" not in msg and len(msg) < 1000 and msg.startswith(str(d)), msg
+        return
+    assert len(r.rule_ids) == len(set(r.rule_ids)) and all(np.isfinite(w) for x in r.rules for _, w in x.next)
+
+
+def _verify(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from verify.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, err.getvalue()
+
+
+def test_fuzz_verify_inputs_and_cache_entries(tiny_world, tmp_path):
+    """verify (the CLI's main, in process) on mutated rules / eval text / cache files: exit 0 with the
+    ledger a cache-free run gives, or exit 2 with one error line; a damaged cache never changes a number."""
+    ckpt, evalf, train = tiny_world
+    rules = write(tmp_path / "rules", BASE_RULES)
+    ev = tmp_path / "eval.txt"
+    ev.write_bytes(evalf.read_bytes())
+    out = tmp_path / "out.json"
+    argv = ["verify", "--checkpoint", str(ckpt), "--rules", str(rules), "--corpus", str(ev), "--train-corpus", str(train),
+            "--json-out", str(out)]
+    rc, err = _verify(argv)
+    assert rc == 0, err
+    base = json.loads(out.read_text())
+    cache = Path(os.environ["HANDMODEL_CACHE"])
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def one(data):
+        write(rules, BASE_RULES)
+        ev.write_bytes(evalf.read_bytes())
+        what = data.draw(st.sampled_from(["rules", "eval", "cache"]))
+        if what == "rules":
+            name = data.draw(st.sampled_from(sorted(BASE_RULES)))
+            (rules / name).write_text(data.draw(text_mutation(BASE_RULES[name])), encoding="utf-8")
+        elif what == "eval":
+            raw = bytearray(evalf.read_bytes())
+            i = data.draw(st.integers(0, len(raw)))
+            raw[i:i] = data.draw(st.sampled_from([b"\xff\xfe", b"<|endoftext|>\n", b"\x00", b"\xe2\x80", "ü".encode()]))
+            ev.write_bytes(bytes(raw))
+        else:
+            files = sorted(p for p in cache.rglob("*") if p.is_file() and p.suffix in (".npy", ".npz", ".json"))
+            f = data.draw(st.sampled_from(files))
+            raw = f.read_bytes()
+            cut = data.draw(st.integers(0, max(0, len(raw) - 1)))
+            f.write_bytes(raw[:cut] if data.draw(st.booleans()) else raw[:cut] + bytes([raw[cut] ^ 0x5A]) + raw[cut + 1:])
+        out.unlink(missing_ok=True)
+        rc, err = _verify(argv)
+        assert "Traceback" not in err
+        if rc == 2:
+            errors = [x for x in err.splitlines() if x.startswith("error: ")]
+            assert len(errors) == 1 and what != "cache", err
+            return
+        assert rc == 0, err
+        got = json.loads(out.read_text())
+        kl = [r["kl"] for r in got["ledger"]]
+        if what == "cache":  # no input changed: no number may change
+            assert kl == [r["kl"] for r in base["ledger"]]
+            assert [r["kl"] for r in got["baselines"]] == [r["kl"] for r in base["baselines"]]
+        else:  # the numbers are the ones a run with no cached rows gives
+            from verify import ledger as L
+            from verify.commands import evaluate
+
+            res = evaluate(ckpt, rules, ev, 4, 0, train, log=lambda m: None)
+            ref, hm, compiled = res["_objects"][:3]
+            fresh, _ = L.run_ledger(hm, compiled, ref, res["baselines"][1]["kl"], L.boot_weights(len(ref.offsets) - 1),
+                                    cache=False)
+            assert kl == pytest.approx([r["kl"] for r in fresh], abs=1e-12)
+
+    one()

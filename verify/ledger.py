@@ -174,6 +174,10 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
     """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
     since the last run on this eval set come from the row cache (row_keys); the others are computed
     together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
+    from verify.integrity import clean_stale
+
+    for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
+        clean_stale(folder)
     masks = group_masks(rules)
     if final_only:
         masks = masks[-1:]
