@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,10 +155,10 @@ def test_a_huge_unknown_token_is_shown_truncated(tmp_path):
 
 
 # -- #1, #3, #6: cache entries are keyed by what was read and checked when read --------------------
-CLASS_FILE = '[[ class ]]\nid = "animals"\ndoc = "pets"\ntokens = [" dog"]\n'
-PRIOR = '[[prior]]\nid = "pets"\ndoc = "pets are likely"\nnext = { "@animals" = 3.0, "." = 1.0 }\n'
+CLASS_FILE = '[[ class ]]\nid = "animals"\ndoc = "names"\ntokens = [" Lily"]\n'
+PRIOR = '[[prior]]\nid = "pets"\ndoc = "names are likely"\nnext = { "@animals" = 3.0, "." = 1.0 }\n'
 BIGRAMS = ('[[bigram]]\nid = "after_dot"\ndoc = "after a full stop"\nrows = { "." = { "<|endoftext|>" = 1.0 } }\n'
-           '[[bigram]]\nid = "the_noun"\ndoc = "nouns after the"\nnow = " the"\nnext = { " cat" = 1.0, " dog" = 1.0 }\n')
+           '[[bigram]]\nid = "the_noun"\ndoc = "nouns after the"\nnow = " the"\nnext = { " happy" = 1.0, " b" = 1.0 }\n')
 
 
 def evaluate(world, rules, **kw):
@@ -186,7 +187,7 @@ def test_ledger_key_follows_what_was_read_not_how_it_was_spelled(tiny_world, tmp
     recomputed, not served stale."""
     rules = write(tmp_path / "r", {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS})
     before = kls(evaluate(tiny_world, rules))
-    (rules / "10_classes.toml").write_text(CLASS_FILE.replace('[" dog"]', '[" dog", " cat", " ball"]'))
+    (rules / "10_classes.toml").write_text(CLASS_FILE.replace('[" Lily"]', '[" Lily", " happy", " a"]'))
     after = kls(evaluate(tiny_world, rules))
     assert after[1] != before[1]
     assert after == pytest.approx(fresh_kls(tiny_world, rules, tmp_path), abs=1e-12)
@@ -396,9 +397,14 @@ def test_non_finite_reference_log_probs_are_blamed_on_the_reference(tmp_path):
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-BASE_RULES = {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS}
+HEADS = ('[[head]]\nid = "prev"\ndoc = "looks one back"\nposition = { 1 = 3.0, default = -1.0 }\n'
+         '[[head_out]]\nid = "copy_prev"\ndoc = "copies"\nhead = "prev"\nsrc = "@animals"\ncopy = 0.5\n')
+BASE_RULES = {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS, "40_heads.toml": HEADS}
 SNIPPETS = ["[", "]", "{", "}", '"', "'", "=", "\n", "#", ",", "@", ".", "1e39", "-", "0", "9" * 12, "nan", "\ufeff",
             "[[class]]\n", "[[ class ]]\n", 'id = "p"', "# id = \"after_dot\"\n", "{}", "²", " ", "\\", "\x00"]
+
+
+NUMBERS = ["1e39", "-1e39", "1e308", "1e6", "-1000001", "nan", "inf", "0", "99999999999", "65537", '"²"', "1_000", "0x10"]
 
 
 @st.composite
@@ -406,8 +412,12 @@ def text_mutation(draw, text: str):
     """A few edits of a text: insert a TOML-significant snippet, delete a span, or duplicate a line."""
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(text)))
-        op = draw(st.sampled_from(["insert", "delete", "dup"]))
-        if op == "insert":
+        op = draw(st.sampled_from(["insert", "delete", "dup", "number"]))
+        nums = list(re.finditer(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", text))
+        if op == "number" and nums:  # a number, or a position key, replaced by an extreme one
+            m = draw(st.sampled_from(nums))
+            text = text[:m.start()] + draw(st.sampled_from(NUMBERS)) + text[m.end():]
+        elif op == "insert":
             text = text[:i] + draw(st.sampled_from(SNIPPETS)) + text[i:]
         elif op == "delete":
             text = text[:i] + text[i + draw(st.integers(1, 12)):]
@@ -425,14 +435,17 @@ def test_fuzz_load_rules_gives_rules_or_one_line_error(tmp_path_factory, data):
 
     name = data.draw(st.sampled_from(sorted(BASE_RULES)))
     d = write(tmp_path_factory.mktemp("fz"), {**BASE_RULES, name: data.draw(text_mutation(BASE_RULES[name]))})
-    vocab = VOCAB + [t for t in SMALL_VOCAB if t not in VOCAB] + ["<|x|>"]
+    vocab = VOCAB + [t for t in SMALL_VOCAB if t not in VOCAB] + [" Lily", " happy", " a", " b"]
     try:
         r = load_rules(d, vocab)
     except UserError as e:
         msg = str(e)
         assert "\n" not in msg and len(msg) < 1000 and msg.startswith(str(d)), msg
         return
-    assert len(r.rule_ids) == len(set(r.rule_ids)) and all(np.isfinite(w) for x in r.rules for _, w in x.next)
+    nums = [w for x in r.rules for _, w in x.next] + [w for x in r.rules for w in x.position.values()]
+    nums += [w for x in r.rules for _, row in x.rows for _, w in row] + [x.copy for x in r.rules if x.copy is not None]
+    assert len(r.rule_ids) == len(set(r.rule_ids)) and all(abs(w) <= 1e6 for w in nums)
+    assert all(d <= 1 << 16 for x in r.rules for d in x.position)
 
 
 def _verify(argv: list[str]) -> tuple[int, str]:

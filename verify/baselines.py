@@ -62,7 +62,7 @@ def get_tables(ckpt: Checkpoint, train: Path | None, log=print, cache_root: Path
                 if shapes == [[V], [V, V], [V]]:
                     return BaselineTables(d, meta, np.load(d / "log_unigram.npy"), np.load(d / "log_bigram.npy", mmap_mode="r"))
                 why = f"its tables have shapes {shapes}, the checkpoint's vocabulary is {V}"
-            damaged(d, why, log)
+            damaged(d, why)
             discard(d)
         if attempt:
             break
