@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 STAMP = "checked.json"
-_TMP = re.compile(r"^\..+\.tmp(\d+)(\.npz)?$")
+_TMP = re.compile(r"^\..+\.(?:tmp|damaged)(\d+)(\.npz)?$")  # our temporaries and entries being discarded
 
 
 def damaged(entry, why: str, log=None) -> None:
@@ -105,7 +105,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(root: Path) -> None:
-    """Delete `.KEY.tmpPID` folders/files left in root by builds whose process is gone (killed midway);
+    """Delete `.KEY.tmpPID` folders/files left in root by builds whose process is gone (killed midway),
+    and `.KEY.damagedPID` folders a killed run was deleting;
     a live process's build in progress is left alone. Assumes one machine per cache folder."""
     try:
         names = os.listdir(root)
