@@ -311,7 +311,7 @@ class HandModel:
         logits; hand_argmax: the hand model's top token. Hand log-probs are never materialised.
         """
         _, _, out = self._run(list(seqs), mask, ref=ref_logp)
-        self._check_finite(out["kl"])
+        self._check_finite(out["kl"], ref_logp)
         return out
 
     def row_passes(self, masks: list) -> list[tuple[list[int], np.ndarray | None]]:
@@ -358,17 +358,22 @@ class HandModel:
                 out[run[0]] = self.stream_metrics(seqs, ref_logp, masks[run[0]])
                 continue
             _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run))
-            self._check_finite(m["kl"])
+            self._check_finite(m["kl"], ref_logp)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}
         return out
 
     @staticmethod
-    def _check_finite(kl: np.ndarray) -> None:
+    def _check_finite(kl: np.ndarray, ref_logp=None) -> None:
         bad = ~np.isfinite(kl)
         if bad.any():
             i = int(np.flatnonzero(bad.reshape(-1))[0]) % kl.shape[-1]
-            raise UserError(f"ref_logp row {i} has NaN, +inf or all -inf values; pass finite log-probs (log_softmax output)")
+            r = None if ref_logp is None else np.asarray(ref_logp[i], np.float32)
+            if r is not None and not (np.isnan(r).any() or np.isposinf(r).any() or np.isneginf(r).all()):
+                raise UserError(f"the hand model's log-probs at eval position {i} are not finite (the reference's are): "
+                                "a rule number too large for float32 sums? keep rule numbers small (|w| <= 1e6)")
+            raise UserError(f"reference log-probs (ref_logp) row {i} have NaN, +inf or all -inf values; pass finite "
+                            "log-probs (log_softmax output), or delete a damaged reference cache entry")
 
     def explain(self, seq: np.ndarray, pos: int, mask=None) -> list[tuple[str, str]]:
         """(rule id, what it did) for every rule that fired at position `pos` (computed by the twin)."""

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .rulefile import Entry, number, quoted, table
+from .rulefile import Entry, number, quoted, short, table
 
 ALL_NAME = "all"
+MAX_DISTANCE = 1 << 16  # a head's position keys: far beyond any context; keeps its dense table small
+MAX_CLASS_DEPTH = 200  # classes defined through classes: a chain deeper than this is a mistake (and recursion)
 
 
 @dataclass
@@ -106,12 +108,12 @@ class TokenSets:
         for variant in (" " + s, s.strip(), s.lower(), " " + s.strip().lower()):
             if variant != s and variant in self.tok_id and variant not in sugg:
                 sugg.append(variant)
-        for c in difflib.get_close_matches(s, self.vocab, n=4, cutoff=0.6):
+        for c in (difflib.get_close_matches(s, self.vocab, n=4, cutoff=0.6) if len(s) <= 100 else ()):
             if c not in sugg:
                 sugg.append(c)
         fix = ("did you mean " + ", ".join(repr("@" + c if c.startswith("@") else c) for c in sugg[:4]) + "?") if sugg \
             else "no close token in the vocabulary; tokens are case- and space-sensitive (' the' has a leading space)"
-        raise e.fail(f"unknown token {spelled!r} in {what}", fix, *quoted(spelled))
+        raise e.fail(f"unknown token {short(spelled)} in {what}", fix, *quoted(spelled))
 
     def ref(self, e: Entry, s, what: str, weighted_ok: bool = False) -> int:
         """sid for a written reference: "token", "@class", or "@@..." for a token that starts with '@'.
@@ -120,19 +122,19 @@ class TokenSets:
         if tid is not None and s[:1] != "@":
             return tid
         if not isinstance(s, str):
-            raise e.fail(f"{what} must be a token string or \"@class\", got {s!r}", "quote it, e.g. \" the\"")
+            raise e.fail(f"{what} must be a token string or \"@class\", got {short(s)}", "quote it, e.g. \" the\"")
         if s.startswith("@@"):
             return self.token(e, s[1:], what)
         if s.startswith("@"):
             name = s[1:]
             k = self.class_ids.get(name)
             if k is None:
-                close = difflib.get_close_matches(name, self.class_names, n=3)
+                close = difflib.get_close_matches(name, self.class_names, n=3) if len(name) <= 100 else []
                 hint = ("did you mean " + ", ".join("@" + c for c in close) + "?") if close else \
                     f"define it with [[class]] id = \"{name}\"; a token that starts with '@' is written '@@...'"
-                raise e.fail(f"unknown class {s!r} in {what}", hint, *quoted(s))
+                raise e.fail(f"unknown class {short(s)} in {what}", hint, *quoted(s))
             if not weighted_ok and self.class_weights[k] is not None:
-                raise e.fail(f"{s!r} is a weighted set ([[weights]]); {what} needs a plain set of tokens",
+                raise e.fail(f"{short(s)} is a weighted set ([[weights]]); {what} needs a plain set of tokens",
                              "use a [[class]] there (weighted sets go in next/now/attend tables)", *quoted(s))
             return self.V + k
         return self.token(e, s, what)
@@ -161,13 +163,16 @@ class TokenSets:
         by_name: dict[str, Entry] = {e.id: e for e in entries}
         state: dict[str, int] = {}  # 1 = resolving, 2 = done
 
-        def resolve(name: str, user: Entry) -> np.ndarray:
+        def resolve(name: str, user: Entry, depth: int = 0) -> np.ndarray:
             k = self.class_ids[name]
             if name == ALL_NAME or state.get(name) == 2:
                 return self.class_members[k]
             e = by_name[name]
             if state.get(name) == 1:
                 raise user.fail(f"class '@{name}' is defined in terms of itself", "break the cycle of class references", "@" + name)
+            if depth > MAX_CLASS_DEPTH:
+                raise user.fail(f"classes are defined through more than {MAX_CLASS_DEPTH} other classes",
+                                "define the set directly (list its tokens, or a pattern)", "@" + name)
             state[name] = 1
             mem = np.zeros(self.V, dtype=np.bool_)
             for key, add in (("tokens", True), ("except", False)):
@@ -180,7 +185,7 @@ class TokenSets:
                     raise e.fail(f"'{key}' must be a list of tokens/@classes", f"write {key} = [\" dog\", \"@animals\"]", key)
                 for s in items:
                     if isinstance(s, str) and s.startswith("@") and not s.startswith("@@") and s[1:] in by_name:
-                        mem[resolve(s[1:], e)] = add
+                        mem[resolve(s[1:], e, depth + 1)] = add
                     else:
                         mem[self.members(self.ref(e, s, f"'{key}'"))] = add
             members = np.flatnonzero(mem).astype(np.int32)
@@ -224,7 +229,7 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
         if "rows" in b:
             for now, nxt in table(e, b["rows"], "rows").items():
                 now_sid = sets.ref(e, now, "'rows'")
-                what = f"rows[{now!r}]"
+                what = f"rows[{short(now)}]"
                 row = [(sets.ref(e, s, what, weighted_ok=True), number(e, w, what, s)) for s, w in table(e, nxt, what).items()]
                 r.rows.append((now_sid, row))
         else:
@@ -238,10 +243,13 @@ def resolve_entry(e: Entry, sets: TokenSets, heads: dict[str, int], group: str) 
             r.numbers += 1
             if k == "default":
                 r.pos_default = w
-            elif k.isdigit():
+            elif k.isascii() and k.isdigit() and int(k) <= MAX_DISTANCE:
                 r.position[int(k)] = w
+            elif k.isascii() and k.isdigit():
+                raise e.fail(f"position key {short(k)} is beyond {MAX_DISTANCE:,}", "no context is that long: use a "
+                             "smaller distance, or `default` for every distance not listed", *quoted(k))
             else:
-                raise e.fail(f"position key '{k}' is not a distance", "use 0, 1, 2, ... (0 = the current token itself) or default", "position")
+                raise e.fail(f"position key {short(k)} is not a distance", "use 0, 1, 2, ... (0 = the current token itself) or default", "position")
         scores = b.get("score", [])
         if not isinstance(scores, list):
             raise e.fail("'score' must be a list of {now, src, w} tables", "write score = [{ now = \"@all\", src = \" the\", w = 2.0 }]", "score")
@@ -292,5 +300,5 @@ def _head(e: Entry, name, heads: dict[str, int], what: str) -> int:
     if not isinstance(name, str) or name not in heads:
         close = difflib.get_close_matches(str(name), list(heads), n=3)
         hint = ("did you mean " + ", ".join(repr(c) for c in close) + "?") if close else "define it with [[head]] id = ..."
-        raise e.fail(f"unknown head {name!r} in '{what}'", hint, *quoted(str(name)))
+        raise e.fail(f"unknown head {short(name)} in '{what}'", hint, *quoted(str(name)))
     return heads[name]

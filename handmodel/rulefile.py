@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-import pickle
 import json
 import math
 import re
@@ -47,7 +46,19 @@ REQUIRED: dict[str, tuple[str, ...]] = {
 NOT_RULES = ("class", "weights")  # kinds that define token sets: no ledger row, no mask entry, no claim
 TOP_KEYS = {"group", "vocab"} | set(KEYS)
 ID_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_ID_LINE = re.compile(r"""\bid\s*=\s*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)')""")
+# One left-to-right scan: an `id = "..."` key, or a string or comment stepped over whole (so `id =` written
+# inside a comment or a doc string is never taken for a rule's id). At each position the alternatives are
+# tried in order: the id key first, then the things it must not be confused with.
+_ID_SCAN = re.compile(r'''
+    (?<![^\s{,])(?:id|"id"|'id')[ \t]*=[ \t]*(?:"((?:[^"\\\n]|\\.)*)"|'([^'\n]*)')
+    |"""(?:[^"\\]|\\[\s\S]|"(?!""))*"""+
+    |\'\'\'[\s\S]*?\'\'\'+
+    |"(?:[^"\\\n]|\\.)*"
+    |'[^'\n]*'
+    |\#[^\n]*
+''', re.X)
+MAX_NUMBER = 1e6  # |number| bound: beyond any useful logit, far below float32 overflow when summed
+MAX_DEPTH = 64  # nesting deeper than this is never a rule file: such parses are not cached
 _HEADER = re.compile(r"^\s*\[\[?\s*([^\]\s]+)")
 
 
@@ -98,7 +109,7 @@ class Entry:
             end += 1
         for needle in needles:
             for i in range(start, end):
-                if needle in lines[i]:
+                if needle in lines[i] and not lines[i].lstrip().startswith("#"):
                     return i + 1
         return self.line
 
@@ -123,9 +134,11 @@ def _parse(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise UserError(f"{path}:{_decode_line(e)}: malformed TOML ({msg}); fix the syntax there "
                         "(strings in double quotes, one key per line, [[kind]] headers)") from None
+    except RecursionError:
+        raise UserError(f"{path}:1: arrays/tables nested too deep; a rule file never needs that") from None
     id_lines: dict[str, list[int]] = {}
     line, last = 1, 0
-    for m in _ID_LINE.finditer(text):
+    for m in _id_keys(text):
         line += text.count("\n", last, m.start())
         last = m.start()
         val = m.group(1)
@@ -140,35 +153,81 @@ def _parse(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
     return data, id_lines
 
 
+def _id_keys(text: str):
+    """The `id = ...` key matches of _ID_SCAN, in order. Without multi-line strings every string and
+    comment ends on its line, so only the lines holding a candidate `id =` need the full scan (twice as
+    fast on big files as scanning every string)."""
+    if '"""' in text or "\'\'\'" in text:
+        yield from (m for m in _ID_SCAN.finditer(text) if m.lastindex is not None)
+        return
+    done = -1
+    for c in _ID_CANDIDATE.finditer(text):
+        start = text.rfind("\n", 0, c.start()) + 1
+        if start <= done:
+            continue  # this line was scanned already
+        end = text.find("\n", c.end())
+        done = end = len(text) if end < 0 else end
+        yield from (m for m in _ID_SCAN.finditer(text, start, end) if m.lastindex is not None)
+
+
+_ID_CANDIDATE = re.compile(r"""\bid["']?[ \t]*=""")
+PARSE_CACHE_VERSION = 2  # 1 was a pickle: never read again (unpickling runs code a cache writer chose)
+
+
+def _plain(x, depth: int = 0) -> bool:
+    """True when x holds only what JSON keeps exactly (TOML dates/times are not: such files are not cached)."""
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(x, dict):
+        return all(_plain(v, depth + 1) for v in x.values())
+    if isinstance(x, list):
+        return all(_plain(v, depth + 1) for v in x)
+    return isinstance(x, (str, int, float, bool))
+
+
+def _read_parse_cache(f: Path, key: str):
+    """(data, id_lines) from a JSON cache entry, or None when absent or not exactly what we wrote."""
+    try:
+        blob = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not (isinstance(blob, dict) and blob.get("version") == PARSE_CACHE_VERSION and blob.get("key") == key
+            and isinstance(blob.get("data"), dict) and isinstance(blob.get("id_lines"), dict)):
+        return None
+    ids = blob["id_lines"]
+    if not all(isinstance(v, list) and all(type(n) is int for n in v) for v in ids.values()):
+        return None
+    return blob["data"], ids
+
+
 def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
     """tomllib is pure Python (~0.5 s for 100k numbers); big tables rarely change, so parsed files are
-    kept on disk by content hash ($HANDMODEL_CACHE, default ~/.cache/handmodel). Any cache trouble
-    just means parsing again."""
+    kept on disk by content hash ($HANDMODEL_CACHE, default ~/.cache/handmodel) as plain JSON (data only:
+    reading it can never run code). Any cache trouble just means parsing again."""
+    if len(text) <= 20_000:  # small files parse faster than a cache round trip
+        return _parse(path, text)
     root = Path(os.environ.get("HANDMODEL_CACHE", Path.home() / ".cache" / "handmodel")) / "parsed"
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    f = root / f"{key}.pickle"
-    if len(text) > 20_000:  # small files parse faster than a cache round trip
-        try:
-            with f.open("rb") as fh:
-                return pickle.load(fh)
-        except Exception:
-            pass
+    f = root / f"{key}.json"
+    got = _read_parse_cache(f, key)
+    if got is not None:
+        return got
     out = _parse(path, text)
-    if len(text) > 20_000:
+    if _plain(out[0]):
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            with tmp.open("wb") as fh:
-                pickle.dump(out, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.write_text(json.dumps({"version": PARSE_CACHE_VERSION, "key": key, "data": out[0], "id_lines": out[1]}),
+                           encoding="utf-8")
             os.replace(tmp, f)
-        except OSError:
+        except (OSError, ValueError):
             pass
     return out
 
 
 def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a UTF-8 byte-order mark (some editors write one) is dropped
     except UnicodeDecodeError:
         raise UserError(f"{path}:1: not UTF-8 text; save the rule file as UTF-8") from None
     data, id_lines = _parse_cached(path, text)
@@ -223,9 +282,9 @@ def check_entry(e: Entry) -> None:
     body, kind = e.body, e.kind
     for key in body:
         if key not in KEYS[kind]:
-            close = difflib.get_close_matches(key, sorted(KEYS[kind]), n=1)
+            close = difflib.get_close_matches(key, sorted(KEYS[kind]), n=1) if len(key) <= 100 else []
             hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(sorted(KEYS[kind]))}"
-            raise e.fail(f"unknown key '{key}'", hint, f"{key} =", key)
+            raise e.fail(f"unknown key {short(key)}", hint, f"{key} =", key)
     for key in REQUIRED[kind]:
         if key not in body:
             raise e.fail(f"missing '{key}'", f"add {key} = ... (see docs/rules.md, [[{kind}]])")
@@ -251,6 +310,15 @@ def check_entry(e: Entry) -> None:
             raise e.fail("has both 'rows' and 'now'/'next'", "write one row with now+next, or many with rows", "rows")
         if "rows" not in body and not ("now" in body and "next" in body):
             raise e.fail("needs 'now' and 'next' (one row) or 'rows' (a table)", "see docs/rules.md, [[bigram]]")
+    for key in ("next", "rows"):
+        if isinstance(body.get(key), dict) and not body[key]:
+            raise e.fail(f"'{key}' is an empty table (the rule would do nothing)",
+                         f"give it at least one entry, e.g. {key} = {{ \" the\" = 1.0 }}, or delete the rule", f"{key} =", key)
+    if kind == "bigram" and isinstance(body.get("rows"), dict):
+        for now, row in body["rows"].items():
+            if isinstance(row, dict) and not row:
+                raise e.fail(f"rows[{short(now)}] is an empty table (the row would do nothing)",
+                             "give it at least one next token, or delete the row", *quoted(now))
     if kind == "head_out" and "next" not in body and "copy" not in body:
         raise e.fail("needs 'next' (a table of tokens to boost) or 'copy' (a number: boost the attended token itself) or both",
                      "add next = { \" the\" = 1.0 } or copy = 1.0 (see docs/rules.md, [[head_out]])")
@@ -262,14 +330,24 @@ def check_entry(e: Entry) -> None:
 
 def number(e: Entry, value, ctx: str, key: str | None = None, needles: tuple[str, ...] | None = None) -> float:
     """A finite float; `ctx[key]` names it in the error (formatted only when failing: hot path)."""
-    if (type(value) is float or type(value) is int) and math.isfinite(value):
+    if (type(value) is float or type(value) is int) and -MAX_NUMBER <= value <= MAX_NUMBER:
         return float(value)
-    what = ctx if key is None else f"{ctx}[{key!r}]"
+    what = ctx if key is None else f"{ctx}[{short(key)}]"
     if needles is None:
         needles = quoted(key) if key is not None else (ctx,)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise e.fail(f"{what} must be a number, got {value!r}", "write a plain number like 1.5", *needles)
-    raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)
+        raise e.fail(f"{what} must be a number, got {short(value)}", "write a plain number like 1.5", *needles)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise e.fail(f"{what} is {value} (not finite)", "use a finite number; a large negative like -30 stands in for -inf", *needles)
+    raise e.fail(f"{what} is {value:g}, beyond ±{MAX_NUMBER:g}", "use a smaller number; a large negative like -30 "
+                 "stands in for -inf (log-probabilities are summed in float32)", *needles)
+
+
+def short(s, n: int = 40) -> str:
+    """repr of a (possibly huge) string for an error message: its first n characters and its length."""
+    if isinstance(s, str) and len(s) > n:
+        return f"{s[:n]!r}… ({len(s):,} characters)"
+    return repr(s)
 
 
 def table(e: Entry, value, key: str) -> dict:

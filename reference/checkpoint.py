@@ -26,6 +26,7 @@ def default_checkpoint() -> Path:
 def save_checkpoint(model: OneLayerTransformer, out: Path, tokenizer_json: str, card: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    card["tokenizer_sha256"] = tokenizer_sha(tokenizer_json)  # in place: callers return the card as saved
     tmp = out / "model.safetensors.tmp"  # write-then-rename: an interrupted save never leaves half a file
     save_file(state, str(tmp))
     tmp.replace(out / "model.safetensors")
@@ -55,10 +56,16 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[OneLayerTransformer
         if not (path / f).exists():
             raise UserError(f"{path}: checkpoint is missing {f}; re-run `handmodel train` or copy the whole folder")
     cfg = _read_config(path / "config.json")
+    _check_shapes(path, cfg)  # before anything is allocated: a wrong n_ctx must fail fast, not after GBs
     try:
         state = load_file(str(path / "model.safetensors"))
     except Exception as e:
         raise UserError(f"{path / 'model.safetensors'}: corrupt weights file ({str(e)[:100]}); restore it or retrain") from None
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{path / 'model.safetensors'}: tensor {name} has {n_bad} NaN/inf values; "
+                            "the weights are damaged (or training diverged): restore them or retrain")
     try:
         tok_vocab = json.loads((path / "tokenizer.json").read_text())["model"]["vocab"]
         n_added = len(json.loads((path / "tokenizer.json").read_text()).get("added_tokens", []))
@@ -68,6 +75,7 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[OneLayerTransformer
     if n_tok != cfg.vocab_size:
         raise UserError(f"{path}: tokenizer has {n_tok} tokens but config.json says vocab_size={cfg.vocab_size}; "
                         "the tokenizer and the weights come from different runs")
+    _check_tokenizer_hash(path)
     model = OneLayerTransformer(cfg)
     try:
         model.load_state_dict(state)
@@ -77,6 +85,44 @@ def load_checkpoint(path: str | Path | None = None) -> tuple[OneLayerTransformer
     model.eval()
     card = json.loads((path / "card.json").read_text()) if (path / "card.json").exists() else {}
     return model, card
+
+
+def tokenizer_sha(tokenizer_json: str | bytes) -> str:
+    """sha256 of tokenizer.json's bytes: recorded in the card, so a swapped tokenizer is caught."""
+    b = tokenizer_json.encode("utf-8") if isinstance(tokenizer_json, str) else tokenizer_json
+    return hashlib.sha256(b).hexdigest()
+
+
+def _check_tokenizer_hash(path: Path) -> None:
+    """A card that records its tokenizer's hash must match tokenizer.json: a foreign tokenizer of the
+    same size would otherwise map every id to the wrong text without any other error."""
+    try:
+        card = json.loads((path / "card.json").read_text())
+    except (OSError, ValueError):
+        return
+    want = card.get("tokenizer_sha256") if isinstance(card, dict) else None
+    if want and tokenizer_sha((path / "tokenizer.json").read_bytes()) != want:
+        raise UserError(f"{path / 'tokenizer.json'}: not the tokenizer this model was trained with (card.json "
+                        f"records sha256 {str(want)[:12]}…); copy tokenizer.json from the training run")
+
+
+def _check_shapes(path: Path, cfg: ModelConfig) -> None:
+    """Tensor names and shapes in the safetensors header against config.json, with no model built (a
+    model on the meta device has shapes but no memory)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise UserError(f"{path / 'model.safetensors'}: corrupt weights file ({str(e)[:100]}); restore it or retrain") from None
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in OneLayerTransformer(cfg).state_dict().items()}
+    for k in sorted(set(want) | set(have)):
+        if have.get(k) != want.get(k):
+            what = (f"missing {k}" if k not in have else f"unexpected tensor {k}" if k not in want
+                    else f"{k} is {list(have[k])}, config.json implies {list(want[k])}")
+            raise UserError(f"{path}: weights do not match config.json ({what}); the files come from different runs")
 
 
 def _read_config(file: Path) -> ModelConfig:

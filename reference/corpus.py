@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +39,26 @@ def read_stories(path: str | Path) -> list[str]:
         raise UserError(f"{path}: no such file or folder; check the --corpus path")
     stories: list[str] = []
     for f in files:
-        stories += split_stories(f.read_text(encoding="utf-8", errors="replace"))
+        stories += split_stories(read_text_warn(f))
     if not stories:
         raise UserError(f"{path}: corpus is empty (no story text found); it needs stories separated by {EOT} lines")
     return stories
+
+
+def read_text_warn(f: Path, warn=None) -> str:
+    """A text file as UTF-8; bytes that are not UTF-8 become U+FFFD, with a one-line warning naming the
+    file and how many bytes were replaced (never silently: the tokens of those stories change)."""
+    raw = f.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    text = raw.decode("utf-8", errors="surrogateescape")  # each bad byte -> one lone surrogate U+DC80..U+DCFF
+    bad = len(re.findall("[\udc80-\udcff]", text))
+    (warn or (lambda m: print(m, file=sys.stderr)))(
+        f"warning: {f}: {bad:,} byte{'s' if bad != 1 else ''} not valid UTF-8, read as U+FFFD; "
+        "re-save the file as UTF-8 if this is not expected")
+    return raw.decode("utf-8", errors="replace")
 
 
 def cache_dir() -> Path:

@@ -136,7 +136,13 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True, log=p
     step, history = 0, []
     state_path = out / "train_state.pt"
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
+        try:  # weights_only: tensors and plain containers only, never code (it may come from anywhere)
+            st = torch.load(state_path, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 -- damaged, or holds objects a safe load refuses
+            raise UserError(f"{state_path}: cannot be read as a training state ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:100]}); pass --no-resume to start over") from None
+        if not isinstance(st, dict) or not {"config", "model", "opt", "step", "history"} <= set(st):
+            raise UserError(f"{state_path}: not a training state saved by `handmodel train`; pass --no-resume to start over")
         if st["config"] != _cfg_key(cfg):
             raise UserError(f"{out}: holds a run with different settings; pass a new --out or --no-resume to overwrite")
         model.load_state_dict(st["model"])

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from handmodel.errors import UserError
-from reference.checkpoint import FILES, checkpoint_hash, load_checkpoint, same_state, save_checkpoint
+from reference.checkpoint import FILES, checkpoint_hash, load_checkpoint, same_state, save_checkpoint, tokenizer_sha
 from reference.model import ModelConfig, OneLayerTransformer
 from reference.tokenizer import train_tokenizer
 
@@ -47,7 +47,7 @@ def test_round_trip_is_bit_exact(ckpt):
     assert loaded.cfg == model.cfg
     assert same_state(loaded.state_dict(), model.state_dict())
     assert all(t.dtype == torch.float32 for t in load_file(str(out / "model.safetensors")).values())
-    assert card == {"steps": 0, "note": {"what": "test"}}
+    assert card == {"steps": 0, "note": {"what": "test"}, "tokenizer_sha256": tokenizer_sha((out / "tokenizer.json").read_text())}
     assert "- **steps**: 0" in (out / "card.md").read_text()
     idx = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -148,3 +148,59 @@ def test_weights_from_another_model_with_same_config(ckpt, tmp_path, tok):
     shutil.copy(other / "model.safetensors", mixed / "model.safetensors")
     load_checkpoint(mixed)
     assert checkpoint_hash(mixed) != checkpoint_hash(out)
+
+
+# -- issue 23: damaged or mismatched checkpoints fail fast and say why ------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_on_load(ckpt, bad):
+    out, model = ckpt
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["W_in"][3, 5] = bad
+    from safetensors.torch import save_file
+
+    save_file(state, str(out / "model.safetensors"))
+    msg = load_error(out)
+    assert msg == (f"{out / 'model.safetensors'}: tensor W_in has 1 NaN/inf values; the weights are damaged "
+                   "(or training diverged): restore them or retrain")
+
+
+def test_a_huge_n_ctx_in_config_fails_fast(ckpt):
+    """n_ctx = 100000 would allocate a 10^10-entry causal mask before load_state_dict noticed."""
+    import resource
+    import time
+
+    out, _ = ckpt
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "n_ctx": 100000}))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    msg = load_error(out)
+    assert time.perf_counter() - t0 < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 500_000  # KiB: nothing big was built
+    assert msg == (f"{out}: weights do not match config.json (W_pos is [16, 32], config.json implies [100000, 32]); "
+                   "the files come from different runs")
+
+
+def test_a_foreign_tokenizer_of_the_same_size_is_caught(ckpt, story_maker):
+    """Same vocabulary size, other merges: every id would decode to other text. The card's hash catches it,
+    in the torch loader and in verify's torch-free checkpoint check alike."""
+    from verify.data import checkpoint_info
+
+    out, _ = ckpt
+    card = json.loads((out / "card.json").read_text())
+    assert len(card["tokenizer_sha256"]) == 64
+    checkpoint_info(out)
+    other = train_tokenizer(story_maker(50, seed=9), vocab_size=290)
+    assert other.get_vocab_size() == 290 and other.to_str() != (out / "tokenizer.json").read_text()
+    (out / "tokenizer.json").write_text(other.to_str())
+    msg = load_error(out)
+    assert msg.startswith(f"{out / 'tokenizer.json'}: not the tokenizer this model was trained with (card.json records sha256 ")
+    with pytest.raises(UserError, match="not the tokenizer this model was trained with"):
+        checkpoint_info(out)
+
+
+def test_the_shipped_card_records_its_tokenizer(shipped_checkpoint):
+    import hashlib
+
+    card = json.loads((shipped_checkpoint / "card.json").read_text())
+    assert card["tokenizer_sha256"] == hashlib.sha256((shipped_checkpoint / "tokenizer.json").read_bytes()).hexdigest()

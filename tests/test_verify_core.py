@@ -1,6 +1,7 @@
 """verify/: reference cache, baselines, ledger metrics, CLI. Uses a tiny random reference (V=300)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -115,6 +116,11 @@ def test_cache_contents_and_invalidation(tiny_world, tmp_path):
     tj = json.loads((other / "tokenizer.json").read_text())
     tj["normalizer"] = None if tj.get("normalizer") else {"type": "NFC"}
     (other / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UserError, match="not the tokenizer this model was trained with"):
+        D.checkpoint_info(other)  # the card records the tokenizer it was saved with
+    card = json.loads((other / "card.json").read_text())
+    card["tokenizer_sha256"] = hashlib.sha256((other / "tokenizer.json").read_bytes()).hexdigest()
+    (other / "card.json").write_text(json.dumps(card))
     ck3 = D.checkpoint_info(other)
     assert D.cache_key(ck3, spec.identity()) != D.cache_key(D.checkpoint_info(ckpt_dir), spec.identity())
     assert D.get_ref_cache(ck3, spec, log=lambda m: None).built
@@ -221,6 +227,11 @@ def test_hand_model_equal_to_reference_gives_zero_kl(tiny_world, tmp_path):
     ce = np.full(len(hand), np.nan, np.float32)
     ce[hn] = -hand[np.nonzero(hn)[0], ref.next_tokens[hn]]
     np.save(d / "ce.npy", ce)
+    from verify.integrity import record  # a deliberate plant re-records the files (else it reads as damage)
+
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"].update({f: record(d / f) for f in ("logp16.npy", "ce.npy")})
+    (d / "meta.json").write_text(json.dumps(meta))
     res = run(ckpt_dir, rules, evalf, train)
     f = res["final"]
     assert f["kl"] < 2e-4 and f["kl_hi"] < 2e-4

@@ -13,6 +13,7 @@ reference cache entry (ref/<key>/baseline-<...>.npz).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ import numpy as np
 
 from handmodel.errors import UserError
 
-from .data import Checkpoint, EvalSpec, RefCache, _atomic_dir, _publish, chunk, corpus_files, file_sha, load_oracle
+from .data import Checkpoint, EvalSpec, RefCache, _atomic_dir, _publish, chunk, corpus_files, file_sha, load_oracle, read_meta
 
 FALLBACK_SAMPLED = 256  # stories sampled from the reference when there is no training text
 FALLBACK_SEED = 1_000_003
+TABLE_FILES = ("log_unigram.npy", "log_bigram.npy", "counts.npy")
+TABLES_VERSION = 2  # 2: meta.json records each file's dtype, shape and checksum
 
 
 @dataclass
@@ -46,12 +49,27 @@ def get_tables(ckpt: Checkpoint, train: Path | None, log=print, cache_root: Path
 
     ident = _train_identity(train)
     tag = ident.get("text_sha") or f"sampled{ident['n']}s{ident['seed']}"
-    d = (cache_root or cache_dir()) / "baselines" / f"{ckpt.hash}-{tag}"
-    if not (d / "meta.json").exists():
+    from verify.integrity import clean_stale, damaged, discard
+
+    d = (cache_root or cache_dir()) / "baselines" / f"{ckpt.hash}-{tag}-v{TABLES_VERSION}"
+    clean_stale(d.parent)
+    for attempt in range(2):
+        if d.exists():
+            meta, why = read_meta(d, d.name)
+            if why is None:
+                V = ckpt.vocab_size
+                shapes = [meta["files"][f]["shape"] for f in TABLE_FILES]
+                if shapes == [[V], [V, V], [V]]:
+                    return BaselineTables(d, meta, np.load(d / "log_unigram.npy"), np.load(d / "log_bigram.npy", mmap_mode="r"))
+                why = f"its tables have shapes {shapes}, the checkpoint's vocabulary is {V}"
+            damaged(d, why)
+            discard(d)
+        if attempt:
+            break
         log(f"baseline cache cold: fitting unigram + oracle bigram on the training text (once) -> {d}")
         _fit(ckpt, train, ident, d)
-    meta = json.loads((d / "meta.json").read_text())
-    return BaselineTables(d, meta, np.load(d / "log_unigram.npy"), np.load(d / "log_bigram.npy", mmap_mode="r"))
+    raise UserError(f"{d}: the baseline tables just fitted do not read back intact; "
+                    "check the disk under $HANDMODEL_CACHE (full? failing?) and re-run")
 
 
 def _fit(ckpt: Checkpoint, train: Path | None, ident: dict, d: Path) -> None:
@@ -109,7 +127,9 @@ def _fit(ckpt: Checkpoint, train: Path | None, ident: dict, d: Path) -> None:
     np.save(tmp / "log_unigram.npy", log_uni.float().numpy())
     np.save(tmp / "log_bigram.npy", log_big.float().numpy())
     np.save(tmp / "counts.npy", counts.numpy().astype(np.int64))
-    meta = {"checkpoint_hash": ckpt.hash, "train": ident, "n_positions": int(n_pos),
+    from verify.integrity import record
+
+    meta = {"key": d.name, "files": {f: record(tmp / f) for f in TABLE_FILES}, "checkpoint_hash": ckpt.hash, "train": ident, "n_positions": int(n_pos),
             "n_tokens_seen": int((counts > 0).sum()), "fit_seconds": round(time.perf_counter() - t0, 2),
             "torch_threads": torch_threads}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -121,10 +141,11 @@ def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 20
     for uniform / unigram / oracle bigram on the eval set. Cached beside the reference cache."""
     f = ref.dir / f"baseline-{tables.dir.name}.npz"
     names = ("uniform", "unigram", "oracle bigram")
-    if f.exists():
-        z = np.load(f)
-        return {n: {k: z[f"{n}|{k}"] for k in ("kl", "ce", "agree")} for n in names}
     N, V = ref.logp.shape
+    if f.exists():
+        got = _read_metrics(f, tables.dir.name, names, N)
+        if got is not None:
+            return got
     if tables.log_bigram.shape != (V, V):
         raise UserError(f"baseline tables in {tables.dir} have vocabulary {tables.log_bigram.shape[0]} but the eval "
                         f"cache has {V}; delete {tables.dir} and re-run")
@@ -156,5 +177,44 @@ def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 20
         out["unigram"]["ce"][s:e][m] = -lu[nxt[s:e][m]]
         out["oracle bigram"]["ce"][s:e][m] = -rows[idx, nxt[s:e][m]]
     out["uniform"]["agree"][:] = False  # argmax of a uniform distribution is undefined; reported as '-'
-    np.savez(f, **{f"{n}|{k}": v for n, d in out.items() for k, v in d.items()})
+    arrays = {f"{n}|{k}": v for n, d in out.items() for k, v in d.items()}
+    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}.npz")  # write, then rename: a kill never leaves half a file
+    try:
+        np.savez(tmp, key=np.array(tables.dir.name), sha=np.array(_metrics_sha(arrays)), **arrays)
+        tmp.replace(f)
+    except OSError:
+        pass
     return out
+
+
+def _metrics_sha(arrays: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_metrics(f: Path, key: str, names, n: int) -> dict | None:
+    """Cached baseline metrics if intact (this key, n positions each, checksum); else reported, None."""
+    from verify.integrity import damaged
+
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            arrays = {f"{m}|{k}": z[f"{m}|{k}"] for m in names for k in ("kl", "ce", "agree")}
+            stored, sha = str(z["key"]), str(z["sha"])
+        if stored != key:
+            why = f"it holds the metrics of tables {stored[:40]!r}"
+        elif any(a.shape != (n,) for a in arrays.values()):
+            why = f"its arrays do not cover the eval set's {n} positions"
+        elif sha != _metrics_sha(arrays):
+            why = "checksum mismatch"
+        else:
+            return {m: {k: arrays[f"{m}|{k}"] for k in ("kl", "ce", "agree")} for m in names}
+    except Exception as e:  # noqa: BLE001 -- any unreadable entry is recomputed, never used
+        why = f"unreadable: {type(e).__name__}: {str(e)[:80]}"
+    damaged(f, why)
+    return None

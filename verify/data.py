@@ -27,7 +27,7 @@ import numpy as np
 
 from handmodel.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: meta.json records each file's dtype, shape and checksum
 CKPT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 MIN_TOKENS = 64  # fewer eval positions than this give meaningless numbers
 SAMPLE_MAX_LEN = 256  # sampled stories stop here (or at EOT, or at the context length)
@@ -74,6 +74,13 @@ def checkpoint_info(path: str | Path | None) -> Checkpoint:
     for f in CKPT_FILES:  # identical to reference.checkpoint.checkpoint_hash
         h.update(f.encode())
         h.update((path / f).read_bytes())
+    try:  # the card records its tokenizer's sha256 (reference.checkpoint.save_checkpoint): a swap is caught
+        want = json.loads((path / "card.json").read_text()).get("tokenizer_sha256")
+    except (OSError, ValueError, AttributeError):
+        want = None
+    if want and hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest() != want:
+        raise UserError(f"{path / 'tokenizer.json'}: not the tokenizer this model was trained with (card.json "
+                        f"records sha256 {str(want)[:12]}…); copy tokenizer.json from the training run")
     try:
         cfg = json.loads((path / "config.json").read_text())
         n_ctx, vocab_size = int(cfg["n_ctx"]), int(cfg["vocab_size"])
@@ -173,9 +180,47 @@ def cache_key(ckpt: Checkpoint, ident: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _load_entry(d: Path) -> RefCache:
-    meta = json.loads((d / "meta.json").read_text())
-    return RefCache(d, meta, np.load(d / "tokens.npy"), np.load(d / "offsets.npy"),
+REF_FILES = ("tokens.npy", "offsets.npy", "logp16.npy", "ce.npy", "ent.npy")
+
+
+def read_meta(d: Path, key: str | None = None) -> tuple[dict | None, str | None]:
+    """(meta.json of an entry folder, None) when it and every file it records are intact (and it names
+    `key`, when given), else (None, why)."""
+    from verify.integrity import check_entry
+
+    try:
+        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return None, f"meta.json is unreadable ({type(e).__name__})"
+    if not isinstance(meta, dict):
+        return None, "meta.json is not a JSON object"
+    if key is not None and meta.get("key") != key:
+        return None, f"meta.json names key {str(meta.get('key'))[:24]!r}"
+    why = check_entry(d, meta.get("files"))
+    return (None, why) if why else (meta, None)
+
+
+def _load_entry(d: Path, key: str) -> RefCache | None:
+    """The entry in folder d if it is intact and is the one for key; else None (reported, discarded)."""
+    from verify.integrity import damaged, discard
+
+    meta, why = read_meta(d, key)
+    if why is None:
+        n, v, s = meta.get("n_tokens"), meta.get("vocab_size"), meta.get("n_seqs")
+        shapes = {f: (meta["files"].get(f) or {}).get("shape") for f in REF_FILES}
+        want = {"tokens.npy": [n], "offsets.npy": [s + 1 if type(s) is int else None], "logp16.npy": [n, v],
+                "ce.npy": [n], "ent.npy": [n]}
+        if shapes != want:
+            why = f"its arrays do not fit its {n} tokens x {v} (shapes {shapes})"
+    if why is None:
+        offsets = np.load(d / "offsets.npy")
+        if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) <= 0):
+            why = "offsets.npy is not a list of sequence boundaries"
+    if why is not None:
+        damaged(d, why)
+        discard(d)
+        return None
+    return RefCache(d, meta, np.load(d / "tokens.npy"), offsets,
                     np.load(d / "logp16.npy", mmap_mode="r"), np.load(d / "ce.npy"), np.load(d / "ent.npy"))
 
 
@@ -202,8 +247,13 @@ def get_ref_cache(ckpt: Checkpoint, spec: EvalSpec, log=print, cache_root: Path 
     ident = spec.identity()
     key = cache_key(ckpt, ident)
     d = root / key
-    if (d / "meta.json").exists():
-        return _load_entry(d)
+    from verify.integrity import clean_stale
+
+    clean_stale(root)
+    if d.exists():
+        rc = _load_entry(d, key)
+        if rc is not None:
+            return rc
     log(f"reference cache cold: computing the reference's log-probs for this eval set (once) -> {d}")
     t0 = time.perf_counter()
     oracle = load_oracle(ckpt)
@@ -263,13 +313,19 @@ def get_ref_cache(ckpt: Checkpoint, spec: EvalSpec, log=print, cache_root: Path 
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "ce.npy", ce)
     np.save(tmp / "ent.npy", ent)
-    meta = {"version": CACHE_VERSION, "key": key, "checkpoint": str(ckpt.path), "checkpoint_hash": ckpt.hash,
+    from verify.integrity import record
+
+    files = {f: record(tmp / f) for f in REF_FILES}
+    meta = {"version": CACHE_VERSION, "key": key, "files": files, "checkpoint": str(ckpt.path), "checkpoint_hash": ckpt.hash,
             "tokenizer_hash": ckpt.tokenizer_hash, "eval": ident, "n_tokens": int(n_tok), "n_seqs": len(seqs),
             "n_split": int(n_split), "n_ctx": ckpt.n_ctx, "vocab_size": V, "float16_precision": prec,
             "build_seconds": round(time.perf_counter() - t0, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     _publish(tmp, d)
-    rc = _load_entry(d)
+    rc = _load_entry(d, key)
+    if rc is None:
+        raise UserError(f"{d}: the reference cache entry just built does not read back intact; "
+                        "check the disk under $HANDMODEL_CACHE (full? failing?) and re-run")
     rc.built = True
     return rc
 

@@ -66,38 +66,32 @@ def group_masks(rules) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-ROW_CACHE_VERSION = 1
+ROW_CACHE_VERSION = 2  # 2: keyed by what load_rules compiled (not file bytes); entries carry key + checksum
 
 
 def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     """A content key per ledger row: the logits under a row's mask depend only on the rules it switches
     on (switched-off rules contribute nothing, and a head that is off gives its readers nothing), on
-    the classes and weighted sets, and on the eval set. So a row's key hashes the text of every file
-    holding one of its rules, a class or a weighted set: editing the last rule file recomputes only the
-    rows that include it."""
+    the classes and weighted sets, and on the eval set. So a row's key hashes the compiled form of each
+    of its rules and of every token set: exactly what load_rules read, however the files were written
+    (editing the last rule file recomputes only the rows that include it)."""
     import hashlib
-    from pathlib import Path
 
-    texts: dict[str, bytes] = {}
-    for f in dict.fromkeys(rules.rule_files):
-        texts[f] = Path(f).read_bytes()
-    folder = Path(rules.rule_files[0]).parent if rules.rule_files else None
-    class_files = []
-    if folder is not None:
-        for f in sorted(folder.glob("*.toml")):
-            b = texts.get(str(f)) or f.read_bytes()
-            if b"[[class]]" in b or b"[[weights]]" in b:
-                texts[str(f)] = b
-                class_files.append(str(f))
-    sha = {f: hashlib.sha256(b).hexdigest() for f, b in texts.items()}
-    engine = _engine_sha()
-    files = np.asarray(rules.rule_files, dtype=object)
+    per_rule = [hashlib.sha256(repr(r).encode()).digest() for r in rules.rules]
+    sets = rules.sets
+    h = hashlib.sha256(repr((sets.class_names, sets.class_entries)).encode())
+    for mem, w in zip(sets.class_members, sets.class_weights):
+        h.update(np.ascontiguousarray(mem, np.int64).tobytes())
+        h.update(b"|" if w is None else np.ascontiguousarray(w, np.float64).tobytes())
+        h.update(b";")
+    sets_sha = h.hexdigest()
+    head = repr((ROW_CACHE_VERSION, _engine_sha(), ref.meta.get("key"), len(rules.vocab), rules.n_heads, sets_sha))
     keys = []
     for m in masks:
-        used = sorted(set(files[m].tolist()) | set(class_files))
-        blob = repr((ROW_CACHE_VERSION, engine, ref.meta.get("key"), len(rules.vocab), [(Path(f).name, sha[f]) for f in used],
-                     [rules.rule_ids[i] for i in np.flatnonzero(m)]))
-        keys.append(hashlib.sha256(blob.encode()).hexdigest()[:24])
+        hk = hashlib.sha256(head.encode())
+        for i in np.flatnonzero(m):
+            hk.update(per_rule[i])
+        keys.append(hk.hexdigest()[:24])
     return keys
 
 
@@ -120,25 +114,57 @@ def _engine_sha() -> str:
     return _ENGINE_SHA
 
 
+ROW_FIELDS = ("kl", "ce", "agree")
+
+
+def _row_sha(m: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in ROW_FIELDS:
+        a = np.ascontiguousarray(m[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _load_row(ref, key: str | None) -> dict | None:
+    """A cached row, checked: it must name this key, cover this eval set's positions and match its
+    checksum. Anything else (swapped, truncated, garbage) is reported, deleted and recomputed."""
+    from verify.integrity import damaged
+
     f = ref.dir / "ledger" / f"{key}.npz" if key else None
-    if f is not None and f.exists():
-        try:
-            z = np.load(f)
-            return {k: z[k] for k in ("kl", "ce", "agree")}
-        except Exception:
-            pass  # a damaged entry is recomputed
+    if f is None or not f.exists():
+        return None
+    n = len(ref.tokens)
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            m = {k: z[k] for k in ROW_FIELDS}
+            stored_key, sha = str(z["key"]), str(z["sha"])
+        if stored_key != key:
+            why = f"it holds the row of key {stored_key[:24]!r}"
+        elif any(m[k].shape != (n,) for k in ROW_FIELDS):
+            why = f"shape {m['kl'].shape}, the eval set has {n} positions"
+        elif sha != _row_sha(m):
+            why = "checksum mismatch"
+        else:
+            return m
+    except Exception as e:  # noqa: BLE001 -- any unreadable entry is rebuilt, never used
+        why = f"unreadable: {type(e).__name__}: {str(e)[:80]}"
+    damaged(f, why)
     return None
 
 
 def _store_row(ref, key: str | None, m: dict) -> None:
+    import os
+
     if key is None:
         return
     f = ref.dir / "ledger" / f"{key}.npz"
     try:
         f.parent.mkdir(exist_ok=True)
-        tmp = f.with_suffix(".tmp.npz")
-        np.savez(tmp, kl=m["kl"], ce=m["ce"], agree=m["agree"])
+        tmp = f.with_name(f".{key}.tmp{os.getpid()}.npz")  # per process: concurrent runs never share a temp
+        np.savez(tmp, key=np.array(key), sha=np.array(_row_sha(m)), **{k: m[k] for k in ROW_FIELDS})
         tmp.replace(f)
     except OSError:
         pass
@@ -148,6 +174,10 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
     """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
     since the last run on this eval set come from the row cache (row_keys); the others are computed
     together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
+    from verify.integrity import clean_stale
+
+    for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
+        clean_stale(folder)
     masks = group_masks(rules)
     if final_only:
         masks = masks[-1:]

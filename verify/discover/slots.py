@@ -6,6 +6,7 @@ tomlkit document, so `write_back` can change the number in place and keep commen
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Slots:
     slots: list[Slot] = field(default_factory=list)
     by_rule: list[dict] = field(default_factory=list)
     docs: dict = field(default_factory=dict)  # file -> tomlkit document
+    texts: dict = field(default_factory=dict)  # file -> its text as read (write_back refuses if it changed since)
     tables: dict = field(default_factory=dict)  # (file, kind, rule id) -> tomlkit table
     rule_tables: list = field(default_factory=list)  # per rule: its tomlkit table
     file_of: list = field(default_factory=list)
@@ -55,7 +57,8 @@ def read_slots(rules) -> Slots:
     S.file_of = [r.file for r in rules.rules]
     for f in sorted(set(S.file_of)):
         with open(f, encoding="utf-8", newline="") as fh:  # newline="": keep CRLF files CRLF
-            S.docs[f] = tomlkit.parse(fh.read())
+            S.texts[f] = fh.read()
+        S.docs[f] = tomlkit.parse(S.texts[f].removeprefix(BOM))
         for kind, aot in S.docs[f].items():
             if kind in ("group", "vocab") or not isinstance(aot, list):
                 continue
@@ -114,8 +117,20 @@ def fmt(v: float) -> float:
     return float(f"{v:.4g}") if abs(v) < 1000 else round(v, 1)
 
 
+BOM = "\ufeff"  # a byte-order mark some editors write: kept on write-back
+
+
+def _target(f: str) -> Path:
+    """Where writing `f` lands: through a symlink, its target (the link itself stays a link)."""
+    return Path(os.path.realpath(f))
+
+
 def write_back(S: Slots, theta: np.ndarray, only: np.ndarray | None = None) -> list[str]:
-    """Put theta into the TOML documents and write the files that changed (atomically). Returns their paths."""
+    """Put theta into the TOML documents and write the files that changed. Returns their paths.
+
+    A file edited since read_slots read it is never overwritten (the edit would be lost): the whole
+    write is refused, naming it. All new texts go to temporary files first and are renamed into place
+    only once every one is written, so a failure part way leaves every rule file as it was."""
     import tomlkit
 
     changed = set()
@@ -130,9 +145,35 @@ def write_back(S: Slots, theta: np.ndarray, only: np.ndarray | None = None) -> l
             c = c[k]
         _set(c, s.path[-1], v)
         changed.add(s.file)
-    for f in sorted(changed):
-        p = Path(f)
-        tmp = p.with_name(p.name + ".fit-tmp")
-        tmp.write_text(tomlkit.dumps(S.docs[f]), encoding="utf-8", newline="")
+    files = sorted(changed)
+    for f in files:
+        try:
+            with open(_target(f), encoding="utf-8", newline="") as fh:
+                now = fh.read()
+        except (OSError, UnicodeDecodeError):
+            now = None
+        if now != S.texts.get(f):
+            raise UserError(f"{f}: changed on disk while fit was running (since it was read); nothing was written, "
+                            "so your edit is safe: re-run fit on the edited files")
+    temps: list[tuple[Path, Path]] = []
+    written: dict[str, str] = {}
+    try:
+        for f in files:
+            p = _target(f)
+            tmp = p.with_name(f".{p.name}.fit-tmp{os.getpid()}")
+            text = tomlkit.dumps(S.docs[f])
+            if S.texts[f].startswith(BOM):
+                text = BOM + text
+            temps.append((tmp, p))
+            written[f] = text
+            tmp.write_text(text, encoding="utf-8", newline="")
+            if p.exists():
+                os.chmod(tmp, os.stat(p).st_mode & 0o7777)
+    except OSError as e:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write the fitted rule files ({e}); nothing was changed") from None
+    for tmp, p in temps:
         tmp.replace(p)
-    return sorted(changed)
+    S.texts.update(written)  # a later write_back in this run compares with what it wrote
+    return files
