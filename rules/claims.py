@@ -82,7 +82,7 @@ def main() -> int:
         (RULES / fname).write_text(t, encoding="utf-8")
     # the same checker, arguments and example budget as tests/test_shipped_rules_check.py, so what is
     # marked here is exactly what the pytest cases will find
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     corpus = RULES.parent.parent / "shared" / "corpus" / "tinystories" / "train.txt"
     checker = Checker.from_paths(RULES, RULES.parent / "reference" / "default", corpus if corpus.exists() else None,

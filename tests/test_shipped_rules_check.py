@@ -50,7 +50,7 @@ if not IDS:
 else:
     @pytest.fixture(scope="module")
     def checker():
-        from verify.checkrules import Checker
+        from verify.claims import Checker
 
         corpus = SHARED_CORPUS / "train.txt"
         return Checker.from_paths(RULES, CHECKPOINT, corpus if corpus.exists() else None, examples=EXAMPLES,
