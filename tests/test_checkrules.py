@@ -349,27 +349,6 @@ def test_contexts_do_not_depend_on_what_else_is_imported(checker, tmp_path, monk
     assert after == before
 
 
-def test_checker_attention_is_the_twins(checker):
-    """Checker._attention (score entries folded per `now`) == handmodel.twin.attention, query entries included."""
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from handmodel.twin import attention
-
-    heads = checker.heads
-    blue, zap = checker.o.vocab.index(" blue"), checker.o.vocab.index("zap")
-
-    @settings(max_examples=40, deadline=None, derandomize=True)
-    @given(st.lists(st.sampled_from([blue, zap] + list(range(12))), min_size=1, max_size=30), st.data())
-    def same(seq, data):
-        s = np.asarray(seq)
-        t = data.draw(st.integers(0, len(s) - 1))
-        for r in heads:
-            np.testing.assert_allclose(checker._attention(r, s, t), attention(checker.rules, r, s, t), rtol=1e-12, atol=1e-14)
-
-    same()
-
-
 FEATURE = """
 [[neuron]]
 id = "feature.zap_blue"

@@ -81,6 +81,7 @@ from typing import Callable
 
 import numpy as np
 
+from handmodel import twin
 from handmodel.errors import UserError
 
 CHECK_KEYS = {"margin", "fraction", "min_weight", "together", "ref_head", "ref_neuron", "share", "level", "feature", "helps", "neutral", "distance",
@@ -353,8 +354,7 @@ class Checker:
         counts = np.bincount(pool, minlength=self.V)
         order = np.argsort(-counts, kind="stable")
         self.freq = [int(t) for t in order[: 512] if counts[t] > 0] or list(range(min(self.V, 512)))
-        self.heads = [r for r in rules.rules if r.kind == "head"]
-        self._head_index = {r.id: i for i, r in enumerate(self.heads)}
+        self.heads = twin.head_rules(rules)
 
     @classmethod
     def from_paths(cls, rules_path, checkpoint=None, corpus=None, examples: int = DEFAULT_EXAMPLES, **kw) -> "Checker":
@@ -383,25 +383,6 @@ class Checker:
         return self._forward(list(seqs))[0]
 
     # -- helpers --------------------------------------------------------------------------------
-    def _attention(self, r, seq: np.ndarray, t: int) -> np.ndarray:
-        """handmodel.twin.attention, read from the compiled arrays: the compiler has already folded the
-        head's score entries into one source-score row per `now` reference (the twin re-tests every
-        entry per call: ~800 entries on the shipped heads made the head and neuron checks minutes long).
-        Tests hold the two equal."""
-        a, V = self.rules.arrays, self.V
-        h = self._head_index[r.id]
-        dist = t - np.arange(t + 1)
-        table = a.pos_val[a.pos_ptr[h]:a.pos_ptr[h + 1]]
-        score = np.full(t + 1, a.pos_default[h], dtype=np.float64)
-        near = dist < len(table)
-        score[near] = table[dist[near]]
-        ctx = np.asarray(seq[: t + 1])
-        key = h * V + int(seq[t])
-        for g in a.hg_grp[a.hg_ptr[key]:a.hg_ptr[key + 1]]:
-            score = score + a.src_score[g, ctx]
-        e = np.exp(score - score.max())
-        return e / e.sum()
-
     def _tokens_of(self, sid) -> np.ndarray:
         return np.asarray(sid, dtype=np.int64) if isinstance(sid, Pool) else self.sets.members(sid)
 
@@ -569,8 +550,7 @@ class Checker:
         from hypothesis import strategies as st
 
         wvec = np.zeros(self.V)
-        for sid, w in r.next:
-            wvec[self.sets.members(sid)] += w * self.sets.weights_of(sid)
+        twin.add_targets(self.rules, wvec, r.next, 1.0)  # the prior's logit vector
         w_med = float(np.median(wvec))
         targets = self._targets(r.next, claim, shift=w_med)
         if not targets:
@@ -735,7 +715,7 @@ class Checker:
             k, seq, j = case
             _, c = self._forward([seq], cache=True)
             ref = float(c["attn.pattern"][0, h, -1, j])
-            hand = float(self._attention(r, np.asarray(seq), len(seq) - 1)[j])
+            hand = float(twin.attention(self.rules, r, np.asarray(seq), len(seq) - 1)[j])
             need = claim.share if claim.share is not None else 0.5 * hand
             return Outcome(ref >= need, ref - need, f"{parts[k][0]}: reference head {h} puts {ref:.2f} on the source "
                                                     f"(rule predicts {hand:.2f}; needs ≥ {need:.2f})")
@@ -752,8 +732,6 @@ class Checker:
         import torch
         from hypothesis import strategies as st
 
-        from handmodel.twin import _in, _weight
-
         targets = self._targets(r.next, claim)
         if claim.feature and not targets:
             raise NoClaim("no target weight (above min_weight): a feature claim is about its targets")
@@ -768,18 +746,13 @@ class Checker:
         model = self.o.model
         W_out = None if n_idx is None else model.W_out[n_idx]
 
+        read = sorted({hh for hh, _, _ in r.n_attend})
+
         def hand_act(seq: list[int]) -> float:
             s = np.asarray(seq)
             t = len(s) - 1
-            cur, earlier = s[t:], s[:t]
-            pre = -r.threshold
-            for sid, w in r.n_now:
-                pre += w * _weight(self.rules, sid, cur)[0]
-            for sid, w in r.n_present:
-                pre += w * bool(_in(self.rules, sid, earlier).any())
-            for hh, sid, w in r.n_attend:
-                pre += w * float((self._attention(self.heads[hh], s, t) * _weight(self.rules, sid, s)).sum())
-            return max(0.0, pre)
+            att = {hh: twin.attention(self.rules, self.heads[hh], s, t) for hh in read}
+            return twin.neuron_activation(twin.neuron_preactivation(self.rules, r, s, t, att))
 
         @st.composite
         def cases(draw):
