@@ -1,5 +1,5 @@
 """Every rule of the shipped ruleset (rules/) is a claim about the shipped reference (reference/default/):
-one test per rule id, checked by `handmodel check-rules` logic (verify/checkrules.py).
+one test per rule id, checked by `handmodel check-rules` logic (verify/claims/, docs/claims.md).
 
 Budget: HANDMODEL_CHECK_EXAMPLES contexts per rule (default 10: the file stays fast); set it higher for
 a deeper run. Rules marked `check = { expect = "fail", why = "..." }` are expected failures (strict: a
