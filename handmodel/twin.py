@@ -164,9 +164,10 @@ def neuron_preactivation(rules: CompiledRules, r: Rule, seq: np.ndarray, t: int,
     return pre
 
 
-def neuron_activation(pre: float) -> float:
-    """A neuron's activation from its pre-activation (ReLU); it adds activation × `next` to the logits."""
-    return max(0.0, pre)
+def neuron_activation(pre):
+    """A neuron's activation from its pre-activation (ReLU; a number, or an array elementwise); the neuron
+    adds activation × `next` to the logits."""
+    return np.maximum(pre, 0.0) if isinstance(pre, np.ndarray) else max(0.0, pre)
 
 
 def contributions(rules: CompiledRules, seq: np.ndarray, t: int, mask: np.ndarray | None = None):

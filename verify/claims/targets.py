@@ -20,7 +20,6 @@ class Pool(tuple):
         return self
 
 
-
 class Targets:
     """The target helpers of a Checker (needs self.sets and self.V)."""
 
