@@ -74,11 +74,34 @@ def attention_scores(rules: CompiledRules, r: Rule, seq: np.ndarray, t: int) -> 
     {now, src, w} whose `now` holds seq[t] and whose `src` holds seq[s]."""
     ctx = np.asarray(seq[: t + 1])
     score = position_score(r.position, r.pos_default, t - np.arange(t + 1))
-    c = int(seq[t])
-    for now, src, w in r.scores:
-        if in_set(rules, now, c):
-            score = score + w * in_set(rules, src, ctx)
-    return score
+    if not r.scores:
+        return score
+    # every entry at once (a fitted head has ~1,000): which entries' `now` holds c, their `src` on each s
+    now, src, w = _score_arrays(r)
+    hit = _in_sets(rules, now, np.array([int(seq[t])]))[:, 0] > 0
+    return score + w[hit] @ _in_sets(rules, src[hit], ctx)
+
+
+_SCORES: dict[int, tuple] = {}
+
+
+def _score_arrays(r: Rule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """r.scores as arrays (now sids, src sids, w), memoised per rule: converting ~1,000 tuples was most of
+    the cost of an attention row. The memo holds the list it was made from and is rebuilt if that list is
+    another object or has grown."""
+    got = _SCORES.get(id(r))
+    if got is None or got[0] is not r.scores or got[1] != len(r.scores):
+        sc = np.asarray(r.scores, dtype=np.float64).reshape(-1, 3)
+        got = (r.scores, len(r.scores), sc[:, 0].astype(np.int64), sc[:, 1].astype(np.int64), sc[:, 2].copy())
+        _SCORES[id(r)] = got
+    return got[2], got[3], got[4]
+
+
+def _in_sets(rules: CompiledRules, sids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """[len(sids), len(tokens)] float 0/1: in_set for many sets at once."""
+    V = rules.vocab_size
+    cls = rules.sets.member_matrix[np.maximum(sids - V, 0)[:, None], tokens[None, :]]
+    return np.where((sids < V)[:, None], sids[:, None] == tokens[None, :], cls).astype(np.float64)
 
 
 def attention(rules: CompiledRules, r: Rule, seq: np.ndarray, t: int) -> np.ndarray:
