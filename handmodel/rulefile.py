@@ -32,7 +32,7 @@ KEYS: dict[str, set[str]] = {
     "neuron": {"id", "doc", "group", "threshold", "now", "present", "attend", "next", "check"},
 }
 # `check = { margin = 0.5, fraction = 0.8, ... }` on a rule: the claim `handmodel check-rules` tests
-# against the reference (verify/checkrules.py). A flat table of numbers/strings; the engine ignores it.
+# against the reference (verify/claims/, docs/claims.md). A flat table of numbers/strings; the engine ignores it.
 REQUIRED: dict[str, tuple[str, ...]] = {
     "class": ("id", "doc"),
     "weights": ("id", "doc", "tokens"),

@@ -90,7 +90,7 @@ def main() -> int:
         (rules_dir / fname).write_text(t, encoding="utf-8")
     # the same checker, arguments and example budget as tests/test_shipped_rules_check.py, so what is
     # marked here is exactly what the pytest cases will find
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     corpus = ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt"
     checker = Checker.from_paths(rules_dir, ROOT / "reference" / "default", corpus if corpus.exists() else None,

@@ -203,7 +203,7 @@ check = {{ ref_neuron = {neuron}, level = 0.5 }}
 
 @pytest.fixture(scope="module")
 def rules_file(tmp_path_factory, facts, oracle, planted):
-    from verify.checkrules import unigram_logp, context_pool
+    from verify.claims import unigram_logp, context_pool
 
     pool, _ = context_pool(oracle, planted[1])
     uni = unigram_logp(oracle, pool)[oracle.vocab.index(" moon")]
@@ -217,7 +217,7 @@ def rules_file(tmp_path_factory, facts, oracle, planted):
 
 @pytest.fixture(scope="module")
 def checker(rules_file, planted):
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     return Checker.from_paths(rules_file, planted[0], planted[1], examples=EXAMPLES)
 
@@ -290,7 +290,7 @@ def test_deterministic(checker, results):
 
 def test_check_table_is_validated(tmp_path, oracle, planted):
     from handmodel import load_rules
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     f = tmp_path / "r.toml"
     f.write_text('[[bigram]]\nid = "b"\ndoc = "d"\nnow = " the"\nnext = { " dog" = 1.0 }\ncheck = { margn = 0.5 }\n')
@@ -343,7 +343,7 @@ def test_contexts_do_not_depend_on_what_else_is_imported(checker, tmp_path, monk
 
     from hypothesis.internal.conjecture import providers as P
 
-    from verify.checkrules import no_local_constants
+    from verify.claims import no_local_constants
 
     by = {r.id: r for r in checker.rules.rules}
     rule = by["skip.zap_blue_moon"]
@@ -362,27 +362,6 @@ def test_contexts_do_not_depend_on_what_else_is_imported(checker, tmp_path, monk
     assert after == before
 
 
-def test_checker_attention_is_the_twins(checker):
-    """Checker._attention (score entries folded per `now`) == handmodel.twin.attention, query entries included."""
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    from handmodel.twin import attention
-
-    heads = checker.heads
-    blue, zap = checker.o.vocab.index(" blue"), checker.o.vocab.index("zap")
-
-    @settings(max_examples=40, deadline=None, derandomize=True)
-    @given(st.lists(st.sampled_from([blue, zap] + list(range(12))), min_size=1, max_size=30), st.data())
-    def same(seq, data):
-        s = np.asarray(seq)
-        t = data.draw(st.integers(0, len(s) - 1))
-        for r in heads:
-            np.testing.assert_allclose(checker._attention(r, s, t), attention(checker.rules, r, s, t), rtol=1e-12, atol=1e-14)
-
-    same()
-
-
 FEATURE = """
 [[neuron]]
 id = "feature.zap_blue"
@@ -399,7 +378,7 @@ check = {{ feature = 1 }}
 def test_feature_claim_tests_behaviour_against_the_rest_of_the_hand_model(tmp_path, planted, w, status):
     """`feature = 1`: no reference neuron; with the triggers in (' blue' last, 'zap' earlier) vs neutral
     tokens, the reference must move ' moon' the way the rule pushes it, beyond what the other rules do."""
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     f = tmp_path / "feature.toml"
     f.write_text(FEATURE.format(w=w), encoding="utf-8")
@@ -412,7 +391,7 @@ def test_feature_claim_tests_behaviour_against_the_rest_of_the_hand_model(tmp_pa
 
 
 def test_feature_claim_needs_targets_and_a_whole_flag(tmp_path, planted):
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     f = tmp_path / "f.toml"
     f.write_text(FEATURE.format(w=0.0).replace("feature = 1", "feature = 1, min_weight = 1.0"), encoding="utf-8")
@@ -446,7 +425,7 @@ def test_helps_claim_is_judged_by_kl_on_text_where_the_rule_acts(tmp_path, plant
     """`helps = 1`: at corpus positions where ' blue' follows 'zap', the hand model with the rule must be closer
     to the reference (KL) than without it. The planted skip-trigram with its true sign helps; the wrong sign
     hurts, and the counterexample is real text (nothing inserted) with both KLs."""
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     f = tmp_path / "helps.toml"
     f.write_text(HELPS.format(w=w), encoding="utf-8")
@@ -466,7 +445,7 @@ def test_helps_claim_is_judged_by_kl_on_text_where_the_rule_acts(tmp_path, plant
 def test_helps_claim_without_a_trigger_in_the_pool_claims_nothing(tmp_path, planted):
     import json as _json
 
-    from verify.checkrules import Checker
+    from verify.claims import Checker
 
     f = tmp_path / "h.toml"
     f.write_text(HELPS.format(w=2.0), encoding="utf-8")
@@ -482,7 +461,7 @@ def test_helps_claim_without_a_trigger_in_the_pool_claims_nothing(tmp_path, plan
 def test_kl_last_is_finite_and_nonnegative():
     from hypothesis import given, settings, strategies as st
 
-    from verify.checkrules import kl_last
+    from verify.claims import kl_last
 
     @settings(max_examples=50, deadline=None)
     @given(st.lists(st.floats(-30, 30), min_size=3, max_size=3), st.lists(st.floats(-30, 30), min_size=3, max_size=3))
@@ -536,7 +515,7 @@ tokens = {{ " the" = 1.0, "the" = 1.0, " blue" = -1.0 }}
 def test_weighted_set_claims_split_by_the_sign_of_each_member(tmp_path, facts, planted):
     """A weighted-set target pushes each member by x·w_v: its raised members are one pooled target, its lowered
     ones another; as a neuron input, only members with x·w_v > 0 are triggers."""
-    from verify.checkrules import Checker, Claim
+    from verify.claims import Checker, Claim
 
     f = tmp_path / "w.toml"
     f.write_text(WEIGHTED.format(**facts), encoding="utf-8")

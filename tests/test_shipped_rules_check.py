@@ -1,5 +1,5 @@
 """Every rule of the shipped ruleset (rules/) is a claim about the shipped reference (reference/default/):
-one test per rule id, checked by `handmodel check-rules` logic (verify/checkrules.py).
+one test per rule id, checked by `handmodel check-rules` logic (verify/claims/, docs/claims.md).
 
 Needs ../shared's train.txt (the contexts the claims were recorded on): without it the file skips with the
 reason (CI's HANDMODEL_REQUIRE_SHARED=1 makes that a failure). Budget: HANDMODEL_CHECK_EXAMPLES contexts per rule (default 10: the file stays fast); set it higher for
@@ -56,7 +56,7 @@ if not IDS:
 else:
     @pytest.fixture(scope="module")
     def checker():
-        from verify.checkrules import Checker
+        from verify.claims import Checker
 
         return Checker.from_paths(RULES, CHECKPOINT, SHARED_CORPUS / "train.txt", examples=EXAMPLES,
                                   shrink_calls=max(100, 5 * EXAMPLES))

@@ -39,7 +39,7 @@ def check_rules_cmd(
                                                       "of the claim its check line states (margin and fraction carry over)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
-    from .checkrules import Checker
+    from .claims import Checker
 
     if examples < 1:
         from handmodel.errors import UserError

@@ -18,7 +18,7 @@ from .bigrams import BigramDraft
 
 # Every drafted rule says it makes no claim yet (`handmodel check-rules` reports "no claim" instead of
 # testing a fitted correction as if a person had asserted it); the researcher states the claim
-# (margin, fraction, ...) when they adopt the rule. See verify/checkrules.py.
+# (margin, fraction, ...) when they adopt the rule. See docs/claims.md.
 DRAFT_CHECK = 'check = { expect = "none", why = "drafted by suggest: a fitted correction, no claim stated yet" }\n'
 
 

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from handmodel import twin
+
+
 
 @dataclass
 class HeadDraft:
@@ -47,17 +50,8 @@ def reference_patterns(oracle, windows: np.ndarray, batch: int = 16) -> np.ndarr
 
 def hand_attention(tokens: np.ndarray, position: np.ndarray, pos_default: float, score: np.ndarray) -> np.ndarray:
     """[T, T] attention of a hand head with a position table and a dense per-token source score [V]
-    (numpy, same semantics as handmodel/twin.attention for now=@all score entries)."""
-    T = len(tokens)
-    d = np.arange(T)[:, None] - np.arange(T)[None, :]
-    pos = np.full(T, pos_default)
-    D = min(len(position), T)
-    pos[:D] = position[:D]
-    s = pos[np.maximum(d, 0)] + score[tokens][None, :]
-    s = np.where(d >= 0, s, -np.inf)
-    s -= s.max(1, keepdims=True)
-    e = np.exp(s)
-    return e / e.sum(1, keepdims=True)
+    (handmodel.twin.attention_pattern with score entries now = @all)."""
+    return twin.attention_pattern(position, pos_default, score[tokens])
 
 
 def fit_head(pat: np.ndarray, windows: np.ndarray, V: int, max_dist: int, n_scores: int, min_count: int,
@@ -66,13 +60,13 @@ def fit_head(pat: np.ndarray, windows: np.ndarray, V: int, max_dist: int, n_scor
     Returns (position, default, score tokens, score weights, fitted KL, KL with positions only)."""
     import torch
 
+    from . import torchsem as sem
+
     torch.manual_seed(seed)
     B, T, _ = pat.shape
     A = torch.from_numpy(pat)
     W = torch.from_numpy(windows)
-    dist = (torch.arange(T)[:, None] - torch.arange(T)[None, :])
-    causal = dist >= 0
-    didx = dist.clamp(min=0, max=max_dist)  # max_dist = the default bucket
+    causal = sem.distances(T) >= 0
     counts = np.bincount(windows.ravel(), minlength=V)
     neg_ent = torch.where(A > 0, A * torch.log(A.clamp(min=1e-30)), torch.zeros(())).sum(-1).mean()
 
@@ -83,7 +77,7 @@ def fit_head(pat: np.ndarray, windows: np.ndarray, V: int, max_dist: int, n_scor
         opt = torch.optim.Adam([pos, sc], lr=0.1)
         for _ in range(n_steps):
             opt.zero_grad()
-            s = pos[didx][None] + (sc * mask)[W][:, None, :]
+            s = sem.position_scores(pos[:max_dist], pos[max_dist], T)[None] + (sc * mask)[W][:, None, :]  # pos[max_dist]: default
             s = s.masked_fill(~causal, float("-inf"))
             ce = -(A * torch.log_softmax(s, -1).masked_fill(~causal, 0.0)).sum(-1).mean()
             ce.backward()

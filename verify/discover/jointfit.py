@@ -64,6 +64,8 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
     import torch
     from torch import nn
 
+    from . import torchsem as sem
+
     K = len(bd.class_names)
     lab = np.where(bd.label < 0, K, bd.label).astype(np.int64)  # K = "in no class"
     tok_list = sorted(bd.token_rows)
@@ -155,19 +157,14 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
         def attention(self, X, hi):
             """[B, T, T] attention of head hi on windows X [B, T] (engine semantics, causal)."""
             B, T = X.shape
-            d = (torch.arange(T)[:, None] - torch.arange(T)[None, :])
-            p = self.pos[hi]
-            D = len(p)
-            table = torch.cat([p, self.pos_def[hi].expand(max(T - D, 0))])[:T] if D < T else p[:T]
-            sc = table[d.clamp(min=0)][None].expand(B, T, T)
+            sc = sem.position_scores(self.pos[hi], self.pos_def[hi], T)[None].expand(B, T, T)
             dense = torch.zeros(self.V).index_put((self.sc_tok[hi],), self.sc_w[hi], accumulate=True)
             sc = sc + dense[X][:, None, :]
             if self.query:
                 Q = torch.nn.functional.pad(self.q[hi] * self.q_mask[hi], (0, 1, 0, 1))  # class K: no entry
                 L = self.lab[X]
                 sc = sc + torch.gather(Q[L], 2, L[:, None, :].expand(B, T, T))
-            sc = sc.masked_fill((d < 0)[None], float("-inf"))
-            return torch.softmax(sc, -1)
+            return sem.causal_attention(sc)
 
         def forward(self, X):
             """X [B, T] int64 -> log-probs [B, T, V]."""
@@ -190,24 +187,24 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 A = self.attention(X, hi)
                 if self.n_neu and self.nu_att[hi][1]:
                     idx, n_s, e_n, e_s = self.nu_att[hi]
-                    mass = (A @ torch.nn.functional.one_hot(idx[X], n_s + 1).float()).reshape(B * T, n_s + 1)
+                    mass = sem.attention_mass(A, torch.nn.functional.one_hot(idx[X], n_s + 1)).reshape(B * T, n_s + 1)
                     pre = pre.index_add(1, e_n, mass[:, e_s] * self.nu_att_w[hi])
                 if self.nc:  # attention mass on each class [BT, K]
-                    massc = (A @ lab_oh).reshape(B * T, self.K + 1)
+                    massc = sem.attention_mass(A, lab_oh).reshape(B * T, self.K + 1)
                     pre = pre + massc[:, :self.K] @ (self.nc_att[hi] * self.nc_att_m[hi])
                 if self.sh_read:  # weighted attention mass on each read pattern [BT, M_read]
                     P = (self.sr[hi] * self.sr_m[hi]).T[X]  # [B, T, M_read]: each source token's pattern weights
-                    pre = pre + (A @ P).reshape(B * T, -1) @ (self.sr_c[hi] * self.sr_c_m[hi])
+                    pre = pre + sem.attention_mass(A, P).reshape(B * T, -1) @ (self.sr_c[hi] * self.sr_c_m[hi])
                 srcidx, n, j, vv, _ = self.ho[hi]
                 if n:
                     O = torch.nn.functional.one_hot(srcidx[X], n + 1).float()  # [B, T, n+1]
-                    M = (A @ O).reshape(B * T, n + 1)
+                    M = sem.attention_mass(A, O).reshape(B * T, n + 1)
                     adds.append((vv, M[:, j] * self.ho_v[hi]))
                 if self.use_copy:
                     w = self.copy[hi] + torch.nn.functional.pad(self.copy_cls[hi], (0, 1))[self.lab[X]]  # [B, T]
                     copy_terms.append(A * self.member[X][:, None, :] * w[..., None])
             if self.n_neu:
-                act = torch.relu(pre)
+                act = sem.neuron_activation(pre)
                 adds.append((self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w))
                 if self.nc:
                     zc = torch.nn.functional.pad(act @ (self.nc_out * self.nc_out_m), (0, 1))  # [BT, K+1]
@@ -218,7 +215,7 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                 z = z.index_add(1, torch.cat([a for a, _ in adds]), torch.cat([b for _, b in adds], 1))
             z = z.reshape(B, T, V)
             if copy_terms:  # every head copies into the same places (the window's tokens): one scatter
-                z = z.scatter_add(2, X[:, None, :].expand(B, T, T), torch.stack(copy_terms).sum(0))
+                z = sem.copy_logits(z, X, torch.stack(copy_terms).sum(0))
             return torch.log_softmax(z, -1)
 
     return Net()

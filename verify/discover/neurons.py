@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from handmodel import twin
+
 
 @dataclass
 class NeuronDraft:
@@ -112,4 +114,4 @@ def hand_activation(d: NeuronDraft, tokens: np.ndarray, masses_by_head: dict) ->
         src, M = masses_by_head[hi]
         j = int(np.flatnonzero(src == s)[0])
         pre += w * M[:, j]
-    return np.maximum(pre, 0.0)
+    return twin.neuron_activation(pre)

@@ -4,21 +4,17 @@
 The hand model itself never uses this (it is numba, torch-free); tests check that this module and
 the real engine give the same log-probs for the same rules.
 
-Every number in the rule files is one *slot* (see slots.py): theta[slot]. The semantics, per position t
-of a sequence with current token c = seq[t]:
-  logits = Σ prior.next + Σ bigram rows whose `now` contains c
-         + Σ skip.next      if c ∈ now and some earlier token ∈ earlier
-         + Σ head_out.next × (attention of its head on positions whose token ∈ src)   if c ∈ now
-         + Σ head_out.copy × attention on each position s whose token ∈ src, added to the logit of seq[s]   if c ∈ now
-         + Σ neuron.next × ReLU(−threshold + Σ now w[c∈] + Σ present w[earlier ∈] + Σ attend w·attention mass)
-  attention of a head from t over s ≤ t: softmax_s(position[t−s] (else default) + Σ score w·[c ∈ now][seq[s] ∈ src])
-A weighted set ([[weights]]) scales each member's share by its weight w_v (`c ∈ R` becomes w_c, attention
-mass the weighted mass). Its weights are constants here: fit moves the numbers of the rules referencing it.
+Every number in the rule files is one *slot* (see slots.py): theta[slot]. This class gathers the slots
+into the tables of each rule and builds the logits with torchsem.py, the rule semantics in torch (the same
+as handmodel/twin.py; tests hold them equal). A weighted set's ([[weights]]) member weights are constants
+here: fit moves the numbers of the rules referencing it.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from . import torchsem as sem
 
 
 class TorchRules:
@@ -116,21 +112,19 @@ class TorchRules:
         V = self.V
         out = self._scatter(th, self.glob_idx, 1)[0].expand(B, T, V)
         out = out + self._scatter(th, self.tab_idx, max(self.n_rows, 1))[self.row_of[W].clamp(min=0)]
-        prev_any = lambda m: torch.cumsum(m.to(torch.int32), dim=1) - m.to(torch.int32) > 0  # noqa: E731  earlier only
         if self.skip:
-            act = torch.stack([self.in_set(r.now, W) & prev_any(self.in_set(r.src, W)) for _, r, _ in self.skip], -1)
+            act = torch.stack([self.in_set(r.now, W) & sem.earlier_any(self.in_set(r.src, W)) for _, r, _ in self.skip], -1)
             out = out + act.to(th.dtype) @ self._scatter(th, self.skip_idx, len(self.skip))
         att = self._attention(th, W) if self.head else []
         if self.ho:
-            mass = torch.stack([(att[r.head] * self.in_set(r.src, W)[:, None, :].to(th.dtype)).sum(-1)
+            mass = torch.stack([sem.attention_mass(att[r.head], self.in_set(r.src, W))
                                 * self.in_set(r.now, W).to(th.dtype) for _, r, _ in self.ho], -1)
             out = out + mass @ self._scatter(th, self.ho_idx, len(self.ho))
         if self.copy:
             cp = out.new_zeros(B, T, T)  # [b, t, s]: copy weight x attention, added to the logit of token W[b, s]
             for r, slot in self.copy:
-                on = (self.in_set(r.now, W)[:, :, None] & self.in_set(r.src, W)[:, None, :]).to(th.dtype)
-                cp = cp + th[slot] * att[r.head] * on
-            out = out + out.new_zeros(B, T, V).scatter_add(-1, W[:, None, :].expand(B, T, T), cp)
+                cp = cp + att[r.head] * sem.pair_scores(self.in_set(r.now, W), self.in_set(r.src, W), th[slot])
+            out = sem.copy_logits(out, W, cp)
         if self.neu:
             acts = []
             for _, r, sl in self.neu:
@@ -138,29 +132,22 @@ class TorchRules:
                 for (sid, _), slot in zip(r.n_now, sl.get("now", [])):
                     pre = pre + th[slot] * self.weight_in(sid, W, th.dtype)
                 for (sid, _), slot in zip(r.n_present, sl.get("present", [])):
-                    pre = pre + th[slot] * prev_any(self.in_set(sid, W)).to(th.dtype)
+                    pre = pre + th[slot] * sem.earlier_any(self.in_set(sid, W)).to(th.dtype)
                 for (h, sid, _), slot in zip(r.n_attend, sl.get("attend", [])):
-                    pre = pre + th[slot] * (att[h] * self.weight_in(sid, W, th.dtype)[:, None, :]).sum(-1)
-                acts.append(torch.relu(pre))
+                    pre = pre + th[slot] * sem.attention_mass(att[h], self.weight_in(sid, W, th.dtype))
+                acts.append(sem.neuron_activation(pre))
             out = out + torch.stack(acts, -1) @ self._scatter(th, self.neu_idx, len(self.neu))
         return out
 
     def _attention(self, th, W) -> list[torch.Tensor]:
         B, T = W.shape
-        dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # [T, T] t - s
-        causal = dist >= 0
         res = []
         for _, r, sl in self.head:
-            pos_slot = np.full(T, sl.get("default", self.ZERO), dtype=np.int64)
-            D = max(r.position) + 1 if r.position else 0
-            for d, slot in sl.get("position", {}).items():
-                if d < T:
-                    pos_slot[d] = slot
-            pos_slot[: min(D, T)] = [sl["position"].get(d, sl.get("default", self.ZERO)) for d in range(min(D, T))]
-            posvec = th[torch.as_tensor(pos_slot)]
-            score = posvec[dist.clamp(min=0)].expand(B, T, T)
+            default = sl.get("default", self.ZERO)
+            D = min(max(r.position) + 1 if r.position else 0, T)  # the table: distances 0..D-1, unwritten ones default
+            table = th[torch.as_tensor([sl["position"].get(d, default) for d in range(D)], dtype=torch.int64)]
+            score = sem.position_scores(table, th[default], T).expand(B, T, T)
             for (now, src, _), slot in zip(r.scores, sl.get("score", [])):
-                score = score + th[slot] * (self.in_set(now, W)[:, :, None] & self.in_set(src, W)[:, None, :]).to(th.dtype)
-            score = score.masked_fill(~causal, float("-inf"))
-            res.append(torch.softmax(score, -1))
+                score = score + sem.pair_scores(self.in_set(now, W), self.in_set(src, W), th[slot])
+            res.append(sem.causal_attention(score))
         return res
