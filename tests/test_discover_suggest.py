@@ -288,7 +288,7 @@ def test_prune_schedule_falls_cubically_to_the_kept_size():
 
 def test_suggest_cli_rejects_a_malformed_prune_window():
     from handmodel.errors import UserError
-    from verify.discover.commands import _fraction_pair
+    from verify.cli.discover import _fraction_pair
 
     assert _fraction_pair("0.3:0.65", "--prune-window") == (0.3, 0.65) and _fraction_pair(None, "x") is None
     with pytest.raises(UserError, match="START:END"):
@@ -355,7 +355,7 @@ def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry
 def test_output_and_read_patterns_can_keep_different_sizes():
     """--shared-size OUT:READ: one cut keeps OUT tokens per output pattern and READ per read pattern."""
     from handmodel.errors import UserError
-    from verify.discover.commands import _size_pair
+    from verify.cli.discover import _size_pair
     from verify.discover.jointfit import _cut_shared, pattern_sizes
 
     assert pattern_sizes(_size_pair("500", "--shared-size")) == (500, 500)

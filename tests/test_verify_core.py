@@ -11,8 +11,8 @@ import pytest
 
 from conftest import make_stories, make_tiny_checkpoint, require, write_corpus
 from handmodel.errors import UserError
-from verify import data as D
-from verify import ledger as L
+from verify.ledger import core as L
+from verify.ledger import data as D
 
 PRIOR = """group = "prior"
 [[prior]]
@@ -46,7 +46,7 @@ def rules_dir(tmp_path):
 
 
 def run(ckpt, rules, corpus, train, **kw):
-    from verify.commands import evaluate
+    from verify.cli.ledger import evaluate
 
     return evaluate(ckpt, rules, corpus, 4, 0, train, log=lambda m: None, **kw)
 
@@ -307,7 +307,7 @@ def test_cli_json_fail_above_and_no_torch_when_warm(tiny_world, rules_dir, tmp_p
 
 def test_sampled_eval_set_is_deterministic(tiny_world, rules_dir):
     ckpt, _, train = tiny_world
-    from verify.commands import evaluate
+    from verify.cli.ledger import evaluate
 
     a = evaluate(ckpt, rules_dir, None, 3, 7, train, log=lambda m: None)
     ref = a["_objects"][0]

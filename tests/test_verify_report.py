@@ -136,7 +136,7 @@ def report(tiny_world, tmp_path_factory):
     assert out.exists() and f"wrote {out}" in " ".join(r.stdout.split())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HANDMODEL_CACHE", str(d / "cache"))
-        from verify.commands import evaluate
+        from verify.cli.ledger import evaluate
 
         res = evaluate(ckpt, rules, evalf, 4, 0, train, log=lambda m: None)
     assert not res["header"]["cache_built"]  # the CLI built it; same eval set, same numbers

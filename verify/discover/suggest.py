@@ -336,8 +336,8 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, 
     """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
     spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
     after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
-    from verify import data as D
-    from verify.baselines import get_tables
+    from verify.ledger import data as D
+    from verify.ledger.baselines import get_tables
 
     from handmodel import HandModel, load_rules
 

@@ -80,8 +80,8 @@ def inspect_token_cmd(token: str = typer.Argument(..., help='Token as written in
     """Direct-path predictions after a token, heads attending from/to it, neurons it drives."""
     from reference.oracle import Oracle
 
-    from .common import resolve_token
-    from .inspect import inspect_token
+    from verify.discover.common import resolve_token
+    from verify.discover.inspect import inspect_token
 
     o = Oracle.load(checkpoint)
     d = inspect_token(o, resolve_token(o.vocab, token), corpus, k=k, n_tokens=tokens, min_count=min_count)
@@ -120,7 +120,7 @@ def inspect_head_cmd(head: int = typer.Argument(..., help="Head index."), checkp
     """Positional profile, top QK pairs, top OV effects and the skip-trigram "bugs" of one head."""
     from reference.oracle import Oracle
 
-    from .inspect import inspect_head
+    from verify.discover.inspect import inspect_head
 
     o = Oracle.load(checkpoint)
     d = inspect_head(o, head, corpus, k=k, n_tokens=tokens, min_count=min_count, max_dist=max_dist)
@@ -155,7 +155,7 @@ def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), 
     """Top-activating tokens and contexts, output effect, and the loss cost of zero-ablating one neuron."""
     from reference.oracle import Oracle
 
-    from .inspect import inspect_neuron
+    from verify.discover.inspect import inspect_neuron
 
     o = Oracle.load(checkpoint)
     d = inspect_neuron(o, neuron, corpus, k=k, n_tokens=tokens, min_count=min_count)
@@ -213,7 +213,7 @@ def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft 
     from handmodel.errors import UserError
     from reference.oracle import Oracle
 
-    from .suggest import suggest
+    from verify.discover.suggest import suggest
 
     if not Path(corpus).exists():
         raise UserError(f"--corpus {corpus}: not found; pass the training text (train.txt)")
@@ -250,7 +250,7 @@ def fit_cmd(rules: Path = typer.Argument(..., help="Rule folder (every *.toml) o
     set's own weights are not fitted (they stay as written): the numbers of the rules referencing it are."""
     from reference.oracle import Oracle
 
-    from .fit import fit_rules
+    from verify.discover.fit import fit_rules
 
     o = Oracle.load(checkpoint)  # fit_rules refuses held-out text itself (check_training_text)
     d = fit_rules(rules, o, corpus, tokens=tokens, steps=steps, only=only, dry_run=dry_run, progress=not as_json)

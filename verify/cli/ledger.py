@@ -11,7 +11,7 @@ import typer
 
 from handmodel.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TRAIN = ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt"
 DEFAULT_RULES = ROOT / "rules"
 
@@ -84,9 +84,9 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
 
     from handmodel.vocab import load_vocab
 
-    from . import baselines as B
-    from . import data as D
-    from . import ledger as L
+    from verify.ledger import baselines as B
+    from verify.ledger import core as L
+    from verify.ledger import data as D
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -136,7 +136,7 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
     }
     if ablate:
         t1 = time.perf_counter()
-        from .probe import fast_ablation
+        from verify.ledger.probe import fast_ablation
 
         out["ablation"] = fast_ablation(hm, rules, ref, rows[-1]["kl"], last["kl"], log=log)
         timings["ablation"] = time.perf_counter() - t1
@@ -188,7 +188,7 @@ def verify_cmd(
         if json_file is not None:
             Path(json_file).write_text(text + "\n", encoding="utf-8")
     if not to_stdout:
-        from .render import render
+        from verify.reports.render import render
 
         render(console, res)
     if res["failed"]:
@@ -216,7 +216,7 @@ def report_cmd(
     console = Console(highlight=False)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     res = evaluate(checkpoint, rules, corpus, sampled, seed, train_corpus, log=log)
-    from .report import write_report
+    from verify.reports.report import write_report
 
     n = write_report(out, res, max_tokens=max_tokens)
     console.print(f"wrote {out} ({n} tokens shown, {out.stat().st_size / 1e6:.1f} MB)")

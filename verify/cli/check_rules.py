@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RULES = ROOT / "rules"
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt"
 
@@ -39,7 +39,7 @@ def check_rules_cmd(
                                                       "of the claim its check line states (margin and fraction carry over)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
-    from .checkrules import Checker
+    from verify.checkrules import Checker
 
     if examples < 1:
         from handmodel.errors import UserError

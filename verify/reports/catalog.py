@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from .commands import CHECKPOINT_OPT, CORPUS_OPT, SAMPLED_OPT, SEED_OPT, TRAIN_OPT, evaluate
+from verify.cli.ledger import CHECKPOINT_OPT, CORPUS_OPT, SAMPLED_OPT, SEED_OPT, TRAIN_OPT, evaluate
 
 
 def _md(s: str) -> str:

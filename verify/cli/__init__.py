@@ -130,25 +130,25 @@ def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/tra
 
 
 # -- verify / report (verify/commands.py; its module imports are light, heavy ones stay inside) ---
-from verify.commands import report_cmd, verify_cmd  # noqa: E402
+from verify.cli.ledger import report_cmd, verify_cmd  # noqa: E402
 
 app.command("verify")(verify_cmd)
 app.command("report")(report_cmd)
 
-from verify.catalog import catalog_cmd  # noqa: E402
+from verify.reports.catalog import catalog_cmd  # noqa: E402
 
 app.command("catalog")(catalog_cmd)
 
 
 # -- rule discovery: inspect / suggest / fit (verify/discover/commands.py; heavy imports stay inside) ---
-from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
+from verify.cli.discover import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
 
 app.add_typer(inspect_app, name="inspect")
 app.command("suggest")(suggest_cmd)
 app.command("fit")(fit_cmd)
 
 # -- check-rules: property-test each rule against the reference (verify/checkrules.py) ---
-from verify.checkrules_cli import check_rules_cmd  # noqa: E402
+from verify.cli.check_rules import check_rules_cmd  # noqa: E402
 
 app.command("check-rules")(check_rules_cmd)
 
