@@ -1,5 +1,6 @@
-"""`handmodel verify` and `handmodel report`. Module-level imports stay light (no torch, no numba):
-the CLI imports this module on every command, and a warm verify must never import torch at all."""
+"""`handmodel verify`, `report` and `catalog`: the commands that measure a ruleset (verify/ledger/evaluate.py)
+and print or write what they measured (verify/reports/). Module-level imports stay light (no torch, no
+numba): the CLI imports this module on every command, and a warm verify must never import torch at all."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,9 @@ from typing import Optional
 import typer
 
 from handmodel.errors import UserError
+from verify.ledger.evaluate import Evaluation, evaluate
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TRAIN = ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt"
-DEFAULT_RULES = ROOT / "rules"
+from . import options as O
 
 # Measured on the tiny test model and (when present) the shipped model; see README / issue 4.
 FLOAT16_NOTE = ("Reference log-probs are cached as float16 (+ exact float32 reference CE and entropy); "
@@ -22,9 +22,10 @@ FLOAT16_NOTE = ("Reference log-probs are cached as float16 (+ exact float32 refe
 
 DEFINITIONS = f"""Measure how much of the reference each rule group explains (the KL ledger).
 
-[b]Eval set[/b]: --corpus PATH (every reported number uses ../shared/corpus/tinystories/valid.txt) or,
-without --corpus, --sampled N stories sampled from the reference with --seed S. Stories longer than the
-context are split into context-length chunks (the header says how many).
+[b]Eval set[/b]: --corpus PATH (default: the project's ../shared/corpus/tinystories/valid.txt, which every
+reported number uses) or --sampled N stories sampled from the reference with --seed S (also the fallback,
+32 stories, when the default --corpus is absent). Stories longer than the context are split into
+context-length chunks (the header says how many).
 
 [b]Definitions[/b] (nats/token):
 - [b]KL[/b] = mean over eval positions of KL(p_ref ‖ p_hand) = Σ_v p_ref(v)·(log p_ref(v) − log p_hand(v)),
@@ -46,14 +47,11 @@ $HANDMODEL_CACHE (default ~/.cache/handmodel), keyed by checkpoint hash + eval t
 {FLOAT16_NOTE}"""
 
 
-# Options shared by verify, report and catalog (one definition: same names, defaults and help everywhere).
-CHECKPOINT_OPT = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model in reference/default).")
-RULES_OPT = typer.Option(None, "--rules", help="Rules folder (default: the shipped rules/).")
-CORPUS_OPT = typer.Option(None, "--corpus", help="Eval text (.txt or folder). Default: stories sampled from the reference.")
-SAMPLED_OPT = typer.Option(32, "--sampled", help="Without --corpus: how many stories to sample from the reference.")
-SEED_OPT = typer.Option(0, "--seed", help="Without --corpus: sampling seed.")
-TRAIN_OPT = typer.Option(None, "--train-corpus", help="Text the unigram / oracle bigram baselines are fitted on "
-                                                      "(default ../shared/corpus/tinystories/train.txt).")
+SAMPLED = typer.Option(None, "--sampled", help="Measure on N stories sampled from the reference (seed --seed) instead of "
+                                               "--corpus; without it, 32 when the default --corpus is absent.")
+SEED = typer.Option(0, "--seed", help="Sampling seed of --sampled.")
+FALLBACK_SAMPLED = 32
+DEFAULT_REPORT = O.project_path("runs", "report.html")
 
 
 def _since_process_start() -> float | None:
@@ -66,114 +64,49 @@ def _since_process_start() -> float | None:
         return None
 
 
-def _resolve_train(train_corpus: Optional[Path]) -> tuple[Optional[Path], str]:
-    if train_corpus is not None:
-        if not train_corpus.exists():
-            raise UserError(f"{train_corpus}: --train-corpus not found; pass the training text (train.txt)")
-        return train_corpus, str(train_corpus)
-    if DEFAULT_TRAIN.exists():
-        return DEFAULT_TRAIN, str(DEFAULT_TRAIN)
-    return None, "no train text found: baselines fitted on stories sampled from the reference (pass --train-corpus)"
-
-
-def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Optional[Path], sampled: int, seed: int,
-             train_corpus: Optional[Path], ablate: bool = False, worst: int = 0, log=print,
-             ledger_rows: bool = True) -> dict:
-    """Everything `verify` prints, as one dict (also what --json writes)."""
-    import numpy as np
-
-    from handmodel.vocab import load_vocab
-
-    from verify.ledger import baselines as B
-    from verify.ledger import core as L
-    from verify.ledger import data as D
-
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    ckpt = D.checkpoint_info(checkpoint)
-    spec = D.EvalSpec(corpus=corpus, sampled=sampled, seed=seed)
-    ref = D.get_ref_cache(ckpt, spec, log=log)
-    timings["reference cache"] = time.perf_counter() - t0
-    train, train_note = _resolve_train(train_corpus)
-    t1 = time.perf_counter()
-    tables = B.get_tables(ckpt, train, log=log)
-    base = B.baseline_metrics(ref, tables)
-    timings["baselines"] = time.perf_counter() - t1
-
-    t1 = time.perf_counter()
-    vocab = load_vocab(ckpt.path / "tokenizer.json")
-    if len(vocab) != ref.logp.shape[1]:
-        raise UserError(f"{ckpt.path}: tokenizer has {len(vocab)} tokens but the cached log-probs have "
-                        f"{ref.logp.shape[1]}; delete {ref.dir} and re-run")
-    from handmodel import HandModel, load_rules
-
-    rules_dir = Path(rules_dir) if rules_dir is not None else DEFAULT_RULES
-    if not rules_dir.exists():
-        raise UserError(f"{rules_dir}: rules folder not found; pass --rules DIR (a folder of *.toml rule files)")
-    rules = load_rules(rules_dir, vocab)
-    hm = HandModel(rules)
-    timings["load rules"] = time.perf_counter() - t1
-
-    weights = L.boot_weights(len(ref.offsets) - 1)
-    kl_uni = float(np.mean(base["unigram"]["kl"]))
-    base_rows = [L.summarize(n, base[n], ref, weights, kl_uni, has_agree=(n != "uniform")) for n in base]
-    t1 = time.perf_counter()
-    rows, last = L.run_ledger(hm, rules, ref, kl_uni, weights, final_only=not ledger_rows)
-    timings["ledger"] = time.perf_counter() - t1
-    meta = ref.meta
-    out = {
-        "header": {
-            "eval_set": spec.describe(meta["eval"]), "eval": meta["eval"], "n_tokens": meta["n_tokens"],
-            "n_sequences": meta["n_seqs"], "n_split": meta["n_split"], "n_ctx": meta["n_ctx"],
-            "checkpoint": str(ckpt.path), "checkpoint_hash": ckpt.hash, "rules": str(rules_dir),
-            "n_rules": len(rules.rule_ids), "n_groups": len(rules.groups), "train_text": train_note,
-            "cache": str(ref.dir), "cache_built": ref.built,
-        },
-        "baselines": base_rows,
-        "ledger": rows,
-        "final": rows[-1],
-        "float16_precision": meta.get("float16_precision"),
-    }
-    if ablate:
-        t1 = time.perf_counter()
-        from verify.ledger.probe import fast_ablation
-
-        out["ablation"] = fast_ablation(hm, rules, ref, rows[-1]["kl"], last["kl"], log=log)
-        timings["ablation"] = time.perf_counter() - t1
-    if worst > 0:
-        t1 = time.perf_counter()
-        out["worst"] = L.worst_positions(hm, ref, last["kl"], vocab, worst)
-        out["gap_by_current"] = L.gap_by(ref, last["kl"], vocab, "current")
-        out["gap_by_next"] = L.gap_by(ref, last["kl"], vocab, "next")
-        timings["worst"] = time.perf_counter() - t1
-    out["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    out["_objects"] = (ref, hm, rules, vocab, last)  # for report; dropped before JSON
-    return out
+def _measure(checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int], seed: int, train_corpus: Path,
+             log, **kw) -> Evaluation:
+    """Resolve the shared options (eval set, training text) and evaluate."""
+    if sampled is not None:
+        if corpus != O.DEFAULT_CORPUS:
+            raise UserError(f"--corpus {corpus} and --sampled {sampled}: pass one of them (the eval set)")
+        corpus_path = None
+    else:
+        corpus_path = O.given(corpus, O.DEFAULT_CORPUS)
+        if corpus_path is None:
+            sampled = FALLBACK_SAMPLED
+            log(f"{O.DEFAULT_CORPUS} not found: measuring on {sampled} stories sampled from the reference")
+    return evaluate(checkpoint, rules, corpus_path, sampled if sampled is not None else FALLBACK_SAMPLED, seed,
+                    O.given(train_corpus, O.DEFAULT_TRAIN), log=log, **kw)
 
 
 def verify_cmd(
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    rules: Optional[Path] = RULES_OPT,
-    corpus: Optional[Path] = CORPUS_OPT,
-    sampled: int = SAMPLED_OPT,
-    seed: int = SEED_OPT,
-    train_corpus: Optional[Path] = TRAIN_OPT,
+    checkpoint: Path = O.CHECKPOINT,
+    rules: Path = O.RULES,
+    corpus: Path = O.CORPUS,
+    sampled: Optional[int] = SAMPLED,
+    seed: int = SEED,
+    train_corpus: Path = O.TRAIN_CORPUS,
     ablate: bool = typer.Option(False, "--ablate", help="Per rule: KL increase when only that rule is off (sorted; rules whose removal helps are flagged)."),
     worst: int = typer.Option(0, "--worst", help="Show the K positions with the largest KL and the gap by current / next token."),
     fail_above: Optional[float] = typer.Option(None, "--fail-above", help="Exit 1 if the final KL exceeds this (CI gate)."),
-    json_stdout: bool = typer.Option(False, "--json", help="Machine output: JSON to stdout (tables are not printed)."),
+    json_stdout: bool = O.JSON,
     json_file: Optional[Path] = typer.Option(None, "--json-out", help="Also write the JSON to this file (tables still printed)."),
     ledger_rows: bool = typer.Option(True, "--ledger/--final-only", help="Evaluate every cumulative rule group (default) or only all rules on (faster)."),
+    wide: bool = typer.Option(False, "--wide", help="Every column of the ledger and baseline tables (also when COLUMNS ≥ 120)."),
 ):
     t_cmd = time.perf_counter()
+    O.check_number(fail_above, "--fail-above")
+    O.check_rules(rules)
+    O.check_out_file(json_file, "--json-out")
     to_stdout = json_stdout
     from rich.console import Console
 
     console = Console(stderr=to_stdout, highlight=False)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    res = evaluate(checkpoint, rules, corpus, sampled, seed, train_corpus, ablate=ablate, worst=worst, log=log,
-                   ledger_rows=ledger_rows)
-    res.pop("_objects")
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log, ablate=ablate, worst=worst,
+                  ledger_rows=ledger_rows)
+    res = ev.to_json()
     wall = _since_process_start()
     res["wall_seconds"] = round(wall if wall is not None else time.perf_counter() - t_cmd, 3)
     final = res["final"]["kl"]
@@ -190,7 +123,7 @@ def verify_cmd(
     if not to_stdout:
         from verify.reports.render import render
 
-        render(console, res)
+        render(console, res, wide=wide)
     if res["failed"]:
         console.print(f"[bold red]FAIL[/bold red]: final KL {final:.4f} > --fail-above {fail_above}")
         raise typer.Exit(1)
@@ -200,23 +133,56 @@ verify_cmd.__doc__ = DEFINITIONS
 
 
 def report_cmd(
-    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write (self-contained, no network)."),
-    checkpoint: Optional[Path] = CHECKPOINT_OPT,
-    rules: Optional[Path] = RULES_OPT,
-    corpus: Optional[Path] = CORPUS_OPT,
-    sampled: int = SAMPLED_OPT,
-    seed: int = SEED_OPT,
-    train_corpus: Optional[Path] = TRAIN_OPT,
+    out: Path = O.out_option(DEFAULT_REPORT, "HTML file (self-contained, no network)"),
+    checkpoint: Path = O.CHECKPOINT,
+    rules: Path = O.RULES,
+    corpus: Path = O.CORPUS,
+    sampled: Optional[int] = SAMPLED,
+    seed: int = SEED,
+    train_corpus: Path = O.TRAIN_CORPUS,
     max_tokens: int = typer.Option(3000, "--max-tokens", help="Eval tokens shown in the coloured text (the first ones, whole sequences)."),
 ):
     """Write one self-contained HTML report: the ledger as a chart, and the eval text coloured by residual
     KL (hover or click a token: reference vs hand top-5 and the rules that fired there)."""
     from rich.console import Console
 
+    if out == DEFAULT_REPORT:
+        out.parent.mkdir(exist_ok=True)  # runs/ is the project's (git-ignored) place for outputs
+    O.check_out_file(out)
+    O.check_rules(rules)
     console = Console(highlight=False)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
-    res = evaluate(checkpoint, rules, corpus, sampled, seed, train_corpus, log=log)
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log)
     from verify.reports.report import write_report
 
-    n = write_report(out, res, max_tokens=max_tokens)
+    n = write_report(out, ev, max_tokens=max_tokens)
     console.print(f"wrote {out} ({n} tokens shown, {out.stat().st_size / 1e6:.1f} MB)")
+
+
+def catalog_cmd(rules: Path = O.RULES,
+                out: Optional[Path] = O.out_option(None, "Markdown file (default: RULES/CATALOG.md)"),
+                checkpoint: Path = O.CHECKPOINT, corpus: Path = O.CORPUS, sampled: Optional[int] = SAMPLED,
+                seed: int = SEED, train_corpus: Path = O.TRAIN_CORPUS,
+                json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation) here.")):
+    """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files."""
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from verify.reports.catalog import catalog_markdown
+
+    O.check_rules(rules, folder="" if out is not None else "the catalog is written to RULES/CATALOG.md, or pass --out FILE")
+    path = out or Path(rules) / "CATALOG.md"
+    O.check_out_file(path)
+    O.check_out_file(json_out, "--json-out")
+    console = Console(highlight=False, stderr=True)
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus,
+                  lambda m: console.print(f"[dim]{m}[/dim]"), ablate=True)
+    res = ev.to_json()
+    cmd = "handmodel catalog " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 2 else "handmodel catalog"
+    text = catalog_markdown(res, ev.rules, Path(rules), cmd.strip())
+    path.write_text(text, encoding="utf-8")
+    if json_out is not None:
+        json_out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    console.print(f"wrote {path} ({len(res['ablation'])} rules, ablation in {res['timings'].get('ablation', 0):.1f} s)")
