@@ -147,6 +147,12 @@ def test_suggest_options_file_round_trips_and_names_bad_lines(tmp_path):
         SuggestOptions.load(_write(tmp_path, "budget = 'many'\n"))
 
 
+def test_the_shipped_rules_options_file_loads():
+    """rules/suggest.conf (the shipped draft's command as a file) still names only options that exist."""
+    opts = SuggestOptions.load(ROOT / "rules" / OPTIONS_FILE)
+    assert opts != DEFAULTS and opts.joint_steps > 0 and opts.shared_size == (1300, 600)
+
+
 def _write(d: Path, text: str) -> Path:
     p = d / "opts.conf"
     p.write_text(text)
@@ -170,3 +176,37 @@ def test_suggest_config_reruns_with_the_file_and_flags_override_it(tmp_path, mon
     assert seen[-1] == SuggestOptions(budget=77, classes=5, heads=False)
     assert main(base + ["--budget", "9"]) == 0
     assert seen[-1] == DEFAULTS.replace(budget=9)
+
+
+LONG_GROUP = ('group = "bigrams after the determiners, a rather long group name"\n[[bigram]]\nid = "the_noun"\n'
+              'doc = "nouns after the"\nnow = " the"\nnext = { " happy" = 1.0, " b" = 1.0 }\n')
+
+
+def test_verify_tables_fit_80_columns_and_wide_shows_every_column(tiny_world, tmp_path):
+    """At 80 columns no cell is cut to '…' and no line is longer than 80; --wide (or a wide COLUMNS) has every
+    column; the JSON keeps its keys and their order."""
+    from test_verify_core import PRIOR, write_rules
+
+    ckpt, evalf, train = tiny_world
+    rules = write_rules(tmp_path / "r", {"10_prior.toml": PRIOR, "20_long.toml": LONG_GROUP})
+    common = ["verify", "--checkpoint", ckpt, "--rules", rules, "--corpus", evalf, "--train-corpus", train]
+
+    def run(*extra, columns="80"):
+        r = subprocess.run([sys.executable, "-m", "verify.cli", *map(str, common), *map(str, extra)], capture_output=True,
+                           text=True, env={**os.environ, "COLUMNS": columns, "HANDMODEL_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    narrow = run("--json-out", tmp_path / "v.json", "--ablate", "--worst", "2")
+    tables = narrow[narrow.index("Baselines"):narrow.index("Ablation")]
+    assert "…" not in tables and max(map(len, tables.splitlines())) <= 80, tables
+    assert "CE_hand" not in tables and "95% CI" in tables and "oracle bigram" in tables
+    assert all(w in tables for w in LONG_GROUP.split('"')[1].split())  # a long group name wraps instead of being cut
+    res = json.loads((tmp_path / "v.json").read_text())
+    assert list(res) == ["header", "baselines", "ledger", "final", "float16_precision", "ablation", "worst",
+                         "gap_by_current", "gap_by_next", "timings", "wall_seconds", "fail_above", "failed"]
+    for r in res["ledger"] + res["baselines"]:
+        assert f"{r['kl']:.4f}" in tables and f"[{r['kl_lo']:.4f}, {r['kl_hi']:.4f}]" in tables
+    for wide in (run("--wide"), run(columns="160")):
+        assert "CE_hand" in wide and "unexpl." in wide and "rules" in wide
+        assert all(f"{r['ce_ref']:.4f}" in wide for r in res["ledger"])

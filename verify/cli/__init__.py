@@ -15,6 +15,8 @@ from handmodel.errors import UserError
 
 from . import options as O
 
+DEFAULT_RUN = O.project_path("runs", "default")
+
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
                   help="Reverse-engineer a one-layer transformer with hand-written rules, and measure what is explained.")
 
@@ -26,7 +28,7 @@ def _root():
 
 @app.command()
 def train(
-    out: Path = O.out_option(O.project_path("runs", "default"), "folder (checkpoint + training state)"),
+    out: Path = O.out_option(DEFAULT_RUN, "folder (checkpoint + training state)"),
     train_corpus: Path = O.TRAIN_CORPUS,
     corpus: Path = O.CORPUS,
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json instead of training one."),
@@ -52,7 +54,8 @@ def train(
     """Train a one-layer reference transformer. Under `torchrun --nproc-per-node N` it trains data-parallel.
     --train-corpus may also be 'tinystories' (the HF hub). The held-out loss is measured on --corpus; left at its
     default while --train-corpus is not, on the valid.txt beside --train-corpus (the hub's for 'tinystories')."""
-    O.check_out_dir(out)
+    if out != DEFAULT_RUN:  # the default lives in the project's runs/, made by train
+        O.check_out_dir(out)
     from reference.model import ModelConfig
     from reference.train import TrainConfig, train as run
 

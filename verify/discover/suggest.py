@@ -11,7 +11,8 @@ Pipeline (every number fitted on TRAINING text; valid.txt is only ever scored by
    δ makes Σ_t φ_t p_hand,t(v) = Σ_t φ_t p_ref,t(v) on the support; each round moves
    δ_v += η (log E_ref − log E_hand), with p_hand computed by the real engine from the written files.
 Files are rewritten every round and reloaded with handmodel.load_rules, so what is fitted is exactly
-what the engine runs.
+what the engine runs. Its options: suggest_options.py. (Over 400 lines: one pipeline whose stages share the
+draft's state; splitting it would restructure the algorithm.)
 """
 from __future__ import annotations
 
