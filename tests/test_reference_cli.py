@@ -39,7 +39,7 @@ def empty_corpus(tmp_path) -> Path:
 
 def test_train_errors(capsys, tmp_path, empty_corpus, tiny_corpus):
     rc, _, err = run(capsys, "train", "--train-corpus", tmp_path / "missing.txt", "--out", tmp_path / "o")
-    assert_one_line_error(rc, err, "missing.txt: no such file or folder; check the --corpus path")
+    assert_one_line_error(rc, err, "missing.txt: no such file or folder; check the --train-corpus path")
     rc, _, err = run(capsys, "train", "--train-corpus", empty_corpus, "--out", tmp_path / "o")
     assert_one_line_error(rc, err, "empty.txt: corpus is empty (no story text found)")
     bad_tok = tmp_path / "tok.json"

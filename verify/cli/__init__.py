@@ -56,6 +56,8 @@ def train(
     default while --train-corpus is not, on the valid.txt beside --train-corpus (the hub's for 'tinystories')."""
     if out != DEFAULT_RUN:  # the default lives in the project's runs/, made by train
         O.check_out_dir(out)
+    if str(train_corpus) != "tinystories" and not train_corpus.exists():
+        raise UserError(f"{train_corpus}: no such file or folder; check the --train-corpus path")
     from reference.model import ModelConfig
     from reference.train import TrainConfig, train as run
 
