@@ -333,7 +333,7 @@ def suggest(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions = DE
     """Draft a ruleset into out_dir (see the module doc) with `opts`, then write them to out_dir/OPTIONS_FILE
     (with `command`, the command line, as a comment) so the draft can be made again."""
     summary = _draft(oracle, Path(out_dir), train_corpus, opts, log)
-    head = (f"handmodel suggest options: `handmodel suggest --config {OPTIONS_FILE}` drafts these rules again\n"
+    head = ("handmodel suggest options: `handmodel suggest --config THIS_FILE --out NEW_FOLDER` drafts these rules again\n"
             f"(checkpoint {oracle.hash}, training text {Path(train_corpus).name})" + (f"\nrun as: {command}" if command else ""))
     path = Path(out_dir) / OPTIONS_FILE
     path.write_text(opts.to_toml(head), encoding="utf-8")
