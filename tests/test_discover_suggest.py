@@ -25,6 +25,17 @@ def drafted(planted, tmp_path_factory):
     return o, out, summary
 
 
+def test_draft_writes_the_options_it_ran_with(drafted):
+    """OUT/suggest.conf holds the options of the run (so `suggest --config` can redraft it); load_rules skips it."""
+    from verify.discover.suggest_options import OPTIONS_FILE
+
+    o, out, s = drafted
+    assert s["options"] == str(out / OPTIONS_FILE)
+    assert SuggestOptions.load(out / OPTIONS_FILE) == SuggestOptions(
+        budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30, positions=2048, rounds=3, min_count=5,
+        att_positions=1024, att_steps=60, neurons=4)
+
+
 def test_draft_recovers_planted_bigrams(drafted):
     from handmodel import HandModel, load_rules
     from verify.discover.planted import B, BIGRAMS
