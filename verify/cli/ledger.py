@@ -103,6 +103,8 @@ def verify_cmd(
     from rich.console import Console
 
     console = Console(stderr=to_stdout, highlight=False)
+    if wide:  # room for every column: a narrower terminal wraps the long lines instead of rich cutting cells
+        console.width = max(console.width, 160)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log, ablate=ablate, worst=worst,
                   ledger_rows=ledger_rows)
