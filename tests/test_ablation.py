@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import handmodel
-from verify import ledger as L
+from verify.ledger import core as L
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rules_doc_example"
 VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]  # docs/rules.md
@@ -104,7 +104,7 @@ def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scal
     gathered entries per block (1 and 3 split every rule's positions into many blocks)."""
     from unittest import mock
 
-    from verify import probe
+    from verify.ledger import probe
 
     rules = _rules(tmp_path_factory.mktemp("probe"))
     hm = handmodel.HandModel(rules)
@@ -128,7 +128,7 @@ def test_probe_reads_each_rules_scalar(tmp_path):
     """The probe's a_t: 1 where a skip fired, the attention mass on `src` for a head_out (0 where `now`
     misses), the activation for a neuron — checked against the twin's own contributions."""
     from handmodel import twin
-    from verify.probe import scalars
+    from verify.ledger.probe import scalars
 
     rules = _rules(tmp_path)
     seq = np.array([1, 2, 4, 3, 2, 3, 8, 4, 3], dtype=np.int64)
@@ -148,7 +148,7 @@ def test_probe_reads_each_rules_scalar(tmp_path):
 def test_copying_rules_are_probed_when_a_token_is_absent(tmp_path):
     """A copying head_out's vector (copy × attention on each context token) is read from a probe pass; it
     needs a token no sequence holds (here ' ran') to read it against — and must equal recomputation."""
-    from verify.probe import fast_ablation
+    from verify.ledger.probe import fast_ablation
 
     rules = _rules(tmp_path)
     hm = handmodel.HandModel(rules)

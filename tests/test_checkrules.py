@@ -312,7 +312,7 @@ def test_check_table_is_validated(tmp_path, oracle, planted):
 def test_cli_json_only_and_exit_codes(rules_file, planted, capsys):
     from verify.cli import main
 
-    base = ["check-rules", str(rules_file), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]), "-n", "10"]
+    base = ["check-rules", "--rules", str(rules_file), "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]), "-n", "10"]
     assert main(base + ["--json", "--only", "bigram.the_dog,skip.zap_blue_moon"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in d["results"]] == ["bigram.the_dog", "skip.zap_blue_moon"] and d["ok"]

@@ -318,7 +318,7 @@ def test_dry_run_writes_nothing_cli(planted, rules_dir, capsys):
     from verify.cli import main
 
     before = snapshot(rules_dir)
-    rc = main(["fit", str(rules_dir), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]),
+    rc = main(["fit", "--rules", str(rules_dir), "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]),
                "--tokens", "512", "--steps", "4", "--dry-run", "--json"])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
@@ -326,7 +326,7 @@ def test_dry_run_writes_nothing_cli(planted, rules_dir, capsys):
     assert any(c["after"] != c["before"] for c in d["changes"])
     assert snapshot(rules_dir) == before
     # one file given alone, rich tables instead of JSON
-    rc = main(["fit", str(rules_dir / "30_extra.toml"), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]),
+    rc = main(["fit", "--rules", str(rules_dir / "30_extra.toml"), "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]),
                "--tokens", "256", "--steps", "2", "--dry-run", "--only", "late"])
     out = capsys.readouterr().out
     assert rc == 0 and "dry run: nothing written" in out and "KL(ref ‖ hand)" in out
@@ -431,7 +431,7 @@ def test_bad_rule_files_are_a_clear_error_and_untouched(planted, rules_dir, caps
     p = rules_dir / name
     p.write_text(p.read_text().replace(old, new, 1))
     before = snapshot(rules_dir)
-    rc = main(["fit", str(rules_dir), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]), "--tokens", "256",
+    rc = main(["fit", "--rules", str(rules_dir), "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]), "--tokens", "256",
                "--steps", "2"])
     err = capsys.readouterr().err
     assert rc == 2
@@ -449,7 +449,7 @@ def test_bad_only_is_a_clear_error(planted, rules_dir, capsys, args, needle):
     from verify.cli import main
 
     before = snapshot(rules_dir)
-    rc = main(["fit", str(rules_dir), "--checkpoint", str(planted[0]), "--corpus", str(planted[1]), "--tokens", "256",
+    rc = main(["fit", "--rules", str(rules_dir), "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]), "--tokens", "256",
                *args])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
@@ -461,8 +461,8 @@ def test_fitting_on_valid_text_is_refused(oracle, planted, rules_dir, tmp_path):
     assert valid.exists()
     before = snapshot(rules_dir)
     # the CLI in a real process: exit code 2, one line, no traceback
-    r = subprocess.run([sys.executable, "-m", "verify.cli", "fit", str(rules_dir), "--checkpoint", str(planted[0]),
-                        "--corpus", str(valid), "--tokens", "256"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "verify.cli", "fit", "--rules", str(rules_dir), "--checkpoint", str(planted[0]),
+                        "--train-corpus", str(valid), "--tokens", "256"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "valid.txt is for reporting" in r.stderr, r.stderr
     # the library call too, and a folder that holds valid.txt, and a link to it under another name

@@ -37,7 +37,7 @@ def test_head_profile_sums_to_one_and_finds_skip_trigram(oracle, planted):
 def test_neuron_ablation_and_json_cli(planted, capsys):
     from verify.cli import main
 
-    rc = main(["inspect", "neuron", "3", "--checkpoint", str(planted[0]), "--corpus", str(planted[1]),
+    rc = main(["inspect", "neuron", "3", "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]),
                "--tokens", "1024", "--json"])
     assert rc == 0
     d = json.loads(capsys.readouterr().out)
@@ -50,7 +50,7 @@ def test_neuron_ablation_and_json_cli(planted, capsys):
 def test_rich_tables_render(planted, capsys):
     from verify.cli import main
 
-    assert main(["inspect", "token", " blue", "--checkpoint", str(planted[0]), "--corpus", str(planted[1]),
+    assert main(["inspect", "token", " blue", "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]),
                  "--tokens", "1024", "-k", "3"]) == 0
     out = capsys.readouterr().out
     assert "direct path" in out and "neurons it drives" in out
@@ -65,7 +65,7 @@ def test_rich_tables_render(planted, capsys):
 def test_bad_input_is_a_clear_error(planted, capsys, args, needle):
     from verify.cli import main
 
-    rc = main(["inspect", args[0], args[1], "--checkpoint", str(planted[0]), "--corpus", str(planted[1]), "--tokens", "512"])
+    rc = main(["inspect", args[0], args[1], "--checkpoint", str(planted[0]), "--train-corpus", str(planted[1]), "--tokens", "512"])
     assert rc == 2
     assert needle in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from handmodel.errors import UserError
+from verify.discover.suggest_options import SuggestOptions
 
 
 @pytest.fixture(scope="session")
@@ -19,10 +20,20 @@ def drafted(planted, tmp_path_factory):
     ckpt, train = planted
     out = tmp_path_factory.mktemp("suggest") / "rules"
     o = Oracle.load(ckpt)
-    summary = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30,
-                      positions=2048, rounds=3, min_count=5, att_positions=1024, att_steps=60, n_neurons=4,
-                      log=lambda m: None)
+    summary = suggest(o, out, train, SuggestOptions(budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30,
+                      positions=2048, rounds=3, min_count=5, att_positions=1024, att_steps=60, neurons=4), log=lambda m: None)
     return o, out, summary
+
+
+def test_draft_writes_the_options_it_ran_with(drafted):
+    """OUT/suggest.conf holds the options of the run (so `suggest --config` can redraft it); load_rules skips it."""
+    from verify.discover.suggest_options import OPTIONS_FILE
+
+    o, out, s = drafted
+    assert s["options"] == str(out / OPTIONS_FILE)
+    assert SuggestOptions.load(out / OPTIONS_FILE) == SuggestOptions(
+        budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30, positions=2048, rounds=3, min_count=5,
+        att_positions=1024, att_steps=60, neurons=4)
 
 
 def test_draft_recovers_planted_bigrams(drafted):
@@ -120,8 +131,8 @@ def test_bad_input(planted, tmp_path):
     with pytest.raises(UserError, match="already holds rule files"):
         suggest(Oracle.load(ckpt), full, train, log=lambda m: None)
     assert (full / "a.toml").read_text() == "# mine\n"
-    r = subprocess.run([sys.executable, "-m", "verify.cli", "suggest", str(tmp_path / "x"), "--checkpoint", str(ckpt),
-                        "--corpus", str(train.with_name("valid.txt"))], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "verify.cli", "suggest", "--out", str(tmp_path / "x"), "--checkpoint", str(ckpt),
+                        "--train-corpus", str(train.with_name("valid.txt"))], capture_output=True, text=True)
     assert r.returncode == 2 and "valid.txt is for reporting" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -144,8 +155,8 @@ def test_target_spends_numbers_where_the_given_rules_leave_kl(drafted, planted, 
     kl = HandModel(load_rules(prior_only, o.vocab)).stream_metrics(seqs, np.concatenate(o.log_probs(list(w))))["kl"]
     left = np.bincount(w.ravel(), weights=kl, minlength=len(o.vocab))
     worst = int(np.argmax(left))
-    s = suggest(o, tmp_path / "t", train, budget=40, n_classes=0, with_heads=False, positions=2048, min_count=5,
-                target=prior_only, log=lambda m: None)
+    s = suggest(o, tmp_path / "t", train, SuggestOptions(budget=40, classes=0, heads=False, positions=2048, min_count=5,
+                target=str(prior_only)), log=lambda m: None)
     assert s["rules"] >= 2
     rules = load_rules(tmp_path / "t", o.vocab)
     rows = {r.rows[0][0] for r in rules.rules if r.kind == "bigram" and len(r.rows) == 1}
@@ -213,9 +224,9 @@ def test_joint_fit_writes_exactly_what_it_fitted_and_lowers_held_out_kl(planted,
     ckpt, train = planted
     o = Oracle.load(ckpt)
     out = tmp_path / "joint"
-    s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
-                rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
-                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, neuron_classes=2, log=lambda m: None)
+    s = suggest(o, out, train, SuggestOptions(budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30, positions=2048,
+                rounds=1, min_count=5, att_positions=1024, att_steps=30, neurons=3, joint_steps=30,
+                joint_positions=4096, held_positions=1024, query_scores=8, joint_lr=0.05, neuron_classes=2), log=lambda m: None)
     joint = s["history"][-1]
     assert joint["stage"] == "joint fit"
     assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint  # same semantics, 3-decimal rounding
@@ -241,9 +252,9 @@ def test_joint_fit_bad_input(planted, tmp_path):
 
     ckpt, train = planted
     with pytest.raises(UserError, match="must be >= 0"):
-        suggest(Oracle.load(ckpt), tmp_path / "j", train, joint_steps=-1, log=lambda m: None)
+        suggest(Oracle.load(ckpt), tmp_path / "j", train, SuggestOptions(joint_steps=-1), log=lambda m: None)
     with pytest.raises(UserError, match=r"neuron-classes and the --shared-\* options must be >= 0"):
-        suggest(Oracle.load(ckpt), tmp_path / "j", train, neuron_classes=-1, log=lambda m: None)
+        suggest(Oracle.load(ckpt), tmp_path / "j", train, SuggestOptions(neuron_classes=-1), log=lambda m: None)
     assert not (tmp_path / "j").exists()
 
 
@@ -288,7 +299,7 @@ def test_prune_schedule_falls_cubically_to_the_kept_size():
 
 def test_suggest_cli_rejects_a_malformed_prune_window():
     from handmodel.errors import UserError
-    from verify.discover.commands import _fraction_pair
+    from verify.cli.discover import _fraction_pair
 
     assert _fraction_pair("0.3:0.65", "--prune-window") == (0.3, 0.65) and _fraction_pair(None, "x") is None
     with pytest.raises(UserError, match="START:END"):
@@ -355,7 +366,7 @@ def test_shared_pattern_cuts_keep_the_sizes_and_never_bring_back_a_removed_entry
 def test_output_and_read_patterns_can_keep_different_sizes():
     """--shared-size OUT:READ: one cut keeps OUT tokens per output pattern and READ per read pattern."""
     from handmodel.errors import UserError
-    from verify.discover.commands import _size_pair
+    from verify.cli.discover import _size_pair
     from verify.discover.jointfit import _cut_shared, pattern_sizes
 
     assert pattern_sizes(_size_pair("500", "--shared-size")) == (500, 500)
@@ -417,10 +428,10 @@ def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_t
     ckpt, train = planted
     o = Oracle.load(ckpt)
     out = tmp_path / "shared"
-    s = suggest(o, out, train, budget=600, n_classes=6, class_k=8, n_src=20, k_out=6, n_scores=30, positions=2048,
-                rounds=1, min_count=5, att_positions=1024, att_steps=30, n_neurons=3, joint_steps=30,
-                joint_positions=4096, held_positions=1024, n_query=8, joint_lr=0.05, neuron_classes=2,
-                shared=(2, 1, size, 1), log=lambda m: None)
+    s = suggest(o, out, train, SuggestOptions(budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30, positions=2048,
+                rounds=1, min_count=5, att_positions=1024, att_steps=30, neurons=3, joint_steps=30,
+                joint_positions=4096, held_positions=1024, query_scores=8, joint_lr=0.05, neuron_classes=2,
+                shared_out=2, shared_read=1, shared_size=size, shared_refs=1), log=lambda m: None)
     joint = s["history"][-1]
     assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint
     rules = load_rules(out, o.vocab)
@@ -437,4 +448,4 @@ def test_joint_fit_with_shared_patterns_writes_weights_tables_the_engine_reads_t
     used = {k for n in neurons for k in n["next"]} | {k for n in neurons for h in n.get("attend", {}).values() for k in h}
     assert names <= used  # an unreferenced pattern is not written
     with pytest.raises(UserError, match="shared-size"):
-        suggest(o, tmp_path / "bad", train, n_neurons=3, joint_steps=5, shared=(2, 0, 0, 1), log=lambda m: None)
+        suggest(o, tmp_path / "bad", train, SuggestOptions(neurons=3, joint_steps=5, shared_out=2, shared_read=0, shared_size=0, shared_refs=1), log=lambda m: None)

@@ -87,7 +87,7 @@ def test_weighted_set_numbers_count_once_on_the_first_user(tmp_path):
     an unreferenced weighted set counts 0 and changes nothing."""
     from types import SimpleNamespace
 
-    from verify import ledger as L
+    from verify.ledger import core as L
 
     vocab = ["a", "b", "c", "d"]
     (tmp_path / "00_first.toml").write_text('group = "one"\n[[prior]]\nid = "p"\ndoc = "d"\nnext = { "@w" = 1.0, "d" = 0.5 }\n')

@@ -38,13 +38,13 @@ def empty_corpus(tmp_path) -> Path:
 
 
 def test_train_errors(capsys, tmp_path, empty_corpus, tiny_corpus):
-    rc, _, err = run(capsys, "train", "--corpus", tmp_path / "missing.txt", "--out", tmp_path / "o")
-    assert_one_line_error(rc, err, "missing.txt: no such file or folder; check the --corpus path")
-    rc, _, err = run(capsys, "train", "--corpus", empty_corpus, "--out", tmp_path / "o")
+    rc, _, err = run(capsys, "train", "--train-corpus", tmp_path / "missing.txt", "--out", tmp_path / "o")
+    assert_one_line_error(rc, err, "missing.txt: no such file or folder; check the --train-corpus path")
+    rc, _, err = run(capsys, "train", "--train-corpus", empty_corpus, "--out", tmp_path / "o")
     assert_one_line_error(rc, err, "empty.txt: corpus is empty (no story text found)")
     bad_tok = tmp_path / "tok.json"
     bad_tok.write_text("{ broken")
-    rc, _, err = run(capsys, "train", "--corpus", tiny_corpus / "train.txt", "--tokenizer", bad_tok, "--out", tmp_path / "o")
+    rc, _, err = run(capsys, "train", "--train-corpus", tiny_corpus / "train.txt", "--tokenizer", bad_tok, "--out", tmp_path / "o")
     assert_one_line_error(rc, err, "tok.json: not a readable tokenizers JSON (", "retrain or re-save it")
 
 
@@ -88,7 +88,7 @@ def test_sample_and_info_on_a_checkpoint(capsys, tiny_checkpoint):
 
 def test_train_through_the_cli(capsys, tiny_corpus, tmp_path):
     out_dir = tmp_path / "run"
-    rc, out, err = run(capsys, "train", "--out", out_dir, "--corpus", tiny_corpus / "train.txt", "--vocab-size", "280",
+    rc, out, err = run(capsys, "train", "--out", out_dir, "--train-corpus", tiny_corpus / "train.txt", "--vocab-size", "280",
                        "--n-ctx", "16", "--d-model", "16", "--n-heads", "4", "--d-mlp", "16", "--steps", "3",
                        "--batch-size", "2", "--eval-every", "3", "--threads", "1", "--no-progress")
     assert rc == 0, err

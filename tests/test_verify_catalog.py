@@ -10,7 +10,7 @@ from test_verify_core import BIGRAMS, PRIOR, write_rules
 
 
 def test_catalog_lists_every_rule_with_its_ablation(tiny_world, tmp_path):
-    from verify.commands import evaluate
+    from verify.ledger.evaluate import evaluate
 
     ckpt, evalf, train = tiny_world
     bad = BIGRAMS + '\n[[bigram]]\nid = "wrong"\ndoc = "deliberately | wrong"\nnow = " the"\nnext = { "!" = 9.0 }\n'
@@ -22,13 +22,13 @@ def test_catalog_lists_every_rule_with_its_ablation(tiny_world, tmp_path):
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     res = evaluate(ckpt, rules, evalf, 4, 0, train, ablate=True, log=lambda m: None)
-    for a in res["ablation"]:
+    for a in res.ablation:
         assert f"`{a['rule']}`" in text
         assert f"{a['delta']:+.5f}" in text
     assert "deliberately \\| wrong" in text  # table cells are escaped
     assert "⚠" in text.split("`wrong`")[1].splitlines()[0]  # removal improves KL: flagged
     assert text.index("## prior") < text.index("## bigrams")
-    assert f"{res['final']['kl']:.4f}" in text
+    assert f"{res.final['kl']:.4f}" in text
 
 
 def test_catalog_bad_rules_folder(tiny_world, tmp_path):
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_catalog_lists_weighted_sets_apart_from_classes(tmp_path):
     """Weighted sets ([[weights]]) get their own table: size and the largest weights; the header counts both kinds."""
     from handmodel import load_rules
-    from verify.catalog import catalog_markdown
+    from verify.reports.catalog import catalog_markdown
 
     (tmp_path / "r.toml").write_text('[[class]]\nid = "ab"\ndoc = "a and b"\ntokens = ["a", "b"]\n'
                                      '[[weights]]\nid = "w"\ndoc = "mostly c"\ntokens = { "c" = -3.0, "@ab" = 0.5, "b" = 1.0 }\n'

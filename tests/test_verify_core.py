@@ -12,8 +12,8 @@ import pytest
 
 from conftest import make_stories, make_tiny_checkpoint, require, write_corpus
 from handmodel.errors import UserError
-from verify import data as D
-from verify import ledger as L
+from verify.ledger import core as L
+from verify.ledger import data as D
 
 PRIOR = """group = "prior"
 [[prior]]
@@ -47,7 +47,7 @@ def rules_dir(tmp_path):
 
 
 def run(ckpt, rules, corpus, train, **kw):
-    from verify.commands import evaluate
+    from verify.ledger.evaluate import evaluate
 
     return evaluate(ckpt, rules, corpus, 4, 0, train, log=lambda m: None, **kw)
 
@@ -138,14 +138,14 @@ def test_ledger_numbers_equal_direct_computation(tiny_world, rules_dir):
 
     ckpt, evalf, train = tiny_world
     res = run(ckpt, rules_dir, evalf, train)
-    ref, hm, rules, vocab, last = res["_objects"]
-    assert [r["name"] for r in res["ledger"]] == ["(no rules)", "+ prior", "+ bigrams"]
-    assert [r["rules"] for r in res["ledger"]] == [0, 1, 3]
-    assert [r["numbers"] for r in res["ledger"]] == [0, 3, 7]
+    ref, hm, rules, vocab, last = res.ref, res.hand, res.rules, res.vocab, res.last
+    assert [r["name"] for r in res.ledger] == ["(no rules)", "+ prior", "+ bigrams"]
+    assert [r["rules"] for r in res.ledger] == [0, 1, 3]
+    assert [r["numbers"] for r in res.ledger] == [0, 3, 7]
     lp16 = np.asarray(ref.logp, np.float32)
     hn = ref.has_next
-    kl_uni = res["baselines"][1]["kl"]
-    for row, mask in zip(res["ledger"], ([False] * 3, [True, False, False], [True] * 3)):
+    kl_uni = res.baselines[1]["kl"]
+    for row, mask in zip(res.ledger, ([False] * 3, [True, False, False], [True] * 3)):
         hand = np.concatenate(HandModel(load_rules(rules_dir, vocab)).log_probs_batch(ref.seqs, np.array(mask)))
         p = np.exp(lp16)
         p /= p.sum(1, keepdims=True)
@@ -164,15 +164,15 @@ def test_ledger_numbers_equal_direct_computation(tiny_world, rules_dir):
 
     lp32 = np.concatenate(Oracle.load(ckpt).log_probs(ref.seqs))
     hand = np.concatenate(hm.log_probs_batch(ref.seqs))
-    assert abs(D.kl_rows(lp32, hand).mean() - res["final"]["kl"]) < 1e-3
+    assert abs(D.kl_rows(lp32, hand).mean() - res.final["kl"]) < 1e-3
 
 
 def test_empty_rule_set_is_the_uniform_baseline(tiny_world, rules_dir):
     ckpt, evalf, train = tiny_world
     res = run(ckpt, rules_dir, evalf, train)
-    uniform = res["baselines"][0]
-    none = res["ledger"][0]
-    V = res["_objects"][0].logp.shape[1]
+    uniform = res.baselines[0]
+    none = res.ledger[0]
+    V = res.ref.logp.shape[1]
     assert uniform["name"] == "uniform"
     assert none["kl"] == pytest.approx(uniform["kl"], abs=1e-5)
     assert none["ce_hand"] == pytest.approx(np.log(V), abs=1e-5) == uniform["ce_hand"]
@@ -185,7 +185,7 @@ def test_baselines_against_direct_computation(tiny_world, rules_dir):
 
     ckpt, evalf, train = tiny_world
     res = run(ckpt, rules_dir, evalf, train)
-    ref = res["_objects"][0]
+    ref = res.ref
     o = Oracle.load(ckpt)
     seqs, _ = D.chunk(encode_stories(o.tokenizer, read_stories(train)), o.cfg.n_ctx)
     p = np.exp(np.concatenate(o.log_probs(seqs)).astype(np.float64))
@@ -198,7 +198,7 @@ def test_baselines_against_direct_computation(tiny_world, rules_dir):
     kl_uni = (q * (np.log(q) - np.log(uni))).sum(1).mean()
     kl_big = (q * (np.log(q) - np.log(big[ref.tokens]))).sum(1).mean()
     kl_unif = (q * (np.log(q) + np.log(V))).sum(1).mean()
-    b = {r["name"]: r for r in res["baselines"]}
+    b = {r["name"]: r for r in res.baselines}
     assert b["uniform"]["kl"] == pytest.approx(kl_unif, abs=1e-4)
     assert b["unigram"]["kl"] == pytest.approx(kl_uni, abs=1e-4)
     assert b["oracle bigram"]["kl"] == pytest.approx(kl_big, abs=1e-4)
@@ -233,11 +233,11 @@ def test_hand_model_equal_to_reference_gives_zero_kl(tiny_world, tmp_path):
     meta["files"].update({f: record(d / f) for f in ("logp16.npy", "ce.npy")})
     (d / "meta.json").write_text(json.dumps(meta))
     res = run(ckpt_dir, rules, evalf, train)
-    f = res["final"]
+    f = res.final
     assert f["kl"] < 2e-4 and f["kl_hi"] < 2e-4
     assert f["unexplained"] == pytest.approx(0.0, abs=1e-5)
     assert f["top1"] > 0.99
-    assert res["ledger"][0]["kl"] > 0.02  # rules off: far from it (100x the planted KL bound)
+    assert res.ledger[0]["kl"] > 0.02  # rules off: far from it (100x the planted KL bound)
 
 
 # -- ablation / worst ------------------------------------------------------------------------------
@@ -246,20 +246,20 @@ def test_ablation_and_worst(tiny_world, tmp_path):
     bad = BIGRAMS + '\n[[bigram]]\nid = "wrong"\ndoc = "deliberately wrong"\nnow = " the"\nnext = { "!" = 9.0 }\n'
     rules = write_rules(tmp_path / "r", {"10_prior.toml": PRIOR, "20_bigrams.toml": bad})
     res = run(ckpt, rules, evalf, train, ablate=True, worst=4)
-    ab = res["ablation"]
+    ab = res.ablation
     assert len(ab) == 4
     assert [a["delta"] for a in ab] == sorted([a["delta"] for a in ab], reverse=True)
     wrong = next(a for a in ab if a["rule"] == "wrong")
     assert wrong["hurts"] and wrong["delta"] < 0
-    assert all(a["kl_without"] == pytest.approx(res["final"]["kl"] + a["delta"]) for a in ab)
-    w = res["worst"]
+    assert all(a["kl_without"] == pytest.approx(res.final["kl"] + a["delta"]) for a in ab)
+    w = res.worst
     assert len(w) == 4 and w[0]["kl"] >= w[-1]["kl"]
-    kl = res["_objects"][4]["kl"]
+    kl = res.last["kl"]
     assert w[0]["kl"] == pytest.approx(float(np.max(kl)))
     assert len(w[0]["ref_top5"]) == 5 and len(w[0]["hand_top5"]) == 5
     assert sum(e["p"] for e in w[0]["ref_top5"]) <= 1.0 + 1e-3
-    assert res["gap_by_current"][0]["total"] >= res["gap_by_current"][-1]["total"]
-    assert sum(g["total"] for g in L.gap_by(res["_objects"][0], kl, res["_objects"][3], "current", k=10 ** 6)) == pytest.approx(float(np.sum(kl)))
+    assert res.gap_by_current[0]["total"] >= res.gap_by_current[-1]["total"]
+    assert sum(g["total"] for g in L.gap_by(res.ref, kl, res.vocab, "current", k=10 ** 6)) == pytest.approx(float(np.sum(kl)))
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -318,11 +318,11 @@ def test_cli_json_fail_above_and_no_torch_when_warm(tiny_world, rules_dir, tmp_p
 
 def test_sampled_eval_set_is_deterministic(tiny_world, rules_dir):
     ckpt, _, train = tiny_world
-    from verify.commands import evaluate
+    from verify.ledger.evaluate import evaluate
 
     a = evaluate(ckpt, rules_dir, None, 3, 7, train, log=lambda m: None)
-    ref = a["_objects"][0]
-    assert a["header"]["eval"] == {"kind": "sampled", "n": 3, "seed": 7, "max_len": D.SAMPLE_MAX_LEN}
+    ref = a.ref
+    assert a.header["eval"] == {"kind": "sampled", "n": 3, "seed": 7, "max_len": D.SAMPLE_MAX_LEN}
     assert ref.built and len(ref.offsets) - 1 >= 3
     assert all(s[0] == 0 for s in ref.seqs)  # every sampled story starts after EOT (id 0 here)
     from reference.oracle import Oracle
@@ -340,8 +340,8 @@ def test_real_text_from_shared_corpus(shared_corpus, rules_dir, tmp_path, tiny_w
     ev = write_corpus(tmp_path / "valid_head.txt", read_stories(shared_corpus / "valid.txt")[:10])
     tr = write_corpus(tmp_path / "train_head.txt", read_stories(shared_corpus / "train.txt")[:40])
     res = run(ckpt, rules_dir, ev, tr, worst=3)
-    assert res["header"]["n_tokens"] > 500 and np.isfinite(res["final"]["kl"])
-    assert res["header"]["n_split"] > 0  # real stories are longer than this tiny model's context
+    assert res.header["n_tokens"] > 500 and np.isfinite(res.final["kl"])
+    assert res.header["n_split"] > 0  # real stories are longer than this tiny model's context
 
 
 def test_ledger_row_cache_recomputes_only_changed_rows(tiny_world, tmp_path):
@@ -350,7 +350,7 @@ def test_ledger_row_cache_recomputes_only_changed_rows(tiny_world, tmp_path):
     ckpt, evalf, train = tiny_world
     rules = write_rules(tmp_path / "r", {"10_prior.toml": PRIOR, "20_bigrams.toml": BIGRAMS})
     first = run(ckpt, rules, evalf, train)
-    ref, hm, compiled, _, _ = first["_objects"]
+    ref, hm, compiled, _, _ = first.ref, first.hand, first.rules, first.vocab, first.last
     masks = [m for _, m in L.group_masks(compiled)]
     k1 = L.row_keys(compiled, masks, ref)
     assert all((ref.dir / "ledger" / f"{k}.npz").exists() for k in k1)
@@ -360,8 +360,8 @@ def test_ledger_row_cache_recomputes_only_changed_rows(tiny_world, tmp_path):
 
     k2 = L.row_keys(load_rules(rules, compiled.vocab), masks, ref)
     assert k2[:2] == k1[:2] and k2[2] != k1[2]  # (no rules), + prior unchanged; + bigrams recomputed
-    assert second["ledger"][:2] == first["ledger"][:2]
-    assert second["ledger"][2]["kl"] != first["ledger"][2]["kl"]
-    fresh, _ = L.run_ledger(second["_objects"][1], second["_objects"][2], ref, second["baselines"][1]["kl"],
+    assert second.ledger[:2] == first.ledger[:2]
+    assert second.ledger[2]["kl"] != first.ledger[2]["kl"]
+    fresh, _ = L.run_ledger(second.hand, second.rules, ref, second.baselines[1]["kl"],
                             L.boot_weights(len(ref.offsets) - 1), cache=False)
-    assert [r["kl"] for r in fresh] == pytest.approx([r["kl"] for r in second["ledger"]], abs=1e-12)
+    assert [r["kl"] for r in fresh] == pytest.approx([r["kl"] for r in second.ledger], abs=1e-12)

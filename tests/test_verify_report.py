@@ -136,10 +136,10 @@ def report(tiny_world, tmp_path_factory):
     assert out.exists() and f"wrote {out}" in " ".join(r.stdout.split())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HANDMODEL_CACHE", str(d / "cache"))
-        from verify.commands import evaluate
+        from verify.ledger.evaluate import evaluate
 
         res = evaluate(ckpt, rules, evalf, 4, 0, train, log=lambda m: None)
-    assert not res["header"]["cache_built"]  # the CLI built it; same eval set, same numbers
+    assert not res.header["cache_built"]  # the CLI built it; same eval set, same numbers
     text = out.read_text(encoding="utf-8")
     m = re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S)
     assert m, "the report embeds its token data as JSON"
@@ -195,7 +195,8 @@ def test_report_is_one_self_contained_file(report):
 
 def test_embedded_data_matches_the_hand_model_and_reference(report):
     """The JSON the page renders from: per position, top-5 lists and rules fired equal direct computation."""
-    ref, hm, _, vocab, last = report["res"]["_objects"]
+    ev = report["res"]
+    ref, hm, vocab, last = ev.ref, ev.hand, ev.vocab, ev.last
     data = report["data"]
     assert data["toks"] == vocab
     n = len(data["pos"])
@@ -237,13 +238,13 @@ def test_browser_renders_tokens_chart_and_tables(report, dom):
     assert chart.tag == "svg"
     bars = chart.find_all("rect", "bar")
     res = report["res"]
-    assert [r["name"] for r in res["ledger"]] == LEDGER_ROWS
-    assert len(bars) == len(res["ledger"]) == 4
+    assert [r["name"] for r in res.ledger] == LEDGER_ROWS
+    assert len(bars) == len(res.ledger) == 4
     assert len(chart.find_all("line", "baseline")) == 3
     heights = [float(b.attrs["height"]) for b in bars]
-    kls = [r["kl"] for r in res["ledger"]]
+    kls = [r["kl"] for r in res.ledger]
     assert np.argsort(heights).tolist() == np.argsort(kls).tolist()  # taller bar = larger KL
-    for b, r in zip(bars, res["ledger"]):
+    for b, r in zip(bars, res.ledger):
         assert b.text().startswith(f"{r['name']}: KL {r['kl']:.4f}")
     # tables
     rows = root.by_id("ledger-table").find_all("tr")[1:]
@@ -255,7 +256,8 @@ def test_browser_renders_tokens_chart_and_tables(report, dom):
 
 def test_browser_detail_panel_for_selected_token(report, dom):
     k, root, _ = dom
-    ref, hm, _, vocab, last = report["res"]["_objects"]
+    ev = report["res"]
+    ref, hm, vocab, last = ev.ref, ev.hand, ev.vocab, ev.last
     p = report["data"]["pos"][k]
     sel = [t for t in root.find_all("span", "tok") if "sel" in t.classes]
     assert [t.attrs["id"] for t in sel] == [f"tok-{k}"]  # #pos=K selected token K

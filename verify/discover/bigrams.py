@@ -1,7 +1,7 @@
 """Bigram structure for `handmodel suggest`: a unigram prior, token classes whose next-token rows look
 alike, one class-level default row per class, and per-token exceptions, under a budget of numbers.
 
-Everything starts from the oracle bigram b[c] (verify/baselines.py: the mean of the reference's
+Everything starts from the oracle bigram b[c] (verify/ledger/baselines.py: the mean of the reference's
 next-token distributions over training positions with current token c), so a draft row is the best
 sparse approximation of what the reference does after c:
 

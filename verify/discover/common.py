@@ -49,7 +49,7 @@ def read_sample(path: str | Path, max_chars: int) -> list[str]:
 
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: corpus not found; pass --corpus PATH (a .txt file of stories separated by {EOT} lines)")
+        raise UserError(f"{p}: corpus not found; pass --train-corpus PATH (a .txt file of stories separated by {EOT} lines)")
     if p.is_dir():
         return read_stories(p)
     with open(p, encoding="utf-8", errors="replace") as f:

@@ -65,7 +65,7 @@ def check_training_text(corpus) -> None:
     bad = next((n for n in names if "valid" in n), None)
     if bad is not None:
         where = "" if bad == p.name else f" (it holds {bad})"
-        raise UserError(f"--corpus {corpus}{where}: fit on training text; valid.txt is for reporting "
+        raise UserError(f"--train-corpus {corpus}{where}: fit on training text; valid.txt is for reporting "
                         "(never tune on what you report)")
 
 

@@ -11,7 +11,8 @@ Pipeline (every number fitted on TRAINING text; valid.txt is only ever scored by
    δ makes Σ_t φ_t p_hand,t(v) = Σ_t φ_t p_ref,t(v) on the support; each round moves
    δ_v += η (log E_ref − log E_hand), with p_hand computed by the real engine from the written files.
 Files are rewritten every round and reloaded with handmodel.load_rules, so what is fitted is exactly
-what the engine runs.
+what the engine runs. Its options: suggest_options.py. (Over 400 lines: one pipeline whose stages share the
+draft's state; splitting it would restructure the algorithm.)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .bigrams import draft_bigrams
 from .draft_files import DRAFT_CHECK, FileSet, ranked, write_bigram_files
 from .heads import HeadDraft, draft_heads, hand_attention
 from .neurons import NeuronDraft, draft_neurons, hand_activation, reference_activations
+from .suggest_options import DEFAULTS, OPTIONS_FILE, SuggestOptions
 
 EPS = 1e-9
 # Moment matching on a sample over-trusts rare tokens (a token seen twice after a source gets a huge
@@ -326,18 +328,31 @@ def attention_masses(sample: TrainSample, attn: list[np.ndarray], V: int, src: n
     return out
 
 
-def suggest(oracle, out_dir: Path, train_corpus: Path, *, budget: int = 90_000, n_classes: int = 64,
-            class_k: int = 96, k_max: int = 256, with_heads: bool = True, n_src: int = 300, k_out: int = 24,
-            n_scores: int = 400, positions: int = 32_768, rounds: int = 4, min_count: int = 20,
-            att_positions: int = 16_384, att_steps: int = 100, n_neurons: int = 32, target=None, copy: bool = True,
-            joint_steps: int = 0, joint_positions: int = 262_144, n_query: int = 400, joint_lr: float = 0.01,
-            neuron_classes: int = 0, prune_cuts: int = 4, prune_window: tuple[float, float] | None = None,
-            shared: tuple = (0, 0, 0, 0), held_positions: int = 8192, log=print) -> dict:
-    """Draft a ruleset into out_dir (see the module doc). `target`: an existing rules folder; the draft then
-    spends its numbers where those rules leave the most KL on the training sample (token rows ∝ KL left
-    after each token, head sources ∝ KL-weighted attention mass) instead of by frequency."""
-    from verify import data as D
-    from verify.baselines import get_tables
+def suggest(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions = DEFAULTS, *, log=print,
+            command: str = "") -> dict:
+    """Draft a ruleset into out_dir (see the module doc) with `opts`, then write them to out_dir/OPTIONS_FILE
+    (with `command`, the command line, as a comment) so the draft can be made again."""
+    summary = _draft(oracle, Path(out_dir), train_corpus, opts, log)
+    head = ("handmodel suggest options: `handmodel suggest --config THIS_FILE --out NEW_FOLDER` drafts these rules again\n"
+            f"(checkpoint {oracle.hash}, training text {Path(train_corpus).name})" + (f"\nrun as: {command}" if command else ""))
+    path = Path(out_dir) / OPTIONS_FILE
+    path.write_text(opts.to_toml(head), encoding="utf-8")
+    summary["options"] = str(path)
+    return summary
+
+
+def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log) -> dict:
+    """`opts.target`: an existing rules folder; the draft then spends its numbers where those rules leave the
+    most KL on the training sample (token rows ∝ KL left after each token, head sources ∝ KL-weighted
+    attention mass) instead of by frequency."""
+    budget, n_classes, class_k, k_max, with_heads = opts.budget, opts.classes, opts.class_k, opts.k_max, opts.heads
+    n_src, k_out, n_scores, positions, rounds = opts.sources, opts.k_out, opts.scores, opts.positions, opts.rounds
+    min_count, att_positions, att_steps, n_neurons = opts.min_count, opts.att_positions, opts.att_steps, opts.neurons
+    target, copy, joint_steps, joint_positions = opts.target, opts.copy, opts.joint_steps, opts.joint_positions
+    n_query, joint_lr, neuron_classes, prune_cuts = opts.query_scores, opts.joint_lr, opts.neuron_classes, opts.prune_cuts
+    prune_window, shared, held_positions = opts.prune_window, opts.shared, opts.held_positions
+    from verify.ledger import data as D
+    from verify.ledger.baselines import get_tables
 
     from handmodel import HandModel, load_rules
 

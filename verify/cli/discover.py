@@ -1,5 +1,5 @@
-"""Typer commands for rule discovery, registered in verify/cli.py. Imports stay inside the functions so
-`handmodel --help` never loads torch."""
+"""Typer commands for rule discovery (verify/discover/), registered in verify/cli/__init__.py. Imports of
+the discovery code stay inside the functions so `handmodel --help` never loads torch."""
 from __future__ import annotations
 
 import json
@@ -8,16 +8,15 @@ from typing import List, Optional
 
 import typer
 
-DEFAULT_CORPUS = "../shared/corpus/tinystories/train.txt"  # same as common.DEFAULT_CORPUS (kept here: no numpy at import)
+from verify.discover.suggest_options import DEFAULTS, HELP, OPTIONS_FILE, SuggestOptions
+
+from . import options as O
 
 inspect_app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                           help="Read the reference: what a token, a head or a neuron does (rich tables or --json).")
 
-CKPT = typer.Option(None, "--checkpoint", help="Checkpoint folder (default: the shipped model in reference/default).")
-CORPUS = typer.Option(DEFAULT_CORPUS, "--corpus", help="Text sampled for statistics (only its start is read).")
 TOKENS = typer.Option(16384, "--tokens", help="How many corpus tokens to run through the reference.")
 K = typer.Option(10, "-k", "--top", help="Rows per table.")
-JSON = typer.Option(False, "--json", help="Print JSON instead of tables.")
 MINC = typer.Option(3, "--min-count", help="Only tokens seen this often in the sample enter QK/OV tables.")
 
 
@@ -69,22 +68,30 @@ def _size_pair(text: str, flag: str) -> int | tuple[int, int]:
     return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
+def _train_text(path: Path) -> str:
+    from handmodel.errors import UserError
+
+    if not Path(path).exists():
+        raise UserError(f"--train-corpus {path}: not found; pass the training text (train.txt)")
+    return str(path)
+
+
 def _q(tok: str) -> str:
     return repr(tok)
 
 
 @inspect_app.command("token")
 def inspect_token_cmd(token: str = typer.Argument(..., help='Token as written in the vocabulary, e.g. " dog" (or #id).'),
-                      checkpoint: Optional[Path] = CKPT, corpus: str = CORPUS, tokens: int = TOKENS, k: int = K,
-                      min_count: int = MINC, as_json: bool = JSON):
+                      checkpoint: Path = O.CHECKPOINT, train_corpus: Path = O.TRAIN_CORPUS, tokens: int = TOKENS, k: int = K,
+                      min_count: int = MINC, as_json: bool = O.JSON):
     """Direct-path predictions after a token, heads attending from/to it, neurons it drives."""
     from reference.oracle import Oracle
 
-    from .common import resolve_token
-    from .inspect import inspect_token
+    from verify.discover.common import resolve_token
+    from verify.discover.inspect import inspect_token
 
     o = Oracle.load(checkpoint)
-    d = inspect_token(o, resolve_token(o.vocab, token), corpus, k=k, n_tokens=tokens, min_count=min_count)
+    d = inspect_token(o, resolve_token(o.vocab, token), _train_text(train_corpus), k=k, n_tokens=tokens, min_count=min_count)
 
     def render(con, d):
         from rich.markup import escape
@@ -113,17 +120,17 @@ def inspect_token_cmd(token: str = typer.Argument(..., help='Token as written in
 
 
 @inspect_app.command("head")
-def inspect_head_cmd(head: int = typer.Argument(..., help="Head index."), checkpoint: Optional[Path] = CKPT,
-                     corpus: str = CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
+def inspect_head_cmd(head: int = typer.Argument(..., help="Head index."), checkpoint: Path = O.CHECKPOINT,
+                     train_corpus: Path = O.TRAIN_CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
                      max_dist: int = typer.Option(16, help="Distances shown in the positional profile."),
-                     as_json: bool = JSON):
+                     as_json: bool = O.JSON):
     """Positional profile, top QK pairs, top OV effects and the skip-trigram "bugs" of one head."""
     from reference.oracle import Oracle
 
-    from .inspect import inspect_head
+    from verify.discover.inspect import inspect_head
 
     o = Oracle.load(checkpoint)
-    d = inspect_head(o, head, corpus, k=k, n_tokens=tokens, min_count=min_count, max_dist=max_dist)
+    d = inspect_head(o, head, _train_text(train_corpus), k=k, n_tokens=tokens, min_count=min_count, max_dist=max_dist)
 
     def render(con, d):
         con.print(f"[bold]head {d['head']}[/]: {d['kind']} (attention to previous token {d['previous_token_score']:.2f}); "
@@ -149,16 +156,16 @@ def inspect_head_cmd(head: int = typer.Argument(..., help="Head index."), checkp
 
 
 @inspect_app.command("neuron")
-def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), checkpoint: Optional[Path] = CKPT,
-                       corpus: str = CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
-                       as_json: bool = JSON):
+def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), checkpoint: Path = O.CHECKPOINT,
+                       train_corpus: Path = O.TRAIN_CORPUS, tokens: int = TOKENS, k: int = K, min_count: int = MINC,
+                       as_json: bool = O.JSON):
     """Top-activating tokens and contexts, output effect, and the loss cost of zero-ablating one neuron."""
     from reference.oracle import Oracle
 
-    from .inspect import inspect_neuron
+    from verify.discover.inspect import inspect_neuron
 
     o = Oracle.load(checkpoint)
-    d = inspect_neuron(o, neuron, corpus, k=k, n_tokens=tokens, min_count=min_count)
+    d = inspect_neuron(o, neuron, _train_text(train_corpus), k=k, n_tokens=tokens, min_count=min_count)
 
     def render(con, d):
         a = d["ablation"]
@@ -179,79 +186,91 @@ def inspect_neuron_cmd(neuron: int = typer.Argument(..., help="Neuron index."), 
     _emit(d, as_json, render)
 
 
-def suggest_cmd(out: Path = typer.Argument(..., help="Folder to write the draft rule files into (new or empty)."),
-                checkpoint: Optional[Path] = CKPT,
-                corpus: str = typer.Option(DEFAULT_CORPUS, "--corpus", help="TRAINING text the numbers are fitted on (never valid.txt)."),
-                budget: int = typer.Option(90_000, "--budget", help="Numbers for per-token bigram exceptions (rows of frequent tokens get more)."),
-                classes: int = typer.Option(64, "--classes", help="Token classes proposed by clustering next-token rows (0: none)."),
-                class_k: int = typer.Option(96, "--class-k", help="Entries per class-level bigram row."),
-                k_max: int = typer.Option(256, "--k-max", help="Most entries in one token's bigram row."),
-                heads: bool = typer.Option(True, "--heads/--no-heads", help="Draft \\[\\[head]] + \\[\\[head_out]] rules for every reference head."),
-                n_src: int = typer.Option(300, "--sources", help="Source tokens per head that get a \\[\\[head_out]] rule (most attended first)."),
-                k_out: int = typer.Option(24, "--k-out", help="Entries per \\[\\[head_out]] row."),
-                n_scores: int = typer.Option(400, "--scores", help="Source-token attention scores per head."),
-                positions: int = typer.Option(32_768, "--positions", help="Training positions used to fit heads (memory ~ 8 bytes x positions x vocabulary)."),
-                rounds: int = typer.Option(4, "--rounds", help="Moment-matching rounds for \\[\\[head_out]] rows."),
-                min_count: int = typer.Option(20, "--min-count", help="Tokens rarer than this in the training text get no class/score/source."),
-                neurons: int = typer.Option(32, "--neurons", help="\\[\\[neuron]] rules for the most context-dependent reference neurons."),
-                copy: bool = typer.Option(True, "--copy/--no-copy", help="Draft one copying rule per head (a story word attended to becomes likelier)."),
-                target: Optional[Path] = typer.Option(None, "--target", help="Existing rules: spend the numbers where they leave the most KL (worst positions first)."),
-                joint_steps: int = typer.Option(0, "--joint-steps", help="After moment matching, fit every number (neurons included) jointly by gradient descent for this many steps (jointfit.py; ~2.3 s a step on the shipped model)."),
-                joint_positions: int = typer.Option(262_144, "--joint-positions", help="Training positions the joint fit streams over (reference recomputed per batch)."),
-                query_scores: int = typer.Option(400, "--query-scores", help="Joint fit: query-dependent attention entries { now = @class, src = @class } kept per head (0: none)."),
-                neuron_classes: int = typer.Option(0, "--neuron-classes", help="Joint fit: class-level entries per neuron and kind (current-token class in `now`, attention mass on a class in `attend`, a whole class in `next`), fitted dense over the classes then cut to this many of each (0: none)."),
-                prune_cuts: int = typer.Option(4, "--prune-cuts", help="Joint fit: prune the query and neuron-class entries in this many cuts between 1/8 and 2/5 of the steps (see --prune-window), kept counts falling cubically to the final sizes (1: one cut at a third)."),
-                prune_window: Optional[str] = typer.Option(None, "--prune-window", help="Joint fit: START:END, the fractions of the steps between which the cuts fall (default 0.125:0.4; a later start keeps the fit dense longer)."),
-                shared_out: int = typer.Option(0, "--shared-out", help="Joint fit: output patterns (\\[\\[weights]] tables) the neurons share: a neuron adds x × pattern to the logits (0: none; needs --neurons, --shared-size, --shared-refs)."),
-                shared_read: int = typer.Option(0, "--shared-read", help="Joint fit: read patterns per head the neurons share: a neuron's input gains x × the head's attention weighted by the pattern (0: none)."),
-                shared_size: str = typer.Option("0", "--shared-size", help="Joint fit: tokens kept per shared pattern (fitted dense over the vocabulary, then cut like the class entries); OUT:READ keeps OUT per output pattern and READ per read pattern."),
-                shared_refs: int = typer.Option(0, "--shared-refs", help="Joint fit: pattern references kept per neuron and kind (output patterns; read patterns over all heads)."),
-                as_json: bool = JSON):
+def _opt(name: str, *flags: str):
+    """A suggest flag whose default and help are SuggestOptions' (one place)."""
+    return typer.Option(getattr(DEFAULTS, name), *(flags or ("--" + name.replace("_", "-"),)), help=HELP[name])
+
+
+def suggest_cmd(ctx: typer.Context,
+                out: Path = O.out_option(..., "folder for the draft rule files (new or empty)"),
+                config: Optional[Path] = typer.Option(None, "--config", help=f"Options file ({OPTIONS_FILE}, which suggest writes "
+                                                      "next to every draft): draft with its options; flags given here override it."),
+                checkpoint: Path = O.CHECKPOINT,
+                train_corpus: Path = O.TRAIN_CORPUS,
+                budget: int = _opt("budget"), classes: int = _opt("classes"), class_k: int = _opt("class_k"),
+                k_max: int = _opt("k_max"), heads: bool = _opt("heads", "--heads/--no-heads"),
+                sources: int = _opt("sources"), k_out: int = _opt("k_out"), scores: int = _opt("scores"),
+                positions: int = _opt("positions"), rounds: int = _opt("rounds"), min_count: int = _opt("min_count"),
+                neurons: int = _opt("neurons"), copy: bool = _opt("copy", "--copy/--no-copy"),
+                target: Optional[Path] = _opt("target"), joint_steps: int = _opt("joint_steps"),
+                joint_positions: int = _opt("joint_positions"), query_scores: int = _opt("query_scores"),
+                neuron_classes: int = _opt("neuron_classes"), prune_cuts: int = _opt("prune_cuts"),
+                prune_window: Optional[str] = _opt("prune_window"),
+                shared_out: int = _opt("shared_out"), shared_read: int = _opt("shared_read"),
+                shared_size: str = typer.Option(str(DEFAULTS.shared_size), "--shared-size", help=HELP["shared_size"]),
+                shared_refs: int = _opt("shared_refs"),
+                as_json: bool = O.JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
     class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
-    rules (fitted by moment matching). Each rule has an id, a provisional doc and a provenance comment."""
+    rules (fitted by moment matching). Each rule has an id, a provisional doc and a provenance comment.
+    The options it ran with are written to OUT/suggest.conf: `--config` that file to draft the same again."""
+    import sys
+
     from handmodel.errors import UserError
     from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
 
-    from .suggest import suggest
-
-    if not Path(corpus).exists():
-        raise UserError(f"--corpus {corpus}: not found; pass the training text (train.txt)")
+    O.check_out_dir(out)
+    corpus = _train_text(train_corpus)
+    if target is not None:
+        O.check_rules(target)
+    base = SuggestOptions.load(config) if config is not None else DEFAULTS
+    given = {"budget": budget, "classes": classes, "class_k": class_k, "k_max": k_max, "heads": heads, "sources": sources,
+             "k_out": k_out, "scores": scores, "positions": positions, "rounds": rounds, "min_count": min_count,
+             "neurons": neurons, "copy": copy, "target": None if target is None else str(target),
+             "joint_steps": joint_steps, "joint_positions": joint_positions, "query_scores": query_scores,
+             "neuron_classes": neuron_classes, "prune_cuts": prune_cuts,
+             "prune_window": _fraction_pair(prune_window, "--prune-window"), "shared_out": shared_out,
+             "shared_read": shared_read, "shared_size": _size_pair(shared_size, "--shared-size"), "shared_refs": shared_refs}
+    # with --config, only the flags typed on this command line override the file
+    # (compared by name: typer ships its own copy of click's ParameterSource)
+    typed = {k: v for k, v in given.items()
+             if config is None or getattr(ctx.get_parameter_source(k), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")}
+    opts = base.replace(**typed)
+    if opts.target is not None and config is not None and "target" not in typed and not Path(opts.target).exists():
+        raise UserError(f"{config}: target = {opts.target!r} not found; pass --target DIR")
     o = Oracle.load(checkpoint)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    d = suggest(o, out, Path(corpus), budget=budget, n_classes=classes, class_k=class_k, k_max=k_max, with_heads=heads,
-                n_src=n_src, k_out=k_out, n_scores=n_scores, positions=positions, rounds=rounds, min_count=min_count,
-                n_neurons=neurons, target=target, copy=copy, joint_steps=joint_steps, joint_positions=joint_positions,
-                n_query=query_scores, neuron_classes=neuron_classes, prune_cuts=prune_cuts,
-                prune_window=_fraction_pair(prune_window, "--prune-window"),
-                shared=(shared_out, shared_read, _size_pair(shared_size, "--shared-size"), shared_refs), log=log)
+    d = suggest(o, out, Path(corpus), opts, log=log, command="handmodel " + " ".join(sys.argv[1:]))
 
     def render(con, d):
         con.print(f"wrote {out}: {d['rules']} rules, {d['numbers']:,} numbers, {d['classes']} classes in {d['seconds']} s")
         if d.get("history"):
             con.print(_table("training-sample KL(ref ‖ hand) by stage", ["stage", "KL"],
                              [[h["stage"], f"{h['train_kl']:.4f}"] for h in d["history"]], ("KL",)))
+        con.print(f"options: {d['options']}")
         con.print(f"next: handmodel verify --rules {out}")
 
     _emit(d, as_json, render)
 
-
-def fit_cmd(rules: Path = typer.Argument(..., help="Rule folder (every *.toml) or one .toml file: numbers are rewritten in place."),
+def fit_cmd(rules: Path = O.RULES,
             only: Optional[List[str]] = typer.Option(None, "--only", help="Fit only these rule ids (repeat, or comma-separate)."),
-            checkpoint: Optional[Path] = CKPT,
-            corpus: str = typer.Option(DEFAULT_CORPUS, "--corpus", help="TRAINING text to fit on (never valid.txt)."),
+            checkpoint: Path = O.CHECKPOINT,
+            train_corpus: Path = O.TRAIN_CORPUS,
             tokens: int = typer.Option(4096, "--tokens", help="Training positions used (memory grows with tokens × vocabulary)."),
             steps: int = typer.Option(30, "--steps", help="L-BFGS iterations (each lowers the KL or fit stops)."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Report the KL change without writing the files."),
-            as_json: bool = JSON):
+            as_json: bool = O.JSON):
     """Calibrate the numbers of hand-written rule files to minimise KL(p_ref ‖ p_hand) on training text.
 
-    Structure is never added or removed; comments, order and formatting of the files are kept. A [[weights]]
-    set's own weights are not fitted (they stay as written): the numbers of the rules referencing it are."""
+    The numbers of --rules are rewritten in place. Structure is never added or removed; comments, order and
+    formatting of the files are kept. A \\[\\[weights]] set's own weights are not fitted (they stay as written): the numbers of the rules referencing it are."""
     from reference.oracle import Oracle
 
-    from .fit import fit_rules
+    from verify.discover.fit import fit_rules
 
+    O.check_rules(rules)
+    corpus = _train_text(train_corpus)
     o = Oracle.load(checkpoint)  # fit_rules refuses held-out text itself (check_training_text)
     d = fit_rules(rules, o, corpus, tokens=tokens, steps=steps, only=only, dry_run=dry_run, progress=not as_json)
 

@@ -1,15 +1,11 @@
-"""`handmodel catalog`: rules/CATALOG.md generated from the rule files — every rule with its doc, its
+"""`handmodel catalog` (verify/cli/ledger.py): rules/CATALOG.md generated from the rule files — every rule with its doc, its
 size (explicit numbers) and the KL it removes (ablation: KL with only that rule off minus KL with all
 rules on), grouped as in the files. Never written by hand: re-run after editing rules."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
-import typer
-
-from .commands import CHECKPOINT_OPT, CORPUS_OPT, SAMPLED_OPT, SEED_OPT, TRAIN_OPT, evaluate
 
 
 def _md(s: str) -> str:
@@ -71,27 +67,3 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
             big = ", ".join(f"{_md(repr(rules.vocab[mem[j]]))} {w[j]:+.2f}" for j in top)
             lines.append(f"| `@{sets.class_names[k]}` | {len(mem)} | {big} | {_md(sets.class_docs[k])} |")
     return "\n".join(lines) + "\n"
-
-
-def catalog_cmd(rules: Path = typer.Option(Path("rules"), "--rules", help="Rules folder to catalogue."),
-                out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write (default: RULES/CATALOG.md)."),
-                checkpoint: Optional[Path] = CHECKPOINT_OPT, corpus: Optional[Path] = CORPUS_OPT,
-                sampled: int = SAMPLED_OPT, seed: int = SEED_OPT, train_corpus: Optional[Path] = TRAIN_OPT,
-                json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation) here.")):
-    """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files."""
-    import json
-    import sys
-
-    from rich.console import Console
-
-    console = Console(highlight=False, stderr=True)
-    res = evaluate(checkpoint, rules, corpus, sampled, seed, train_corpus, ablate=True,
-                   log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    _, _, compiled, _, _ = res.pop("_objects")
-    cmd = "handmodel catalog " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 2 else "handmodel catalog"
-    text = catalog_markdown(res, compiled, Path(rules), cmd.strip())
-    path = out or Path(rules) / "CATALOG.md"
-    path.write_text(text, encoding="utf-8")
-    if json_out is not None:
-        json_out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    console.print(f"wrote {path} ({len(res['ablation'])} rules, ablation in {res['timings'].get('ablation', 0):.1f} s)")

@@ -120,7 +120,7 @@ def _delta_kl(p, q, hand_lp_rows, a, toks, w) -> float:
 
 def fast_ablation(hm, rules, ref, kl_full: float, kl_pos: np.ndarray, log=lambda m: None) -> list[dict]:
     """Same result as ledger.run_ablation (within float rounding), in a handful of passes."""
-    from . import ledger as L
+    from . import core as L
 
     seqs = list(ref.seqs)
     N = sum(len(s) for s in seqs)

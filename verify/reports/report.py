@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from verify.ledger.evaluate import Evaluation
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px}
@@ -140,8 +142,8 @@ def _table(rows: list[dict], ledger: bool, tid: str) -> str:
     return "".join(h) + "</table>"
 
 
-def token_data(res: dict, max_tokens: int) -> tuple[dict, int]:
-    ref, hm, rules, vocab, last = res["_objects"]
+def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
+    ref, hm, vocab, last = ev.ref, ev.hand, ev.vocab, ev.last
     kl = np.asarray(last["kl"], np.float64)
     seqs = []
     n = 0
@@ -168,8 +170,9 @@ def token_data(res: dict, max_tokens: int) -> tuple[dict, int]:
     return {"toks": vocab, "pos": pos, "scale": scale}, n
 
 
-def write_report(out: Path, res: dict, max_tokens: int = 3000) -> int:
-    data, n = token_data(res, max_tokens)
+def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000) -> int:
+    data, n = token_data(ev, max_tokens)
+    res = ev.to_json()
     h = res["header"]
     meta_rows = [("eval set", h["eval_set"]), ("tokens", f"{h['n_tokens']:,} in {h['n_sequences']} sequences"
                                                 + (f" ({h['n_split']} split at n_ctx={h['n_ctx']})" if h["n_split"] else "")),

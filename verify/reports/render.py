@@ -18,29 +18,40 @@ def _tok(s: str | None) -> str:
     return "∅" if s is None else repr(s)[1:-1]
 
 
-def metric_table(title: str, rows: list[dict], ledger: bool) -> Table:
+WIDE = 120  # below this many columns (an 80-column terminal, a CI log) the metric tables drop to NARROW
+
+
+def metric_table(title: str, rows: list[dict], ledger: bool, wide: bool = True) -> Table:
+    """Every column when wide; else row, KL, 95% CI, explained, top-1 and (ledger) numbers, which fit 80
+    columns: CE_hand, CE_ref and the unexplained loss are in --json and --wide."""
     t = Table(title=title, title_justify="left", show_lines=False)
-    t.add_column("row" if ledger else "baseline")
-    t.add_column("KL", justify="right")
-    t.add_column("95% CI", justify="right")
-    t.add_column("CE_hand", justify="right")
-    t.add_column("CE_ref", justify="right")
-    t.add_column("unexpl.", justify="right")
-    t.add_column("explained", justify="right")
-    t.add_column("top-1", justify="right")
+    t.add_column("row" if ledger else "baseline", overflow="fold")
+    t.add_column("KL", justify="right", no_wrap=True)
+    t.add_column("95% CI", justify="right", no_wrap=True)
+    if wide:
+        t.add_column("CE_hand", justify="right")
+        t.add_column("CE_ref", justify="right")
+        t.add_column("unexpl.", justify="right")
+    t.add_column("explained" if wide else "expl.", justify="right", no_wrap=True)
+    t.add_column("top-1", justify="right", no_wrap=True)
     if ledger:
-        t.add_column("rules", justify="right")
-        t.add_column("numbers", justify="right")
+        if wide:
+            t.add_column("rules", justify="right")
+        t.add_column("numbers", justify="right", no_wrap=True)
     for r in rows:
-        cells = [r["name"], _f(r["kl"]), f"[{r['kl_lo']:.4f}, {r['kl_hi']:.4f}]", _f(r["ce_hand"]), _f(r["ce_ref"]),
-                 _f(r["unexplained"], "+.4f"), _pct(r["explained"]), _pct(r["top1"])]
+        cells = [r["name"], _f(r["kl"]), f"[{r['kl_lo']:.4f}, {r['kl_hi']:.4f}]"]
+        if wide:
+            cells += [_f(r["ce_hand"]), _f(r["ce_ref"]), _f(r["unexplained"], "+.4f")]
+        cells += [_pct(r["explained"]), _pct(r["top1"])]
         if ledger:
-            cells += [str(r["rules"]), str(r["numbers"])]
+            cells += [str(r["rules"]), str(r["numbers"])] if wide else [str(r["numbers"])]
         t.add_row(*cells)
     return t
 
 
-def render(console: Console, res: dict) -> None:
+def render(console: Console, res: dict, wide: bool = False) -> None:
+    """`wide` (or a console of WIDE columns or more): the full metric tables."""
+    wide = wide or console.width >= WIDE
     h = res["header"]
     console.print(f"[bold]eval set[/bold]   {h['eval_set']}")
     split = f"; {h['n_split']} sequences longer than n_ctx={h['n_ctx']} split into chunks" if h["n_split"] else ""
@@ -48,8 +59,8 @@ def render(console: Console, res: dict) -> None:
     console.print(f"[bold]checkpoint[/bold] {h['checkpoint']} (hash {h['checkpoint_hash']})")
     console.print(f"[bold]rules[/bold]      {h['rules']} ({h['n_rules']} rules in {h['n_groups']} groups)")
     console.print(f"[bold]baselines[/bold]  fitted on {h['train_text']}")
-    console.print(metric_table("Baselines (KL(p_ref ‖ q), nats/token)", res["baselines"], ledger=False))
-    console.print(metric_table("Ledger: rule groups added cumulatively", res["ledger"], ledger=True))
+    console.print(metric_table("Baselines (KL(p_ref ‖ q), nats/token)", res["baselines"], ledger=False, wide=wide))
+    console.print(metric_table("Ledger: rule groups added cumulatively", res["ledger"], ledger=True, wide=wide))
     if "ablation" in res:
         t = Table(title="Ablation: KL increase with only that rule off (largest first)", title_justify="left")
         for c in ("rule", "group", "ΔKL", "KL without", ""):

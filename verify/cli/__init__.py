@@ -1,6 +1,7 @@
 """The `handmodel` command. It lives in verify/ because verify is the one package allowed to reach both
 the reference (torch) and the hand model; each subcommand imports only what it needs, so commands
-that never touch torch (verify with a warm cache) never pay torch's import time.
+that never touch torch (verify with a warm cache) never pay torch's import time. The options several
+commands share (--rules, --checkpoint, --corpus, --train-corpus, --out) are defined once, in options.py.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import typer
 
 from handmodel.errors import UserError
 
+from . import options as O
+
+DEFAULT_RUN = O.project_path("runs", "default")
+
 app = typer.Typer(add_completion=False, rich_markup_mode="rich", no_args_is_help=True,
                   help="Reverse-engineer a one-layer transformer with hand-written rules, and measure what is explained.")
-
-CKPT_HELP = "Checkpoint folder (default: the shipped model in reference/default)."
 
 
 @app.callback()
@@ -25,10 +28,9 @@ def _root():
 
 @app.command()
 def train(
-    out: Path = typer.Option(Path("runs/default"), help="Output folder (checkpoint + training state)."),
-    corpus: str = typer.Option("../shared/corpus/tinystories/train.txt",
-                               help="Training text: a .txt file, a folder of them, or 'tinystories' (the HF hub)."),
-    valid: Optional[str] = typer.Option(None, help="Held-out text (default: valid.txt beside the corpus)."),
+    out: Path = O.out_option(DEFAULT_RUN, "folder (checkpoint + training state)"),
+    train_corpus: Path = O.TRAIN_CORPUS,
+    corpus: Path = O.CORPUS,
     tokenizer: Optional[Path] = typer.Option(None, help="Reuse this tokenizer.json instead of training one."),
     vocab_size: int = typer.Option(4096, help="BPE vocabulary size when training a tokenizer."),
     n_ctx: int = typer.Option(256, help="Context length."),
@@ -49,11 +51,19 @@ def train(
     resume: bool = typer.Option(True, help="Continue an interrupted run found in --out."),
     progress: bool = typer.Option(True, help="Rich progress bar (off: one JSON line per eval)."),
 ):
-    """Train a one-layer reference transformer. Under `torchrun --nproc-per-node N` it trains data-parallel."""
+    """Train a one-layer reference transformer. Under `torchrun --nproc-per-node N` it trains data-parallel.
+    --train-corpus may also be 'tinystories' (the HF hub). The held-out loss is measured on --corpus; left at its
+    default while --train-corpus is not, on the valid.txt beside --train-corpus (the hub's for 'tinystories')."""
+    if out != DEFAULT_RUN:  # the default lives in the project's runs/, made by train
+        O.check_out_dir(out)
+    if str(train_corpus) != "tinystories" and not train_corpus.exists():
+        raise UserError(f"{train_corpus}: no such file or folder; check the --train-corpus path")
     from reference.model import ModelConfig
     from reference.train import TrainConfig, train as run
 
-    cfg = TrainConfig(corpus=corpus, valid=valid, out=str(out), tokenizer=str(tokenizer) if tokenizer else None,
+    # --corpus at its default: TrainConfig's own rule (valid.txt beside the training text, which for the default
+    # --train-corpus is the default --corpus; absent: no held-out loss)
+    cfg = TrainConfig(corpus=str(train_corpus), valid=None if corpus == O.DEFAULT_CORPUS else str(corpus), out=str(out), tokenizer=str(tokenizer) if tokenizer else None,
                       vocab_size=vocab_size, model=ModelConfig(n_ctx=n_ctx, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp),
                       steps=steps, batch_size=batch_size, lr=lr, warmup=warmup, weight_decay=weight_decay,
                       grad_clip=grad_clip, eval_every=eval_every, ckpt_every=ckpt_every, seed=seed, device=device,
@@ -63,7 +73,7 @@ def train(
 
 
 @app.command()
-def info(checkpoint: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+def info(checkpoint: Path = O.CHECKPOINT,
          prompt: str = typer.Option("Once upon a time", help="Prompt for the sample continuation."),
          seed: int = typer.Option(0, help="Sampling seed.")):
     """Print the model card of a checkpoint and a sample continuation."""
@@ -82,7 +92,7 @@ def info(checkpoint: Optional[Path] = typer.Option(None, help=CKPT_HELP),
 
 @app.command()
 def sample(prompt: str = typer.Option("Once upon a time", help="Text to continue."),
-           checkpoint: Optional[Path] = typer.Option(None, help=CKPT_HELP),
+           checkpoint: Path = O.CHECKPOINT,
            max_new: int = typer.Option(200, help="Most tokens to generate (stops at <|endoftext|>)."),
            temperature: float = typer.Option(1.0, help="Softmax temperature; 0 = greedy."),
            top_k: int = typer.Option(0, help="Sample from the k most likely tokens only (0 = all)."),
@@ -99,24 +109,22 @@ def sample(prompt: str = typer.Option("Once upon a time", help="Text to continue
 
 
 @app.command()
-def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/train.txt", help="Counts come from here."),
-              valid: str = typer.Option("../shared/corpus/tinystories/valid.txt", help="Scored on this."),
-              checkpoint: Optional[Path] = typer.Option(None, help="Tokenizer from this checkpoint. " + CKPT_HELP),
-              json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """Count n-gram yardsticks: unigram, bigram, interpolated trigram cross-entropy on held-out text."""
+def baselines(train_corpus: Path = O.TRAIN_CORPUS, corpus: Path = O.CORPUS, checkpoint: Path = O.CHECKPOINT,
+              json_out: bool = O.JSON):
+    """Count n-gram yardsticks: unigram, bigram, interpolated trigram cross-entropy on --corpus, counted on
+    --train-corpus (the tokenizer is --checkpoint's)."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
     from reference.baselines import ngram_baselines
-    from reference.checkpoint import DEFAULT_DIR
     from reference.corpus import read_stories, token_stream
     from reference.tokenizer import load_tokenizer
 
-    tok = load_tokenizer((checkpoint or DEFAULT_DIR) / "tokenizer.json")
-    tr = token_stream(tok, read_stories(train_corpus))
-    va = token_stream(tok, read_stories(valid))
+    tok = load_tokenizer(checkpoint / "tokenizer.json")
+    tr = token_stream(tok, read_stories(str(train_corpus)))
+    va = token_stream(tok, read_stories(str(corpus)))
     res = ngram_baselines(tr, va, tok.get_vocab_size())
     if json_out:
         typer.echo(json.dumps({"train_tokens": len(tr), "valid_tokens": len(va),
@@ -129,26 +137,23 @@ def baselines(train_corpus: str = typer.Option("../shared/corpus/tinystories/tra
     Console().print(t)
 
 
-# -- verify / report (verify/commands.py; its module imports are light, heavy ones stay inside) ---
-from verify.commands import report_cmd, verify_cmd  # noqa: E402
+# -- verify / report / catalog (ledger.py; its module imports are light, heavy ones stay inside) ---
+from verify.cli.ledger import catalog_cmd, report_cmd, verify_cmd  # noqa: E402
 
 app.command("verify")(verify_cmd)
 app.command("report")(report_cmd)
-
-from verify.catalog import catalog_cmd  # noqa: E402
-
 app.command("catalog")(catalog_cmd)
 
 
-# -- rule discovery: inspect / suggest / fit (verify/discover/commands.py; heavy imports stay inside) ---
-from verify.discover.commands import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
+# -- rule discovery: inspect / suggest / fit (discover.py; heavy imports stay inside) ---
+from verify.cli.discover import fit_cmd, inspect_app, suggest_cmd  # noqa: E402
 
 app.add_typer(inspect_app, name="inspect")
 app.command("suggest")(suggest_cmd)
 app.command("fit")(fit_cmd)
 
-# -- check-rules: property-test each rule against the reference (verify/checkrules.py) ---
-from verify.checkrules_cli import check_rules_cmd  # noqa: E402
+# -- check-rules: property-test each rule against the reference (check_rules.py) ---
+from verify.cli.check_rules import check_rules_cmd  # noqa: E402
 
 app.command("check-rules")(check_rules_cmd)
 

@@ -1,0 +1,190 @@
+"""`handmodel verify`, `report` and `catalog`: the commands that measure a ruleset (verify/ledger/evaluate.py)
+and print or write what they measured (verify/reports/). Module-level imports stay light (no torch, no
+numba): the CLI imports this module on every command, and a warm verify must never import torch at all."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from handmodel.errors import UserError
+from verify.ledger.evaluate import Evaluation, evaluate
+
+from . import options as O
+
+# Measured on the tiny test model and (when present) the shipped model; see README / issue 4.
+FLOAT16_NOTE = ("Reference log-probs are cached as float16 (+ exact float32 reference CE and entropy); "
+                "the KL error this costs is measured when the cache is built and printed in the footer "
+                "(typically < 1e-3 nats/token).")
+
+DEFINITIONS = f"""Measure how much of the reference each rule group explains (the KL ledger).
+
+[b]Eval set[/b]: --corpus PATH (default: the project's ../shared/corpus/tinystories/valid.txt, which every
+reported number uses) or --sampled N stories sampled from the reference with --seed S (also the fallback,
+32 stories, when the default --corpus is absent). Stories longer than the context are split into
+context-length chunks (the header says how many).
+
+[b]Definitions[/b] (nats/token):
+- [b]KL[/b] = mean over eval positions of KL(p_ref ‖ p_hand) = Σ_v p_ref(v)·(log p_ref(v) − log p_hand(v)),
+  reference first, from log-softmax outputs; every position counts. 95% CI: bootstrap over sequences
+  (1000 resamples, fixed seed).
+- [b]CE_hand / CE_ref[/b] = mean −log p(true next token), over positions that have a next token.
+- [b]unexplained loss[/b] = CE_hand − CE_ref.
+- [b]explained[/b] = 1 − KL_hand / KL_unigram (fraction of KL explained; unigram baseline below).
+- [b]top-1[/b] = share of positions where argmax p_hand = argmax p_ref.
+- [b]rules / numbers[/b] = rules switched on so far / explicit numbers they write.
+[b]Baselines[/b]: uniform; unigram = the reference's mean next-token distribution over train positions;
+oracle bigram = per current token, the mean of the reference's next-token distributions over train
+positions with that token (the best any bigram table can do; unseen tokens fall back to the unigram).
+Fitted on --train-corpus, never on the eval text.
+[b]Ledger[/b]: rule groups added cumulatively in file order (the rest masked off).
+
+[b]Cache[/b]: reference log-probs and baselines are computed once (torch) and cached under
+$HANDMODEL_CACHE (default ~/.cache/handmodel), keyed by checkpoint hash + eval text hash + tokenizer.
+{FLOAT16_NOTE}"""
+
+
+SAMPLED = typer.Option(None, "--sampled", help="Measure on N stories sampled from the reference (seed --seed) instead of "
+                                               "--corpus; without it, 32 when the default --corpus is absent.")
+SEED = typer.Option(0, "--seed", help="Sampling seed of --sampled.")
+FALLBACK_SAMPLED = 32
+DEFAULT_REPORT = O.project_path("runs", "report.html")
+
+
+def _since_process_start() -> float | None:
+    """Seconds since this process started (Linux /proc), so the footer includes interpreter start-up."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:
+        return None
+
+
+def _measure(checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int], seed: int, train_corpus: Path,
+             log, **kw) -> Evaluation:
+    """Resolve the shared options (eval set, training text) and evaluate."""
+    if sampled is not None:
+        if corpus != O.DEFAULT_CORPUS:
+            raise UserError(f"--corpus {corpus} and --sampled {sampled}: pass one of them (the eval set)")
+        corpus_path = None
+    else:
+        corpus_path = O.given(corpus, O.DEFAULT_CORPUS)
+        if corpus_path is None:
+            sampled = FALLBACK_SAMPLED
+            log(f"{O.DEFAULT_CORPUS} not found: measuring on {sampled} stories sampled from the reference")
+    return evaluate(checkpoint, rules, corpus_path, sampled if sampled is not None else FALLBACK_SAMPLED, seed,
+                    O.given(train_corpus, O.DEFAULT_TRAIN), log=log, **kw)
+
+
+def verify_cmd(
+    checkpoint: Path = O.CHECKPOINT,
+    rules: Path = O.RULES,
+    corpus: Path = O.CORPUS,
+    sampled: Optional[int] = SAMPLED,
+    seed: int = SEED,
+    train_corpus: Path = O.TRAIN_CORPUS,
+    ablate: bool = typer.Option(False, "--ablate", help="Per rule: KL increase when only that rule is off (sorted; rules whose removal helps are flagged)."),
+    worst: int = typer.Option(0, "--worst", help="Show the K positions with the largest KL and the gap by current / next token."),
+    fail_above: Optional[float] = typer.Option(None, "--fail-above", help="Exit 1 if the final KL exceeds this (CI gate)."),
+    json_stdout: bool = O.JSON,
+    json_file: Optional[Path] = typer.Option(None, "--json-out", help="Also write the JSON to this file (tables still printed)."),
+    ledger_rows: bool = typer.Option(True, "--ledger/--final-only", help="Evaluate every cumulative rule group (default) or only all rules on (faster)."),
+    wide: bool = typer.Option(False, "--wide", help="Every column of the ledger and baseline tables (also when COLUMNS ≥ 120)."),
+):
+    t_cmd = time.perf_counter()
+    O.check_number(fail_above, "--fail-above")
+    O.check_rules(rules)
+    O.check_out_file(json_file, "--json-out")
+    to_stdout = json_stdout
+    from rich.console import Console
+
+    console = Console(stderr=to_stdout, highlight=False)
+    if wide:  # room for every column: a narrower terminal wraps the long lines instead of rich cutting cells
+        console.width = max(console.width, 160)
+    log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log, ablate=ablate, worst=worst,
+                  ledger_rows=ledger_rows)
+    res = ev.to_json()
+    wall = _since_process_start()
+    res["wall_seconds"] = round(wall if wall is not None else time.perf_counter() - t_cmd, 3)
+    final = res["final"]["kl"]
+    res["fail_above"] = fail_above
+    res["failed"] = bool(fail_above is not None and final > fail_above)
+    if to_stdout or json_file is not None:
+        import json
+
+        text = json.dumps(res, indent=2, ensure_ascii=False)
+        if to_stdout:
+            typer.echo(text)
+        if json_file is not None:
+            Path(json_file).write_text(text + "\n", encoding="utf-8")
+    if not to_stdout:
+        from verify.reports.render import render
+
+        render(console, res, wide=wide)
+    if res["failed"]:
+        console.print(f"[bold red]FAIL[/bold red]: final KL {final:.4f} > --fail-above {fail_above}")
+        raise typer.Exit(1)
+
+
+verify_cmd.__doc__ = DEFINITIONS
+
+
+def report_cmd(
+    out: Path = O.out_option(DEFAULT_REPORT, "HTML file (self-contained, no network)"),
+    checkpoint: Path = O.CHECKPOINT,
+    rules: Path = O.RULES,
+    corpus: Path = O.CORPUS,
+    sampled: Optional[int] = SAMPLED,
+    seed: int = SEED,
+    train_corpus: Path = O.TRAIN_CORPUS,
+    max_tokens: int = typer.Option(3000, "--max-tokens", help="Eval tokens shown in the coloured text (the first ones, whole sequences)."),
+):
+    """Write one self-contained HTML report: the ledger as a chart, and the eval text coloured by residual
+    KL (hover or click a token: reference vs hand top-5 and the rules that fired there)."""
+    from rich.console import Console
+
+    if out == DEFAULT_REPORT:
+        out.parent.mkdir(exist_ok=True)  # runs/ is the project's (git-ignored) place for outputs
+    O.check_out_file(out)
+    O.check_rules(rules)
+    console = Console(highlight=False)
+    log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log)
+    from verify.reports.report import write_report
+
+    n = write_report(out, ev, max_tokens=max_tokens)
+    console.print(f"wrote {out} ({n} tokens shown, {out.stat().st_size / 1e6:.1f} MB)")
+
+
+def catalog_cmd(rules: Path = O.RULES,
+                out: Optional[Path] = O.out_option(None, "Markdown file (default: RULES/CATALOG.md)"),
+                checkpoint: Path = O.CHECKPOINT, corpus: Path = O.CORPUS, sampled: Optional[int] = SAMPLED,
+                seed: int = SEED, train_corpus: Path = O.TRAIN_CORPUS,
+                json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation) here.")):
+    """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files."""
+    import json
+    import sys
+
+    from rich.console import Console
+
+    from verify.reports.catalog import catalog_markdown
+
+    O.check_rules(rules, folder="" if out is not None else "the catalog is written to RULES/CATALOG.md, or pass --out FILE")
+    path = out or Path(rules) / "CATALOG.md"
+    O.check_out_file(path)
+    O.check_out_file(json_out, "--json-out")
+    console = Console(highlight=False, stderr=True)
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus,
+                  lambda m: console.print(f"[dim]{m}[/dim]"), ablate=True)
+    res = ev.to_json()
+    cmd = "handmodel catalog " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 2 else "handmodel catalog"
+    text = catalog_markdown(res, ev.rules, Path(rules), cmd.strip())
+    path.write_text(text, encoding="utf-8")
+    if json_out is not None:
+        json_out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    console.print(f"wrote {path} ({len(res['ablation'])} rules, ablation in {res['timings'].get('ablation', 0):.1f} s)")
