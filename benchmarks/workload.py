@@ -108,7 +108,7 @@ def build(checkpoint: Path, rules: Path, corpus: Path, train_corpus: Path | None
     from handmodel import HandModel, load_rules
     from reference.corpus import encode_stories, read_stories
     from reference.oracle import Oracle
-    from verify.data import checkpoint_info, chunk
+    from verify.ledger.data import checkpoint_info, chunk
 
     ck = checkpoint_info(checkpoint)  # validates the folder (clear error when the model is not trained yet)
     oracle = Oracle.load(ck.path)

@@ -36,7 +36,7 @@ def main() -> int:
 
     from handmodel import HandModel, load_rules
     from handmodel.vocab import load_vocab
-    from verify import data as D
+    from verify.ledger import data as D
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rules", default=str(ROOT / "rules"))

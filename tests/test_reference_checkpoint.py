@@ -184,7 +184,7 @@ def test_a_huge_n_ctx_in_config_fails_fast(ckpt):
 def test_a_foreign_tokenizer_of_the_same_size_is_caught(ckpt, story_maker):
     """Same vocabulary size, other merges: every id would decode to other text. The card's hash catches it,
     in the torch loader and in verify's torch-free checkpoint check alike."""
-    from verify.data import checkpoint_info
+    from verify.ledger.data import checkpoint_info
 
     out, _ = ckpt
     card = json.loads((out / "card.json").read_text())

@@ -164,14 +164,14 @@ BIGRAMS = ('[[bigram]]\nid = "after_dot"\ndoc = "after a full stop"\nrows = { ".
 
 
 def evaluate(world, rules, **kw):
-    from verify.commands import evaluate as ev
+    from verify.ledger.evaluate import evaluate as ev
 
     ckpt, evalf, train = world
     return ev(ckpt, rules, evalf, 4, 0, train, log=lambda m: None, **kw)
 
 
 def kls(res) -> list[float]:
-    return [r["kl"] for r in res["ledger"]] + [r["kl"] for r in res["baselines"]]
+    return [r["kl"] for r in res.ledger] + [r["kl"] for r in res.baselines]
 
 
 def fresh_kls(world, rules, tmp_path) -> list[float]:
@@ -198,7 +198,7 @@ def test_ledger_key_follows_what_was_read_not_how_it_was_spelled(tiny_world, tmp
 def test_swapped_ledger_entries_are_detected_and_rebuilt(tiny_world, tmp_path, capsys):
     rules = write(tmp_path / "r", {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS})
     first = evaluate(tiny_world, rules)
-    ref = first["_objects"][0]
+    ref = first.ref
     a, b = sorted((ref.dir / "ledger").glob("*.npz"))[:2]
     tmp = a.with_name("swap")
     a.rename(tmp), b.rename(a), tmp.rename(b)
@@ -232,7 +232,7 @@ def _garbage(f: Path, keep_size: bool = True) -> None:
 def test_damaged_cache_files_are_reported_and_rebuilt(tiny_world, tmp_path, capsys, target, how):
     rules = write(tmp_path / "r", {"10_classes.toml": CLASS_FILE, "20_prior.toml": PRIOR, "30_bigrams.toml": BIGRAMS})
     first = evaluate(tiny_world, rules)
-    ref = first["_objects"][0]
+    ref = first.ref
     cache = Path(os.environ["HANDMODEL_CACHE"])
     if target.startswith("ref/"):
         f = ref.dir / target[4:]
@@ -271,9 +271,9 @@ def test_interrupted_builds_are_cleaned_up_and_baselines_written_by_rename(tiny_
             assert (cache / sub / f".live.tmp{sleeper.pid}").exists()  # a build still running: kept
     finally:
         sleeper.kill()
-    ref = res["_objects"][0]
+    ref = res.ref
     assert not [p for p in ref.dir.iterdir() if ".tmp" in p.name]
-    import verify.baselines as B
+    import verify.ledger.baselines as B
 
     src = Path(B.__file__).read_text()
     assert "np.savez(f," not in src  # baselines never go straight to their final name
@@ -513,12 +513,12 @@ def test_fuzz_verify_inputs_and_cache_entries(tiny_world, tmp_path):
             assert kl == [r["kl"] for r in base["ledger"]]
             assert [r["kl"] for r in got["baselines"]] == [r["kl"] for r in base["baselines"]]
         else:  # the numbers are the ones a run with no cached rows gives
-            from verify import ledger as L
-            from verify.commands import evaluate
+            from verify.ledger import core as L
+            from verify.ledger.evaluate import evaluate
 
             res = evaluate(ckpt, rules, ev, 4, 0, train, log=lambda m: None)
-            ref, hm, compiled = res["_objects"][:3]
-            fresh, _ = L.run_ledger(hm, compiled, ref, res["baselines"][1]["kl"], L.boot_weights(len(ref.offsets) - 1),
+            ref, hm, compiled = res.ref, res.hand, res.rules
+            fresh, _ = L.run_ledger(hm, compiled, ref, res.baselines[1]["kl"], L.boot_weights(len(ref.offsets) - 1),
                                     cache=False)
             assert kl == pytest.approx([r["kl"] for r in fresh], abs=1e-12)
 

@@ -227,7 +227,7 @@ def test_hand_model_equal_to_reference_gives_zero_kl(tiny_world, tmp_path):
     ce = np.full(len(hand), np.nan, np.float32)
     ce[hn] = -hand[np.nonzero(hn)[0], ref.next_tokens[hn]]
     np.save(d / "ce.npy", ce)
-    from verify.integrity import record  # a deliberate plant re-records the files (else it reads as damage)
+    from verify.ledger.integrity import record  # a deliberate plant re-records the files (else it reads as damage)
 
     meta = json.loads((d / "meta.json").read_text())
     meta["files"].update({f: record(d / f) for f in ("logp16.npy", "ce.npy")})

@@ -49,7 +49,7 @@ def get_tables(ckpt: Checkpoint, train: Path | None, log=print, cache_root: Path
 
     ident = _train_identity(train)
     tag = ident.get("text_sha") or f"sampled{ident['n']}s{ident['seed']}"
-    from verify.integrity import clean_stale, damaged, discard
+    from verify.ledger.integrity import clean_stale, damaged, discard
 
     d = (cache_root or cache_dir()) / "baselines" / f"{ckpt.hash}-{tag}-v{TABLES_VERSION}"
     clean_stale(d.parent)
@@ -127,7 +127,7 @@ def _fit(ckpt: Checkpoint, train: Path | None, ident: dict, d: Path) -> None:
     np.save(tmp / "log_unigram.npy", log_uni.float().numpy())
     np.save(tmp / "log_bigram.npy", log_big.float().numpy())
     np.save(tmp / "counts.npy", counts.numpy().astype(np.int64))
-    from verify.integrity import record
+    from verify.ledger.integrity import record
 
     meta = {"key": d.name, "files": {f: record(tmp / f) for f in TABLE_FILES}, "checkpoint_hash": ckpt.hash, "train": ident, "n_positions": int(n_pos),
             "n_tokens_seen": int((counts > 0).sum()), "fit_seconds": round(time.perf_counter() - t0, 2),
@@ -200,7 +200,7 @@ def _metrics_sha(arrays: dict) -> str:
 
 def _read_metrics(f: Path, key: str, names, n: int) -> dict | None:
     """Cached baseline metrics if intact (this key, n positions each, checksum); else reported, None."""
-    from verify.integrity import damaged
+    from verify.ledger.integrity import damaged
 
     try:
         with np.load(f, allow_pickle=False) as z:

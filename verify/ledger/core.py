@@ -131,7 +131,7 @@ def _row_sha(m: dict) -> str:
 def _load_row(ref, key: str | None) -> dict | None:
     """A cached row, checked: it must name this key, cover this eval set's positions and match its
     checksum. Anything else (swapped, truncated, garbage) is reported, deleted and recomputed."""
-    from verify.integrity import damaged
+    from verify.ledger.integrity import damaged
 
     f = ref.dir / "ledger" / f"{key}.npz" if key else None
     if f is None or not f.exists():
@@ -174,7 +174,7 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
     """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
     since the last run on this eval set come from the row cache (row_keys); the others are computed
     together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
-    from verify.integrity import clean_stale
+    from verify.ledger.integrity import clean_stale
 
     for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
         clean_stale(folder)

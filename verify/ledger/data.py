@@ -186,7 +186,7 @@ REF_FILES = ("tokens.npy", "offsets.npy", "logp16.npy", "ce.npy", "ent.npy")
 def read_meta(d: Path, key: str | None = None) -> tuple[dict | None, str | None]:
     """(meta.json of an entry folder, None) when it and every file it records are intact (and it names
     `key`, when given), else (None, why)."""
-    from verify.integrity import check_entry
+    from verify.ledger.integrity import check_entry
 
     try:
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
@@ -202,7 +202,7 @@ def read_meta(d: Path, key: str | None = None) -> tuple[dict | None, str | None]
 
 def _load_entry(d: Path, key: str) -> RefCache | None:
     """The entry in folder d if it is intact and is the one for key; else None (reported, discarded)."""
-    from verify.integrity import damaged, discard
+    from verify.ledger.integrity import damaged, discard
 
     meta, why = read_meta(d, key)
     if why is None:
@@ -247,7 +247,7 @@ def get_ref_cache(ckpt: Checkpoint, spec: EvalSpec, log=print, cache_root: Path 
     ident = spec.identity()
     key = cache_key(ckpt, ident)
     d = root / key
-    from verify.integrity import clean_stale
+    from verify.ledger.integrity import clean_stale
 
     clean_stale(root)
     if d.exists():
@@ -313,7 +313,7 @@ def get_ref_cache(ckpt: Checkpoint, spec: EvalSpec, log=print, cache_root: Path 
     np.save(tmp / "offsets.npy", offsets)
     np.save(tmp / "ce.npy", ce)
     np.save(tmp / "ent.npy", ent)
-    from verify.integrity import record
+    from verify.ledger.integrity import record
 
     files = {f: record(tmp / f) for f in REF_FILES}
     meta = {"version": CACHE_VERSION, "key": key, "files": files, "checkpoint": str(ckpt.path), "checkpoint_hash": ckpt.hash,
