@@ -76,7 +76,7 @@ def _complete(cfg: ModelConfig, state: dict[str, torch.Tensor], src: str, unit_l
             out[k] = t
         elif math.prod(shape) == 0:  # an attention-only model's empty MLP
             out[k] = torch.zeros(shape)
-        elif unit_ln and k in ("ln1.weight", "ln2.weight", "ln_final.weight"):
+        elif (unit_ln and k in ("ln1.weight", "ln2.weight", "ln_final.weight")) or (cfg.d_mlp == 0 and k == "ln2.weight"):
             out[k] = torch.ones(shape)
         elif k.startswith("b_") or k.endswith(".bias"):
             out[k] = torch.zeros(shape)
@@ -253,6 +253,9 @@ def from_hf_model(hf, tokenizer_json: str, src: str) -> Converted:
 
 def read_hf_folder(folder: Path, tokenizer_json: str | None) -> Converted:
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI prints one line, not transformers' loading bars
 
     try:
         c = AutoConfig.from_pretrained(folder)
