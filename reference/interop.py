@@ -256,6 +256,7 @@ def read_hf_folder(folder: Path, tokenizer_json: str | None) -> Converted:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI prints one line, not transformers' loading bars
+    hf_logging.set_verbosity_error()  # nor its config warnings (e.g. a bos id outside a small test vocabulary)
 
     try:
         c = AutoConfig.from_pretrained(folder)
