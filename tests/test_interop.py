@@ -186,7 +186,7 @@ def tl_from_export(folder):
 
 
 TL_CASES = {"relu": {}, "gelu": {"act_fn": "gelu"}, "solu_ln": {"act_fn": "solu_ln"},
-            "attn_only": {"attn_only": True}}
+            "attn_only": {"attn_only": True}, "lnpre_gelu_new": {"normalization_type": "LNPre", "act_fn": "gelu_new"}}
 
 
 @pytest.mark.parametrize("case", TL_CASES)
