@@ -125,7 +125,8 @@ def from_tl(tl_cfg: dict, sd: dict[str, torch.Tensor], tokenizer_json: str, src:
     if unsupported:
         raise UserError(f"{src}: {', '.join(unsupported)} is not supported; handmodel's reference is a pre-LN "
                         "transformer with standard positions and a relu/gelu/gelu_new/solu_ln MLP")
-    d_model, n_heads, d_head = int(g("d_model")), int(g("n_heads")), int(g("d_head") or 0)
+    d_model, n_heads = int(g("d_model")), int(g("n_heads"))
+    d_head = int(g("d_head") or d_model // n_heads)  # TransformerLens's own defaults for absent fields
     if n_heads * d_head != d_model:
         raise UserError(f"{src}: n_heads*d_head = {n_heads}*{d_head} != d_model={d_model}; handmodel needs d_head = d_model/n_heads")
     scaled = bool(g("use_attn_scale", True))
@@ -136,7 +137,7 @@ def from_tl(tl_cfg: dict, sd: dict[str, torch.Tensor], tokenizer_json: str, src:
     if g("use_local_attn") and (g("attn_types") or ["global"])[0] == "local":
         window = int(g("window_size"))
     cfg = ModelConfig(vocab_size=int(g("d_vocab")), n_ctx=int(g("n_ctx")), d_model=d_model, n_heads=n_heads,
-                      d_mlp=0 if g("attn_only") else int(g("d_mlp")), ln_eps=float(g("eps", 1e-5)),
+                      d_mlp=0 if g("attn_only") else int(g("d_mlp") or 4 * d_model), ln_eps=float(g("eps", 1e-5)),
                       act_fn="relu" if g("attn_only") else _TL_ACT[act], scale_attn=scaled, window=window)
     state = {}
     for k, t in sd.items():
@@ -302,8 +303,15 @@ def resolve(source: str) -> Path:
 
 def read_any(source: str, tokenizer: Path | None = None) -> Converted:
     folder = resolve(source)
+    if tokenizer is not None and not tokenizer.is_file():
+        raise UserError(f"{tokenizer}: tokenizer file not found; pass a tokenizers JSON (tokenizer.json)")
     tok = tokenizer.read_text() if tokenizer else None
-    cfg = json.loads((folder / "config.json").read_text())
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / 'config.json'}: not valid JSON ({e}); restore it from the model's source") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{folder / 'config.json'}: expected a JSON object")
     if "model_type" in cfg:
         return read_hf_folder(folder, tok)
     if "d_vocab" in cfg and "n_layers" in cfg:

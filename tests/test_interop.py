@@ -231,3 +231,20 @@ def test_local_attention_export_is_refused(tmp_path, capsys):
 def test_property_names_cover_our_state_dict():
     m, _ = load_checkpoint()
     assert set(m.state_dict()) <= set(OURS_TO_TL)
+
+
+def test_import_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    (tmp_path / "tl").mkdir()
+    (tmp_path / "tl" / "config.json").write_text(json.dumps({"n_layers": 1, "d_vocab": 10, "d_model": 8, "n_heads": 2}))
+    cases = [(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "no config.json"),
+             (["import", str(tmp_path / "bad"), "--out", str(tmp_path / "o")], "not valid JSON"),
+             (["import", str(tmp_path / "tl"), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "t.json")],
+              "tokenizer file not found"),
+             (["import", str(tmp_path / "tl"), "--out", str(tmp_path / "o")], "no weights"),
+             (["export", str(tmp_path / "o"), "--to", "onnx"], "unknown export format")]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -24,7 +24,7 @@ def import_cmd(
     from reference.checkpoint import load_checkpoint
     from reference.interop import max_logprob_gap, read_any, write_ours
 
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: folder exists and is not empty; pick a new --out")
     conv = read_any(source, tokenizer)
     gap = None
