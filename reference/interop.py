@@ -265,7 +265,7 @@ def read_hf_folder(folder: Path, tokenizer_json: str | None) -> Converted:
         raise UserError(f"{folder}: not a Hugging Face model folder ({str(e).splitlines()[0][:100]})") from None
     n = getattr(c, "n_layer", None) or getattr(c, "num_layers", None) or getattr(c, "num_hidden_layers", 0)
     _one_layer(int(n), str(folder))  # before loading: a big multi-layer model is refused cheaply
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder).float().eval()  # .float(): transformers 5 keeps the file's dtype
     if tokenizer_json is None:
         tokenizer_json = _folder_tokenizer(folder, None)
     return from_hf_model(hf, tokenizer_json, str(folder))
