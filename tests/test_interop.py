@@ -248,3 +248,19 @@ def test_import_errors_are_one_line(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_new_config_fields_are_checked_on_load(tmp_path):
+    import shutil
+
+    ck = tmp_path / "ck"
+    shutil.copytree(DEFAULT_DIR, ck)
+    base = json.loads((DEFAULT_DIR / "config.json").read_text())
+    for extra, needle in (({"act_fn": "swish"}, "act_fn='swish' must be one of"), ({"window": -1}, "window=-1"),
+                          ({"scale_attn": "no"}, "scale_attn='no'"), ({"d_mlp": 0}, "weights do not match")):
+        (ck / "config.json").write_text(json.dumps(base | extra))
+        with pytest.raises(UserError, match=needle):
+            load_checkpoint(ck)
+    (ck / "config.json").write_text(json.dumps(base | {"act_fn": "gelu", "window": 8}))
+    m, _ = load_checkpoint(ck)  # same weights, other architecture: loads, and computes something else
+    assert m.cfg.act_fn == "gelu" and m.cfg.window == 8 and not torch.equal(m.causal, torch.tril(m.causal.new_ones(256, 256)))
