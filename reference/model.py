@@ -3,6 +3,7 @@
 x0 = E[tok] + P[pos]                                   # embed
 x1 = x0 + sum_h Attn_h(LN1(x0))                        # one attention block, n_heads heads
 x2 = x1 + W_out^T ReLU(W_in^T LN2(x1) + b_in) + b_out  # one MLP (ReLU: a neuron is exactly off or on)
+                                                       # (imported models: cfg.act_fn, see below)
 logits = LNf(x2) @ W_U + b_U                           # unembed
 
 Weights are stored per head (W_Q[h], W_K[h], W_V[h], W_O[h]) as in TransformerLens, so the QK and OV
