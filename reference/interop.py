@@ -253,7 +253,10 @@ def from_hf_model(hf, tokenizer_json: str, src: str) -> Converted:
 
 
 def read_hf_folder(folder: Path, tokenizer_json: str | None) -> Converted:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise UserError(f"{folder}: reading a Hugging Face model needs transformers: pip install -e '.[interop]'") from None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI prints one line, not transformers' loading bars
