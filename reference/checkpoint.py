@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from handmodel.errors import UserError
 
-from .model import ModelConfig, OneLayerTransformer
+from .model import BASE_FIELDS, ModelConfig, OneLayerTransformer, arch_problem
 
 DEFAULT_DIR = Path(__file__).parent / "default"
 FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -136,15 +136,17 @@ def _read_config(file: Path) -> ModelConfig:
         raise bad(str(e)) from None
     if not isinstance(d, dict):
         raise bad(f"expected a JSON object, got {type(d).__name__}")
-    missing = [k for k in ModelConfig.__dataclass_fields__ if k not in d]
+    missing = [k for k in BASE_FIELDS if k not in d]
     if missing:
         raise bad(f"missing {', '.join(missing)}")
-    for k in ModelConfig.__dataclass_fields__:
+    for k in BASE_FIELDS:
         v = d[k]
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0) if k == "ln_eps" else \
-             (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+             (isinstance(v, int) and not isinstance(v, bool) and (v > 0 or (k == "d_mlp" and v == 0)))  # 0: attn-only
         if not ok:
             raise bad(f"{k}={v!r} must be a positive {'number' if k == 'ln_eps' else 'integer'}")
+    if (why := arch_problem(d)) is not None:
+        raise bad(why)
     cfg = ModelConfig.from_dict(d)
     if cfg.d_model % cfg.n_heads:
         raise bad(f"d_model={cfg.d_model} is not divisible by n_heads={cfg.n_heads}")

@@ -3,6 +3,7 @@
 x0 = E[tok] + P[pos]                                   # embed
 x1 = x0 + sum_h Attn_h(LN1(x0))                        # one attention block, n_heads heads
 x2 = x1 + W_out^T ReLU(W_in^T LN2(x1) + b_in) + b_out  # one MLP (ReLU: a neuron is exactly off or on)
+                                                       # (imported models: cfg.act_fn, see below)
 logits = LNf(x2) @ W_U + b_U                           # unembed
 
 Weights are stored per head (W_Q[h], W_K[h], W_V[h], W_O[h]) as in TransformerLens, so the QK and OV
@@ -23,18 +24,36 @@ HOOKS = {
     "embed": "E[tok]                            [B, T, D]",
     "pos_embed": "P[pos]                        [B, T, D]  (broadcast over B)",
     "resid_pre": "x0 = embed + pos_embed        [B, T, D]",
-    "attn.scores": "q.k / sqrt(d_head), -inf above the diagonal   [B, H, T, T]",
+    "attn.scores": "q.k / sqrt(d_head) (1 if not scale_attn), -inf masked   [B, H, T, T]",
     "attn.pattern": "softmax of scores (rows sum to 1)            [B, H, T, T]",
     "attn.head_out": "each head's write into the residual, b_O excluded   [B, T, H, D]",
     "attn_out": "sum of head_out + b_O          [B, T, D]",
     "resid_mid": "x1 = x0 + attn_out            [B, T, D]",
     "mlp.pre": "neuron pre-activations         [B, T, N]",
-    "mlp.post": "ReLU(mlp.pre)                  [B, T, N]",
+    "mlp.post": "act(mlp.pre) (ReLU unless cfg.act_fn says otherwise)  [B, T, N]",
     "mlp_out": "MLP write into the residual     [B, T, D]",
     "resid_post": "x2 = x1 + mlp_out            [B, T, D]",
     "ln_final.scale": "LNf's per-position std (the denominator)  [B, T, 1]",
     "logits": "unembedded logits               [B, T, V]",
 }
+
+
+ACT_FNS = ("relu", "gelu", "gelu_new", "solu_ln")  # gelu: exact erf; gelu_new: tanh approximation (GPT-2)
+BASE_FIELDS = ("vocab_size", "n_ctx", "d_model", "n_heads", "d_mlp", "ln_eps")
+ARCH_DEFAULTS = {"act_fn": "relu", "scale_attn": True, "window": 0}
+
+
+def arch_problem(d: dict) -> str | None:
+    """Why a config dict's architecture fields are invalid, or None. Absent fields take their defaults."""
+    act = d.get("act_fn", "relu")
+    if act not in ACT_FNS:
+        return f"act_fn={act!r} must be one of {', '.join(ACT_FNS)}"
+    if not isinstance(d.get("scale_attn", True), bool):
+        return f"scale_attn={d['scale_attn']!r} must be true or false"
+    w = d.get("window", 0)
+    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+        return f"window={w!r} must be an integer >= 0 (0: global attention)"
+    return None
 
 
 @dataclass
@@ -45,13 +64,20 @@ class ModelConfig:
     n_heads: int = 4
     d_mlp: int = 1024
     ln_eps: float = 1e-5
+    # Architecture variants for imported models (reference/interop.py). Their defaults are the shipped
+    # model; to_dict leaves defaults out, so configs written before these fields existed stay byte-identical.
+    act_fn: str = "relu"  # one of ACT_FNS; "solu_ln" adds a LayerNorm over the neurons (ln_mlp)
+    scale_attn: bool = True  # False: scores are q.k unscaled (GPT-Neo)
+    window: int = 0  # >0: a query sees only the last `window` keys (GPT-Neo local attention)
+    # d_mlp = 0 is an attention-only model: no neurons, the MLP writes exactly zero.
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {k: v for k, v in d.items() if k in BASE_FIELDS or v != ARCH_DEFAULTS[k]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -82,10 +108,14 @@ class OneLayerTransformer(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(N))
         self.W_out = nn.Parameter(torch.randn(N, D) / math.sqrt(2 * N))  # [N, D]
         self.b_out = nn.Parameter(torch.zeros(D))
+        if cfg.act_fn == "solu_ln":  # only then: other checkpoints keep exactly their old state dict
+            self.ln_mlp = nn.LayerNorm(N, eps=cfg.ln_eps)
         self.ln_final = nn.LayerNorm(D, eps=cfg.ln_eps)
         self.W_U = nn.Parameter(torch.randn(D, V) * 0.02)  # [D, V]
         self.b_U = nn.Parameter(torch.zeros(V))
         causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        if cfg.window:  # local attention: key j visible from query i iff i - window < j <= i
+            causal &= ~torch.tril(torch.ones(T, T, dtype=torch.bool), diagonal=-cfg.window)
         self.register_buffer("causal", causal, persistent=False)  # [T, T]
 
     # -- pieces, reused by the oracle's path helpers -------------------------------------------
@@ -99,9 +129,25 @@ class OneLayerTransformer(nn.Module):
     def mlp_pre(self, x_ln: torch.Tensor) -> torch.Tensor:
         return x_ln @ self.W_in + self.b_in  # [..., N]
 
+    def mlp_act(self, pre: torch.Tensor) -> torch.Tensor:
+        """Neuron pre-activations [..., N] -> what W_out reads (mlp.post): the activation, and for SoLU its LN."""
+        act = self.cfg.act_fn
+        if act == "relu":
+            return F.relu(pre)
+        if act == "gelu":
+            return F.gelu(pre)
+        if act == "gelu_new":
+            return F.gelu(pre, approximate="tanh")
+        return self.ln_mlp(pre * pre.softmax(dim=-1))  # solu_ln
+
+    @property
+    def attn_scale(self) -> float:
+        """What q.k is divided by: sqrt(d_head), or 1 for unscaled (GPT-Neo) attention."""
+        return math.sqrt(self.cfg.d_head) if self.cfg.scale_attn else 1.0
+
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """MLP write for a residual x [..., D] (LN2 included)."""
-        return F.relu(self.mlp_pre(self.ln2(x))) @ self.W_out + self.b_out
+        return self.mlp_act(self.mlp_pre(self.ln2(x))) @ self.W_out + self.b_out
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_final(x) @ self.W_U + self.b_U  # [..., V]
@@ -119,7 +165,7 @@ class OneLayerTransformer(nn.Module):
             attn_out = torch.zeros_like(x0)
         else:
             q, k, v = self.attn_qkv(self.ln1(x0))  # [B, T, H, Dh]
-            scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(self.cfg.d_head)  # [B, H, T, T]
+            scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / self.attn_scale  # [B, H, T, T]
             scores = scores.masked_fill(~self.causal[:T, :T], float("-inf"))
             pattern = scores.softmax(dim=-1)  # [B, H, T, T]
             z = torch.einsum("bhqk,bkhe->bqhe", pattern, v)  # [B, T, H, Dh]
@@ -127,7 +173,7 @@ class OneLayerTransformer(nn.Module):
             attn_out = head_out.sum(dim=2) + self.b_O
         x1 = x0 + attn_out
         pre = self.mlp_pre(self.ln2(x1))  # [B, T, N]
-        post = F.relu(pre)
+        post = self.mlp_act(pre)
         mlp_out = post @ self.W_out + self.b_out
         x2 = x1 + mlp_out
         logits = self.unembed(x2)

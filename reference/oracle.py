@@ -167,7 +167,7 @@ class Oracle:
         m = self.model
         q, _, _ = m.attn_qkv(m.ln1(self._x0(None, dst_pos)))
         _, k, _ = m.attn_qkv(m.ln1(self._x0(None, src_pos)))
-        scale = float(np.sqrt(self.cfg.d_head))
+        scale = float(m.attn_scale)  # sqrt(d_head), or 1 for unscaled (GPT-Neo) attention
         return Factored((q[:, head] / scale).numpy(), k[:, head].T.contiguous().numpy())
 
     @torch.inference_mode()
