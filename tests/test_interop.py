@@ -1,4 +1,4 @@
-"""Bring-your-own-model round trips against the real peer libraries (reference/interop.py, verify/interop_cli.py).
+"""Bring-your-own-model round trips against the real peer libraries (reference/interop.py, verify/cli/interop.py).
 
 Peers are built offline, small and randomly initialised, with their own libraries: transformers' GPT2LMHeadModel /
 GPTNeoForCausalLM and TransformerLens 4's boot_native. Every comparison is log-probs of our loaded checkpoint vs
@@ -205,26 +205,26 @@ def test_tl_native_import_and_export_round_trip(case, tmp_path):
     ours, _ = load_checkpoint(tmp_path / "ck")
     assert (ours.cfg.d_mlp == 0) == (case == "attn_only") and ours.cfg.act_fn == TL_CASES[case].get("act_fn", "relu")
     assert gap(ours, bridge, 4096, 40) <= TOL
-    assert main(["export", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "ck")]) == 0
+    assert main(["export", "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "ck")]) == 0
     assert gap(ours, tl_from_export(tmp_path / "out"), 4096, 40, seed=1) <= TOL
 
 
 def test_export_shipped_and_unscaled_models_load_in_transformer_lens(tmp_path):
     lib("transformer_lens")
-    assert main(["export", str(tmp_path / "shipped"), "--to", "transformer-lens"]) == 0
+    assert main(["export", "--out", str(tmp_path / "shipped"), "--to", "transformer-lens"]) == 0
     ours, _ = load_checkpoint()
     assert gap(ours, tl_from_export(tmp_path / "shipped"), 4096, 64, batch=2) <= TOL
     # GPT-Neo's unscaled attention has no TL-native switch: the export folds sqrt(d_head) into W_Q, b_Q
     neo = hf_peer("neo")
     write_ours(from_hf_model(neo, SHIPPED_TOK, "neo"), tmp_path / "neo")
-    assert main(["export", str(tmp_path / "neo_tl"), "--checkpoint", str(tmp_path / "neo")]) == 0
+    assert main(["export", "--out", str(tmp_path / "neo_tl"), "--checkpoint", str(tmp_path / "neo")]) == 0
     assert gap(lambda ids: neo(ids).logits, tl_from_export(tmp_path / "neo_tl"), 4096, 40) <= TOL
 
 
 def test_local_attention_export_is_refused(tmp_path, capsys):
     lib("transformers")
     write_ours(from_hf_model(hf_peer("neo", attention_types=[[["local"], 1]], window_size=6), SHIPPED_TOK, "neo"), tmp_path / "ck")
-    assert main(["export", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck")]) == 2
+    assert main(["export", "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck")]) == 2
     assert "local attention (window 6)" in capsys.readouterr().err
 
 
@@ -243,7 +243,7 @@ def test_import_errors_are_one_line(tmp_path, capsys):
              (["import", str(tmp_path / "tl"), "--out", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "t.json")],
               "tokenizer file not found"),
              (["import", str(tmp_path / "tl"), "--out", str(tmp_path / "o")], "no weights"),
-             (["export", str(tmp_path / "o"), "--to", "onnx"], "unknown export format")]
+             (["export", "--out", str(tmp_path / "o"), "--to", "onnx"], "unknown export format")]
     for argv, needle in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err

@@ -156,7 +156,8 @@ app.command("fit")(fit_cmd)
 from verify.cli.check_rules import check_rules_cmd  # noqa: E402
 
 app.command("check-rules")(check_rules_cmd)
-from verify.interop_cli import register as _register_interop; _register_interop(app)  # noqa: E402,E702  import / export
+from verify.cli.interop import register as _register_interop  # noqa: E402  (import / export)
+_register_interop(app)
 
 
 def main(argv: list[str] | None = None) -> int:

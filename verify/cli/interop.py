@@ -1,6 +1,6 @@
 """`handmodel import` and `handmodel export --to transformer-lens`: bring a one-layer model in, take ours out.
 
-Registered on the app by verify/cli.py with `register(app)`. The converters live in reference/interop.py;
+Registered on the app by verify/cli/__init__.py with `register(app)`. The converters live in reference/interop.py;
 transformers / transformer-lens are optional (`pip install handmodel[interop]`) and imported only here when used.
 """
 from __future__ import annotations
@@ -12,11 +12,13 @@ import typer
 
 from handmodel.errors import UserError
 
+from . import options as O
+
 
 def import_cmd(
     source: str = typer.Argument(..., help="A TransformerLens folder (config.json + property-format weights), a Hugging "
                                            "Face GPT-2/GPT-Neo folder, or hf:owner/name (needs the network)."),
-    out: Path = typer.Option(..., "--out", help="Write our checkpoint folder here (then pass it as --checkpoint)."),
+    out: Path = O.out_option(..., "checkpoint folder to create (then pass it as --checkpoint)"),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json to use when the source folder has none."),
     check: bool = typer.Option(True, help="Compare the imported model's log-probs with the source library's forward."),
 ):
@@ -24,6 +26,7 @@ def import_cmd(
     from reference.checkpoint import load_checkpoint
     from reference.interop import max_logprob_gap, read_any, write_ours
 
+    O.check_out_dir(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: folder exists and is not empty; pick a new --out")
     conv = read_any(source, tokenizer)
@@ -51,19 +54,20 @@ def _as_model(conv):
 
 
 def export_cmd(
-    out: Path = typer.Argument(..., help="Output folder."),
+    out: Path = O.out_option(..., "folder for the exported model"),
     to: str = typer.Option("transformer-lens", "--to", help="Target format (transformer-lens)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the shipped model in reference/default)."),
+    checkpoint: Path = O.CHECKPOINT,
 ):
     """Export a checkpoint as a TransformerLens config + property-format state dict (see docs/interop.md to load it)."""
-    from reference.checkpoint import DEFAULT_DIR, load_checkpoint
+    from reference.checkpoint import load_checkpoint
     from reference.interop import write_tl
 
     if to != "transformer-lens":
         raise UserError(f"--to {to}: unknown export format; the one supported is transformer-lens")
+    O.check_out_dir(out)
     model, _ = load_checkpoint(checkpoint)
-    write_tl(model, ((checkpoint or DEFAULT_DIR) / "tokenizer.json").read_text(), out)
-    typer.echo(f"exported {checkpoint or DEFAULT_DIR} -> {out} (config.json, model.safetensors, tokenizer.json); "
+    write_tl(model, (Path(checkpoint) / "tokenizer.json").read_text(), out)
+    typer.echo(f"exported {checkpoint} -> {out} (config.json, model.safetensors, tokenizer.json); "
                "load it with the snippet in docs/interop.md")
 
 
