@@ -113,6 +113,10 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
     rules = load_rules(rules_dir, vocab)
     hm = HandModel(rules)
     timings["load rules"] = time.perf_counter() - t1
+    from handmodel.engine import kernels_cold
+
+    if kernels_cold():
+        log("compiling the hand model's numba kernels (first run in this checkout: about a minute; cached after)")
 
     weights = L.boot_weights(len(ref.offsets) - 1)
     kl_uni = float(np.mean(base["unigram"]["kl"]))
