@@ -146,16 +146,42 @@ class Explainer:
             self._bigram[key] = hit
         return hit
 
+    def _bigram_fired(self, i: int, c: int) -> Fired | None:
+        key = (-1 - i, c)  # the Fired (or None) of bigram rule i at current token c, cached beside its row
+        if key not in self._bigram:
+            d, desc = self._bigram_row(i, c)
+            self._bigram[key] = Fired(i, 1.0, float(np.abs(d).max()), desc + self._top(d)) if np.any(d != 0) else None
+        return self._bigram[key]
+
+    def _now_matrix(self, idx: list[int], sids) -> np.ndarray:
+        """[len(idx), V] bool: may rule idx[j] act when the current token is v (one of its sids holds v)."""
+        m = np.zeros((len(idx), self.rules.vocab_size), np.bool_)
+        for j, i in enumerate(idx):
+            for sid in sids(self.rules.rules[i]):
+                m[j] |= self._in(sid)
+        return m
+
     def explain(self, seqs: list[np.ndarray], mask: np.ndarray) -> list[list[Fired]]:
-        """Per position of the concatenated sequences: the rules that acted, in rule order (the twin's list)."""
+        """Per position of the concatenated sequences: the rules that acted, in rule order (the twin's list).
+        Per current token only the rules that can act are visited: priors and heads always, bigram rules
+        with a row holding it, head_outs whose `now` holds it; neurons and skips from the probe's amounts."""
         rules = self.rules
         kinds = rules.rule_kinds
-        probed = [i for i, k in enumerate(kinds) if k in PROBED and mask[i]]
+        on = [i for i in range(len(kinds)) if mask[i]]
+        probed = [i for i in on if kinds[i] in PROBED]
         amounts = probe_amounts(rules, seqs, probed, mask) if probed and sum(len(s) for s in seqs) else None
+        floor = np.array([0.5 if kinds[i] == "skip" else ACT_EPS for i in probed])  # skip: 0 or 1; neuron: > 0
         col = {i: j for j, i in enumerate(probed)}
-        heads = {rules.rules[i].head: i for i, k in enumerate(kinds) if k == "head" and mask[i]}
+        heads = {rules.rules[i].head: i for i in on if kinds[i] == "head"}
         vocab = rules.vocab
-        prior = [self._scaled(i, 1.0, "prior") if kinds[i] == "prior" and mask[i] else None for i in range(len(kinds))]
+        always = [i for i in on if kinds[i] in ("prior", "head")]
+        big = [i for i in on if kinds[i] == "bigram"]
+        hos = [i for i in on if kinds[i] == "head_out" and rules.rules[i].head in heads]
+        big_m = self._now_matrix(big, lambda r: [now for now, _ in r.rows])
+        ho_m = self._now_matrix(hos, lambda r: [r.now])
+        big, hos = np.array(big, np.int64), np.array(hos, np.int64)
+        cand: dict[int, list[int]] = {}
+        prior = {i: self._scaled(i, 1.0, "prior") for i in always if kinds[i] == "prior"}
         out: list[list[Fired]] = []
         n = 0
         for seq in seqs:
@@ -163,43 +189,42 @@ class Explainer:
             att = attention_rows(rules, seq)
             for t in range(len(seq)):
                 c = int(seq[t])
+                if c not in cand:
+                    cand[c] = always + big[big_m[:, c]].tolist() + hos[ho_m[:, c]].tolist()
+                idx = cand[c]
+                if amounts is not None:
+                    hit = np.flatnonzero(amounts[n + t] > floor)
+                    idx = idx + [probed[j] for j in hit]
                 fired: list[Fired] = []
-                for i, r in enumerate(rules.rules):
-                    if not mask[i]:
-                        continue
+                for i in sorted(idx):
+                    r = rules.rules[i]
                     k = kinds[i]
                     f = None
                     if k == "prior":
                         f = prior[i]
                     elif k == "bigram":
-                        d, desc = self._bigram_row(i, c)
-                        if np.any(d != 0):
-                            f = Fired(i, 1.0, float(np.abs(d).max()), desc + self._top(d))
+                        f = self._bigram_fired(i, c)
                     elif k == "head":
                         a = att[r.head][t, : t + 1]
                         top = np.argsort(-a, kind="stable")[:3]
                         f = Fired(i, 0.0, 0.0, "attends " + ", ".join(f"{a[s]:.2f} on {vocab[seq[s]]!r}@{s}" for s in top))
                     elif k == "head_out":
-                        if r.head in heads and self._in(r.now)[c]:
-                            a_row = att[r.head][t, : t + 1]
-                            on = self._in(r.src)[seq[: t + 1]]
-                            mass = float(a_row[on].sum())
-                            extra = None
-                            desc = f"attention on {self.sets.name(r.src)} = {mass:.3f}"
-                            if r.copy is not None:
-                                extra = np.zeros(rules.vocab_size)
-                                np.add.at(extra, seq[: t + 1][on], r.copy * a_row[on])
-                                desc += f"; copies ×{r.copy:g}"
-                            f = self._scaled(i, mass, desc, extra)
+                        a_row = att[r.head][t, : t + 1]
+                        src_on = self._in(r.src)[seq[: t + 1]]
+                        mass = float(a_row[src_on].sum())
+                        extra = None
+                        desc = f"attention on {self.sets.name(r.src)} = {mass:.3f}"
+                        if r.copy is not None:
+                            extra = np.zeros(rules.vocab_size)
+                            np.add.at(extra, seq[: t + 1][src_on], r.copy * a_row[src_on])
+                            desc += f"; copies ×{r.copy:g}"
+                        f = self._scaled(i, mass, desc, extra)
                     elif k == "skip":
-                        amt = amounts[n + t, col[i]]
-                        if amt > 0.5:  # fired (the probe's logit is exactly 1 or 0, up to float32 rounding)
-                            first = int(np.flatnonzero(self._in(r.src)[seq[:t]])[0])
-                            f = self._scaled(i, 1.0, f"{self.sets.name(r.src)} earlier at {first}")
+                        first = int(np.flatnonzero(self._in(r.src)[seq[:t]])[0])
+                        f = self._scaled(i, 1.0, f"{self.sets.name(r.src)} earlier at {first}")
                     elif k == "neuron":
                         act = float(amounts[n + t, col[i]])
-                        if act > ACT_EPS:
-                            f = self._scaled(i, act, f"activation {act:.3f}")
+                        f = self._scaled(i, act, f"activation {act:.3f}")
                     if f is not None:
                         fired.append(f)
                 out.append(fired)
