@@ -29,6 +29,10 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="no cold verify run (it fits the baselines on the whole train text: about a minute on a quiet "
                         "machine, minutes on a loaded one); verify's cache is kept under --work across runs instead")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    p.add_argument("--force", action="store_true",
+                   help="run even when the load average exceeds the usable cores (the result is marked as measured under load)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads both sides (torch and numba) are pinned to in the paired repeats (default: the usable cores)")
     p.add_argument("--no-latest", action="store_true", help=f"do not write {LATEST.name} (tests, scratch runs)")
     p.add_argument("--work", type=Path, default=None,
                    help="scratch + generated-rules cache (default: $HANDMODEL_CACHE/benchmarks, i.e. ~/.cache/handmodel/benchmarks)")
@@ -66,7 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     from .report import render
     from .run import LATEST, Config, run
 
-    over = {"tokens": args.tokens, "repeats": args.repeats, "skip_cold": args.skip_cold or None}
+    from .machine import load_verdict
+
+    busy = load_verdict()
+    if busy:
+        if not args.force:
+            con.print(f"[bold red]refusing to benchmark[/]: {busy}. Wait for a quiet machine, or pass --force "
+                      "(the result is then marked as measured under load).")
+            return 2
+        con.print(f"[bold red]WARNING[/]: {busy}; going on (--force), and the result says so.")
+    over = {"tokens": args.tokens, "repeats": args.repeats, "skip_cold": args.skip_cold or None,
+            "paired_threads": args.threads}
     if args.rule_scales:
         over["rule_scales"] = tuple(float(x) if "." in x else int(x) for x in args.rule_scales.split(","))
     cfg = Config.make(args.quick, **over)

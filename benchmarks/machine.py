@@ -37,6 +37,22 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_verdict(cores: int | None = None, load: list[float] | None = None) -> str | None:
+    """None when the machine is quiet enough to time; else a one-line reason. The 1-minute load average
+    counts runnable processes: above the usable cores, some other process holds a core part of the time
+    and both sides' threads (torch's above all) stall unpredictably (issue 22: 37,085 -> 1,984 tok/s)."""
+    cores = cores or usable_cores()
+    load = loadavg() if load is None else load
+    if load is None or load[0] <= cores:
+        return None
+    return (f"load average {load[0]:.2f} (1 min) exceeds the {cores} usable cores: other processes hold cores, so "
+            "every timing and ratio here is unreliable")
+
+
 def git_commit() -> dict:
     """HEAD and whether the tree has local changes (read-only git commands; None outside a checkout)."""
     out: dict = {"commit": None, "dirty": None}
@@ -63,7 +79,7 @@ def machine_info() -> dict:
     info = {
         "cpu_model": _cpu_model(),
         "cores_logical": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores_usable": usable_cores(),
         "mem_total_gib": _mem_total_gib(),
         "loadavg_start": loadavg(),
         "platform": platform.platform(),

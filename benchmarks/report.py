@@ -66,6 +66,8 @@ def render(res: dict, console: Console | None = None) -> None:
     t.add_column("min – max", justify="right")
     t.add_column("n", justify="right")
     t.add_column("target / note")
+    for why in mi.get("under_load") or []:
+        con.print(f"[bold red]MEASURED UNDER LOAD[/]: {why}")
     for name, sec in res["sections"].items():
         t.add_row(f"[bold]{sec.get('title', SECTIONS.get(name, name))}[/]", "", "", "", "", "")
         for m in sec["metrics"]:

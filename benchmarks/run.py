@@ -24,6 +24,7 @@ class Config:
     budget_s: float = 30.0
     verify_repeats: int = 3
     skip_cold: bool = False
+    paired_threads: int | None = None  # both sides' threads in the paired repeats (None: the usable cores)
     skip_cold_train_stories: int = 500
     scaling_repeats: int = 3
     context_tokens: int = 8192
@@ -74,6 +75,9 @@ def run(checkpoint: Path, rules: Path, corpus: Path, train_corpus: Path | None, 
     finally:
         w.cleanup()
     machine["loadavg_end"] = loadavg()
+    from .machine import load_verdict
+
+    machine["under_load"] = [v for v in (load_verdict(load=machine.get("loadavg_start")), load_verdict()) if v]
     return _assemble(w, cfg, rules, machine, sections, secs, t0, outs)
 
 

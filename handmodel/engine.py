@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import kernels, twin
+from . import kernels
 from .compiled import CompiledRules
 from .errors import UserError
 
@@ -28,6 +28,18 @@ _BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
+
+
+def kernels_cold() -> bool:
+    """True when the engine's numba kernels will compile on first use (no cache index newer than
+    kernels.py: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
+    import os
+
+    try:
+        idx = kernels.run_seqs._cache._cache_file._index_path
+        return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
+    except (AttributeError, OSError):
+        return True
 
 
 class _BasePool:
@@ -159,6 +171,7 @@ class HandModel:
         # their `copy` outputs included; copy outputs of head_outs with a `now` condition: kernels.run_seqs
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
+        self._explainer = None
         self._A = _attention_arrays(a, V, H, self._ho_uncond)
         self._n_atoms = len(a.am_ptr) - 1
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
@@ -376,8 +389,20 @@ class HandModel:
                             "log-probs (log_softmax output), or delete a damaged reference cache entry")
 
     def explain(self, seq: np.ndarray, pos: int, mask=None) -> list[tuple[str, str]]:
-        """(rule id, what it did) for every rule that fired at position `pos` (computed by the twin)."""
+        """(rule id, what it did) for every rule that fired at position `pos` (explain_batch's records)."""
         seq = np.asarray(seq)
         if not 0 <= pos < len(seq):
             raise UserError(f"position {pos} is outside the sequence (length {len(seq)})")
-        return [(self.rules.rule_ids[i], desc) for i, _, desc in twin.contributions(self.rules, seq, pos, mask)]
+        return [(self.rules.rule_ids[f.rule], f.desc) for f in self.explain_batch([seq[: pos + 1]], mask)[-1]]
+
+    def explain_batch(self, seqs: list[np.ndarray], mask=None) -> list:
+        """Per position of the concatenated sequences, the rules that acted there and by how much, in rule
+        order (handmodel.explain: one probe pass of the engine plus the attention rows; equal to the twin's
+        contributions, tests/test_handmodel_explain.py)."""
+        from .explain import Explainer
+
+        if self._explainer is None:
+            self._explainer = Explainer(self.rules)
+        seqs = [np.asarray(s) for s in seqs]
+        self._tokens(seqs)  # token ids checked
+        return self._explainer.explain(seqs, self.rules.mask_of(mask))

@@ -13,7 +13,8 @@ from benchmarks.report import compare
 from benchmarks.results import SECTIONS, all_metrics, load
 from benchmarks.stats import interleaved, loglog_slope, summarize
 
-MACHINE_KEYS = ("cpu_model", "cores_logical", "python", "numpy", "numba", "torch", "git_commit", "loadavg_start")
+MACHINE_KEYS = ("cpu_model", "cores_logical", "python", "numpy", "numba", "torch", "git_commit", "loadavg_start",
+                "under_load")
 
 
 def test_stats_helpers():
@@ -35,7 +36,7 @@ def test_quick_run_and_compare(tiny_world, tmp_path, capsys):
     out = tmp_path / "a.json"
     rc = main(["--quick", "--checkpoint", str(ckpt), "--corpus", str(evalf), "--train-corpus", str(train),
                "--rules", str(tmp_path / "no-rules-here"), "--work", str(tmp_path / "work"),
-               "--out", str(out), "--no-latest"])
+               "--out", str(out), "--no-latest", "--force", "--threads", "1"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "GENERATED ruleset" in printed  # the fallback is announced
@@ -44,6 +45,7 @@ def test_quick_run_and_compare(tiny_world, tmp_path, capsys):
     assert res["quick"] is True
     for k in MACHINE_KEYS:
         assert k in res["machine"], k
+    assert res["sections"]["throughput"]["details"]["paired_threads"] == 1  # --threads pins both sides
     wl = res["workload"]
     assert wl["rules_generated"] and "GENERATED" in wl["rules_source"] and wl["n_rules"] > 0 and wl["tokens"] > 0
     assert set(res["sections"]) == set(SECTIONS)
@@ -89,3 +91,17 @@ def test_compare_rejects_a_non_result_file(tmp_path, capsys):
     bad.write_text("{}")
     assert main(["compare", str(bad), str(bad)]) == 2
     assert "not a benchmark results file" in capsys.readouterr().out
+
+
+def test_load_verdict_and_refusal(monkeypatch, tmp_path, capsys):
+    from benchmarks import machine
+
+    assert machine.load_verdict(cores=2, load=[1.9, 5.0, 5.0]) is None
+    assert machine.load_verdict(cores=2, load=[2.0, 0.0, 0.0]) is None
+    why = machine.load_verdict(cores=2, load=[2.5, 0.0, 0.0])
+    assert why and "2.50" in why and "2 usable cores" in why
+    # a loaded machine: refused without --force, before any work
+    monkeypatch.setattr(machine, "loadavg", lambda: [99.0, 99.0, 99.0])
+    assert main(["--quick", "--rules", str(tmp_path / "none"), "--work", str(tmp_path / "w"), "--no-latest"]) == 2
+    out = capsys.readouterr().out
+    assert "refusing to benchmark" in out and "--force" in out and not (tmp_path / "w").exists()

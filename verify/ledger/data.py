@@ -344,30 +344,11 @@ def load_oracle(ckpt: Checkpoint):
 
 def sample_sequences(oracle, n: int, seed: int, max_len: int = SAMPLE_MAX_LEN, batch: int = 32) -> list[np.ndarray]:
     """n token sequences [EOT] story [EOT] sampled from the reference at temperature 1 (fixed seed)."""
-    import torch
-
     if n < 1:
         raise UserError(f"--sampled must be >= 1 (got {n})")
-    max_len = min(max_len, oracle.cfg.n_ctx)
-    gen = torch.Generator().manual_seed(int(seed))
-    out: list[np.ndarray] = []
-    with torch.inference_mode():
-        for b in range(0, n, batch):
-            B = min(batch, n - b)
-            ids = torch.full((B, 1), oracle.eot, dtype=torch.int64)
-            done = torch.zeros(B, dtype=torch.bool)
-            lengths = torch.full((B,), max_len, dtype=torch.int64)
-            while ids.shape[1] < max_len and not bool(done.all()):
-                logits = oracle.model(ids)[:, -1].float()
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
-                nxt = torch.where(done, torch.full_like(nxt, oracle.eot), nxt)
-                ids = torch.cat([ids, nxt[:, None]], 1)
-                newly = (~done) & (nxt == oracle.eot)
-                lengths[newly] = ids.shape[1]
-                done |= newly
-            for r in range(B):
-                out.append(ids[r, : int(lengths[r])].numpy().astype(np.int32))
-    return out
+    from reference.sampling import sample_stories  # key/value cache: one position per step
+
+    return sample_stories(oracle.model, oracle.eot, n, seed, max_len, batch=batch)
 
 
 # -- small numerics shared by everything --------------------------------------------------------

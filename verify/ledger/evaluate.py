@@ -82,6 +82,10 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Path, corpus: Optional[Path]
     rules = load_rules(rules_dir, vocab)
     hm = HandModel(rules)
     timings["load rules"] = time.perf_counter() - t1
+    from handmodel.engine import kernels_cold
+
+    if kernels_cold():
+        log("compiling the hand model's numba kernels (first run in this checkout: about a minute; cached after)")
 
     weights = L.boot_weights(len(ref.offsets) - 1)
     kl_uni = float(np.mean(base["unigram"]["kl"]))

@@ -142,8 +142,21 @@ def _table(rows: list[dict], ledger: bool, tid: str) -> str:
     return "".join(h) + "</table>"
 
 
+RULES_SHOWN = 8  # per token on the page: the heads plus the largest acts (keeps the page a few MB)
+
+
+def _shown(rules, acted) -> list[tuple[str, str]]:
+    """The heads' patterns and the RULES_SHOWN largest logit changes, in rule order, then a count of the rest."""
+    keep = sorted(sorted(acted, key=lambda f: -f.size)[:RULES_SHOWN], key=lambda f: f.rule)
+    heads = [f for f in acted if rules.rule_kinds[f.rule] == "head" and f not in keep]
+    out = [(str(rules.rule_ids[f.rule]), str(f.desc)) for f in sorted(keep + heads, key=lambda f: f.rule)]
+    if len(acted) > len(out):
+        out.append(("…", f"{len(acted) - len(out)} more rules changed the logits less"))
+    return out
+
+
 def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
-    ref, hm, vocab, last = ev.ref, ev.hand, ev.vocab, ev.last
+    ref, hm, rules, vocab, last = ev.ref, ev.hand, ev.rules, ev.vocab, ev.last
     kl = np.asarray(last["kl"], np.float64)
     seqs = []
     n = 0
@@ -153,6 +166,7 @@ def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
         seqs.append(s)
         n += len(s)
     hand = hm.log_probs_batch(seqs)
+    acted = hm.explain_batch(seqs)  # engine speed: one probe pass for every position (handmodel/explain.py)
     nxt = ref.next_tokens
     pos = []
     i = 0
@@ -161,7 +175,7 @@ def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
             r = np.asarray(ref.logp[i], np.float32)
             rt = np.argsort(-r)[:5]
             ht = np.argsort(-hl[t])[:5]
-            fired = [(str(rid), str(desc)) for rid, desc in hm.explain(s, t)]
+            fired = _shown(rules, acted[i])
             pos.append({"tok": int(s[t]), "t": t, "next": int(nxt[i]), "kl": round(float(kl[i]), 5),
                         "ref": [[int(v), round(float(np.exp(r[v])), 4)] for v in rt],
                         "hand": [[int(v), round(float(np.exp(hl[t, v])), 4)] for v in ht], "rules": fired})
