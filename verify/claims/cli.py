@@ -1,0 +1,98 @@
+"""`handmodel check-components`: every rule against the reference component it names, and the verified
+ledger (verify/verified.py; docs/claims.md "Component checks (verified ledger)").
+
+Registered on the `handmodel` app by importing this module from verify/cli.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from verify.cli import app
+from verify.commands import CHECKPOINT_OPT, RULES_OPT, TRAIN_OPT
+
+from ..verified import DEFAULT_WINDOWS, WINDOW_LEN
+
+VALID = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "tinystories" / "valid.txt"
+
+
+def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Optional[Path], windows: int,
+                 train_corpus: Optional[Path], compute: bool = True, log=print) -> dict:
+    """verify's result on `corpus` plus its `verified` section (component verdicts cached per rule-file
+    content and checkpoint; with compute=False a cold cache leaves every rule unverified and says so)."""
+    from handmodel.errors import UserError
+    from verify import ledger as L
+    from verify.commands import DEFAULT_RULES, evaluate
+    from verify.data import checkpoint_info, load_oracle
+
+    from .. import verified as VF
+
+    corpus = Path(corpus) if corpus is not None else VALID
+    if not corpus.exists():
+        raise UserError(f"{corpus}: eval text not found; pass --corpus ../shared/corpus/tinystories/valid.txt")
+    res = evaluate(checkpoint, rules, corpus, 0, 0, train_corpus, log=log)
+    ref, hm, rules_c, _, _ = res.pop("_objects")
+    rules_dir = Path(rules) if rules is not None else DEFAULT_RULES
+    oracle = load_oracle(checkpoint_info(checkpoint))
+    ctx = VF.valid_contexts(oracle, corpus, windows, WINDOW_LEN)
+    verdicts, status = VF.get_verdicts(oracle, rules_c, rules_dir, ctx, compute=compute, log=log)
+    weights = L.boot_weights(len(ref.offsets) - 1)
+    kl_uni = float(res["baselines"][[b["name"] for b in res["baselines"]].index("unigram")]["kl"])
+    res["verified"] = VF.verified_section(hm, rules_c, ref, kl_uni, weights, verdicts, status)
+    res["verified"]["contexts"] = ctx.identity
+    res["component_verdicts"] = [v.to_dict() for v in verdicts or []]
+    return res
+
+
+def check_components_cmd(
+    checkpoint: Optional[Path] = CHECKPOINT_OPT,
+    rules: Optional[Path] = RULES_OPT,
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Eval text for the contexts and the ledger "
+                                          "(default ../shared/corpus/tinystories/valid.txt; never train.txt)."),
+    windows: int = typer.Option(DEFAULT_WINDOWS, "--windows", help=f"Context windows of {WINDOW_LEN} tokens the checks read."),
+    train_corpus: Optional[Path] = TRAIN_OPT,
+    json_file: Optional[Path] = typer.Option(None, "--json-out", help="Write verdicts and the verified ledger as JSON."),
+    show: int = typer.Option(0, "--show", help="Also print the first K rules of each verdict."),
+):
+    """Check every rule against the reference component it names (readout + intervention, docs/claims.md)
+    and print the verified ledger: rules whose check fails, is undecided or missing are switched off."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False)
+    log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    res = run_verified(checkpoint, rules, corpus, windows, train_corpus, log=log)
+    ver = res["verified"]
+    t = Table(title=f"component checks ({ver['status']}; {ver['contexts']['windows']} windows of {ver['contexts']['path']})")
+    for c in ("kind", "pass", "fail", "undecided", "no component"):
+        t.add_column(c, justify="right" if c != "kind" else "left")
+    for kind, row in ver["counts"].items():
+        t.add_row(kind, *(str(row[c]) for c in ("pass", "fail", "undecided", "no component")))
+    console.print(t)
+    lt = Table(title="verified ledger (unverified rules switched off, not refitted)")
+    for c in ("row", "explained", "top-1", "rules", "numbers", "KL"):
+        lt.add_column(c, justify="right" if c != "row" else "left")
+    for r in ver["rows"] + [ver["all_rules"]]:
+        ex = "" if r["explained"] is None else f"{100 * r['explained']:.1f}%"
+        lt.add_row(r["name"], ex, f"{100 * r['top1']:.1f}%", str(r["rules"]), f"{r['numbers']:,}", f"{r['kl']:.4f}")
+    console.print(lt)
+    rate = ver["kl_weighted_pass_rate"]
+    f, a = ver["final"], ver["all_rules"]
+    console.print(f"verified: {100 * f['explained']:.1f}% explained (all rules {100 * a['explained']:.1f}%), top-1 "
+                  f"{100 * f['top1']:.1f}%, {f['numbers']:,} numbers, {ver['n_verified']} of {ver['n_rules']} rules; "
+                  f"KL-weighted pass rate {'n/a' if rate is None else f'{100 * rate:.1f}%'}")
+    if show:
+        for verdict in ("pass", "fail", "undecided"):
+            for v in [v for v in res["component_verdicts"] if v["verdict"] == verdict][:show]:
+                checks = "; ".join(f"{c['name']} {c['value'] if c['value'] is None else round(c['value'], 3)} "
+                                   f"[{c['lo'] if c['lo'] is None else round(c['lo'], 3)}, "
+                                   f"{c['hi'] if c['hi'] is None else round(c['hi'], 3)}] {c['verdict']}" for c in v["checks"])
+                console.print(f"{verdict:9s} {v['id']} ({v['component']}): {checks}")
+    if json_file is not None:
+        Path(json_file).write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+app.command("check-components")(check_components_cmd)

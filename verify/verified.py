@@ -1,0 +1,160 @@
+"""The verified ledger: the same rule groups with every rule whose component check does not pass switched
+off (not refitted), and the verdict cache that keeps it cheap (issue 20; docs/claims.md).
+
+Verdicts are cached as JSON under `reference.corpus.cache_dir()/claims/<key>.json`, key = sha256 of
+(cache version, the rules folder's content — every *.toml, since classes change what a rule means —,
+the checkpoint hash, the contexts' identity, the component checks' source). An entry stores its own
+key and a sha256 of its verdicts; one that does not match on read is treated as missing. A rule with no
+verdict (missing, stale, undecided, failing or naming no component) counts as unverified: never guessed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from handmodel.errors import UserError
+
+CLAIMS_CACHE_VERSION = 1
+DEFAULT_WINDOWS = 256  # valid.txt windows of WINDOW_LEN tokens: 32,768 positions
+WINDOW_LEN = 128
+
+
+def rules_hash(rules_dir: Path) -> str:
+    from handmodel.compiled import rule_file_paths
+
+    h = hashlib.sha256()
+    for f in rule_file_paths(Path(rules_dir)):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:24]
+
+
+def _code_hash() -> str:
+    """The component checks' own source: a changed check never reuses old verdicts."""
+    h = hashlib.sha256()
+    for f in sorted((Path(__file__).parent / "claims").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Contexts:
+    """Where the checks look: windows [n, T] of an eval text (valid.txt) or of reference samples."""
+    windows: np.ndarray
+    identity: dict  # what they are (goes into the cache key and the report)
+
+
+def valid_contexts(oracle, corpus: Path, n_windows: int = DEFAULT_WINDOWS, T: int = WINDOW_LEN) -> Contexts:
+    from reference.corpus import token_stream
+    from verify.discover.common import read_sample
+
+    from .claims.measure import windows_of
+    from .data import corpus_files, file_sha
+
+    corpus = Path(corpus)
+    if "train" in corpus.name:
+        raise UserError(f"{corpus}: component checks never look at training text; pass valid.txt (--corpus)")
+    T = min(T, oracle.cfg.n_ctx)
+    stream = token_stream(oracle.tokenizer, read_sample(corpus, n_windows * T * 8))
+    win = windows_of(stream, T, n_windows)
+    if len(win) < 1:
+        raise UserError(f"{corpus}: fewer than {T} tokens; the component checks need at least one window")
+    return Contexts(win, {"kind": "corpus", "path": corpus.name, "text_sha": file_sha(corpus_files(corpus)),
+                          "windows": int(len(win)), "T": int(T)})
+
+
+def cache_path(key: str) -> Path:
+    from reference.corpus import cache_dir
+
+    return cache_dir() / "claims" / f"{key}.json"
+
+
+def claims_key(rules_sha: str, ckpt_hash: str, contexts_identity: dict) -> str:
+    blob = json.dumps({"v": CLAIMS_CACHE_VERSION, "rules": rules_sha, "ckpt": ckpt_hash, "ctx": contexts_identity,
+                       "code": _code_hash()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _digest(verdicts: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(verdicts, sort_keys=True).encode()).hexdigest()
+
+
+def load_verdicts(key: str):
+    """The cached verdicts for `key`, or None (absent, damaged, or not what the key says)."""
+    from .claims.component import ComponentVerdict
+
+    f = cache_path(key)
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        if d.get("key") != key or d.get("sha") != _digest(d["verdicts"]):
+            return None
+        return [ComponentVerdict.from_dict(v) for v in d["verdicts"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_verdicts(key: str, verdicts, meta: dict) -> Path:
+    f = cache_path(key)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    vs = [v.to_dict() for v in verdicts]
+    tmp = f.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({**meta, "key": key, "sha": _digest(vs), "verdicts": vs}, indent=1), encoding="utf-8")
+    tmp.replace(f)  # atomic: a reader sees the old entry or the whole new one
+    return f
+
+
+def get_verdicts(oracle, rules, rules_dir: Path, contexts: Contexts, compute: bool = True, log=None):
+    """(verdicts or None, 'cached' | 'computed' | 'missing'). With compute=False a cold cache gives None."""
+    from verify.checkrules import read_checks
+
+    key = claims_key(rules_hash(rules_dir), oracle.hash, contexts.identity)
+    got = load_verdicts(key)
+    if got is not None:
+        return got, "cached"
+    if not compute:
+        return None, "missing"
+    from .claims.measure import check_components
+
+    verdicts = check_components(oracle, rules, read_checks(Path(rules_dir)), contexts.windows, log=log)
+    store_verdicts(key, verdicts, {"rules": str(rules_dir), "checkpoint_hash": oracle.hash, "contexts": contexts.identity})
+    return verdicts, "computed"
+
+
+def verified_mask(rules, verdicts) -> np.ndarray:
+    """[n_rules] bool: on only for rules whose component check passes (no verdict: off)."""
+    passed = {v.id for v in verdicts or [] if v.verdict == "pass"}
+    return np.array([rid in passed for rid in rules.rule_ids], dtype=np.bool_)
+
+
+def counts(verdicts) -> dict[str, dict[str, int]]:
+    """{kind: {verdict: n}} and an 'all' row."""
+    out: dict[str, dict[str, int]] = {}
+    for v in verdicts:
+        for k in (v.kind, "all"):
+            row = out.setdefault(k, {"pass": 0, "fail": 0, "undecided": 0, "no component": 0})
+            row[v.verdict] += 1
+    return out
+
+
+def verified_section(hm, rules, ref, kl_uni: float, weights, verdicts, status: str) -> dict:
+    """The verified ledger (what `verify --json` carries as `verified`): per group row, all rules vs
+    verified rules only, and the KL-weighted pass rate = (KL_none − KL_verified) / (KL_none − KL_all)."""
+    from . import ledger as L
+
+    ver = verified_mask(rules, verdicts)
+    g = np.asarray(rules.rule_group)
+    masks = [np.zeros(len(g), bool)] + [(g <= i) & ver for i in range(len(rules.groups))] + [np.ones(len(g), bool)]
+    ms = hm.stream_metrics_rows(ref.seqs, ref.logp, masks[:-1])
+    ms.append(hm.stream_metrics(ref.seqs, ref.logp, masks[-1]))
+    numbers = np.asarray(rules.rule_numbers)
+    labels = ["(no rules)"] + [f"+ {n}" for n in rules.groups] + ["all rules"]
+    rows = [L.summarize(lab, m, ref, weights, kl_uni, int(mk.sum()), int(numbers[mk].sum())) for lab, m, mk in
+            zip(labels, ms, masks)]
+    kl0, klv, kla = rows[0]["kl"], rows[-2]["kl"], rows[-1]["kl"]
+    rate = (kl0 - klv) / (kl0 - kla) if kl0 - kla > 0 else None
+    return {"status": status, "rows": rows[:-1], "final": rows[-2], "all_rules": rows[-1], "kl_weighted_pass_rate": rate,
+            "counts": counts(verdicts or []), "n_verified": int(ver.sum()), "n_rules": int(len(ver))}
