@@ -151,6 +151,7 @@ app.command("fit")(fit_cmd)
 from verify.checkrules_cli import check_rules_cmd  # noqa: E402
 
 app.command("check-rules")(check_rules_cmd)
+from verify.claims.cli import check_components_cmd; app.command("check-components")(check_components_cmd)  # noqa: E402,E702
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,10 @@ class Contexts:
     identity: dict  # what they are (goes into the cache key and the report)
 
 
-def valid_contexts(oracle, corpus: Path, n_windows: int = DEFAULT_WINDOWS, T: int = WINDOW_LEN) -> Contexts:
+def valid_contexts(ckpt, corpus: Path, n_windows: int = DEFAULT_WINDOWS, T: int = WINDOW_LEN) -> Contexts:
+    """Windows of an eval text (valid.txt), tokenized with the checkpoint's tokenizer (no torch)."""
     from reference.corpus import token_stream
+    from reference.tokenizer import load_tokenizer
     from verify.discover.common import read_sample
 
     from .claims.measure import windows_of
@@ -58,8 +60,8 @@ def valid_contexts(oracle, corpus: Path, n_windows: int = DEFAULT_WINDOWS, T: in
     corpus = Path(corpus)
     if "train" in corpus.name:
         raise UserError(f"{corpus}: component checks never look at training text; pass valid.txt (--corpus)")
-    T = min(T, oracle.cfg.n_ctx)
-    stream = token_stream(oracle.tokenizer, read_sample(corpus, n_windows * T * 8))
+    T = min(T, ckpt.n_ctx)
+    stream = token_stream(load_tokenizer(ckpt.path / "tokenizer.json"), read_sample(corpus, n_windows * T * 8))
     win = windows_of(stream, T, n_windows)
     if len(win) < 1:
         raise UserError(f"{corpus}: fewer than {T} tokens; the component checks need at least one window")
@@ -107,20 +109,22 @@ def store_verdicts(key: str, verdicts, meta: dict) -> Path:
     return f
 
 
-def get_verdicts(oracle, rules, rules_dir: Path, contexts: Contexts, compute: bool = True, log=None):
-    """(verdicts or None, 'cached' | 'computed' | 'missing'). With compute=False a cold cache gives None."""
-    from verify.checkrules import read_checks
-
-    key = claims_key(rules_hash(rules_dir), oracle.hash, contexts.identity)
+def get_verdicts(ckpt, rules, rules_dir: Path, contexts: Contexts, compute: bool = True, log=None):
+    """(verdicts or None, 'cached' | 'computed' | 'missing'). With compute=False a cold cache gives None
+    (and torch is never imported)."""
+    key = claims_key(rules_hash(rules_dir), ckpt.hash, contexts.identity)
     got = load_verdicts(key)
     if got is not None:
         return got, "cached"
     if not compute:
         return None, "missing"
-    from .claims.measure import check_components
+    from verify.checkrules import read_checks
 
-    verdicts = check_components(oracle, rules, read_checks(Path(rules_dir)), contexts.windows, log=log)
-    store_verdicts(key, verdicts, {"rules": str(rules_dir), "checkpoint_hash": oracle.hash, "contexts": contexts.identity})
+    from .claims.measure import check_components
+    from .data import load_oracle
+
+    verdicts = check_components(load_oracle(ckpt), rules, read_checks(Path(rules_dir)), contexts.windows, log=log)
+    store_verdicts(key, verdicts, {"rules": str(rules_dir), "checkpoint_hash": ckpt.hash, "contexts": contexts.identity})
     return verdicts, "computed"
 
 
@@ -158,3 +162,29 @@ def verified_section(hm, rules, ref, kl_uni: float, weights, verdicts, status: s
     rate = (kl0 - klv) / (kl0 - kla) if kl0 - kla > 0 else None
     return {"status": status, "rows": rows[:-1], "final": rows[-2], "all_rules": rows[-1], "kl_weighted_pass_rate": rate,
             "counts": counts(verdicts or []), "n_verified": int(ver.sum()), "n_rules": int(len(ver))}
+
+
+def verified_for_verify(ckpt, hm, rules, rules_dir: Path, ref, kl_uni: float, weights, rows: list[dict],
+                        valid: Path) -> dict:
+    """`verify`'s `verified` section, from cached verdicts only (verdicts come from `check-components` on
+    valid.txt windows, whatever the eval set): one engine pass for the verified row. Missing or stale
+    verdicts leave every rule unverified, and the status says so."""
+    from . import ledger as L
+
+    verdicts, status = None, "missing"
+    if Path(valid).exists():
+        verdicts, status = get_verdicts(ckpt, rules, rules_dir, valid_contexts(ckpt, valid), compute=False)
+    ver = verified_mask(rules, verdicts)
+    numbers = np.asarray(rules.rule_numbers)
+    row = L.summarize("verified rules", hm.stream_metrics(ref.seqs, ref.logp, ver), ref, weights, kl_uni, int(ver.sum()),
+                      int(numbers[ver].sum()))
+    if rows[0]["rules"] == 0:
+        kl0 = rows[0]["kl"]
+    else:
+        kl0 = float(np.mean(hm.stream_metrics(ref.seqs, ref.logp, np.zeros(len(ver), bool))["kl"]))
+    kla = rows[-1]["kl"]
+    note = {"cached": "verdicts from the cache", "missing": "no component verdicts for these rules and this checkpoint "
+            "(run `handmodel check-components`): every rule counts as unverified"}[status]
+    return {"status": status, "note": note, "final": row, "kl_weighted_pass_rate": (kl0 - row["kl"]) / (kl0 - kla) if kl0 > kla else None,
+            "counts": counts(verdicts or []), "n_verified": int(ver.sum()), "n_rules": int(len(ver)),
+            "unverified": [rid for rid, on in zip(rules.rule_ids, ver) if not on]}

@@ -1,7 +1,7 @@
 """`handmodel check-components`: every rule against the reference component it names, and the verified
 ledger (verify/verified.py; docs/claims.md "Component checks (verified ledger)").
 
-Registered on the `handmodel` app by importing this module from verify/cli.py.
+Registered on the `handmodel` app by one line of verify/cli.py.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Optional
 
 import typer
 
-from verify.cli import app
 from verify.commands import CHECKPOINT_OPT, RULES_OPT, TRAIN_OPT
 
 from ..verified import DEFAULT_WINDOWS, WINDOW_LEN
@@ -26,7 +25,7 @@ def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Opti
     from handmodel.errors import UserError
     from verify import ledger as L
     from verify.commands import DEFAULT_RULES, evaluate
-    from verify.data import checkpoint_info, load_oracle
+    from verify.data import checkpoint_info
 
     from .. import verified as VF
 
@@ -36,9 +35,9 @@ def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Opti
     res = evaluate(checkpoint, rules, corpus, 0, 0, train_corpus, log=log)
     ref, hm, rules_c, _, _ = res.pop("_objects")
     rules_dir = Path(rules) if rules is not None else DEFAULT_RULES
-    oracle = load_oracle(checkpoint_info(checkpoint))
-    ctx = VF.valid_contexts(oracle, corpus, windows, WINDOW_LEN)
-    verdicts, status = VF.get_verdicts(oracle, rules_c, rules_dir, ctx, compute=compute, log=log)
+    ckpt = checkpoint_info(checkpoint)
+    ctx = VF.valid_contexts(ckpt, corpus, windows, WINDOW_LEN)
+    verdicts, status = VF.get_verdicts(ckpt, rules_c, rules_dir, ctx, compute=compute, log=log)
     weights = L.boot_weights(len(ref.offsets) - 1)
     kl_uni = float(res["baselines"][[b["name"] for b in res["baselines"]].index("unigram")]["kl"])
     res["verified"] = VF.verified_section(hm, rules_c, ref, kl_uni, weights, verdicts, status)
@@ -94,5 +93,3 @@ def check_components_cmd(
     if json_file is not None:
         Path(json_file).write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
-
-app.command("check-components")(check_components_cmd)

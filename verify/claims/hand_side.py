@@ -24,6 +24,7 @@ class RuleVectors:
         self._in: dict[int, np.ndarray] = {}
         self._w: dict[int, np.ndarray] = {}
         self.heads = [r for r in rules.rules if r.kind == "head"]  # head number h = index here (as the twin)
+        self._scores: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     def member(self, sid: int) -> np.ndarray:
         """Bool [V]: token v is in set sid."""
@@ -48,6 +49,15 @@ class RuleVectors:
             out += w * self.weight(sid)
         return out
 
+    def scores(self, h: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Head h's score entries grouped by their `now` set: (now members [V] bool, Σ w·[v ∈ src] [V])."""
+        if h not in self._scores:
+            by: dict[int, np.ndarray] = {}
+            for now, src, w in self.heads[h].scores:
+                by[now] = by.get(now, np.zeros(self.V)) + w * self.member(src)
+            self._scores[h] = [(self.member(now), u) for now, u in by.items()]
+        return self._scores[h]
+
     def written(self, items: list[tuple[int, float]]) -> np.ndarray:
         """Bool [V]: the tokens a table writes to (members of its entries)."""
         out = np.zeros(self.V, dtype=np.bool_)
@@ -56,14 +66,15 @@ class RuleVectors:
         return out
 
 
-def attention(vec: RuleVectors, r: Rule, seq: np.ndarray) -> np.ndarray:
-    """[T, T] attention of hand head r at every position t over s ≤ t (row t; zeros above the diagonal)."""
+def attention(vec: RuleVectors, h: int, seq: np.ndarray) -> np.ndarray:
+    """[T, T] attention of hand head number h at every position t over s ≤ t (row t; zeros above the diagonal)."""
+    r = vec.heads[h]
     T = len(seq)
     d = np.arange(T)[:, None] - np.arange(T)[None, :]
     pv = np.array([r.position.get(k, r.pos_default) for k in range(T)], dtype=np.float64)
     score = pv[np.maximum(d, 0)]
-    for now, src, w in r.scores:
-        score = score + w * np.outer(vec.member(now)[seq], vec.member(src)[seq])
+    for now, u in vec.scores(h):
+        score = score + np.outer(now[seq], u[seq])
     score = np.where(d >= 0, score, -np.inf)
     e = np.exp(score - score.max(1, keepdims=True))
     return e / e.sum(1, keepdims=True)
@@ -78,7 +89,7 @@ class WindowState:
 
 def window_state(vec: RuleVectors, seq: np.ndarray) -> WindowState:
     seq = np.asarray(seq, dtype=np.int64)
-    return WindowState(seq, [attention(vec, h, seq) for h in vec.heads])
+    return WindowState(seq, [attention(vec, h, seq) for h in range(len(vec.heads))])
 
 
 def neuron_activation(vec: RuleVectors, r: Rule, ws: WindowState) -> np.ndarray:
