@@ -35,8 +35,8 @@ def build_reference(out: Path, stories: list[str]) -> Path:
         m.W_Q.mul_(4.0)
         m.W_K.mul_(4.0)
         m.W_O.mul_(0.3)
-        m.W_V[3] = torch.eye(64)[:, :16] * 2.0  # head 3 copies: value = its first 16 dims, written back in place
-        m.W_O[3] = torch.eye(64)[:16] * 2.0
+        m.W_V[3] = torch.eye(64)[:, :16]  # head 3 copies: value = its first 16 dims, written back in place
+        m.W_O[3] = torch.eye(64)[:16] * 0.3
         m.b_in.fill_(-0.6)
         m.W_U.copy_(m.W_E.T * 1.5)
     save_checkpoint(m, out, tok.to_str(), {"note": "tiny reference with planted mechanisms (claims power tests)"})
@@ -57,7 +57,9 @@ def _top(vec: np.ndarray, k: int) -> dict[int, float]:
 
 
 def derive(oracle, windows: np.ndarray, n_src: int = 6, n_rows: int = 20, top: int = 12):
-    """(true rule text, wrong rule text): heads, head_outs, neurons and bigram rows read off the weights."""
+    """(true rule text, wrong rule text): heads, head_outs, neurons and bigram rows read off the weights.
+    The true set has a head_out row for every source token of the contexts (so switching a [[head]] off
+    removes all of its write); the wrong set has the first n_src rows, each on the next source token."""
     import torch
 
     m = oracle.model
@@ -86,17 +88,17 @@ def derive(oracle, windows: np.ndarray, n_src: int = 6, n_rows: int = 20, top: i
         entries = ", ".join(f"{{ now = {_s(vocab[c])}, src = {_s(vocab[s])}, w = {sc[i, j]:.4f} }}"
                             for i, c in enumerate(used) for j, s in enumerate(used))
         true.append(f'[[head]]\nid = "head{h}"\ndoc = "Reference head {h}, every token pair."\nscore = [{entries}]\n')
-    for h in range(Hn):
-        for n, s in enumerate(freq[:n_src]):
+    for h in range(Hn - 1):  # head 3 (the copying head) is described by its copy rule below
+        for n, s in enumerate(freq):
             row = _table(vocab, _top(ov[h][s], top))
             other = freq[(n + 1) % n_src]
-            for out, src in ((true, s), (wrong, other)):
+            for out, src in ((true, s), (wrong, other)) if n < n_src else ((true, s),):
                 out.append(f'[[head_out]]\nid = "head{h}.out{n}"\ndoc = "Head {h} reading a source."\nhead = "head{h}"\n'
                            f'src = {_s(vocab[src])}\nnext = {row}\n')
-    for h in (3,):  # the copying head; a copy rule on another head is the wrong pairing
-        for out, hh in ((true, 3), (wrong, 0)):
-            out.append(f'[[head_out]]\nid = "head{hh}.copy"\ndoc = "Head {hh} copies what it reads."\nhead = "head{hh}"\n'
-                       f'src = "@all"\ncopy = 2.0\n')
+    w = float(np.mean(ov[3][used, used]))  # head 3 copies: its OV output's logit on the source token itself
+    for out, hh in ((true, 3), (wrong, 0)):  # a copy rule on a head that does not copy is the wrong pairing
+        out.append(f'[[head_out]]\nid = "head{hh}.copy"\ndoc = "Head {hh} copies what it reads."\nhead = "head{hh}"\n'
+                   f'src = "@all"\ncopy = {w:.4f}\n')
     for n in range(N):
         on = {int(c): float(pre[c, n]) for c in used}
         true.append(f'[[neuron]]\nid = "neuron.{n}"\ndoc = "Reference neuron {n}."\nnow = {_table(vocab, on)}\nnext = {_table(vocab, _top(W_outU[n], top))}\n')

@@ -25,6 +25,7 @@ class RuleVectors:
         self._w: dict[int, np.ndarray] = {}
         self.heads = [r for r in rules.rules if r.kind == "head"]  # head number h = index here (as the twin)
         self._scores: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._neuron: dict[str, tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = {}
 
     def member(self, sid: int) -> np.ndarray:
         """Bool [V]: token v is in set sid."""
@@ -57,6 +58,15 @@ class RuleVectors:
                 by[now] = by.get(now, np.zeros(self.V)) + w * self.member(src)
             self._scores[h] = [(self.member(now), u) for now, u in by.items()]
         return self._scores[h]
+
+    def neuron_inputs(self, r: Rule) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+        """A neuron's `now` table as one [V] vector, and its `attend` tables as one [V] vector per head."""
+        if r.id not in self._neuron:
+            att: dict[int, np.ndarray] = {}
+            for h, sid, w in r.n_attend:
+                att[h] = att.get(h, np.zeros(self.V)) + w * self.weight(sid)
+            self._neuron[r.id] = (self.table(r.n_now), list(att.items()))
+        return self._neuron[r.id]
 
     def written(self, items: list[tuple[int, float]]) -> np.ndarray:
         """Bool [V]: the tokens a table writes to (members of its entries)."""
@@ -95,14 +105,13 @@ def window_state(vec: RuleVectors, seq: np.ndarray) -> WindowState:
 def neuron_activation(vec: RuleVectors, r: Rule, ws: WindowState) -> np.ndarray:
     """[T] the hand neuron's activation max(0, pre) at every position (docs/rules.md, [[neuron]])."""
     seq = ws.seq
-    pre = np.full(len(seq), -r.threshold)
-    for sid, w in r.n_now:
-        pre += w * vec.weight(sid)[seq]
+    now, attend = vec.neuron_inputs(r)
+    pre = now[seq] - r.threshold
     for sid, w in r.n_present:
         seen = np.cumsum(vec.member(sid)[seq])
         pre[1:] += w * (seen[:-1] > 0)  # strictly earlier positions
-    for h, sid, w in r.n_attend:
-        pre += w * (ws.att[h] @ vec.weight(sid)[seq])
+    for h, u in attend:
+        pre += ws.att[h] @ u[seq]
     return np.maximum(pre, 0.0)
 
 

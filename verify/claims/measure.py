@@ -45,12 +45,9 @@ class _Acc:
 def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray, batch: int = 8,
                      log: Callable[[str], None] | None = None) -> list[ComponentVerdict]:
     """Verdicts for every rule (ledger order) on `windows` [n, T] (valid.txt or reference samples)."""
-    import torch
-
     from handmodel.engine import HandModel
     from handmodel.errors import UserError
-
-    from . import ref_side as R
+    from verify.checkrules import one_thread
 
     if rules.vocab != oracle.vocab:
         raise UserError("the rules were compiled against another vocabulary than the checkpoint's tokenizer")
@@ -62,6 +59,15 @@ def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray
     tg = targets(oracle, rules, checks)
     hm = HandModel(rules)
     batches = [windows[s : s + batch] for s in range(0, len(windows), batch)]
+    with one_thread():  # thousands of tiny torch ops: on busy cores thread hand-offs cost ~20x the work
+        return _run(model, rules, vec, tg, hm, batches, windows, batch, log)
+
+
+def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[ComponentVerdict]:
+    import torch
+
+    from . import ref_side as R
+
     means = R.context_means(model, batches)
     head_targets = [t for t in tg if t.rule.kind == "head" and t.ref is not None]
     W_Oc = {h: (model.W_O[h] - model.W_O[h].mean(-1, keepdim=True)).detach() for h in range(model.cfg.n_heads)}
@@ -71,6 +77,19 @@ def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray
     written = {t.index: vec.written(t.rule.next) for t in tg if t.rule.kind in ("prior", "head_out", "neuron", "skip")}
     acc = _Acc()
     rngs = {t.index: np.random.default_rng(_seed(t.rule.id, "positions")) for t in tg}
+    readers = {t.index: [r for r in rules.rules if r.kind == "head_out" and vec.heads[r.head] is t.rule] for t in head_targets}
+
+    def heads_off(arr):
+        out = {}
+        for t in head_targets:
+            m = np.ones(len(rules.rules), dtype=np.bool_)
+            m[t.index] = False
+            out[t.index] = np.stack(hm.log_probs_batch(list(arr), m))
+        return out
+
+    if log:
+        log(f"component checks: {len(tg)} rules, {len(windows)} windows; the hand model's mean contributions")
+    dbar = hand_means(vec, tg, batches, hm, heads_off)
     with torch.inference_mode():
         for bi_, arr in enumerate(batches):
             if log:
@@ -79,26 +98,21 @@ def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray
             lp_ref = b.lp.numpy()
             hand = np.stack(hm.log_probs_batch(list(arr)))
             states = [H.window_state(vec, s) for s in arr]
-            cur_abl = R.current_token_ablated(model, b, means).numpy()
             head_abl = {t.ref: R.head_ablated(model, b, means, t.ref).numpy() for t in head_targets}
-            hand_off = {}
-            for t in head_targets:
-                m = np.ones(len(rules.rules), dtype=np.bool_)
-                m[t.index] = False
-                hand_off[t.index] = np.stack(hm.log_probs_batch(list(arr), m))
+            hand_off = heads_off(arr)
             for j, ws in enumerate(states):
                 w = bi_ * batch + j
                 for t in tg:
                     if t.component is None:
                         continue
-                    ctx = SimpleCtx(b, j, w, ws, lp_ref[j], hand[j], rngs[t.index])
+                    ctx = SimpleCtx(b, j, w, ws, lp_ref[j], hand[j], rngs[t.index], dbar.get(t.index))
                     kind = t.rule.kind
                     if kind == "prior":
                         _prior(acc, t, ctx, tables[t.index], written[t.index])
                     elif kind == "bigram":
-                        _bigram(acc, t, ctx, vec, means, cur_abl[j])
+                        _bigram(acc, t, ctx, vec, model, means)
                     elif kind == "head":
-                        _head(acc, t, ctx, vec, head_abl[t.ref][j], hand_off[t.index][j])
+                        _head(acc, t, ctx, vec, head_abl[t.ref][j], hand_off[t.index][j], readers[t.index])
                     elif kind == "neuron":
                         _neuron(acc, t, ctx, vec, model, means, tables[t.index], written[t.index])
                     elif kind == "head_out":
@@ -124,8 +138,59 @@ def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray
 class SimpleCtx:
     """One window of one batch: what every rule's check reads."""
 
-    def __init__(self, b, j, w, ws, lp_ref, hand, rng):
+    def __init__(self, b, j, w, ws, lp_ref, hand, rng, dbar):
         self.b, self.j, self.w, self.ws, self.lp_ref, self.hand, self.rng = b, j, w, ws, lp_ref, hand, rng
+        self.dbar = dbar  # the rule's mean contribution over the contexts: what mean-ablating the rule leaves
+
+
+def hand_means(vec, tg: list[Target], batches, hm, heads_off) -> dict[int, np.ndarray]:
+    """Per rule, its mean logit contribution over every position of the contexts [V]: mean-ablating a rule
+    replaces its contribution by this, as mean-ablating a component does on the reference (switching
+    the rule off outright would compare a zero-ablation with a mean-ablation). For a [[head]]: the mean
+    of (hand log-probs − hand log-probs with the head off), a logit vector up to per-position constants."""
+    sums: dict[int, np.ndarray] = {}
+    scal: dict[int, float] = {}
+    rows: dict[int, np.ndarray] = {}
+    n = 0
+    for arr in batches:
+        hand = off = None
+        for seq in arr:
+            ws = H.window_state(vec, seq)
+            n += len(seq)
+            for t in tg:
+                r, i = t.rule, t.index
+                if t.component is None or r.kind in ("prior", "head"):
+                    continue
+                if r.kind == "neuron":
+                    scal[i] = scal.get(i, 0.0) + float(H.neuron_activation(vec, r, ws).sum())
+                elif r.kind == "bigram":
+                    c = rows.setdefault(i, np.zeros(len(r.rows)))
+                    for k, (now, _) in enumerate(r.rows):
+                        c[k] += vec.member(now)[ws.seq].sum()
+                elif r.kind == "head_out":
+                    on = vec.member(r.now)[ws.seq]
+                    if r.next:
+                        scal[i] = scal.get(i, 0.0) + float((on * H.source_mass(vec, r, ws)).sum())
+                    if r.copy is not None:
+                        mass = (ws.att[r.head] * on[:, None]).sum(0) * vec.member(r.src)[ws.seq]
+                        sums[i] = sums.get(i, np.zeros(vec.V)) + r.copy * np.bincount(ws.seq, mass, vec.V)
+        heads = [t for t in tg if t.rule.kind == "head" and t.ref is not None]
+        if heads:
+            hand = np.concatenate(hm.log_probs_batch(list(arr))).astype(np.float64)
+            off = heads_off(arr)
+            for t in heads:
+                sums[t.index] = sums.get(t.index, 0.0) + (hand - np.concatenate(list(off[t.index]))).sum(0)
+    out = {}
+    for t in tg:
+        r, i = t.rule, t.index
+        d = sums.get(i, np.zeros(vec.V)) / max(n, 1)
+        if r.kind in ("neuron", "head_out") and r.next:
+            d = d + scal.get(i, 0.0) / max(n, 1) * vec.table(r.next)
+        if r.kind == "bigram":
+            for k, (_, row) in enumerate(r.rows):
+                d = d + rows.get(i, np.zeros(len(r.rows)))[k] / max(n, 1) * vec.table(row)
+        out[i] = d
+    return out
 
 
 def _prior(acc, t: Target, c: SimpleCtx, table, written) -> None:
@@ -135,7 +200,9 @@ def _prior(acc, t: Target, c: SimpleCtx, table, written) -> None:
     acc.add(t.index, "readout", c.w, _pair_sums("cosine", x, y), len(ts))
 
 
-def _bigram(acc, t: Target, c: SimpleCtx, vec, means, cur_abl) -> None:
+def _bigram(acc, t: Target, c: SimpleCtx, vec, model, means) -> None:
+    from . import ref_side as R
+
     r = t.rule
     pos = np.flatnonzero(H.acts(vec, r, c.ws))
     if not len(pos):
@@ -144,21 +211,23 @@ def _bigram(acc, t: Target, c: SimpleCtx, vec, means, cur_abl) -> None:
     d = H.contribution(vec, r, c.ws, pos)
     uni = means.log_unigram.numpy()
     sx = np.zeros(3)
+    wr_of = {}
     for k, p in enumerate(pos):
-        wr = np.logical_or.reduce([vec.written(row) for now, row in r.rows if vec.member(now)[seq[p]]])
+        wr = wr_of[k] = np.logical_or.reduce([vec.written(row) for now, row in r.rows if vec.member(now)[seq[p]]])
         sx += _pair_sums("cosine", d[k, wr], c.lp_ref[p, wr] - uni[wr])
     acc.add(t.index, "readout", c.w, sx, len(pos))
     ts = _pick(c.rng, pos, PER_WINDOW)
     sel = np.searchsorted(pos, ts)
-    dh = _dlogp(c.hand[ts], d[sel])
+    dh = _dlogp(c.hand[ts], d[sel] - c.dbar)
+    abl = R.embed_direct_ablated(model, c.b, means, np.full(len(ts), c.j), ts).numpy()
     si = np.zeros(3)
     for k, p in enumerate(ts):
-        wr = d[sel[k]] != 0
-        si += _pair_sums("concordance", dh[k, wr], cur_abl[p, wr] - c.lp_ref[p, wr])
+        wr = wr_of[sel[k]]
+        si += _pair_sums("concordance", dh[k, wr], abl[k, wr] - c.lp_ref[p, wr])
     acc.add(t.index, "intervention", c.w, si, len(ts))
 
 
-def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off) -> None:
+def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off, readers) -> None:
     T = len(c.ws.seq)
     h = vec.heads.index(t.rule)
     a_hand = c.ws.att[h]
@@ -166,9 +235,20 @@ def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off) -> None:
     ov = np.minimum(a_hand, a_ref).sum(1)[1:]
     acc.add(t.index, "readout", c.w, np.array([len(ov), ov.sum()]), len(ov))
     ts = _pick(c.rng, np.arange(1, T), 2 * PER_WINDOW)
-    top = np.argsort(-c.lp_ref[ts], axis=1)[:, :HEAD_TOP]
-    x = np.take_along_axis(hand_off[ts] - c.hand[ts], top, 1)
-    y = np.take_along_axis(head_abl[ts] - c.lp_ref[ts], top, 1)
+    # compared on the tokens the head's readers write (and, for copy readers, the tokens in the context);
+    # a head nobody reads: on the reference's likeliest tokens
+    wr = np.zeros(vec.V, dtype=np.bool_)
+    for r in readers:
+        wr |= vec.written(r.next)
+        if r.copy is not None:
+            wr[c.ws.seq] = True
+    dh = _dlogp(hand_off[ts], -c.dbar) - (c.hand[ts] - hand_off[ts])  # the head mean-ablated, minus all on
+    dr = head_abl[ts] - c.lp_ref[ts]
+    if wr.any():
+        x, y = dh[:, wr], dr[:, wr]
+    else:
+        top = np.argsort(-c.lp_ref[ts], axis=1)[:, :HEAD_TOP]
+        x, y = np.take_along_axis(dh, top, 1), np.take_along_axis(dr, top, 1)
     acc.add(t.index, "intervention", c.w, _pair_sums("concordance", x, y), len(ts))
 
 
@@ -184,7 +264,7 @@ def _neuron(acc, t: Target, c: SimpleCtx, vec, model, means, table, written) -> 
     if not len(pos) or not written.any():
         return
     ts = _pick(c.rng, pos, PER_WINDOW)
-    dh = _dlogp(c.hand[ts], act[ts, None] * table)
+    dh = _dlogp(c.hand[ts], act[ts, None] * table - c.dbar)
     abl = R.neuron_ablated(model, c.b, means, t.ref, np.full(len(ts), c.j), ts).numpy()
     acc.add(t.index, "intervention", c.w, _pair_sums("concordance", dh[:, written], (abl - c.lp_ref[ts])[:, written]), len(ts))
 
@@ -216,7 +296,7 @@ def _head_out(acc, t: Target, c: SimpleCtx, vec, model, means, table, written, W
         hit = np.sign(r.copy) * zs >= COPY_Z
         acc.add(t.index, "readout.copy", c.w, np.array([len(occ), hit.sum()], dtype=np.float64), len(occ))
     d = H.contribution(vec, r, c.ws, ts)
-    dh = _dlogp(c.hand[ts], d)
+    dh = _dlogp(c.hand[ts], d - c.dbar)
     abl = R.source_path_ablated(model, c.b, means, t.ref, src[None].expand(c.b.idx.shape[0], -1), np.full(len(ts), c.j),
                                 ts).numpy()
     wr = (d != 0) | written[None]

@@ -95,26 +95,8 @@ def head_ablated(model, b: RefBatch, means: RefMeans, h: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def current_token_ablated(model, b: RefBatch, means: RefMeans) -> torch.Tensor:
-    """[B, T, V] log-probs where, at each position t, the current token's embedding is replaced by the mean
-    embedding — everywhere position t reads it (its query, its own key and value, its residual and so
-    the MLP) — while earlier positions keep theirs: one pass for every position at once."""
-    import math
-
-    T = b.idx.shape[1]
-    x0 = model.W_E[b.idx] + model.W_pos[:T]
-    xa = means.embed + model.W_pos[:T]  # [T, D]
-    q, k, v = model.attn_qkv(model.ln1(x0))
-    qa, ka, va = model.attn_qkv(model.ln1(xa))  # [T, H, Dh]
-    scores = torch.einsum("the,bshe->bhts", qa, k)
-    diag = torch.einsum("the,the->ht", qa, ka)
-    eye = torch.eye(T, dtype=torch.bool)
-    scores = torch.where(eye, diag[None, :, :, None], scores)
-    scores = scores / math.sqrt(model.cfg.d_head)
-    scores = scores.masked_fill(~model.causal[:T, :T], float("-inf"))
-    p = scores.softmax(-1)  # [B, H, T, T]
-    pd = torch.diagonal(p, dim1=-2, dim2=-1)  # [B, H, T]
-    z = torch.einsum("bhts,bshe->bthe", p, v) + pd.permute(0, 2, 1)[..., None] * (va[None] - v)
-    attn = torch.einsum("bthe,hed->btd", z, model.W_O) + model.b_O
-    x1 = xa + attn
-    return lp_of_resid(model, x1 + model.mlp(x1))
+def embed_direct_ablated(model, b: RefBatch, means: RefMeans, bi: np.ndarray, ti: np.ndarray) -> torch.Tensor:
+    """[k, V] log-probs at (bi, ti) with the current token's embedding mean-ablated on the direct path
+    (embedding -> final LayerNorm -> unembedding; attention and the MLP keep what they read)."""
+    delta = means.embed - model.W_E[b.idx[bi, ti]]
+    return lp_of_resid(model, b.resid_post[bi, ti] + delta)
