@@ -134,6 +134,9 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Optional[Path], corpus: Opti
         "final": rows[-1],
         "float16_precision": meta.get("float16_precision"),
     }
+    from .verified import verified_for_verify  # issue 20: the verified ledger, from cached component verdicts only
+
+    out["verified"] = verified_for_verify(ckpt, hm, rules, rules_dir, ref, kl_uni, weights, rows, DEFAULT_TRAIN.parent / "valid.txt")
     if ablate:
         t1 = time.perf_counter()
         from .probe import fast_ablation

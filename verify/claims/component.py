@@ -33,7 +33,6 @@ INTERVENTION = 0.5  # every kind: concordance 2Σxy/(Σx²+Σy²) of the two Δl
 MIN_WINDOWS = 5  # fewer windows holding an example: undecided (too few contexts)
 N_BOOT = 400
 PER_WINDOW = 4  # intervention positions sampled per window and rule (the ablated passes cost V per position)
-HEAD_TOP = 16  # [[head]] intervention: compared on the reference's 16 likeliest tokens at each position
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from . import hand_side as H
-from .component import (COPY_Z, HEAD_TOP, INTERVENTION, PER_WINDOW, READOUT_COPY_RATE, READOUT_CORR, READOUT_COSINE,
+from .component import (COPY_Z, INTERVENTION, PER_WINDOW, READOUT_COPY_RATE, READOUT_CORR, READOUT_COSINE,
                         READOUT_OVERLAP, ComponentVerdict, Target, _dlogp, _pair_sums, _pick, _seed, targets, verdict_of)
 
 # (check name) -> (statistic, threshold)
@@ -77,7 +77,6 @@ def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[Compon
     written = {t.index: vec.written(t.rule.next) for t in tg if t.rule.kind in ("prior", "head_out", "neuron", "skip")}
     acc = _Acc()
     rngs = {t.index: np.random.default_rng(_seed(t.rule.id, "positions")) for t in tg}
-    readers = {t.index: [r for r in rules.rules if r.kind == "head_out" and vec.heads[r.head] is t.rule] for t in head_targets}
 
     def heads_off(arr):
         out = {}
@@ -112,7 +111,7 @@ def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[Compon
                     elif kind == "bigram":
                         _bigram(acc, t, ctx, vec, model, means)
                     elif kind == "head":
-                        _head(acc, t, ctx, vec, head_abl[t.ref][j], hand_off[t.index][j], readers[t.index])
+                        _head(acc, t, ctx, vec, head_abl[t.ref][j], hand_off[t.index][j])
                     elif kind == "neuron":
                         _neuron(acc, t, ctx, vec, model, means, tables[t.index], written[t.index])
                     elif kind == "head_out":
@@ -209,7 +208,7 @@ def _bigram(acc, t: Target, c: SimpleCtx, vec, model, means) -> None:
         return
     seq = c.ws.seq
     d = H.contribution(vec, r, c.ws, pos)
-    uni = means.log_unigram.numpy()
+    uni = means.mean_logp.numpy()
     sx = np.zeros(3)
     wr_of = {}
     for k, p in enumerate(pos):
@@ -227,7 +226,7 @@ def _bigram(acc, t: Target, c: SimpleCtx, vec, model, means) -> None:
     acc.add(t.index, "intervention", c.w, si, len(ts))
 
 
-def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off, readers) -> None:
+def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off) -> None:
     T = len(c.ws.seq)
     h = vec.heads.index(t.rule)
     a_hand = c.ws.att[h]
@@ -235,20 +234,15 @@ def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off, readers) -> Non
     ov = np.minimum(a_hand, a_ref).sum(1)[1:]
     acc.add(t.index, "readout", c.w, np.array([len(ov), ov.sum()]), len(ov))
     ts = _pick(c.rng, np.arange(1, T), 2 * PER_WINDOW)
-    # compared on the tokens the head's readers write (and, for copy readers, the tokens in the context);
-    # a head nobody reads: on the reference's likeliest tokens
-    wr = np.zeros(vec.V, dtype=np.bool_)
-    for r in readers:
-        wr |= vec.written(r.next)
-        if r.copy is not None:
-            wr[c.ws.seq] = True
     dh = _dlogp(hand_off[ts], -c.dbar) - (c.hand[ts] - hand_off[ts])  # the head mean-ablated, minus all on
     dr = head_abl[ts] - c.lp_ref[ts]
-    if wr.any():
-        x, y = dh[:, wr], dr[:, wr]
-    else:
-        top = np.argsort(-c.lp_ref[ts], axis=1)[:, :HEAD_TOP]
-        x, y = np.take_along_axis(dh, top, 1), np.take_along_axis(dr, top, 1)
+    # compared on the tokens the head's readers write at the position: where switching the head off changes
+    # the logits by more than the common shift of log Z (a head whose readers write nothing here: skipped)
+    d = c.hand[ts] - hand_off[ts]
+    wr = np.abs(d - np.median(d, axis=1, keepdims=True)) > 1e-4
+    x, y = dh[wr], dr[wr]
+    if not len(x):
+        return
     acc.add(t.index, "intervention", c.w, _pair_sums("concordance", x, y), len(ts))
 
 

@@ -35,7 +35,7 @@ class RefMeans:
     v: torch.Tensor  # [H, Dh] each head's mean value vector
     head_out: torch.Tensor  # [H, D] each head's mean write
     embed: torch.Tensor  # [D] the mean token embedding (token frequencies of the contexts)
-    log_unigram: torch.Tensor  # [V] log of the mean next-token distribution (the bigram readout's baseline)
+    mean_logp: torch.Tensor  # [V] each token's mean log-prob over the positions (the bigram readout's baseline)
 
 
 @torch.inference_mode()
@@ -55,11 +55,10 @@ def context_means(model, batches: list[np.ndarray]) -> RefMeans:
     for w in batches:
         b = run_batch(model, w)
         emb = model.W_E[b.idx]
-        s = [b.post.sum((0, 1)), b.v.sum((0, 1)), b.head_out.sum((0, 1)), emb.sum((0, 1)), b.lp.double().exp().sum((0, 1))]
+        s = [b.post.sum((0, 1)), b.v.sum((0, 1)), b.head_out.sum((0, 1)), emb.sum((0, 1)), b.lp.double().sum((0, 1))]
         acc = s if acc is None else [a + x for a, x in zip(acc, s)]
         n += b.idx.numel()
-    post, v, head_out, embed, p = [a / n for a in acc]
-    return RefMeans(post, v, head_out, embed, torch.log(p.clamp_min(1e-300)))
+    return RefMeans(*[a / n for a in acc])
 
 
 @torch.inference_mode()
