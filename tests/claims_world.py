@@ -56,7 +56,7 @@ def _top(vec: np.ndarray, k: int) -> dict[int, float]:
     return {int(v): float(vec[v]) for v in idx}
 
 
-def derive(oracle, windows: np.ndarray, n_src: int = 6, n_rows: int = 20, top: int = 12):
+def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: int = 12):
     """(true rule text, wrong rule text): heads, head_outs, neurons and bigram rows read off the weights.
     The true set has a head_out row for every source token of the contexts (so switching a [[head]] off
     removes all of its write); the wrong set has the first n_src rows, each on the next source token."""
@@ -75,7 +75,7 @@ def derive(oracle, windows: np.ndarray, n_src: int = 6, n_rows: int = 20, top: i
         pre = m.mlp_pre(m.ln2(m.W_E)).numpy()  # [V, N] the token's own pre-activation (attention left out)
         lp_tok = torch.log_softmax(m.unembed(m.W_E + m.mlp(m.W_E)), -1).numpy()  # [V, V] direct path
         lp = torch.log_softmax(torch.from_numpy(cache["logits"]), -1).numpy()
-        log_uni = np.log(np.exp(lp).reshape(-1, V).mean(0))
+        mean_lp = lp.reshape(-1, V).mean(0)  # each token's mean log-prob (the bigram readout's baseline)
         ov = []
         for h in range(Hn):
             W_Oc = m.W_O[h] - m.W_O[h].mean(-1, keepdim=True)
@@ -104,7 +104,7 @@ def derive(oracle, windows: np.ndarray, n_src: int = 6, n_rows: int = 20, top: i
         true.append(f'[[neuron]]\nid = "neuron.{n}"\ndoc = "Reference neuron {n}."\nnow = {_table(vocab, on)}\nnext = {_table(vocab, _top(W_outU[n], top))}\n')
     rng = np.random.default_rng(0)
     for n, c in enumerate(freq[:n_rows]):
-        row = _top(lp_tok[c] - log_uni, top)
+        row = _top(lp_tok[c] - mean_lp, top)
         other = freq[(n + 1) % n_rows]
         shuffled = dict(zip(rng.choice(used, len(row), replace=False).tolist(), row.values()))
         true.append(f'[[bigram]]\nid = "bigram.{n}"\ndoc = "After a token."\nnow = {_s(vocab[c])}\nnext = {_table(vocab, row)}\n')

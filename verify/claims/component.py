@@ -30,6 +30,7 @@ READOUT_COSINE = 0.5  # prior / bigram / head_out next: cosine of the logit offs
 COPY_Z = 2.0  # head_out copy: the head's OV output puts the copied token ≥ 2 s.d. above the vocabulary mean
 READOUT_COPY_RATE = 0.5  # ... at at least half of the source occurrences
 INTERVENTION = 0.5  # every kind: concordance 2Σxy/(Σx²+Σy²) of the two Δlog p vectors (direction and size)
+MIN_MASS = 0.05  # head_out: a position counts when the hand head puts at least this attention on the sources
 MIN_WINDOWS = 5  # fewer windows holding an example: undecided (too few contexts)
 N_BOOT = 400
 PER_WINDOW = 4  # intervention positions sampled per window and rule (the ablated passes cost V per position)

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from . import hand_side as H
-from .component import (COPY_Z, INTERVENTION, PER_WINDOW, READOUT_COPY_RATE, READOUT_CORR, READOUT_COSINE,
+from .component import (COPY_Z, INTERVENTION, MIN_MASS, PER_WINDOW, READOUT_COPY_RATE, READOUT_CORR, READOUT_COSINE,
                         READOUT_OVERLAP, ComponentVerdict, Target, _dlogp, _pair_sums, _pick, _seed, targets, verdict_of)
 
 # (check name) -> (statistic, threshold)
@@ -270,7 +270,9 @@ def _head_out(acc, t: Target, c: SimpleCtx, vec, model, means, table, written, W
 
     r = t.rule
     seq = c.ws.seq
-    pos = np.flatnonzero(H.acts(vec, r, c.ws))
+    # where the rule acts: its current-token condition holds and the head puts ≥ MIN_MASS on its sources
+    # (a source in the context that the head does not look at moves nothing, on either side)
+    pos = np.flatnonzero(H.acts(vec, r, c.ws) & (H.source_mass(vec, r, c.ws) >= MIN_MASS))
     if not len(pos):
         return
     src = torch.from_numpy(vec.member(r.src)[seq])
