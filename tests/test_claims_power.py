@@ -23,8 +23,8 @@ def test_hand_side_equals_twin(folder, vocab):
     rules = load_rules(folder, vocab)
     vec = H.RuleVectors(rules)
     rng = np.random.default_rng(0)
-    for _ in range(4):
-        seq = rng.integers(0, len(vocab), 9)
+    seqs = [np.array([0, 1, 2, 6, 8, 1, 3])] + [rng.integers(0, len(vocab), 10) for _ in range(16)]  # docs' sequence first
+    for seq in seqs:
         ws = H.window_state(vec, seq)
         for t in range(len(seq)):
             twin_d = {i: d for i, d, _ in twin.contributions(rules, seq, t)}
