@@ -112,8 +112,8 @@ def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: 
                      f'next = {_table(vocab, row)}\n')
         wrong.append(f'[[bigram]]\nid = "bigram.{n}.shuffled"\ndoc = "Values on other tokens."\nnow = {_s(vocab[c])}\n'
                      f'next = {_table(vocab, shuffled)}\n')
-    heads = [t for t in true if t.startswith("[[head]]")]
-    return "\n".join(true), "\n".join(heads + wrong)
+    same = [t for t in true if t.startswith("[[head]]") or t.startswith("[[neuron]]")]  # paired wrongly by wrong_checks
+    return "\n".join(true), "\n".join(same + wrong)
 
 
 def wrong_checks(rules, n_heads: int, d_mlp: int) -> dict[str, dict]:
