@@ -144,36 +144,18 @@ def counts(verdicts) -> dict[str, dict[str, int]]:
     return out
 
 
-def verified_section(hm, rules, ref, kl_uni: float, weights, verdicts, status: str) -> dict:
-    """The verified ledger (what `verify --json` carries as `verified`): per group row, all rules vs
-    verified rules only, and the KL-weighted pass rate = (KL_none − KL_verified) / (KL_none − KL_all)."""
-    from . import ledger as L
-
-    ver = verified_mask(rules, verdicts)
-    g = np.asarray(rules.rule_group)
-    masks = [np.zeros(len(g), bool)] + [(g <= i) & ver for i in range(len(rules.groups))] + [np.ones(len(g), bool)]
-    ms = hm.stream_metrics_rows(ref.seqs, ref.logp, masks[:-1])
-    ms.append(hm.stream_metrics(ref.seqs, ref.logp, masks[-1]))
-    numbers = np.asarray(rules.rule_numbers)
-    labels = ["(no rules)"] + [f"+ {n}" for n in rules.groups] + ["all rules"]
-    rows = [L.summarize(lab, m, ref, weights, kl_uni, int(mk.sum()), int(numbers[mk].sum())) for lab, m, mk in
-            zip(labels, ms, masks)]
-    kl0, klv, kla = rows[0]["kl"], rows[-2]["kl"], rows[-1]["kl"]
-    rate = (kl0 - klv) / (kl0 - kla) if kl0 - kla > 0 else None
-    return {"status": status, "rows": rows[:-1], "final": rows[-2], "all_rules": rows[-1], "kl_weighted_pass_rate": rate,
-            "counts": counts(verdicts or []), "n_verified": int(ver.sum()), "n_rules": int(len(ver))}
-
-
 def verified_for_verify(ckpt, hm, rules, rules_dir: Path, ref, kl_uni: float, weights, rows: list[dict],
-                        valid: Path) -> dict:
+                        valid: Path, windows: int = DEFAULT_WINDOWS) -> dict:
     """`verify`'s `verified` section, from cached verdicts only (verdicts come from `check-components` on
-    valid.txt windows, whatever the eval set): one engine pass for the verified row. Missing or stale
-    verdicts leave every rule unverified, and the status says so."""
+    valid.txt windows, whatever the eval set): one engine pass for the verified row (two without the
+    no-rules row). Missing or stale verdicts leave every rule unverified, and the status says so. The
+    KL-weighted pass rate = (KL_no rules − KL_verified) / (KL_no rules − KL_all rules): the share of the
+    all-rules KL reduction that the verified rules carry."""
     from . import ledger as L
 
     verdicts, status = None, "missing"
     if Path(valid).exists():
-        verdicts, status = get_verdicts(ckpt, rules, rules_dir, valid_contexts(ckpt, valid), compute=False)
+        verdicts, status = get_verdicts(ckpt, rules, rules_dir, valid_contexts(ckpt, valid, windows), compute=False)
     ver = verified_mask(rules, verdicts)
     numbers = np.asarray(rules.rule_numbers)
     row = L.summarize("verified rules", hm.stream_metrics(ref.seqs, ref.logp, ver), ref, weights, kl_uni, int(ver.sum()),
@@ -185,6 +167,7 @@ def verified_for_verify(ckpt, hm, rules, rules_dir: Path, ref, kl_uni: float, we
     kla = rows[-1]["kl"]
     note = {"cached": "verdicts from the cache", "missing": "no component verdicts for these rules and this checkpoint "
             "(run `handmodel check-components`): every rule counts as unverified"}[status]
-    return {"status": status, "note": note, "final": row, "kl_weighted_pass_rate": (kl0 - row["kl"]) / (kl0 - kla) if kl0 > kla else None,
+    return {"status": status, "note": note, "final": row, "kl_none": kl0, "kl_all": kla,
+            "kl_weighted_pass_rate": (kl0 - row["kl"]) / (kl0 - kla) if kl0 > kla else None,
             "counts": counts(verdicts or []), "n_verified": int(ver.sum()), "n_rules": int(len(ver)),
             "unverified": [rid for rid, on in zip(rules.rule_ids, ver) if not on]}

@@ -20,9 +20,12 @@ VALID = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "tiny
 
 def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Optional[Path], windows: int,
                  train_corpus: Optional[Path], compute: bool = True, log=print) -> dict:
-    """verify's result on `corpus` plus its `verified` section (component verdicts cached per rule-file
-    content and checkpoint; with compute=False a cold cache leaves every rule unverified and says so)."""
+    """Component verdicts for the rules (cached per rule-file content and checkpoint; with compute=False a
+    cold cache leaves every rule unverified and says so), then verify's result on `corpus` (all rules
+    on) with its `verified` section."""
+    from handmodel import load_rules
     from handmodel.errors import UserError
+    from handmodel.vocab import load_vocab
     from verify import ledger as L
     from verify.commands import DEFAULT_RULES, evaluate
     from verify.data import checkpoint_info
@@ -32,15 +35,18 @@ def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Opti
     corpus = Path(corpus) if corpus is not None else VALID
     if not corpus.exists():
         raise UserError(f"{corpus}: eval text not found; pass --corpus ../shared/corpus/tinystories/valid.txt")
-    res = evaluate(checkpoint, rules, corpus, 0, 0, train_corpus, log=log)
-    ref, hm, rules_c, _, _ = res.pop("_objects")
     rules_dir = Path(rules) if rules is not None else DEFAULT_RULES
     ckpt = checkpoint_info(checkpoint)
     ctx = VF.valid_contexts(ckpt, corpus, windows, WINDOW_LEN)
-    verdicts, status = VF.get_verdicts(ckpt, rules_c, rules_dir, ctx, compute=compute, log=log)
+    verdicts, status = VF.get_verdicts(ckpt, load_rules(rules_dir, load_vocab(ckpt.path / "tokenizer.json")), rules_dir,
+                                       ctx, compute=compute, log=log)
+    res = evaluate(checkpoint, rules_dir, corpus, 0, 0, train_corpus, log=log, ledger_rows=False)
+    ref, hm, rules_c, _, _ = res.pop("_objects")
     weights = L.boot_weights(len(ref.offsets) - 1)
     kl_uni = float(res["baselines"][[b["name"] for b in res["baselines"]].index("unigram")]["kl"])
-    res["verified"] = VF.verified_section(hm, rules_c, ref, kl_uni, weights, verdicts, status)
+    res["verified"] = VF.verified_for_verify(ckpt, hm, rules_c, rules_dir, ref, kl_uni, weights, res["ledger"], corpus,
+                                             windows)
+    res["verified"]["status"] = status
     res["verified"]["contexts"] = ctx.identity
     res["component_verdicts"] = [v.to_dict() for v in verdicts or []]
     return res
@@ -71,17 +77,11 @@ def check_components_cmd(
     for kind, row in ver["counts"].items():
         t.add_row(kind, *(str(row[c]) for c in ("pass", "fail", "undecided", "no component")))
     console.print(t)
-    lt = Table(title="verified ledger (unverified rules switched off, not refitted)")
-    for c in ("row", "explained", "top-1", "rules", "numbers", "KL"):
-        lt.add_column(c, justify="right" if c != "row" else "left")
-    for r in ver["rows"] + [ver["all_rules"]]:
-        ex = "" if r["explained"] is None else f"{100 * r['explained']:.1f}%"
-        lt.add_row(r["name"], ex, f"{100 * r['top1']:.1f}%", str(r["rules"]), f"{r['numbers']:,}", f"{r['kl']:.4f}")
-    console.print(lt)
     rate = ver["kl_weighted_pass_rate"]
-    f, a = ver["final"], ver["all_rules"]
+    f, a = ver["final"], res["final"]
     console.print(f"verified: {100 * f['explained']:.1f}% explained (all rules {100 * a['explained']:.1f}%), top-1 "
-                  f"{100 * f['top1']:.1f}%, {f['numbers']:,} numbers, {ver['n_verified']} of {ver['n_rules']} rules; "
+                  f"{100 * f['top1']:.1f}% (all rules {100 * a['top1']:.1f}%), {f['numbers']:,} numbers, KL {f['kl']:.4f} "
+                  f"[{f['kl_lo']:.4f}, {f['kl_hi']:.4f}]; {ver['n_verified']} of {ver['n_rules']} rules verified; "
                   f"KL-weighted pass rate {'n/a' if rate is None else f'{100 * rate:.1f}%'}")
     if show:
         for verdict in ("pass", "fail", "undecided"):
