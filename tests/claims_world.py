@@ -31,6 +31,7 @@ def build_reference(out: Path, stories: list[str]) -> Path:
     m = OneLayerTransformer(ModelConfig(vocab_size=tok.get_vocab_size(), n_ctx=N_CTX, d_model=64, n_heads=4, d_mlp=32))
     with torch.no_grad():
         m.W_E.normal_(0, 1.0)
+        m.W_E[:, :16] *= 4.0 / m.W_E[:, :16].norm(dim=1, keepdim=True)  # head 3 copies every token equally strongly
         m.W_pos.zero_()
         m.W_Q.mul_(4.0)
         m.W_K.mul_(4.0)

@@ -16,7 +16,7 @@ from .component import (COPY_Z, INTERVENTION, MIN_MASS, PER_WINDOW, READOUT_COPY
 
 # (check name) -> (statistic, threshold)
 CHECKS = {"prior": {"readout": ("cosine", READOUT_COSINE)},
-          "bigram": {"readout": ("cosine", READOUT_COSINE), "intervention": ("concordance", INTERVENTION)},
+          "bigram": {"readout": ("corr", READOUT_CORR), "intervention": ("concordance", INTERVENTION)},
           "head": {"readout": ("mean", READOUT_OVERLAP), "intervention": ("concordance", INTERVENTION)},
           "neuron": {"readout": ("corr", READOUT_CORR), "intervention": ("concordance", INTERVENTION)},
           "head_out": {"readout": ("cosine", READOUT_COSINE), "readout.copy": ("mean", READOUT_COPY_RATE),
@@ -209,11 +209,11 @@ def _bigram(acc, t: Target, c: SimpleCtx, vec, model, means) -> None:
     seq = c.ws.seq
     d = H.contribution(vec, r, c.ws, pos)
     uni = means.mean_logp.numpy()
-    sx = np.zeros(3)
+    sx = np.zeros(6)
     wr_of = {}
     for k, p in enumerate(pos):
         wr = wr_of[k] = np.logical_or.reduce([vec.written(row) for now, row in r.rows if vec.member(now)[seq[p]]])
-        sx += _pair_sums("cosine", d[k, wr], c.lp_ref[p, wr] - uni[wr])
+        sx += _pair_sums("corr", d[k, wr], c.lp_ref[p, wr] - uni[wr])
     acc.add(t.index, "readout", c.w, sx, len(pos))
     ts = _pick(c.rng, pos, PER_WINDOW)
     sel = np.searchsorted(pos, ts)
