@@ -158,7 +158,7 @@ from verify.cli.check_rules import check_rules_cmd  # noqa: E402
 app.command("check-rules")(check_rules_cmd)
 from verify.cli.interop import register as _register_interop  # noqa: E402  (import / export)
 _register_interop(app)
-from verify.claims.cli import check_components_cmd  # noqa: E402  (component checks, issue 20)
+from verify.cli.components import check_components_cmd  # noqa: E402  (component checks, issue 20)
 app.command("check-components")(check_components_cmd)
 
 
