@@ -30,10 +30,14 @@ class Fired:
     desc: str
 
 
-def _probe(rules: CompiledRules, idx: list[int]) -> CompiledRules:
-    """Every head of `rules`, then the k-th rule of idx with next = {token k: 1} (copy off)."""
+def probe_rules(rules: CompiledRules, idx: list[int], copy: bool = False) -> CompiledRules:
+    """A probe ruleset: every head of `rules`, then the k-th rule of idx with next = {token k: 1} (copy off,
+    sets and inputs unchanged), so one engine pass reads each probed rule's amount off token k's logit;
+    copy=True: the rules of idx with no `next` and copy = 1 instead. (Also verify/ledger/probe.py's.)"""
     heads = [r for r in rules.rules if r.kind == "head"]
-    rs = heads + [dataclasses.replace(rules.rules[i], next=[(k, 1.0)], copy=None) for k, i in enumerate(idx)]
+    probes = [dataclasses.replace(rules.rules[i], next=[], copy=1.0) if copy
+              else dataclasses.replace(rules.rules[i], next=[(k, 1.0)], copy=None) for k, i in enumerate(idx)]
+    rs = heads + probes
     return CompiledRules(
         vocab=rules.vocab, vocab_size=rules.vocab_size, rules=rs, sets=rules.sets, n_heads=rules.n_heads,
         rule_ids=[r.id for r in rs], rule_docs=[r.doc for r in rs], rule_kinds=[r.kind for r in rs],
@@ -56,7 +60,7 @@ def probe_amounts(rules: CompiledRules, seqs: list[np.ndarray], idx: list[int], 
         part = idx[s:s + V - 1]
         pm = np.concatenate([head_on, np.ones(len(part), np.bool_)])
         assert len(pm) == n_heads + len(part)
-        lp = np.concatenate(HandModel(_probe(rules, part)).log_probs_batch(seqs, pm))
+        lp = np.concatenate(HandModel(probe_rules(rules, part)).log_probs_batch(seqs, pm))
         out[:, s:s + len(part)] = lp[:, :len(part)].astype(np.float64) - lp[:, [V - 1]]
     return out
 

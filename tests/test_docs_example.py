@@ -187,7 +187,6 @@ def test_skip_and_present_count_once(example):
 # -- the project's pages: no machine paths, links that resolve, commands that name real modules ----------
 PAGES = ["README.md", "docs/*.md", "rules/README.md", "research/README.md", "benchmarks/README.md"]
 # pages written on other branches of issue 19; once they are merged, delete this set
-PENDING = {"docs/architecture.md", "docs/claims.md"}
 
 
 def _pages() -> list[Path]:
@@ -209,10 +208,10 @@ def test_page_links_and_commands_resolve():
             if re.match(r"\w+://", link):
                 continue
             target = (page.parent / link).resolve()
-            rel = target.relative_to(ROOT).as_posix() if target.is_relative_to(ROOT) else str(target)
-            assert target.exists() or rel in PENDING, f"{where} links to {link}, which does not exist"
-        for mod in re.findall(r"python -m (research\.\w+|benchmarks|verify\.cli)", text):
-            assert (ROOT / (mod.replace(".", "/") + ".py")).exists() or (ROOT / mod / "__init__.py").exists(), \
+            assert target.exists(), f"{where} links to {link}, which does not exist"
+        for mod in re.findall(r"python -m (research\.\w+|benchmarks(?:\.\w+)?|verify\.cli)", text):
+            path = ROOT / mod.replace(".", "/")
+            assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), \
                 f"{where} runs `python -m {mod}`, which is not a module of this project"
         for script in re.findall(r"python ((?:benchmarks|research|rules)/\w+\.py)", text):
             assert (ROOT / script).exists(), f"{where} runs {script}, which does not exist"

@@ -155,7 +155,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_corpus, tiny_config, 
     ddp_out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "verify.cli",
            "train", "--out", str(ddp_out), "--train-corpus", str(tiny_corpus / "train.txt"),
-           "--valid", str(tiny_corpus / "valid.txt"), "--no-progress"]
+           "--corpus", str(tiny_corpus / "valid.txt"), "--no-progress"]
     cmd += [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))

@@ -1,5 +1,7 @@
 """Joint fit of a `suggest` draft: every number of the drafted rules moved at once by gradient descent
 on KL(p_ref ‖ p_hand), over training windows whose reference distributions are computed on the fly.
+(Over 400 lines: the dense draft model, its pruning cuts and the read-back to rule tables share one
+parameter layout; splitting them would pass that layout between modules by position.)
 
 Moment matching (suggest.py) fits each rule against the others held still; the rules overlap (a
 position feeds a bigram row, four heads' sources and a copy rule), so it stalls early. Here the draft

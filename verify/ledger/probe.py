@@ -19,30 +19,12 @@ obvious twin of all of this; tests hold them equal.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
+
+from handmodel.explain import probe_rules
 
 PROBED = ("neuron", "head_out", "skip")
 CHUNK_ENTRIES = 1 << 20  # (position, support token) entries per gathered block: 8 MiB per float64 array
-
-
-def _probe_rules(rules, idx: list[int], copy: bool = False):
-    """A CompiledRules with every head of `rules` and, for the k-th rule of idx, that rule with
-    next = {token k: 1} (copy off, sets and inputs unchanged); tokens ≥ len(idx) get nothing. copy=True:
-    the rules of idx with no `next` and copy = 1 instead."""
-    from handmodel.compiled import CompiledRules, build_arrays
-
-    heads = [r for r in rules.rules if r.kind == "head"]
-    probes = [dataclasses.replace(rules.rules[i], next=[], copy=1.0) if copy
-              else dataclasses.replace(rules.rules[i], next=[(k, 1.0)], copy=None) for k, i in enumerate(idx)]
-    rs = heads + probes
-    return CompiledRules(
-        vocab=rules.vocab, vocab_size=rules.vocab_size, rules=rs, sets=rules.sets, n_heads=rules.n_heads,
-        rule_ids=[r.id for r in rs], rule_docs=[r.doc for r in rs], rule_kinds=[r.kind for r in rs],
-        rule_files=[r.file for r in rs], rule_lines=[r.line for r in rs],
-        rule_group=np.zeros(len(rs), np.int64), groups=["probe"],
-        rule_numbers=np.zeros(len(rs), np.int64), arrays=build_arrays(rs, rules.sets, rules.n_heads))
 
 
 def scalars(rules, seqs: list[np.ndarray], idx: list[int]) -> np.ndarray:
@@ -55,7 +37,7 @@ def scalars(rules, seqs: list[np.ndarray], idx: list[int]) -> np.ndarray:
     zero = V - 1  # written by no probe
     for s in range(0, len(idx), V - 1):  # at most V − 1 probes share a pass
         part = idx[s:s + V - 1]
-        lp = np.concatenate(HandModel(_probe_rules(rules, part)).log_probs_batch(seqs))
+        lp = np.concatenate(HandModel(probe_rules(rules, part)).log_probs_batch(seqs))
         out[:, s:s + len(part)] = lp[:, :len(part)] - lp[:, [zero]]
         del lp
     return out
@@ -82,7 +64,7 @@ def copy_logits(rules, seqs: list[np.ndarray], group: list[int], zero: int) -> n
     a rule's copy weight where it fires). `zero` must be a token no sequence holds (copying never writes it)."""
     from handmodel import HandModel
 
-    lp = np.concatenate(HandModel(_probe_rules(rules, group, copy=True)).log_probs_batch(seqs))
+    lp = np.concatenate(HandModel(probe_rules(rules, group, copy=True)).log_probs_batch(seqs))
     lp -= lp[:, [zero]]
     return lp
 
