@@ -10,11 +10,11 @@ The model is random (our own init) with the shipped tokenizer widened to V token
 its peak fits in the memory available now; otherwise the report says what it needs.
 
 Vocabulary-sized structures (bytes at V = 50,257; N eval positions, P training positions):
-- verify/baselines.py oracle bigram fit: float64 [V, V] accumulator + float32 [V, V] partial = 12 V^2 = 30.3 GB,
+- verify/ledger/baselines.py oracle bigram fit: float64 [V, V] accumulator + float32 [V, V] partial = 12 V^2 = 30.3 GB,
   then log_bigram float32 [V, V] = 10.1 GB on disk (memory-mapped by every verify / suggest).
 - verify/discover/bigrams.py draft_bigrams: np.exp(log_bigram) as float64 [V, V] = 20.2 GB.
 - reference/oracle.py direct_path() with no tokens (benchmarks/workload.py asks for it): float32 [V, V] = 10.1 GB.
-- verify/data.py reference cache: float16 [N, V] memory-mapped (80k valid positions: 8.0 GB on disk).
+- verify/ledger/data.py reference cache: float16 [N, V] memory-mapped (80k valid positions: 8.0 GB on disk).
 - suggest --positions P: ~8 P V bytes (its help says so): 32,768 x 50k = 13.2 GB.
 - one forward's float32 logits [B, T, V]: 16,384 tokens x V x 4 = 3.3 GB (+ the log-softmax copy).
 """

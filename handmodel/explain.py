@@ -3,7 +3,7 @@
 twin.contributions says it for one position by interpreting every rule in Python (~0.5 s a token on
 the shipped rules). Here every rule's act is a scalar a_t times a fixed sparse vector u (its `next`):
 - neurons, skips: a_t from one engine pass over a *probe* ruleset (the heads, and each probed rule with a
-  one-hot `next` on its own token, so the probe's logit of that token is exactly a_t: see verify/probe.py);
+  one-hot `next` on its own token, so the probe's logit of that token is exactly a_t: see verify/ledger/probe.py);
 - heads, head_outs (copies included): the attention rows, computed from the compiled score tables;
 - prior, bigram rows: fixed per current token (cached).
 Descriptions use the twin's wording; tests/test_handmodel_explain.py holds records and twin equal.

@@ -1,6 +1,6 @@
 """numba kernels. Plain loops over the CSR arrays built in compiled.py; semantics in docs/rules.md.
 
-Cost model (METHOD.md, "Where the hand model's time goes"): a full-row exp is ~10 us per token, a
+Cost model (docs/method.md, "Where the hand model's time goes"): a full-row exp is ~10 us per token, a
 row dot ~1 us. So each distinct current token gets a dense *base row* (prior + bigram rows) with its
 log-sum-exp and top-K computed once; per position only the sparse changes from heads, neurons and
 skip-trigrams are applied, and log Z is updated with O(changed) exps. KL needs p_ref: float16 input

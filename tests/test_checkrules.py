@@ -336,7 +336,7 @@ def test_copy_claims_are_tested_on_the_inserted_token(results):
 
 def test_contexts_do_not_depend_on_what_else_is_imported(checker, tmp_path, monkeypatch):
     """Hypothesis mixes integer constants from the caller's imported modules into its draws (which made the
-    same rule draw other contexts under pytest, in the full suite and in rules/claims.py). Inside a check
+    same rule draw other contexts under pytest, in the full suite and in research/claims.py). Inside a check
     none are visible, whatever is imported; and a rule checked twice around such an import draws the same."""
     import importlib
     import sys

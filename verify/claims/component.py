@@ -114,7 +114,7 @@ def verdict_of(name: str, kind: str, threshold: float, per_window: dict[int, np.
     return CheckResult(name, STAT_TEXT[kind], threshold, value if np.isfinite(value) else None, lo, hi, W, items, v)
 
 
-# -- which component a rule names (verify/checkrules.py's mapping: check.ref_head / ref_neuron, or the id) --
+# -- which component a rule names (verify/claims' mapping: check.ref_head / ref_neuron, or the id) --
 def _claim(rule, raw: dict, tok_id: dict):
     from verify.claims import parse_claim
 

@@ -30,7 +30,7 @@ PLANS: dict[str, Callable] = {"prior": bigram.plan_prior, "bigram": bigram.plan_
 def no_local_constants():
     """Hypothesis (≥ 6.131) mixes constants found in the *caller's* imported modules into what it draws
     (about 5% of integer draws), so the same seeded rule drew other contexts under pytest, inside the
-    full suite and in rules/claims.py. Generation here must depend on the seed alone: with the local
+    full suite and in research/claims.py. Generation here must depend on the seed alone: with the local
     constants switched off (a private hook; a version without it has no such feature to switch off)."""
     try:
         from hypothesis.internal.conjecture import providers as P

@@ -78,7 +78,7 @@ def token_alone_activations(oracle, tokens=None) -> np.ndarray:
     m = oracle.model
     with torch.inference_mode():
         x0 = oracle._x0(tokens, None)
-        return torch.relu(m.mlp_pre(m.ln2(x0))).numpy()
+        return m.mlp_act(m.mlp_pre(m.ln2(x0))).numpy()  # the model's own activation (GELU, SoLU: imported models)
 
 
 def _check_token(oracle, t: int) -> None:
