@@ -135,12 +135,14 @@ def verified_mask(rules, verdicts) -> np.ndarray:
 
 
 def counts(verdicts) -> dict[str, dict[str, int]]:
-    """{kind: {verdict: n}} and an 'all' row."""
+    """{kind: {verdict: n}} in the order kinds first appear, then an 'all' row."""
     out: dict[str, dict[str, int]] = {}
     for v in verdicts:
         for k in (v.kind, "all"):
             row = out.setdefault(k, {"pass": 0, "fail": 0, "undecided": 0, "no component": 0})
             row[v.verdict] += 1
+    if "all" in out:
+        out["all"] = out.pop("all")  # the total last, under the kinds it sums
     return out
 
 
