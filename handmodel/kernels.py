@@ -320,605 +320,6 @@ def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, 
         _note(k, wr_flag, wr_list, wr_cnt)
 
 
-@njit(cache=True)
-def _one_seq(q, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
-             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
-             out_agree, out_lse, out_argmax, dense_min):
-    """Sequence q of run_seqs (serial: the parallel loop over sequences only calls it, so numba's
-    parfor analysis sees a one-line body instead of this whole function: compile time)."""
-    (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
-     ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
-     sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
-     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
-     nn_ptr, nn_neu, nn_w,
-     npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
-     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
-     nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
-    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
-    (uo_ptr, uo_tok, uo_w, ucap) = U
-    H = len(head_rule)
-    n_ho = len(ho_rule)
-    n_sk = len(sk_rule)
-    n_nr = len(nr_rule)
-    n_cb = len(cb_rep)
-    n_sl = len(sl_kind)
-    RV = R * V
-    lo = seq_ptr[q]
-    T = seq_ptr[q + 1] - lo
-    delta = np.zeros(RV)  # keyed row x V + token
-    dflag = np.zeros(RV, dtype=np.bool_)
-    touched = np.empty(RV, dtype=np.int64)
-    dcnt = np.zeros(1, dtype=np.int64)
-    cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
-    cflg = np.zeros(V, dtype=np.bool_)
-    ctl = np.empty(V, dtype=np.int64)
-    tcnt = np.zeros(1, dtype=np.int64)  # tokens in ctl
-    bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
-    bkey = np.empty(RV, dtype=np.int64)
-    ov_acc = np.zeros(n_ho)
-    ov_flag = np.zeros(n_ho, dtype=np.bool_)
-    ov_list = np.empty(n_ho, dtype=np.int64)
-    ocnt = np.zeros(1, dtype=np.int64)
-    pre = np.zeros(n_nr)
-    n_cls = len(ca_ptr) - 1
-    cacc = np.zeros(R * n_cls)  # per (row, class): summed output weight of the neurons firing at t
-    cflag = np.zeros(R * n_cls, dtype=np.bool_)
-    clist = np.empty(R * n_cls, dtype=np.int64)
-    ccnt = np.zeros(1, dtype=np.int64)
-    n_atoms = len(am_ptr) - 1
-    KA = base_atop.shape[2]
-    aacc = np.zeros(R * n_atoms)  # per (row, atom): summed class outputs at t
-    aflag = np.zeros(R * n_atoms, dtype=np.bool_)
-    alist = np.empty(R * n_atoms, dtype=np.int64)
-    acnt = np.zeros(1, dtype=np.int64)
-    aptr = np.zeros(R + 1, dtype=np.int64)  # touched atom keys bucketed by row
-    akey = np.empty(R * n_atoms, dtype=np.int64)
-    cuma = np.zeros(n_atoms)  # a row's summed atom outputs, their exp, the atoms touched so far
-    aexp = np.ones(n_atoms)
-    caflg = np.zeros(n_atoms, dtype=np.bool_)
-    cal = np.empty(n_atoms, dtype=np.int64)
-    tacnt = np.zeros(1, dtype=np.int64)  # atoms in cal
-    pflag = np.zeros(n_nr, dtype=np.bool_)
-    plist = np.empty(n_nr, dtype=np.int64)
-    pcnt = np.zeros(1, dtype=np.int64)
-    n_ws = len(ws_ptr) - 1
-    sacc = np.zeros(R * n_ws)  # per (row, weighted set): summed act x of the neurons writing it at t
-    # weighted-set outputs bypass the touched lists: a set has hundreds of members, so they are summed into
-    # a dense row per ledger row (sd) and a position that writes one finishes densely
-    sd = np.zeros(R * V)
-    srow = np.zeros(R, dtype=np.bool_)
-    cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
-    # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
-    # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
-    # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
-    dense_pos = False
-    no_flags = np.ones(RV, dtype=np.bool_)
-    sflag = np.zeros(R * n_ws, dtype=np.bool_)
-    slist = np.empty(R * n_ws, dtype=np.int64)
-    scnt = np.zeros(1, dtype=np.int64)
-    n_wr = len(wrn_ptr) - 1
-    wr_mass = np.zeros(n_wr)  # per (head, weighted set) read: weighted attention mass at t
-    wr_flag = np.zeros(n_wr, dtype=np.bool_)
-    wr_list = np.empty(n_wr, dtype=np.int64)
-    wr_cnt = np.zeros(1, dtype=np.int64)
-    pres_sum = np.zeros(n_nr)
-    # neurons whose presence inputs minus threshold are > 0: they fire even with no other input at t
-    live_idx = np.full(n_nr, -1, dtype=np.int64)
-    live = np.empty(n_nr, dtype=np.int64)
-    n_live = 0
-    for n in nr_always:
-        live_idx[n] = n_live
-        live[n_live] = n
-        n_live += 1
-    pres_seen = np.zeros(len(npe_neu), dtype=np.bool_)
-    sk_first = np.full(n_sk, NEVER, dtype=np.int64)
-    # attention state: active score combinations (those of this sequence's tokens) per head
-    act_of = np.full(n_cb, -1, dtype=np.int64)
-    act_cb = np.empty(n_cb, dtype=np.int64)
-    act_last = np.empty(n_cb, dtype=np.int64)  # last position whose current token selects the combination
-    act_lo = np.zeros(H + 1, dtype=np.int64)
-    n_act = 0
-    for h in range(H):
-        act_lo[h] = n_act
-        if not head_used[h] or row[head_rule[h]] < 0:
-            continue
-        for t in range(T):
-            g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
-            if act_of[g] < 0:
-                act_of[g] = n_act
-                act_cb[n_act] = g
-                n_act += 1
-            act_last[act_of[g]] = t
-    act_lo[H] = n_act
-    g_off = np.empty(n_act + 1, dtype=np.int64)
-    g_off[0] = 0
-    for h in range(H):
-        for a in range(act_lo[h], act_lo[h + 1]):
-            g_off[a + 1] = g_off[a] + (sl_ptr[h + 1] - sl_ptr[h])
-    G = np.zeros(g_off[n_act])
-    # unconditional head_outs: running far output per active combination, over a per-head support
-    w_off = np.empty(n_act + 1, dtype=np.int64)
-    w_off[0] = 0
-    for h in range(H):
-        for a in range(act_lo[h], act_lo[h + 1]):
-            w_off[a + 1] = w_off[a] + ucap[h]
-    W = np.zeros(w_off[n_act])
-    wix = np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64)  # per (head, output key)
-    wsup = np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64)
-    wcnt = np.zeros(H, dtype=np.int64)
-    # conditional copy rules: running far attention mass per (active combination, source token), per-head support
-    mcap = T if T < V else V
-    m_off = np.empty(n_act + 1, dtype=np.int64)
-    m_off[0] = 0
-    for h in range(H):
-        for a in range(act_lo[h], act_lo[h + 1]):
-            m_off[a + 1] = m_off[a] + (mcap if cp_cond[h] else 0)
-    M = np.zeros(m_off[n_act])
-    mix = np.full(H * V if m_off[n_act] > 0 else 0, -1, dtype=np.int64)
-    msup = np.empty(H * V if m_off[n_act] > 0 else 0, dtype=np.int64)
-    mcnt = np.zeros(H, dtype=np.int64)
-    capp = np.empty(len(cp_rule), dtype=np.int64)  # conditional copy rules applying at t
-    F = np.zeros(n_act)
-    fref = np.full(n_act, -np.inf)
-    sl_on = np.zeros(n_sl, dtype=np.bool_)
-    sl_list = np.empty(n_sl, dtype=np.int64)  # per head: sl_list[sl_ptr[h] : sl_ptr[h] + sl_cnt[h]]
-    sl_cnt = np.zeros(H, dtype=np.int64)
-    maxD = 1
-    for h in range(H):
-        if pos_ptr[h + 1] - pos_ptr[h] > maxD:
-            maxD = pos_ptr[h + 1] - pos_ptr[h]
-    att = np.empty(maxD)
-    for t in range(T):
-        i = lo + t
-        c = tok[i]
-        if dense_pos:
-            dl = sd
-            df = no_flags
-            srow[:] = True
-        else:
-            dl = delta
-            df = dflag
-        # tokens strictly before t: arm skip-trigrams and neuron presence inputs on first sight
-        if t > 0:
-            x = tok[i - 1]
-            for j in range(ske_ptr[x], ske_ptr[x + 1]):
-                k = ske_id[j]
-                if sk_first[k] == NEVER:
-                    sk_first[k] = t - 1
-            for j in range(np_ptr[x], np_ptr[x + 1]):
-                e = np_ent[j]
-                if not pres_seen[e]:
-                    pres_seen[e] = True
-                    n = npe_neu[e]
-                    pres_sum[n] += npe_w[e]
-                    if pres_sum[n] - nr_thr[n] > 0.0:
-                        if live_idx[n] < 0:
-                            live_idx[n] = n_live
-                            live[n_live] = n
-                            n_live += 1
-                    elif live_idx[n] >= 0:
-                        n_live -= 1
-                        last = live[n_live]
-                        live[live_idx[n]] = last
-                        live_idx[last] = live_idx[n]
-                        live_idx[n] = -1
-        for j in range(skn_ptr[c], skn_ptr[c + 1]):
-            k = skn_id[j]
-            if row[sk_rule[k]] >= 0 and sk_first[k] < t:
-                _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
-        # attention heads
-        for h in range(H):
-            if not head_used[h] or row[head_rule[h]] < 0:
-                continue
-            p0 = pos_ptr[h]
-            D = pos_ptr[h + 1] - p0
-            s0 = sl_ptr[h]
-            # position t - D leaves the position table: fold it into the running sums of every combination
-            sf = t - D
-            if sf >= 0:
-                x = tok[lo + sf]
-                e0 = re_ptr[h * V + x]
-                e1 = re_ptr[h * V + x + 1]
-                for j in range(e0, e1):
-                    sl = re_slot[j]
-                    if not sl_on[s0 + sl]:
-                        sl_on[s0 + sl] = True
-                        sl_list[s0 + sl_cnt[h]] = sl
-                        sl_cnt[h] += 1
-                u0 = uo_ptr[h * V + x]
-                u1 = uo_ptr[h * V + x + 1]
-                for j in range(u0, u1):
-                    v = uo_tok[j]
-                    if wix[h * RV + v] < 0:
-                        wix[h * RV + v] = wcnt[h]
-                        wsup[h * RV + wcnt[h]] = v
-                        wcnt[h] += 1
-                mx = -1
-                if cp_cond[h]:
-                    if mix[h * V + x] < 0:
-                        mix[h * V + x] = mcnt[h]
-                        msup[h * V + mcnt[h]] = x
-                        mcnt[h] += 1
-                    mx = mix[h * V + x]
-                for a in range(act_lo[h], act_lo[h + 1]):
-                    if act_last[a] < t:
-                        continue  # no position from t on reads this combination's sums
-                    r0 = cb_rep[act_cb[a]]
-                    sc = 0.0
-                    for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
-                        sc += src_score[hg_grp[g], x]
-                    if sc > fref[a]:
-                        if F[a] > 0.0:
-                            scale = math.exp(fref[a] - sc)
-                            F[a] *= scale
-                            for u in range(sl_cnt[h]):
-                                G[g_off[a] + sl_list[s0 + u]] *= scale
-                            for u in range(wcnt[h]):
-                                W[w_off[a] + u] *= scale
-                            if mx >= 0:
-                                for u in range(mcnt[h]):
-                                    M[m_off[a] + u] *= scale
-                        fref[a] = sc
-                    ex = math.exp(sc - fref[a])
-                    F[a] += ex
-                    for j in range(e0, e1):
-                        G[g_off[a] + re_slot[j]] += re_w[j] * ex
-                    for j in range(u0, u1):
-                        W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
-                    if mx >= 0:
-                        M[m_off[a] + mx] += ex
-            a = act_of[cb_ptr[h] + cb_of[h * V + c]]
-            g0 = hg_ptr[h * V + c]
-            g1 = hg_ptr[h * V + c + 1]
-            m = -np.inf
-            nd = D if D <= t + 1 else t + 1
-            for d in range(nd):
-                xs = tok[i - d]
-                sc = pos_val[p0 + d]
-                for g in range(g0, g1):
-                    sc += src_score[hg_grp[g], xs]
-                att[d] = sc
-                if sc > m:
-                    m = sc
-            far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
-            if far > m:
-                m = far
-            z = 0.0
-            for d in range(nd):
-                att[d] = math.exp(att[d] - m)
-                z += att[d]
-            ef = 0.0
-            if F[a] > 0.0:
-                ef = math.exp(far - m)
-                z += F[a] * ef
-                ef /= z
-            for d in range(nd):
-                w = att[d] / z
-                key = h * V + tok[i - d]
-                for j in range(uo_ptr[key], uo_ptr[key + 1]):
-                    _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
-                for j in range(re_ptr[key], re_ptr[key + 1]):
-                    sl = re_slot[j]
-                    _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                           class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
-                           wr_mass, wr_flag, wr_list, wr_cnt)
-            if cp_cond[h]:
-                # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
-                napp = 0
-                for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
-                    k = cpn_id[j]
-                    if row[cp_rule[k]] >= 0:
-                        capp[napp] = k
-                        napp += 1
-                if napp > 0:
-                    for d in range(nd):
-                        xs = tok[i - d]
-                        for u in range(napp):
-                            k = capp[u]
-                            if _member(cp_src[k], xs, V, class_member):
-                                _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
-                    if ef > 0.0:
-                        mo = m_off[a]
-                        for u in range(mcnt[h]):
-                            xs = msup[h * V + u]
-                            for uu in range(napp):
-                                k = capp[uu]
-                                if _member(cp_src[k], xs, V, class_member):
-                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
-                                         touched, dcnt)
-            if ef > 0.0:
-                wo = w_off[a]
-                for u in range(wcnt[h]):
-                    _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
-                go = g_off[a]
-                for u in range(sl_cnt[h]):
-                    sl = sl_list[s0 + u]
-                    _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                           class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
-                           wr_mass, wr_flag, wr_list, wr_cnt)
-        for j in range(ocnt[0]):
-            k = ov_list[j]
-            _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
-            ov_acc[k] = 0.0
-            ov_flag[k] = False
-        ocnt[0] = 0
-        for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
-            k = wr_list[j]
-            for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
-                n = wrn_neu[j2]
-                pre[n] += wrn_w[j2] * wr_mass[k]
-                _note(n, pflag, plist, pcnt)
-            wr_mass[k] = 0.0
-            wr_flag[k] = False
-        wr_cnt[0] = 0
-        # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
-        for j in range(nn_ptr[c], nn_ptr[c + 1]):
-            n = nn_neu[j]
-            pre[n] += nn_w[j]
-            _note(n, pflag, plist, pcnt)
-        for j in range(n_live):
-            _note(live[j], pflag, plist, pcnt)
-        for j in range(pcnt[0]):
-            n = plist[j]
-            act = pre[n] + pres_sum[n] - nr_thr[n]
-            if act > 0.0 and row[nr_rule[n]] >= 0:
-                rn = row[nr_rule[n]]
-                _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
-                for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
-                    k = rn * n_cls + ncl_cls[j2]
-                    _note(k, cflag, clist, ccnt)
-                    cacc[k] += act * ncl_w[j2]
-                for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
-                    k = rn * n_ws + nws_set[j2]
-                    _note(k, sflag, slist, scnt)
-                    sacc[k] += act * nws_w[j2]
-            pre[n] = 0.0
-            pflag[n] = False
-        pcnt[0] = 0
-        for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
-            key = slist[j]
-            rk = key // n_ws
-            k = key - rk * n_ws
-            val = sacc[key]
-            o = rk * V
-            for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
-                sd[o + ws_tok[j2]] += val * ws_w[j2]
-            srow[rk] = True
-            sacc[key] = 0.0
-            sflag[key] = False
-        scnt[0] = 0
-        for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
-            key = clist[j]
-            val = cacc[key]
-            rk = key // n_cls
-            k = key - rk * n_cls
-            for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
-                ak = rk * n_atoms + ca_atom[j2]
-                _note(ak, aflag, alist, acnt)
-                aacc[ak] += val
-            cacc[key] = 0.0
-            cflag[key] = False
-        ccnt[0] = 0
-        nk = dcnt[0]
-        nak = acnt[0]
-        r = row_of[c]
-        lb = base_lse[r]
-        if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
-            cum_ = delta
-            cflg_ = dflag
-            ctl_ = touched
-            cuma_ = aacc
-            cal_ = alist
-            cums_ = sd
-            nt = nk
-            na = nak
-        else:  # bucket the touched token and atom keys by row (stable), then each row in turn
-            cum_ = cum
-            cflg_ = cflg
-            ctl_ = ctl
-            cuma_ = cuma
-            cal_ = cal
-            cums_ = cums
-            nt = 0
-            na = 0
-            tcnt[0] = 0
-            tacnt[0] = 0
-            bptr[:] = 0
-            aptr[:] = 0
-            for j in range(nk):
-                bptr[touched[j] // V + 1] += 1
-            for j in range(nak):
-                aptr[alist[j] // n_atoms + 1] += 1
-            for rr in range(R):
-                bptr[rr + 1] += bptr[rr]
-                aptr[rr + 1] += aptr[rr]
-            for j in range(nk):
-                rr = touched[j] // V
-                bkey[bptr[rr]] = touched[j]
-                bptr[rr] += 1
-            for j in range(nak):
-                rr = alist[j] // n_atoms
-                akey[aptr[rr]] = alist[j]
-                aptr[rr] += 1
-        b0 = 0
-        a0 = 0
-        # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
-        # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
-        # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
-        zrel = 1.0
-        hi = -np.inf
-        B = ref_B[i] if not want_logp else 0.0
-        # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
-        # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
-        # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
-        dense = False
-        sused = False
-        nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
-        for rr in range(R):
-            if R == 1:
-                fresh = True
-                dense = nk >= dense_min or srow[0]
-                sused = srow[0]
-                if sused and not want_logp:
-                    for v in range(V):
-                        if sd[v] != 0.0:
-                            B += _p_ref(i, v, use16, lut_p, ref16, ref32) * sd[v]
-                for j in range(na):
-                    aexp[alist[j]] = math.exp(aacc[alist[j]])
-                if not want_logp:
-                    for j in range(na):
-                        B += aacc[alist[j]] * ref_R[i, alist[j]]
-                    if use16:
-                        rrow = ref16[i]
-                        for j in range(nt):
-                            B += lut_p[rrow[touched[j]]] * delta[touched[j]]
-                    else:
-                        frow = ref32[i]
-                        for j in range(nt):
-                            B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
-            else:
-                fresh = aptr[rr] > a0
-                if srow[rr]:  # this row's flagless outputs join its touched tokens
-                    srow[rr] = False
-                    o = rr * V
-                    for v in range(V):
-                        x = sd[o + v]
-                        if x != 0.0:
-                            nz += 1
-                            sd[o + v] = 0.0
-                            B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
-                                                     cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
-                for j in range(b0, bptr[rr]):
-                    B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], i, r, fresh, want_logp, use16, lut_p,
-                                             ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
-                                             B, zrel, hi)
-                b0 = bptr[rr]
-                for j in range(a0, aptr[rr]):
-                    ak = akey[j] - rr * n_atoms
-                    _note(ak, caflg, cal, tacnt)
-                    cuma[ak] += aacc[akey[j]]
-                    aexp[ak] = math.exp(cuma[ak])
-                    if not want_logp:
-                        B += aacc[akey[j]] * ref_R[i, ak]
-                a0 = aptr[rr]
-                nt = tcnt[0]
-                na = tacnt[0]
-                dense = fresh and nt >= dense_min
-            if dense:
-                lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
-                zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
-                hi = lse  # >= every logit: keeps the overflow guard
-            elif fresh:
-                zrel = 1.0
-                hi = -np.inf
-                for j in range(na):
-                    ak = cal_[j]
-                    zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
-                    y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
-                    if y > hi:
-                        hi = y
-                for j in range(nt):
-                    v = ctl_[j]
-                    ak = atom_of[v]
-                    if base[r, v] + cum_[v] + cuma_[ak] > hi:
-                        hi = base[r, v] + cum_[v] + cuma_[ak]
-                    zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
-            if not dense:
-                if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                    lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
-                else:
-                    lse = lb + math.log(zrel)
-                    best = -2  # argmax below
-            out_lse[rr, i] = lse
-            if t + 1 < T:
-                nx = tok[i + 1]
-                out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
-            else:
-                out_ce[rr, i] = np.nan
-            # hand argmax (unless a dense pass found it): per atom its best member without a token delta
-            # (the atom's top list, else a scan of its members), then every touched token; ties go to the
-            # lower token id
-            if best == -2:
-                best = -1
-                bv = -np.inf
-                for ak in range(n_atoms):
-                    cand = -1
-                    for k in range(KA):
-                        v = base_atop[r, ak, k]
-                        if v < 0:
-                            break
-                        if not cflg_[v]:
-                            cand = v
-                            break
-                    if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
-                        cv = -np.inf
-                        for j in range(am_ptr[ak], am_ptr[ak + 1]):
-                            v = am_tok[j]
-                            if not cflg_[v] and (cand < 0 or base[r, v] > cv):
-                                cand = v
-                                cv = base[r, v]
-                    if cand >= 0:
-                        y = np.float64(base[r, cand]) + cuma_[ak]
-                        if best < 0 or y > bv or (y == bv and cand < best):
-                            best = cand
-                            bv = y
-                for j in range(nt):
-                    v = ctl_[j]
-                    y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
-                    if best < 0 or y > bv or (y == bv and v < best):
-                        best = v
-                        bv = y
-            out_argmax[rr, i] = best
-            if want_logp:
-                orow = out_logp[i]
-                brow = base[r]
-                if dense:
-                    for v in range(V):
-                        orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
-                else:
-                    if na > 0:
-                        for v in range(V):
-                            orow[v] = brow[v] + cuma_[atom_of[v]] - lse
-                    else:
-                        for v in range(V):
-                            orow[v] = brow[v] - lse
-                    for j in range(nt):
-                        v = ctl_[j]
-                        orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
-            else:
-                # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
-                # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-                S = ref_S[i]
-                kl = (ref_A[i] - B) / S - math.log(S) + lse
-                out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-                out_agree[rr, i] = ref_arg[i] == best
-        for j in range(nk):
-            delta[touched[j]] = 0.0
-            dflag[touched[j]] = False
-        dcnt[0] = 0
-        if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
-            for v in range(V):
-                if sd[v] != 0.0:
-                    nz += 1
-                    sd[v] = 0.0
-            srow[0] = False
-        dense_pos = nk + nz >= dense_min
-        for j in range(nak):
-            aacc[alist[j]] = 0.0
-            aflag[alist[j]] = False
-            aexp[alist[j] % n_atoms] = 1.0
-        acnt[0] = 0
-        if R > 1:
-            for j in range(nt):
-                cum[ctl[j]] = 0.0
-                cflg[ctl[j]] = False
-            for j in range(na):
-                ak = cal[j]
-                cuma[ak] = 0.0
-                aexp[ak] = 1.0
-                caflg[ak] = False
-
-
 @njit(cache=True, parallel=True)
 def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
@@ -947,9 +348,595 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
     over the firing neurons (sacc) and each touched set is written once (ws_*); a set attended through a
     head is one reader slot (kind 2) whose weighted mass is fanned out to the neurons reading it (wrn_*).
     """
+    (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
+     ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
+     sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
+     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
+     nn_ptr, nn_neu, nn_w,
+     npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
+     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
+     nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (uo_ptr, uo_tok, uo_w, ucap) = U
+    H = len(head_rule)
+    n_ho = len(ho_rule)
+    n_sk = len(sk_rule)
+    n_nr = len(nr_rule)
+    n_cb = len(cb_rep)
+    n_sl = len(sl_kind)
+    RV = R * V
     for q in prange(len(seq_ptr) - 1):
-        # int64(q): prange's index is uint64 inside the parallel loop but int64 when numba types the function
-        # first; without the cast _one_seq compiles twice (one specialisation per index type)
-        _one_seq(np.int64(q), tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
-                 ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
-                 out_agree, out_lse, out_argmax, dense_min)
+        lo = seq_ptr[q]
+        T = seq_ptr[q + 1] - lo
+        delta = np.zeros(RV)  # keyed row x V + token
+        dflag = np.zeros(RV, dtype=np.bool_)
+        touched = np.empty(RV, dtype=np.int64)
+        dcnt = np.zeros(1, dtype=np.int64)
+        cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
+        cflg = np.zeros(V, dtype=np.bool_)
+        ctl = np.empty(V, dtype=np.int64)
+        tcnt = np.zeros(1, dtype=np.int64)  # tokens in ctl
+        bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
+        bkey = np.empty(RV, dtype=np.int64)
+        ov_acc = np.zeros(n_ho)
+        ov_flag = np.zeros(n_ho, dtype=np.bool_)
+        ov_list = np.empty(n_ho, dtype=np.int64)
+        ocnt = np.zeros(1, dtype=np.int64)
+        pre = np.zeros(n_nr)
+        n_cls = len(ca_ptr) - 1
+        cacc = np.zeros(R * n_cls)  # per (row, class): summed output weight of the neurons firing at t
+        cflag = np.zeros(R * n_cls, dtype=np.bool_)
+        clist = np.empty(R * n_cls, dtype=np.int64)
+        ccnt = np.zeros(1, dtype=np.int64)
+        n_atoms = len(am_ptr) - 1
+        KA = base_atop.shape[2]
+        aacc = np.zeros(R * n_atoms)  # per (row, atom): summed class outputs at t
+        aflag = np.zeros(R * n_atoms, dtype=np.bool_)
+        alist = np.empty(R * n_atoms, dtype=np.int64)
+        acnt = np.zeros(1, dtype=np.int64)
+        aptr = np.zeros(R + 1, dtype=np.int64)  # touched atom keys bucketed by row
+        akey = np.empty(R * n_atoms, dtype=np.int64)
+        cuma = np.zeros(n_atoms)  # a row's summed atom outputs, their exp, the atoms touched so far
+        aexp = np.ones(n_atoms)
+        caflg = np.zeros(n_atoms, dtype=np.bool_)
+        cal = np.empty(n_atoms, dtype=np.int64)
+        tacnt = np.zeros(1, dtype=np.int64)  # atoms in cal
+        pflag = np.zeros(n_nr, dtype=np.bool_)
+        plist = np.empty(n_nr, dtype=np.int64)
+        pcnt = np.zeros(1, dtype=np.int64)
+        n_ws = len(ws_ptr) - 1
+        sacc = np.zeros(R * n_ws)  # per (row, weighted set): summed act x of the neurons writing it at t
+        # weighted-set outputs bypass the touched lists: a set has hundreds of members, so they are summed into
+        # a dense row per ledger row (sd) and a position that writes one finishes densely
+        sd = np.zeros(R * V)
+        srow = np.zeros(R, dtype=np.bool_)
+        cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
+        # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
+        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
+        # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
+        dense_pos = False
+        no_flags = np.ones(RV, dtype=np.bool_)
+        sflag = np.zeros(R * n_ws, dtype=np.bool_)
+        slist = np.empty(R * n_ws, dtype=np.int64)
+        scnt = np.zeros(1, dtype=np.int64)
+        n_wr = len(wrn_ptr) - 1
+        wr_mass = np.zeros(n_wr)  # per (head, weighted set) read: weighted attention mass at t
+        wr_flag = np.zeros(n_wr, dtype=np.bool_)
+        wr_list = np.empty(n_wr, dtype=np.int64)
+        wr_cnt = np.zeros(1, dtype=np.int64)
+        pres_sum = np.zeros(n_nr)
+        # neurons whose presence inputs minus threshold are > 0: they fire even with no other input at t
+        live_idx = np.full(n_nr, -1, dtype=np.int64)
+        live = np.empty(n_nr, dtype=np.int64)
+        n_live = 0
+        for n in nr_always:
+            live_idx[n] = n_live
+            live[n_live] = n
+            n_live += 1
+        pres_seen = np.zeros(len(npe_neu), dtype=np.bool_)
+        sk_first = np.full(n_sk, NEVER, dtype=np.int64)
+        # attention state: active score combinations (those of this sequence's tokens) per head
+        act_of = np.full(n_cb, -1, dtype=np.int64)
+        act_cb = np.empty(n_cb, dtype=np.int64)
+        act_last = np.empty(n_cb, dtype=np.int64)  # last position whose current token selects the combination
+        act_lo = np.zeros(H + 1, dtype=np.int64)
+        n_act = 0
+        for h in range(H):
+            act_lo[h] = n_act
+            if not head_used[h] or row[head_rule[h]] < 0:
+                continue
+            for t in range(T):
+                g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
+                if act_of[g] < 0:
+                    act_of[g] = n_act
+                    act_cb[n_act] = g
+                    n_act += 1
+                act_last[act_of[g]] = t
+        act_lo[H] = n_act
+        g_off = np.empty(n_act + 1, dtype=np.int64)
+        g_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                g_off[a + 1] = g_off[a] + (sl_ptr[h + 1] - sl_ptr[h])
+        G = np.zeros(g_off[n_act])
+        # unconditional head_outs: running far output per active combination, over a per-head support
+        w_off = np.empty(n_act + 1, dtype=np.int64)
+        w_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                w_off[a + 1] = w_off[a] + ucap[h]
+        W = np.zeros(w_off[n_act])
+        wix = np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64)  # per (head, output key)
+        wsup = np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64)
+        wcnt = np.zeros(H, dtype=np.int64)
+        # conditional copy rules: running far attention mass per (active combination, source token), per-head support
+        mcap = T if T < V else V
+        m_off = np.empty(n_act + 1, dtype=np.int64)
+        m_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                m_off[a + 1] = m_off[a] + (mcap if cp_cond[h] else 0)
+        M = np.zeros(m_off[n_act])
+        mix = np.full(H * V if m_off[n_act] > 0 else 0, -1, dtype=np.int64)
+        msup = np.empty(H * V if m_off[n_act] > 0 else 0, dtype=np.int64)
+        mcnt = np.zeros(H, dtype=np.int64)
+        capp = np.empty(len(cp_rule), dtype=np.int64)  # conditional copy rules applying at t
+        F = np.zeros(n_act)
+        fref = np.full(n_act, -np.inf)
+        sl_on = np.zeros(n_sl, dtype=np.bool_)
+        sl_list = np.empty(n_sl, dtype=np.int64)  # per head: sl_list[sl_ptr[h] : sl_ptr[h] + sl_cnt[h]]
+        sl_cnt = np.zeros(H, dtype=np.int64)
+        maxD = 1
+        for h in range(H):
+            if pos_ptr[h + 1] - pos_ptr[h] > maxD:
+                maxD = pos_ptr[h + 1] - pos_ptr[h]
+        att = np.empty(maxD)
+        for t in range(T):
+            i = lo + t
+            c = tok[i]
+            if dense_pos:
+                dl = sd
+                df = no_flags
+                srow[:] = True
+            else:
+                dl = delta
+                df = dflag
+            # tokens strictly before t: arm skip-trigrams and neuron presence inputs on first sight
+            if t > 0:
+                x = tok[i - 1]
+                for j in range(ske_ptr[x], ske_ptr[x + 1]):
+                    k = ske_id[j]
+                    if sk_first[k] == NEVER:
+                        sk_first[k] = t - 1
+                for j in range(np_ptr[x], np_ptr[x + 1]):
+                    e = np_ent[j]
+                    if not pres_seen[e]:
+                        pres_seen[e] = True
+                        n = npe_neu[e]
+                        pres_sum[n] += npe_w[e]
+                        if pres_sum[n] - nr_thr[n] > 0.0:
+                            if live_idx[n] < 0:
+                                live_idx[n] = n_live
+                                live[n_live] = n
+                                n_live += 1
+                        elif live_idx[n] >= 0:
+                            n_live -= 1
+                            last = live[n_live]
+                            live[live_idx[n]] = last
+                            live_idx[last] = live_idx[n]
+                            live_idx[n] = -1
+            for j in range(skn_ptr[c], skn_ptr[c + 1]):
+                k = skn_id[j]
+                if row[sk_rule[k]] >= 0 and sk_first[k] < t:
+                    _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
+            # attention heads
+            for h in range(H):
+                if not head_used[h] or row[head_rule[h]] < 0:
+                    continue
+                p0 = pos_ptr[h]
+                D = pos_ptr[h + 1] - p0
+                s0 = sl_ptr[h]
+                # position t - D leaves the position table: fold it into the running sums of every combination
+                sf = t - D
+                if sf >= 0:
+                    x = tok[lo + sf]
+                    e0 = re_ptr[h * V + x]
+                    e1 = re_ptr[h * V + x + 1]
+                    for j in range(e0, e1):
+                        sl = re_slot[j]
+                        if not sl_on[s0 + sl]:
+                            sl_on[s0 + sl] = True
+                            sl_list[s0 + sl_cnt[h]] = sl
+                            sl_cnt[h] += 1
+                    u0 = uo_ptr[h * V + x]
+                    u1 = uo_ptr[h * V + x + 1]
+                    for j in range(u0, u1):
+                        v = uo_tok[j]
+                        if wix[h * RV + v] < 0:
+                            wix[h * RV + v] = wcnt[h]
+                            wsup[h * RV + wcnt[h]] = v
+                            wcnt[h] += 1
+                    mx = -1
+                    if cp_cond[h]:
+                        if mix[h * V + x] < 0:
+                            mix[h * V + x] = mcnt[h]
+                            msup[h * V + mcnt[h]] = x
+                            mcnt[h] += 1
+                        mx = mix[h * V + x]
+                    for a in range(act_lo[h], act_lo[h + 1]):
+                        if act_last[a] < t:
+                            continue  # no position from t on reads this combination's sums
+                        r0 = cb_rep[act_cb[a]]
+                        sc = 0.0
+                        for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
+                            sc += src_score[hg_grp[g], x]
+                        if sc > fref[a]:
+                            if F[a] > 0.0:
+                                scale = math.exp(fref[a] - sc)
+                                F[a] *= scale
+                                for u in range(sl_cnt[h]):
+                                    G[g_off[a] + sl_list[s0 + u]] *= scale
+                                for u in range(wcnt[h]):
+                                    W[w_off[a] + u] *= scale
+                                if mx >= 0:
+                                    for u in range(mcnt[h]):
+                                        M[m_off[a] + u] *= scale
+                            fref[a] = sc
+                        ex = math.exp(sc - fref[a])
+                        F[a] += ex
+                        for j in range(e0, e1):
+                            G[g_off[a] + re_slot[j]] += re_w[j] * ex
+                        for j in range(u0, u1):
+                            W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
+                        if mx >= 0:
+                            M[m_off[a] + mx] += ex
+                a = act_of[cb_ptr[h] + cb_of[h * V + c]]
+                g0 = hg_ptr[h * V + c]
+                g1 = hg_ptr[h * V + c + 1]
+                m = -np.inf
+                nd = D if D <= t + 1 else t + 1
+                for d in range(nd):
+                    xs = tok[i - d]
+                    sc = pos_val[p0 + d]
+                    for g in range(g0, g1):
+                        sc += src_score[hg_grp[g], xs]
+                    att[d] = sc
+                    if sc > m:
+                        m = sc
+                far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
+                if far > m:
+                    m = far
+                z = 0.0
+                for d in range(nd):
+                    att[d] = math.exp(att[d] - m)
+                    z += att[d]
+                ef = 0.0
+                if F[a] > 0.0:
+                    ef = math.exp(far - m)
+                    z += F[a] * ef
+                    ef /= z
+                for d in range(nd):
+                    w = att[d] / z
+                    key = h * V + tok[i - d]
+                    for j in range(uo_ptr[key], uo_ptr[key + 1]):
+                        _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
+                    for j in range(re_ptr[key], re_ptr[key + 1]):
+                        sl = re_slot[j]
+                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
+                if cp_cond[h]:
+                    # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
+                    napp = 0
+                    for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
+                        k = cpn_id[j]
+                        if row[cp_rule[k]] >= 0:
+                            capp[napp] = k
+                            napp += 1
+                    if napp > 0:
+                        for d in range(nd):
+                            xs = tok[i - d]
+                            for u in range(napp):
+                                k = capp[u]
+                                if _member(cp_src[k], xs, V, class_member):
+                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
+                        if ef > 0.0:
+                            mo = m_off[a]
+                            for u in range(mcnt[h]):
+                                xs = msup[h * V + u]
+                                for uu in range(napp):
+                                    k = capp[uu]
+                                    if _member(cp_src[k], xs, V, class_member):
+                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
+                                             touched, dcnt)
+                if ef > 0.0:
+                    wo = w_off[a]
+                    for u in range(wcnt[h]):
+                        _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
+                    go = g_off[a]
+                    for u in range(sl_cnt[h]):
+                        sl = sl_list[s0 + u]
+                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
+            for j in range(ocnt[0]):
+                k = ov_list[j]
+                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
+                ov_acc[k] = 0.0
+                ov_flag[k] = False
+            ocnt[0] = 0
+            for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
+                k = wr_list[j]
+                for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
+                    n = wrn_neu[j2]
+                    pre[n] += wrn_w[j2] * wr_mass[k]
+                    _note(n, pflag, plist, pcnt)
+                wr_mass[k] = 0.0
+                wr_flag[k] = False
+            wr_cnt[0] = 0
+            # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
+            for j in range(nn_ptr[c], nn_ptr[c + 1]):
+                n = nn_neu[j]
+                pre[n] += nn_w[j]
+                _note(n, pflag, plist, pcnt)
+            for j in range(n_live):
+                _note(live[j], pflag, plist, pcnt)
+            for j in range(pcnt[0]):
+                n = plist[j]
+                act = pre[n] + pres_sum[n] - nr_thr[n]
+                if act > 0.0 and row[nr_rule[n]] >= 0:
+                    rn = row[nr_rule[n]]
+                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
+                    for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
+                        k = rn * n_cls + ncl_cls[j2]
+                        _note(k, cflag, clist, ccnt)
+                        cacc[k] += act * ncl_w[j2]
+                    for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
+                        k = rn * n_ws + nws_set[j2]
+                        _note(k, sflag, slist, scnt)
+                        sacc[k] += act * nws_w[j2]
+                pre[n] = 0.0
+                pflag[n] = False
+            pcnt[0] = 0
+            for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
+                key = slist[j]
+                rk = key // n_ws
+                k = key - rk * n_ws
+                val = sacc[key]
+                o = rk * V
+                for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
+                    sd[o + ws_tok[j2]] += val * ws_w[j2]
+                srow[rk] = True
+                sacc[key] = 0.0
+                sflag[key] = False
+            scnt[0] = 0
+            for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
+                key = clist[j]
+                val = cacc[key]
+                rk = key // n_cls
+                k = key - rk * n_cls
+                for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
+                    ak = rk * n_atoms + ca_atom[j2]
+                    _note(ak, aflag, alist, acnt)
+                    aacc[ak] += val
+                cacc[key] = 0.0
+                cflag[key] = False
+            ccnt[0] = 0
+            nk = dcnt[0]
+            nak = acnt[0]
+            r = row_of[c]
+            lb = base_lse[r]
+            if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
+                cum_ = delta
+                cflg_ = dflag
+                ctl_ = touched
+                cuma_ = aacc
+                cal_ = alist
+                cums_ = sd
+                nt = nk
+                na = nak
+            else:  # bucket the touched token and atom keys by row (stable), then each row in turn
+                cum_ = cum
+                cflg_ = cflg
+                ctl_ = ctl
+                cuma_ = cuma
+                cal_ = cal
+                cums_ = cums
+                nt = 0
+                na = 0
+                tcnt[0] = 0
+                tacnt[0] = 0
+                bptr[:] = 0
+                aptr[:] = 0
+                for j in range(nk):
+                    bptr[touched[j] // V + 1] += 1
+                for j in range(nak):
+                    aptr[alist[j] // n_atoms + 1] += 1
+                for rr in range(R):
+                    bptr[rr + 1] += bptr[rr]
+                    aptr[rr + 1] += aptr[rr]
+                for j in range(nk):
+                    rr = touched[j] // V
+                    bkey[bptr[rr]] = touched[j]
+                    bptr[rr] += 1
+                for j in range(nak):
+                    rr = alist[j] // n_atoms
+                    akey[aptr[rr]] = alist[j]
+                    aptr[rr] += 1
+            b0 = 0
+            a0 = 0
+            # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
+            # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
+            # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
+            zrel = 1.0
+            hi = -np.inf
+            B = ref_B[i] if not want_logp else 0.0
+            # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
+            # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
+            # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
+            dense = False
+            sused = False
+            nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
+            for rr in range(R):
+                if R == 1:
+                    fresh = True
+                    dense = nk >= dense_min or srow[0]
+                    sused = srow[0]
+                    if sused and not want_logp:
+                        for v in range(V):
+                            if sd[v] != 0.0:
+                                B += _p_ref(i, v, use16, lut_p, ref16, ref32) * sd[v]
+                    for j in range(na):
+                        aexp[alist[j]] = math.exp(aacc[alist[j]])
+                    if not want_logp:
+                        for j in range(na):
+                            B += aacc[alist[j]] * ref_R[i, alist[j]]
+                        if use16:
+                            rrow = ref16[i]
+                            for j in range(nt):
+                                B += lut_p[rrow[touched[j]]] * delta[touched[j]]
+                        else:
+                            frow = ref32[i]
+                            for j in range(nt):
+                                B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
+                else:
+                    fresh = aptr[rr] > a0
+                    if srow[rr]:  # this row's flagless outputs join its touched tokens
+                        srow[rr] = False
+                        o = rr * V
+                        for v in range(V):
+                            x = sd[o + v]
+                            if x != 0.0:
+                                nz += 1
+                                sd[o + v] = 0.0
+                                B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                                                         cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                    for j in range(b0, bptr[rr]):
+                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], i, r, fresh, want_logp, use16, lut_p,
+                                                 ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
+                                                 B, zrel, hi)
+                    b0 = bptr[rr]
+                    for j in range(a0, aptr[rr]):
+                        ak = akey[j] - rr * n_atoms
+                        _note(ak, caflg, cal, tacnt)
+                        cuma[ak] += aacc[akey[j]]
+                        aexp[ak] = math.exp(cuma[ak])
+                        if not want_logp:
+                            B += aacc[akey[j]] * ref_R[i, ak]
+                    a0 = aptr[rr]
+                    nt = tcnt[0]
+                    na = tacnt[0]
+                    dense = fresh and nt >= dense_min
+                if dense:
+                    lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
+                    hi = lse  # >= every logit: keeps the overflow guard
+                elif fresh:
+                    zrel = 1.0
+                    hi = -np.inf
+                    for j in range(na):
+                        ak = cal_[j]
+                        zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                        y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                        if y > hi:
+                            hi = y
+                    for j in range(nt):
+                        v = ctl_[j]
+                        ak = atom_of[v]
+                        if base[r, v] + cum_[v] + cuma_[ak] > hi:
+                            hi = base[r, v] + cum_[v] + cuma_[ak]
+                        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
+                if not dense:
+                    if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
+                        lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    else:
+                        lse = lb + math.log(zrel)
+                        best = -2  # argmax below
+                out_lse[rr, i] = lse
+                if t + 1 < T:
+                    nx = tok[i + 1]
+                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
+                else:
+                    out_ce[rr, i] = np.nan
+                # hand argmax (unless a dense pass found it): per atom its best member without a token delta
+                # (the atom's top list, else a scan of its members), then every touched token; ties go to the
+                # lower token id
+                if best == -2:
+                    best = -1
+                    bv = -np.inf
+                    for ak in range(n_atoms):
+                        cand = -1
+                        for k in range(KA):
+                            v = base_atop[r, ak, k]
+                            if v < 0:
+                                break
+                            if not cflg_[v]:
+                                cand = v
+                                break
+                        if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                            cv = -np.inf
+                            for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                                v = am_tok[j]
+                                if not cflg_[v] and (cand < 0 or base[r, v] > cv):
+                                    cand = v
+                                    cv = base[r, v]
+                        if cand >= 0:
+                            y = np.float64(base[r, cand]) + cuma_[ak]
+                            if best < 0 or y > bv or (y == bv and cand < best):
+                                best = cand
+                                bv = y
+                    for j in range(nt):
+                        v = ctl_[j]
+                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
+                        if best < 0 or y > bv or (y == bv and v < best):
+                            best = v
+                            bv = y
+                out_argmax[rr, i] = best
+                if want_logp:
+                    orow = out_logp[i]
+                    brow = base[r]
+                    if dense:
+                        for v in range(V):
+                            orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
+                    else:
+                        if na > 0:
+                            for v in range(V):
+                                orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                        else:
+                            for v in range(V):
+                                orow[v] = brow[v] - lse
+                        for j in range(nt):
+                            v = ctl_[j]
+                            orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
+                else:
+                    # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
+                    # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
+                    S = ref_S[i]
+                    kl = (ref_A[i] - B) / S - math.log(S) + lse
+                    out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
+                    out_agree[rr, i] = ref_arg[i] == best
+            for j in range(nk):
+                delta[touched[j]] = 0.0
+                dflag[touched[j]] = False
+            dcnt[0] = 0
+            if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
+                for v in range(V):
+                    if sd[v] != 0.0:
+                        nz += 1
+                        sd[v] = 0.0
+                srow[0] = False
+            dense_pos = nk + nz >= dense_min
+            for j in range(nak):
+                aacc[alist[j]] = 0.0
+                aflag[alist[j]] = False
+                aexp[alist[j] % n_atoms] = 1.0
+            acnt[0] = 0
+            if R > 1:
+                for j in range(nt):
+                    cum[ctl[j]] = 0.0
+                    cflg[ctl[j]] = False
+                for j in range(na):
+                    ak = cal[j]
+                    cuma[ak] = 0.0
+                    aexp[ak] = 1.0
+                    caflg[ak] = False

@@ -1,0 +1,38 @@
+"""Time one engine pass over an eval set with every rule on (`HandModel.stream_metrics_rows`, one mask):
+the number a kernel change must not make worse. Run from the project root:
+
+    python -m benchmarks.engine_pass [--rules rules] [--corpus ../shared/corpus/tinystories/valid.txt] [--repeats 3]
+
+The first pass may include the numba compile (reported apart); the others are the steady cost.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rules", type=Path, default=ROOT / "rules")
+    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt")
+    ap.add_argument("--train-corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    from verify.ledger.evaluate import evaluate
+
+    ev = evaluate(None, a.rules, a.corpus, 0, 0, a.train_corpus, log=lambda m: None, ledger_rows=False)
+    mask = np.ones(len(ev.rules.rule_ids), bool)
+    for i in range(a.repeats):
+        t = time.perf_counter()
+        list(ev.hand.stream_metrics_rows(ev.ref.seqs, ev.ref.logp, [mask]))
+        print(f"pass {i}: {time.perf_counter() - t:.2f} s for {len(ev.ref.tokens):,} positions", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
