@@ -105,3 +105,15 @@ def test_load_verdict_and_refusal(monkeypatch, tmp_path, capsys):
     assert main(["--quick", "--rules", str(tmp_path / "none"), "--work", str(tmp_path / "w"), "--no-latest"]) == 2
     out = capsys.readouterr().out
     assert "refusing to benchmark" in out and "--force" in out and not (tmp_path / "w").exists()
+
+
+def test_inner_loop_edits_a_compiled_number_not_a_comment(tmp_path):
+    """Ledger rows are keyed by the compiled rules, so the benchmark's warm edit must change one (a comment or a
+    check table would recompute nothing and time a cache hit)."""
+    from benchmarks.inner_loop import edit_a_number
+
+    f = tmp_path / "r.toml"
+    f.write_text('# threshold = 0.5\n[[neuron]]\nid = "n"\ncheck = { fraction = 0.6 }\nthreshold = -0.108\n', encoding="utf-8")
+    edit_a_number(f, 1)
+    assert f.read_text(encoding="utf-8").splitlines() == ["# threshold = 0.5", "[[neuron]]", 'id = "n"',
+                                                          "check = { fraction = 0.6 }", "threshold = -0.106"]
