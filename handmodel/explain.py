@@ -4,7 +4,8 @@ twin.contributions says it for one position by interpreting every rule in Python
 the shipped rules). Here every rule's act is a scalar a_t times a fixed sparse vector u (its `next`):
 - neurons, skips: a_t from one engine pass over a *probe* ruleset (the heads, and each probed rule with a
   one-hot `next` on its own token, so the probe's logit of that token is exactly a_t: see verify/ledger/probe.py);
-- heads, head_outs (copies included): the attention rows, computed from the compiled score tables;
+- heads, head_outs (copies included): the attention rows, from the twin (`twin.head_attentions`: the
+  semantics is written once);
 - prior, bigram rows: fixed per current token (cached).
 Descriptions use the twin's wording; tests/test_handmodel_explain.py holds records and twin equal.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import twin
 from .compiled import CompiledRules, _Targets, build_arrays
 
 PROBED = ("neuron", "skip")
@@ -65,29 +67,6 @@ def probe_amounts(rules: CompiledRules, seqs: list[np.ndarray], idx: list[int], 
     return out
 
 
-def attention_rows(rules: CompiledRules, seq: np.ndarray) -> list[np.ndarray | None]:
-    """Per head: [T, T] attention weights (row t over positions 0..t, zero above the diagonal), from the
-    compiled score tables (position table, per-group source scores); None for a head with no rule."""
-    a = rules.arrays
-    V = rules.vocab_size
-    T = len(seq)
-    seq = np.asarray(seq, np.int64)
-    dist = np.arange(T)[:, None] - np.arange(T)[None, :]
-    out: list[np.ndarray | None] = [None] * rules.n_heads
-    for h in range(len(a.head_rule)):
-        p0, p1 = a.pos_ptr[h], a.pos_ptr[h + 1]
-        table = np.append(a.pos_val[p0:p1], a.pos_default[h])
-        score = table[np.minimum(np.maximum(dist, 0), p1 - p0)]
-        for c in np.unique(seq):
-            grp = a.hg_grp[a.hg_ptr[h * V + c]:a.hg_ptr[h * V + c + 1]]
-            if len(grp):
-                score[seq == c] += a.src_score[grp][:, seq].sum(0)
-        score[dist < 0] = -np.inf
-        e = np.exp(score - score.max(1, keepdims=True))
-        out[rules.rules[a.head_rule[h]].head] = e / e.sum(1, keepdims=True)
-    return out
-
-
 class Explainer:
     """Fired records for every position of a batch of sequences (HandModel.explain_batch)."""
 
@@ -100,6 +79,10 @@ class Explainer:
         order = [np.argsort(tk, kind="stable") for tk in t.tok]  # tokens sorted: top-3 ties keep token order
         self.next_tok = [tk[o].astype(np.int64) for tk, o in zip(t.tok, order)]  # per rule: its `next` expanded
         self.next_w = [w[o] for w, o in zip(t.w, order)]
+        # |amount x w| orders a rule's entries as |w| does, whatever the amount: its top 3 and its largest
+        # entry are found once here, not per position (the report's hot path: ~650 acts per position)
+        self.next_top = [np.argsort(-np.abs(w), kind="stable")[:3] for w in self.next_w]
+        self.next_max = [float(np.abs(w).max()) if len(w) else 0.0 for w in self.next_w]
         self._bigram: dict[tuple[int, int], tuple[np.ndarray, str]] = {}
         self._in_cache: dict[int, np.ndarray] = {}
 
@@ -121,13 +104,11 @@ class Explainer:
         """Rule i writing amount x next (+ extra, a dense delta): None if nothing changes."""
         tok, w = self.next_tok[i], self.next_w[i]
         if extra is None:
-            vals = amount * w
-            if not np.any(vals != 0):
+            if amount == 0 or self.next_max[i] == 0:
                 return None
-            order = np.argsort(-np.abs(vals), kind="stable")[:3]  # tok is sorted: ties keep token order
             vocab = self.rules.vocab
-            suffix = "; " + ", ".join(f"{vocab[tok[j]]!r} {vals[j]:+.3f}" for j in order if vals[j] != 0)
-            return Fired(i, amount, float(np.abs(vals).max()), desc + suffix)
+            suffix = "; " + ", ".join(f"{vocab[tok[j]]!r} {amount * w[j]:+.3f}" for j in self.next_top[i] if w[j] != 0)
+            return Fired(i, amount, abs(amount) * self.next_max[i], desc + suffix)  # tok sorted: ties keep token order
         d = extra
         if len(tok):
             d = extra.copy()
@@ -177,6 +158,7 @@ class Explainer:
         floor = np.array([0.5 if kinds[i] == "skip" else ACT_EPS for i in probed])  # skip: 0 or 1; neuron: > 0
         col = {i: j for j, i in enumerate(probed)}
         heads = {rules.rules[i].head: i for i in on if kinds[i] == "head"}
+        head_list = twin.head_rules(rules)
         vocab = rules.vocab
         always = [i for i in on if kinds[i] in ("prior", "head")]
         big = [i for i in on if kinds[i] == "bigram"]
@@ -190,8 +172,8 @@ class Explainer:
         n = 0
         for seq in seqs:
             seq = np.asarray(seq, np.int64)
-            att = attention_rows(rules, seq)
             for t in range(len(seq)):
+                att = twin.head_attentions(rules, seq, t, mask, head_list)  # {head: row over 0..t}
                 c = int(seq[t])
                 if c not in cand:
                     cand[c] = always + big[big_m[:, c]].tolist() + hos[ho_m[:, c]].tolist()
@@ -209,11 +191,11 @@ class Explainer:
                     elif k == "bigram":
                         f = self._bigram_fired(i, c)
                     elif k == "head":
-                        a = att[r.head][t, : t + 1]
+                        a = att[r.head]
                         top = np.argsort(-a, kind="stable")[:3]
                         f = Fired(i, 0.0, 0.0, "attends " + ", ".join(f"{a[s]:.2f} on {vocab[seq[s]]!r}@{s}" for s in top))
                     elif k == "head_out":
-                        a_row = att[r.head][t, : t + 1]
+                        a_row = att[r.head]
                         src_on = self._in(r.src)[seq[: t + 1]]
                         mass = float(a_row[src_on].sum())
                         extra = None
