@@ -200,6 +200,15 @@ def _read_parse_cache(f: Path, key: str):
     return blob["data"], ids
 
 
+_PARSED: dict[str, tuple[dict, dict[str, list[int]]]] = {}  # content sha256 -> parsed; nothing mutates a parse
+
+
+def _remember(key: str, parsed) -> None:
+    if len(_PARSED) >= 32:
+        _PARSED.pop(next(iter(_PARSED)))
+    _PARSED[key] = parsed
+
+
 def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
     """tomllib is pure Python (~0.5 s for 100k numbers); big tables rarely change, so parsed files are
     kept on disk by content hash ($HANDMODEL_CACHE, default ~/.cache/handmodel) as plain JSON (data only:
@@ -208,11 +217,15 @@ def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
         return _parse(path, text)
     root = Path(os.environ.get("HANDMODEL_CACHE", Path.home() / ".cache" / "handmodel")) / "parsed"
     key = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if key in _PARSED:  # read twice in one process (load_rules, then the claims' check tables): parsed once
+        return _PARSED[key]
     f = root / f"{key}.json"
     got = _read_parse_cache(f, key)
     if got is not None:
+        _remember(key, got)
         return got
     out = _parse(path, text)
+    _remember(key, out)
     if _plain(out[0]):
         try:
             root.mkdir(parents=True, exist_ok=True)

@@ -204,7 +204,7 @@ def test_verify_tables_fit_80_columns_and_wide_shows_every_column(tiny_world, tm
     assert all(w in tables for w in LONG_GROUP.split('"')[1].split())  # a long group name wraps instead of being cut
     res = json.loads((tmp_path / "v.json").read_text())
     assert list(res) == ["header", "baselines", "ledger", "final", "float16_precision", "ablation", "worst",
-                         "gap_by_current", "gap_by_next", "timings", "wall_seconds", "fail_above", "failed"]
+                         "gap_by_current", "gap_by_next", "verified", "timings", "wall_seconds", "fail_above", "failed"]
     for r in res["ledger"] + res["baselines"]:
         assert f"{r['kl']:.4f}" in tables and f"[{r['kl_lo']:.4f}, {r['kl_hi']:.4f}]" in tables
     for wide in (run("--wide"), run(columns="160")):

@@ -43,8 +43,10 @@ class _Acc:
 
 
 def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray, batch: int = 8,
-                     log: Callable[[str], None] | None = None) -> list[ComponentVerdict]:
-    """Verdicts for every rule (ledger order) on `windows` [n, T] (valid.txt or reference samples)."""
+                     log: Callable[[str], None] | None = None, only=None) -> list[ComponentVerdict]:
+    """Verdicts for every rule (ledger order) on `windows` [n, T] (valid.txt or reference samples); `only`: a
+    set of rule indices to check (each rule's checks read only itself, what it reads and the hand model's
+    log-probs with every rule on, so checking a subset gives the same verdicts as checking all)."""
     from handmodel.engine import HandModel
     from handmodel.errors import UserError
     from verify.claims import one_thread
@@ -57,6 +59,8 @@ def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray
     model = oracle.model
     vec = H.RuleVectors(rules)
     tg = targets(oracle, rules, checks)
+    if only is not None:
+        tg = [t for t in tg if t.index in only]
     hm = HandModel(rules)
     batches = [windows[s : s + batch] for s in range(0, len(windows), batch)]
     with one_thread():  # thousands of tiny torch ops: on busy cores thread hand-offs cost ~20x the work

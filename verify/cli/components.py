@@ -1,7 +1,8 @@
 """`handmodel check-components`: every rule against the reference component it names, and the verified
 ledger (verify/claims/verified.py; docs/claims.md "Component checks (verified ledger)").
 
-Registered on the `handmodel` app in verify/cli/__init__.py. Opt-in: `verify` does not run these checks.
+Registered on the `handmodel` app in verify/cli/__init__.py. `verify` never runs these checks: it reads their
+cached verdicts (rules without a current one count as unverified); this command computes the missing ones.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from handmodel.errors import UserError
+
 from verify.claims.verified import DEFAULT_WINDOWS, WINDOW_LEN
 
 from . import options as O
@@ -18,35 +21,22 @@ from . import options as O
 
 def run_verified(checkpoint: Optional[Path], rules: Optional[Path], corpus: Optional[Path], windows: int,
                  train_corpus: Optional[Path], compute: bool = True, log=print) -> dict:
-    """Component verdicts for the rules (cached per rule-file content and checkpoint; with compute=False a
-    cold cache leaves every rule unverified and says so), then verify's result on `corpus` (all rules
-    on) with its `verified` section."""
-    from handmodel import load_rules
-    from handmodel.errors import UserError
-    from handmodel.vocab import load_vocab
+    """Component verdicts for the rules (cached per rule; only rules without a current verdict are checked;
+    with compute=False they stay unverified and the status says so), then verify's result on `corpus` with its
+    `verified` section and every rule's verdict under `component_verdicts`."""
     from verify.claims import verified as VF
-    from verify.ledger import core as L
-    from verify.ledger.data import checkpoint_info
     from verify.ledger.evaluate import evaluate
 
     corpus = Path(corpus) if corpus is not None else O.DEFAULT_CORPUS
     if not corpus.exists():
         raise UserError(f"{corpus}: eval text not found; pass --corpus ../shared/corpus/tinystories/valid.txt")
     rules_dir = Path(rules) if rules is not None else O.DEFAULT_RULES
-    ckpt = checkpoint_info(checkpoint)
-    ctx = VF.valid_contexts(ckpt, corpus, windows, WINDOW_LEN)
-    verdicts, status = VF.get_verdicts(ckpt, load_rules(rules_dir, load_vocab(ckpt.path / "tokenizer.json")), rules_dir,
-                                       ctx, compute=compute, log=log)
     ev = evaluate(checkpoint, rules_dir, corpus, 0, 0, train_corpus, log=log, ledger_rows=False)
-    ref, hm, rules_c = ev.ref, ev.hand, ev.rules
+    ctx = VF.valid_contexts(ev.ckpt, corpus, windows, WINDOW_LEN)
+    lk = VF.lookup_verdicts(ev.ckpt, ev.rules, rules_dir, ctx, compute=compute, log=log)
+    ev.verified = VF.verified_ledger(ev, rules_dir, corpus, windows, final_only=True, lookup=lk, contexts=ctx)
     res = ev.to_json()
-    weights = L.boot_weights(len(ref.offsets) - 1)
-    kl_uni = float(res["baselines"][[b["name"] for b in res["baselines"]].index("unigram")]["kl"])
-    res["verified"] = VF.verified_for_verify(ckpt, hm, rules_c, rules_dir, ref, kl_uni, weights, res["ledger"], corpus,
-                                             windows)
-    res["verified"]["status"] = status
-    res["verified"]["contexts"] = ctx.identity
-    res["component_verdicts"] = [v.to_dict() for v in verdicts or []]
+    res["component_verdicts"] = [v.to_dict() for v in lk.verdicts]
     return res
 
 

@@ -15,6 +15,8 @@ from verify.ledger.evaluate import Evaluation, evaluate
 
 from . import options as O
 
+DEFAULT_WINDOWS = 64  # = verify.claims.verified.DEFAULT_WINDOWS (not imported: it would pull numpy into every command)
+
 # Measured on the tiny test model and (when present) the shipped model; see README / issue 4.
 FLOAT16_NOTE = ("Reference log-probs are cached as float16 (+ exact float32 reference CE and entropy); "
                 "the KL error this costs is measured when the cache is built and printed in the footer "
@@ -80,6 +82,20 @@ def _measure(checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int]
                     O.given(train_corpus, O.DEFAULT_TRAIN), log=log, **kw)
 
 
+def verified_section(ev: Evaluation, rules: Path, corpus: Path, sampled: Optional[int], windows: int,
+                     final_only: bool = False):
+    """The verified ledger from cached component verdicts. The verdicts are about windows of valid.txt: the eval
+    corpus when one is given (--corpus), else the default valid.txt (with --sampled too)."""
+    from verify.claims.verified import verified_ledger
+
+    named = sampled is None and corpus is not None and Path(corpus).exists() and "train" not in Path(corpus).name
+    valid = Path(corpus) if named else O.given(O.DEFAULT_CORPUS, O.DEFAULT_CORPUS)
+    cmd = "handmodel check-components" + ("" if Path(rules) == O.DEFAULT_RULES else f" --rules {rules}") + \
+        ("" if valid is None or Path(valid).resolve() == O.DEFAULT_CORPUS.resolve() else f" --corpus {valid}") + \
+        ("" if windows == DEFAULT_WINDOWS else f" --windows {windows}")
+    return verified_ledger(ev, Path(rules), valid, windows, final_only=final_only, check_cmd=cmd)
+
+
 def verify_cmd(
     checkpoint: Path = O.CHECKPOINT,
     rules: Path = O.RULES,
@@ -94,6 +110,10 @@ def verify_cmd(
     json_file: Optional[Path] = typer.Option(None, "--json-out", help="Also write the JSON to this file (tables still printed)."),
     ledger_rows: bool = typer.Option(True, "--ledger/--final-only", help="Evaluate every cumulative rule group (default) or only all rules on (faster)."),
     wide: bool = typer.Option(False, "--wide", help="Every column of the ledger and baseline tables (also when COLUMNS ≥ 120)."),
+    verified: bool = typer.Option(True, "--verified/--no-verified", help="Also the verified ledger: every rule whose "
+                                  "cached component verdict (`handmodel check-components`) is not a pass switched off."),
+    windows: int = typer.Option(DEFAULT_WINDOWS, "--windows", help="The verdicts to read: those check-components "
+                                "computed on this many windows of valid.txt (its --windows)."),
 ):
     t_cmd = time.perf_counter()
     O.check_number(fail_above, "--fail-above")
@@ -108,6 +128,10 @@ def verify_cmd(
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log, ablate=ablate, worst=worst,
                   ledger_rows=ledger_rows)
+    if verified:
+        t1 = time.perf_counter()
+        ev.verified = verified_section(ev, rules, corpus, sampled, windows, final_only=not ledger_rows)
+        ev.timings["verified"] = round(time.perf_counter() - t1, 3)
     res = ev.to_json()
     wall = _since_process_start()
     res["wall_seconds"] = round(wall if wall is not None else time.perf_counter() - t_cmd, 3)

@@ -66,7 +66,7 @@ def group_masks(rules) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-ROW_CACHE_VERSION = 2  # 2: keyed by what load_rules compiled (not file bytes); entries carry key + checksum
+ROW_CACHE_VERSION = 3  # 2: keyed by what load_rules compiled (not file bytes); 3: not by docs or lines
 
 
 def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
@@ -77,15 +77,9 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     (editing the last rule file recomputes only the rows that include it)."""
     import hashlib
 
-    per_rule = [hashlib.sha256(repr(r).encode()).digest() for r in rules.rules]
-    sets = rules.sets
-    h = hashlib.sha256(repr((sets.class_names, sets.class_entries)).encode())
-    for mem, w in zip(sets.class_members, sets.class_weights):
-        h.update(np.ascontiguousarray(mem, np.int64).tobytes())
-        h.update(b"|" if w is None else np.ascontiguousarray(w, np.float64).tobytes())
-        h.update(b";")
-    sets_sha = h.hexdigest()
-    head = repr((ROW_CACHE_VERSION, _engine_sha(), ref.meta.get("key"), len(rules.vocab), rules.n_heads, sets_sha))
+    per_rule = rule_digests(rules)
+    head = repr((ROW_CACHE_VERSION, _engine_sha(), ref.meta.get("key"), len(rules.vocab), rules.n_heads,
+                 sets_digest(rules)))
     keys = []
     for m in masks:
         hk = hashlib.sha256(head.encode())
@@ -93,6 +87,34 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
             hk.update(per_rule[i])
         keys.append(hk.hexdigest()[:24])
     return keys
+
+
+def rule_digests(rules) -> list[bytes]:
+    """sha256 per rule of what it computes: its compiled form without its doc, file, line and group (so a
+    comment, a doc or a rule moved down a line changes nothing). Kept on the rules object: the ledger, the
+    verified ledger and the verdict keys all ask."""
+    import dataclasses
+    import hashlib
+
+    got = getattr(rules, "_rule_digests", None)
+    if got is None or len(got) != len(rules.rules):
+        got = [hashlib.sha256(repr(dataclasses.replace(r, doc="", file="", line=0, group="")).encode()).digest()
+               for r in rules.rules]
+        rules._rule_digests = got  # a derived cache, not a field: CompiledRules stays what load_rules built
+    return got
+
+
+def sets_digest(rules) -> str:
+    """sha256 of every token set the rules read: class names, members, weighted sets' weights."""
+    import hashlib
+
+    sets = rules.sets
+    h = hashlib.sha256(repr((sets.class_names, sets.class_entries)).encode())
+    for mem, w in zip(sets.class_members, sets.class_weights):
+        h.update(np.ascontiguousarray(mem, np.int64).tobytes())
+        h.update(b"|" if w is None else np.ascontiguousarray(w, np.float64).tobytes())
+        h.update(b";")
+    return h.hexdigest()
 
 
 _ENGINE_SHA: str | None = None
@@ -170,24 +192,34 @@ def _store_row(ref, key: str | None, m: dict) -> None:
         pass
 
 
-def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True):
-    """-> (rows, per-position metrics of the last row (all rules on)). Rows whose rules did not change
-    since the last run on this eval set come from the row cache (row_keys); the others are computed
-    together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
+def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True) -> list[dict]:
+    """Per-position metrics under each mask: rows whose rules did not change since the last run on this eval
+    set come from the row cache (row_keys); the others are computed together (HandModel.stream_metrics_rows:
+    one engine pass for all rows that share the bigram rules)."""
     from verify.ledger.integrity import clean_stale
 
     for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
         clean_stale(folder)
-    masks = group_masks(rules)
-    if final_only:
-        masks = masks[-1:]
-    keys = row_keys(rules, [m for _, m in masks], ref) if cache else [None] * len(masks)
+    keys = row_keys(rules, masks, ref) if cache else [None] * len(masks)
     got = [_load_row(ref, k) for k in keys]
     todo = [i for i, m in enumerate(got) if m is None]
     if todo:
-        for i, m in zip(todo, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i][1] for i in todo])):
+        for i, m in zip(todo, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in todo])):
             got[i] = m
             _store_row(ref, keys[i], m)
+    return got
+
+
+def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True,
+               within: np.ndarray | None = None):
+    """-> (rows, per-position metrics of the last row (all rules on)). `within` [n_rules] bool: only these rules
+    may be on (the verified ledger: the same groups with every unverified rule off, nothing refitted)."""
+    masks = group_masks(rules)
+    if final_only:
+        masks = masks[-1:]
+    if within is not None:
+        masks = [(label, m & within) for label, m in masks]
+    got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache)
     numbers = np.asarray(rules.rule_numbers)
     rows = [summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum()))
             for (label, mask), m in zip(masks, got)]

@@ -25,10 +25,13 @@ class Evaluation:
     rules: Any = field(repr=False)    # handmodel CompiledRules
     vocab: list[str] = field(repr=False)
     last: dict = field(repr=False)    # per-position arrays with all rules on ("kl", "ce", "agree")
+    ckpt: Any = field(repr=False)     # verify.ledger.data.Checkpoint
+    kl_unigram: float = field(repr=False)  # the unigram baseline's KL (the "explained" scale)
     ablation: Optional[list[dict]] = None
     worst: Optional[list[dict]] = None
     gap_by_current: Optional[list[dict]] = None
     gap_by_next: Optional[list[dict]] = None
+    verified: Any = None  # verify.claims.verified.VerifiedLedger, when asked for
 
     def to_json(self) -> dict:
         """The JSON record (key order as printed since the first release: scripts diff it)."""
@@ -38,6 +41,8 @@ class Evaluation:
             out["ablation"] = self.ablation
         if self.worst is not None:
             out.update(worst=self.worst, gap_by_current=self.gap_by_current, gap_by_next=self.gap_by_next)
+        if self.verified is not None:
+            out["verified"] = self.verified.to_json()
         out["timings"] = self.timings
         return out
 
@@ -103,7 +108,7 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Path, corpus: Optional[Path]
     }
     res = Evaluation(header=header, baselines=base_rows, ledger=rows, final=rows[-1],
                      float16_precision=meta.get("float16_precision"), timings=timings,
-                     ref=ref, hand=hm, rules=rules, vocab=vocab, last=last)
+                     ref=ref, hand=hm, rules=rules, vocab=vocab, last=last, ckpt=ckpt, kl_unigram=kl_uni)
     if ablate:
         t1 = time.perf_counter()
         from .probe import fast_ablation

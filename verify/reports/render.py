@@ -61,6 +61,9 @@ def render(console: Console, res: dict, wide: bool = False) -> None:
     console.print(f"[bold]baselines[/bold]  fitted on {h['train_text']}")
     console.print(metric_table("Baselines (KL(p_ref ‖ q), nats/token)", res["baselines"], ledger=False, wide=wide))
     console.print(metric_table("Ledger: rule groups added cumulatively", res["ledger"], ledger=True, wide=wide))
+    if "verified" in res and len(res["verified"]["ledger"]) > 1:
+        console.print(metric_table("Verified ledger: the same groups, every rule whose component check does not pass "
+                                   "switched off", res["verified"]["ledger"], ledger=True, wide=wide))
     if "ablation" in res:
         t = Table(title="Ablation: KL increase with only that rule off (largest first)", title_justify="left")
         for c in ("rule", "group", "ΔKL", "KL without", ""):
@@ -91,6 +94,14 @@ def render(console: Console, res: dict, wide: bool = False) -> None:
     f = res["final"]
     console.print(f"[bold]final[/bold] KL {f['kl']:.4f} nats/token [{f['kl_lo']:.4f}, {f['kl_hi']:.4f}], "
                   f"explained {_pct(f['explained'])}, unexplained loss {f['unexplained']:+.4f}, top-1 {_pct(f['top1'])}")
+    if "verified" in res:
+        v = res["verified"]
+        fv, rate = v["final"], v["kl_weighted_pass_rate"]
+        console.print(f"[bold]verified[/bold] KL {fv['kl']:.4f} [{fv['kl_lo']:.4f}, {fv['kl_hi']:.4f}], explained "
+                      f"{_pct(fv['explained'])}, top-1 {_pct(fv['top1'])}, {v['n_verified']:,} of {v['n_rules']:,} rules "
+                      f"({fv['numbers']:,} numbers); KL-weighted pass rate {'n/a' if rate is None else _pct(rate)}")
+        style = "" if v["status"] in ("cached", "computed") else "[yellow]"
+        console.print(f"{style}component verdicts: {v['note']}{'[/yellow]' if style else ''}")
     prec = (f"; float16 cache KL error ≤ {max(p.get('kl_err_vs_eval_mean', 0), p.get('kl_err_vs_tempered', 0)):.1e} "
             f"nats/token (measured on {p.get('positions', 0)} positions)") if p else ""
     tim = ", ".join(f"{k} {v:.2f}s" for k, v in res["timings"].items())
