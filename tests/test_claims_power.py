@@ -72,12 +72,16 @@ def test_token_alone_ablation(world):
     """ref_side.token_alone_ablated (a bigram row's component): the current token's embedding is replaced by
     the mean in what the direct path and the MLP read, each head's output is held at its clean value, the
     position embedding kept; with one token everywhere (its embedding is the mean) nothing moves."""
+    import copy
+
     import torch
 
     from verify.claims import ref_side as R
 
     oracle, windows = world[:2]
-    m = oracle.model
+    m = copy.deepcopy(oracle.model)
+    with torch.no_grad():  # the world's position embedding is zero: give it one, to see that it is kept
+        m.W_pos.copy_(torch.from_numpy(np.random.default_rng(0).normal(0, 1.0, tuple(m.W_pos.shape))))
     arr = windows[:4]
     b = R.run_batch(m, arr)
     means = R.context_means(m, [arr])
