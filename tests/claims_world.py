@@ -58,7 +58,8 @@ def _top(vec: np.ndarray, k: int) -> dict[int, float]:
 
 
 def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: int = 12):
-    """(true rule text, wrong rule text): heads, head_outs, neurons and bigram rows read off the weights.
+    """(true rule text, wrong rule text): the prior, heads, head_outs, neurons and bigram rows read off the
+    weights (a bigram row: the top of its token's token-alone write, docs/claims.md).
     The true set has a head_out row for every source token of the contexts (so switching a [[head]] off
     removes all of its write); the wrong set has the first n_src rows, each on the next source token."""
     import torch
@@ -74,9 +75,13 @@ def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: 
         cache = oracle.run_with_cache(windows)
         sigma = float(cache["ln_final.scale"].mean())
         pre = m.mlp_pre(m.ln2(m.W_E)).numpy()  # [V, N] the token's own pre-activation (attention left out)
-        lp_tok = torch.log_softmax(m.unembed(m.W_E + m.mlp(m.W_E)), -1).numpy()  # [V, V] direct path
+        # the token-alone path (direct path + MLP, the position embedding is zero here): what token c writes
+        # compared with the mean embedding of the contexts, attention's small write left out; centred logits
+        e_bar = m.W_E[torch.from_numpy(windows)].reshape(-1, m.cfg.d_model).mean(0, keepdim=True)
+        tok_write = m.unembed(m.W_E + m.mlp(m.W_E)) - m.unembed(e_bar + m.mlp(e_bar))
+        tok_write = (tok_write - tok_write.mean(1, keepdim=True)).numpy()  # [V, V]
         lp = torch.log_softmax(torch.from_numpy(cache["logits"]), -1).numpy()
-        mean_lp = lp.reshape(-1, V).mean(0)  # each token's mean log-prob (the bigram readout's baseline)
+        mean_lp = lp.reshape(-1, V).mean(0)  # each token's mean log-prob over the contexts (the prior)
         ov = []
         for h in range(Hn):
             W_Oc = m.W_O[h] - m.W_O[h].mean(-1, keepdim=True)
@@ -84,6 +89,12 @@ def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: 
             ov.append((lg - lg.mean(1, keepdim=True)).numpy())
         W_outU = ((m.W_out - m.W_out.mean(-1, keepdim=True)) * m.ln_final.weight / sigma @ m.W_U).numpy()  # [N, V]
     true, wrong = [], []
+    rng = np.random.default_rng(0)
+    prior = _top(mean_lp - mean_lp.mean(), 2 * top)  # the reference's mean output, its most extreme tokens
+    true.append(f'[[prior]]\nid = "prior"\ndoc = "The mean output."\nnext = {_table(vocab, prior)}\n')
+    for n in range(n_src // 2):  # the same values moved onto other tokens of the contexts
+        moved = dict(zip(rng.choice(np.setdiff1d(np.arange(V), list(prior)), len(prior), replace=False).tolist(), prior.values()))
+        wrong.append(f'[[prior]]\nid = "prior.moved{n}"\ndoc = "Values on other tokens."\nnext = {_table(vocab, moved)}\n')
     for h in range(Hn):
         sc = (q[:, h][used] @ k[:, h][used].T).numpy() / math.sqrt(oracle.cfg.d_head)
         entries = ", ".join(f"{{ now = {_s(vocab[c])}, src = {_s(vocab[s])}, w = {sc[i, j]:.4f} }}"
@@ -103,9 +114,8 @@ def derive(oracle, windows: np.ndarray, n_src: int = 10, n_rows: int = 20, top: 
     for n in range(N):
         on = {int(c): float(pre[c, n]) for c in used}
         true.append(f'[[neuron]]\nid = "neuron.{n}"\ndoc = "Reference neuron {n}."\nnow = {_table(vocab, on)}\nnext = {_table(vocab, _top(W_outU[n], top))}\n')
-    rng = np.random.default_rng(0)
     for n, c in enumerate(freq[:n_rows]):
-        row = _top(lp_tok[c] - mean_lp, top)
+        row = _top(tok_write[c], top)
         other = freq[(n + 1) % n_rows]
         shuffled = dict(zip(rng.choice(used, len(row), replace=False).tolist(), row.values()))
         true.append(f'[[bigram]]\nid = "bigram.{n}"\ndoc = "After a token."\nnow = {_s(vocab[c])}\nnext = {_table(vocab, row)}\n')

@@ -68,6 +68,37 @@ def verdicts(world):
     return check_components(oracle, rt, {}, windows), check_components(oracle, rw, wrong_checks, windows)
 
 
+def test_token_alone_ablation(world):
+    """ref_side.token_alone_ablated (a bigram row's component): the current token's embedding is replaced by
+    the mean in what the direct path and the MLP read, each head's output is held at its clean value, the
+    position embedding kept; with one token everywhere (its embedding is the mean) nothing moves."""
+    import copy
+
+    import torch
+
+    from verify.claims import ref_side as R
+
+    oracle, windows = world[:2]
+    m = copy.deepcopy(oracle.model)
+    with torch.no_grad():  # the world's position embedding is zero: give it one, to see that it is kept
+        m.W_pos.copy_(torch.from_numpy(np.random.default_rng(0).normal(0, 1.0, tuple(m.W_pos.shape))))
+    arr = windows[:4]
+    b = R.run_batch(m, arr)
+    means = R.context_means(m, [arr])
+    with torch.inference_mode():
+        abl = R.token_alone_ablated(m, b, means)
+        cache: dict = {}
+        m(torch.from_numpy(arr), cache=cache)
+        x1 = means.embed + m.W_pos[: arr.shape[1]] + cache["attn_out"]
+        assert torch.allclose(abl, torch.log_softmax(m.unembed(x1 + m.mlp(x1)), -1), atol=1e-5)
+        direct = torch.log_softmax(m.unembed(cache["resid_post"] + means.embed - m.W_E[b.idx]), -1)
+        assert (abl - direct).abs().max() > 0.1  # the MLP's current-token part is in the component
+        assert (abl - b.lp).abs().max() > 0.1
+        same = np.full_like(arr, arr[0, 1])
+        b1 = R.run_batch(m, same)
+        assert torch.allclose(R.token_alone_ablated(m, b1, R.context_means(m, [same])), b1.lp, atol=1e-5)
+
+
 def _kind(v) -> str:
     return "copy" if v.id.endswith(".copy") else v.kind
 
@@ -76,13 +107,14 @@ def _detail(v) -> str:
     return f"{v.id} {v.verdict} " + ", ".join(f"{c.name} {c.value} [{c.lo}, {c.hi}] w={c.windows}" for c in v.checks)
 
 
+KINDS = ("prior", "bigram", "head", "head_out", "copy", "neuron")  # every kind that names a component
 ENOUGH = 12  # windows: a true rule seen in fewer may honestly be undecided (its interval is wide)
 
 
 def test_true_rules_pass(verdicts):
     """Every kind: true rules seen in enough windows pass (≥ 90%), and almost none fails outright."""
     true, _ = verdicts
-    for kind in ("head", "head_out", "copy", "neuron", "bigram"):
+    for kind in KINDS:
         vs = [v for v in true if _kind(v) == kind]
         seen = [v for v in vs if min(c.windows for c in v.checks) >= ENOUGH]
         ok = [v for v in seen if v.verdict == "pass"]
@@ -94,7 +126,7 @@ def test_true_rules_pass(verdicts):
 def test_wrong_components_fail(verdicts):
     """Every kind: the same rules paired with the wrong component fail at least 95% of the time."""
     _, wrong = verdicts
-    for kind in ("head", "head_out", "copy", "neuron", "bigram"):
+    for kind in KINDS:
         vs = [v for v in wrong if _kind(v) == kind]
         failed = [v for v in vs if v.verdict == "fail"]
         assert vs and len(failed) >= 0.95 * len(vs), (kind, len(failed), len(vs), [_detail(v) for v in vs if v not in failed][:5])

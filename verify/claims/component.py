@@ -24,9 +24,9 @@ import numpy as np
 from . import hand_side as H
 
 # -- thresholds: one per kind and check, the same for every rule (docs/claims.md says why) ------------
-READOUT_CORR = 0.5  # neuron: Pearson r of activations (the component explains ≥ 25% of the rule's variance)
+READOUT_CORR = 0.5  # neuron: Pearson r of activations; bigram: of the row and the component's logit write (r² ≥ 25%)
 READOUT_OVERLAP = 0.5  # [[head]]: mean Σ_s min(a_ref, a_hand): the two patterns share most of their mass
-READOUT_COSINE = 0.5  # prior / bigram / head_out next: cosine of the logit offsets on the written tokens
+READOUT_COSINE = 0.5  # prior / head_out next: cosine of the logit offsets on the written tokens
 COPY_Z = 2.0  # head_out copy: the head's OV output puts the copied token ≥ 2 s.d. above the vocabulary mean
 READOUT_COPY_RATE = 0.5  # ... at at least half of the source occurrences
 INTERVENTION = 0.5  # every kind: concordance 2Σxy/(Σx²+Σy²) of the two Δlog p vectors (direction and size)
@@ -141,7 +141,8 @@ class Target:
 
 
 def targets(oracle, rules, checks: dict[str, dict]) -> list[Target]:
-    """Every rule with the component it names (prior / bigram: the direct path; skip: none)."""
+    """Every rule with the component it names (prior: the mean output; bigram: the current token's
+    token-alone path, i.e. the direct path and the MLP's current-token part; skip: none)."""
     vec_heads = [r for r in rules.rules if r.kind == "head"]
     tok_id = rules.sets.tok_id
     head_ref = {h: ref_index(oracle, r, checks.get(r.id, {}), tok_id, "head") for h, r in enumerate(vec_heads)}
@@ -152,7 +153,7 @@ def targets(oracle, rules, checks: dict[str, dict]) -> list[Target]:
         if r.kind == "prior":
             comp = "the reference's output (unembedding bias and mean)"
         elif r.kind == "bigram":
-            comp = "the current token's direct path"
+            comp = "the current token's token-alone path (direct + MLP, attention held)"
         elif r.kind == "head":
             ref = head_ref[vec_heads.index(r)]
             comp = None if ref is None else f"head {ref} attention"

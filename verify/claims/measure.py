@@ -74,6 +74,7 @@ def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[Compon
 
     means = R.context_means(model, batches)
     head_targets = [t for t in tg if t.rule.kind == "head" and t.ref is not None]
+    any_bigram = any(t.rule.kind == "bigram" for t in tg)
     W_Oc = {h: (model.W_O[h] - model.W_O[h].mean(-1, keepdim=True)).detach() for h in range(model.cfg.n_heads)}
     gamma = model.ln_final.weight.detach()
     W_U = model.W_U.detach()
@@ -102,6 +103,7 @@ def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[Compon
             hand = np.stack(hm.log_probs_batch(list(arr)))
             states = [H.window_state(vec, s) for s in arr]
             head_abl = {t.ref: R.head_ablated(model, b, means, t.ref).numpy() for t in head_targets}
+            tok_abl = R.token_alone_ablated(model, b, means).numpy() if any_bigram else None  # one pass, every bigram row
             hand_off = heads_off(arr)
             for j, ws in enumerate(states):
                 w = bi_ * batch + j
@@ -113,7 +115,7 @@ def _run(model, rules, vec, tg, hm, batches, windows, batch, log) -> list[Compon
                     if kind == "prior":
                         _prior(acc, t, ctx, tables[t.index], written[t.index])
                     elif kind == "bigram":
-                        _bigram(acc, t, ctx, vec, model, means)
+                        _bigram(acc, t, ctx, vec, tok_abl[j])
                     elif kind == "head":
                         _head(acc, t, ctx, vec, head_abl[t.ref][j], hand_off[t.index][j])
                     elif kind == "neuron":
@@ -197,37 +199,36 @@ def hand_means(vec, tg: list[Target], batches, hm, heads_off) -> dict[int, np.nd
 
 
 def _prior(acc, t: Target, c: SimpleCtx, table, written) -> None:
-    ts = _pick(c.rng, np.arange(len(c.ws.seq)), 2 * PER_WINDOW)
-    y = c.lp_ref[ts][:, written] - c.lp_ref[ts].mean(1, keepdims=True)
-    x = np.broadcast_to(table[written], y.shape)
-    acc.add(t.index, "readout", c.w, _pair_sums("cosine", x, y), len(ts))
+    """The prior names the reference's mean output: its logits against the window's mean, over every
+    position, of log p_ref − mean_v log p_ref, on the tokens it writes (one vector per window: compared
+    position by position, even the exact mean would score only |mean| / rms of the positions' vectors)."""
+    lp = c.lp_ref.astype(np.float64)
+    y = (lp - lp.mean(1, keepdims=True)).mean(0)[written]
+    acc.add(t.index, "readout", c.w, _pair_sums("cosine", table[written], y), len(lp))
 
 
-def _bigram(acc, t: Target, c: SimpleCtx, vec, model, means) -> None:
-    from . import ref_side as R
-
+def _bigram(acc, t: Target, c: SimpleCtx, vec, abl) -> None:
+    """A bigram row against the current token's token-alone path (direct path + the MLP's current-token
+    part; attention held at its clean output): abl [T, V] are the reference's log-probs with that path
+    mean-ablated (ref_side.token_alone_ablated, one pass per batch shared by every row), so both checks
+    use every position where the rule acts, on the tokens its applicable rows write."""
     r = t.rule
     pos = np.flatnonzero(H.acts(vec, r, c.ws))
     if not len(pos):
         return
     seq = c.ws.seq
     d = H.contribution(vec, r, c.ws, pos)
-    uni = means.mean_logp.numpy()
-    sx = np.zeros(6)
-    wr_of = {}
+    write = c.lp_ref[pos].astype(np.float64) - abl[pos]  # the component's logit write, up to a constant per position
+    write -= write.mean(1, keepdims=True)  # ... centred over the vocabulary
+    dh = _dlogp(c.hand[pos], d - c.dbar)  # the rule mean-ablated on the hand side
+    dr = abl[pos].astype(np.float64) - c.lp_ref[pos]  # the component mean-ablated on the reference
+    sx, si = np.zeros(6), np.zeros(3)
     for k, p in enumerate(pos):
-        wr = wr_of[k] = np.logical_or.reduce([vec.written(row) for now, row in r.rows if vec.member(now)[seq[p]]])
-        sx += _pair_sums("corr", d[k, wr], c.lp_ref[p, wr] - uni[wr])
+        wr = np.logical_or.reduce([vec.written(row) for now, row in r.rows if vec.member(now)[seq[p]]])
+        sx += _pair_sums("corr", d[k, wr], write[k, wr])
+        si += _pair_sums("concordance", dh[k, wr], dr[k, wr])
     acc.add(t.index, "readout", c.w, sx, len(pos))
-    ts = _pick(c.rng, pos, PER_WINDOW)
-    sel = np.searchsorted(pos, ts)
-    dh = _dlogp(c.hand[ts], d[sel] - c.dbar)
-    abl = R.embed_direct_ablated(model, c.b, means, np.full(len(ts), c.j), ts).numpy()
-    si = np.zeros(3)
-    for k, p in enumerate(ts):
-        wr = wr_of[sel[k]]
-        si += _pair_sums("concordance", dh[k, wr], abl[k, wr] - c.lp_ref[p, wr])
-    acc.add(t.index, "intervention", c.w, si, len(ts))
+    acc.add(t.index, "intervention", c.w, si, len(pos))
 
 
 def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off) -> None:

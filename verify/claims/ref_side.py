@@ -35,7 +35,6 @@ class RefMeans:
     v: torch.Tensor  # [H, Dh] each head's mean value vector
     head_out: torch.Tensor  # [H, D] each head's mean write
     embed: torch.Tensor  # [D] the mean token embedding (token frequencies of the contexts)
-    mean_logp: torch.Tensor  # [V] each token's mean log-prob over the positions (the bigram readout's baseline)
 
 
 @torch.inference_mode()
@@ -55,7 +54,7 @@ def context_means(model, batches: list[np.ndarray]) -> RefMeans:
     for w in batches:
         b = run_batch(model, w)
         emb = model.W_E[b.idx]
-        s = [b.post.sum((0, 1)), b.v.sum((0, 1)), b.head_out.sum((0, 1)), emb.sum((0, 1)), b.lp.double().sum((0, 1))]
+        s = [b.post.sum((0, 1)), b.v.sum((0, 1)), b.head_out.sum((0, 1)), emb.sum((0, 1))]
         acc = s if acc is None else [a + x for a, x in zip(acc, s)]
         n += b.idx.numel()
     return RefMeans(*[a / n for a in acc])
@@ -94,8 +93,10 @@ def head_ablated(model, b: RefBatch, means: RefMeans, h: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def embed_direct_ablated(model, b: RefBatch, means: RefMeans, bi: np.ndarray, ti: np.ndarray) -> torch.Tensor:
-    """[k, V] log-probs at (bi, ti) with the current token's embedding mean-ablated on the direct path
-    (embedding -> final LayerNorm -> unembedding; attention and the MLP keep what they read)."""
-    delta = means.embed - model.W_E[b.idx[bi, ti]]
-    return lp_of_resid(model, b.resid_post[bi, ti] + delta)
+def token_alone_ablated(model, b: RefBatch, means: RefMeans) -> torch.Tensor:
+    """[B, T, V] log-probs with the current token's token-alone path mean-ablated: the token's embedding
+    E[tok] is replaced by the mean embedding in the residual that the direct path and the MLP read, while
+    each head's output (hook attn.head_out, and b_O) keeps its clean value, so attention keeps what it read.
+    The position embedding is kept. x1' = resid_mid − E[tok] + Ē; x2' = x1' + MLP(x1') (the MLP recomputed)."""
+    x1 = b.resid_mid + (means.embed - model.W_E[b.idx])
+    return lp_of_resid(model, x1 + model.mlp(x1))
