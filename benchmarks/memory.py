@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from .child import run_probe
 from .results import Section
 
 
 def ruleset_bytes(rules) -> int:
-    return int(sum(v.nbytes for v in vars(rules.arrays).values() if isinstance(v, np.ndarray)))
+    return rules.arrays.nbytes()
 
 
 def run(w, cfg, best_batch_tokens: int, verify_peaks: dict, log=print) -> Section:
