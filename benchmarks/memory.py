@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
 from .child import run_probe
 from .results import Section
 
 
 def ruleset_bytes(rules) -> int:
-    return rules.arrays.nbytes()
+    return int(sum(v.nbytes for v in vars(rules.arrays).values() if isinstance(v, np.ndarray)))
 
 
 def run(w, cfg, best_batch_tokens: int, verify_peaks: dict, log=print) -> Section:

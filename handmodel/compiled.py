@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 from .errors import UserError
-from .families import Atoms, BigramRows, Copies, HeadOuts, Heads, Neurons, RuleArrays, Skips, WeightedSets
 from .resolve import Rule, TokenSets, count_weighted_sets, resolve_entry
 from .rulefile import NOT_RULES, Entry, read_rule_file
 
@@ -39,7 +39,7 @@ class CompiledRules:
     rule_group: np.ndarray
     groups: list[str]
     rule_numbers: np.ndarray
-    arrays: RuleArrays  # the engine's arrays, one record per rule family (families.py)
+    arrays: SimpleNamespace
 
     def mask_of(self, mask) -> np.ndarray:
         """Normalise a user mask (None = all rules on) to bool [n_rules]."""
@@ -168,52 +168,35 @@ def _member_weights(sets: TokenSets, sids: list[int]) -> np.ndarray:
     return np.concatenate([sets.weights_of(s) for s in sids]) if sids else np.zeros(0)
 
 
-def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> RuleArrays:
-    """The engine's arrays (handmodel/families.py), one builder per rule family."""
-    by_kind: dict[str, list[tuple[int, Rule]]] = {}
-    for i, r in enumerate(rules):
-        by_kind.setdefault(r.kind, []).append((i, r))
-    kind = (lambda *ks: sorted((x for k in ks for x in by_kind.get(k, [])), key=lambda x: x[0]))
-    bigrams = _bigram_rows(kind("prior", "bigram"), sets)
-    head_outs = _head_outs(kind("head_out"), sets, H)
-    copies = _copies(kind("head_out"), sets, H)
-    skips = _skips(kind("skip"), sets)
-    neurons, wsets, atoms = _neurons(kind("neuron"), sets, H)
-    heads = _heads(kind("head"), sets, H, head_outs, neurons, wsets)
-    return RuleArrays(bigrams=bigrams, heads=heads, head_outs=head_outs, copies=copies, skips=skips,
-                      neurons=neurons, wsets=wsets, atoms=atoms)
-
-
-_i64 = (lambda xs: np.array(xs, dtype=np.int64))
-_f64 = (lambda xs: np.array(xs, dtype=np.float64))
-
-
-def _bigram_rows(rs: list[tuple[int, Rule]], sets: TokenSets) -> BigramRows:
-    """prior and bigram rows as blocks (now sid, expanded targets); now = @all blocks go to every base row."""
+def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     V, ALL = sets.V, sets.ALL
+    a = SimpleNamespace()
+    a.class_member = sets.member_matrix
+
+    # Base rows: prior and bigram rows as blocks (now sid, expanded targets). now = @all -> global vector.
     bt = _Targets(sets)
     blk_rule, blk_now = [], []
-    for ri, r in rs:
+    for ri, r in enumerate(rules):
         if r.kind == "prior":
             blk_rule.append(ri); blk_now.append(ALL); bt.add(r.next)
-        else:
+        elif r.kind == "bigram":
             for now, row in r.rows:
                 blk_rule.append(ri); blk_now.append(now); bt.add(row)
-    ptr, tok, w = bt.arrays()
+    a.blk_rule = np.array(blk_rule, dtype=np.int64)
+    a.blk_ptr, a.blk_tok, a.blk_w = bt.arrays()
+    glob = [i for i, s in enumerate(blk_now) if s == ALL]
+    a.glob_blk = np.array(glob, dtype=np.int64)
     local = [i for i, s in enumerate(blk_now) if s != ALL]
-    toks, bids = _expand(sets, [blk_now[i] for i in local], _i64(local))
-    now_ptr, now_blk = _csr(toks, V, bids)
-    return BigramRows(rule=_i64(blk_rule), ptr=ptr, tok=tok, w=w,
-                      glob=_i64([i for i, s in enumerate(blk_now) if s == ALL]), now_ptr=now_ptr, now_blk=now_blk)
+    toks, bids = _expand(sets, [blk_now[i] for i in local], np.array(local, dtype=np.int64))
+    a.nb_ptr, a.nb_blk = _csr(toks, V, bids)
 
-
-def _heads(rs: list[tuple[int, Rule]], sets: TokenSets, H: int, ho: HeadOuts, nr: Neurons, ws: WeightedSets) -> Heads:
-    """Positional scores, and token scores grouped by the `now` sid they apply to."""
-    V = sets.V
+    # Heads: positional scores, and token scores grouped by the `now` sid they apply to.
+    head_rules = [r for r in rules if r.kind == "head"]
+    a.head_rule = np.array([i for i, r in enumerate(rules) if r.kind == "head"], dtype=np.int64)
     pos_ptr, pos_val, pos_def = [0], [], []
     grp_rows: list[np.ndarray] = []
     hg_keys, hg_grp = [], []
-    for h, (_, r) in enumerate(rs):
+    for h, r in enumerate(head_rules):
         D = max(r.position) + 1 if r.position else 0
         seg = np.full(D, r.pos_default)
         for d, w in r.position.items():
@@ -228,84 +211,75 @@ def _heads(rs: list[tuple[int, Rule]], sets: TokenSets, H: int, ho: HeadOuts, nr
             grp_rows.append(row)
             mem = sets.members(now).astype(np.int64)
             hg_keys.append(h * V + mem); hg_grp.append(np.full(len(mem), g, dtype=np.int64))
+    a.pos_ptr = np.array(pos_ptr, dtype=np.int64)
+    a.pos_val = np.concatenate(pos_val) if pos_val else np.zeros(0)
+    a.pos_default = np.array(pos_def, dtype=np.float64)
+    a.src_score = np.array(grp_rows, dtype=np.float64).reshape(len(grp_rows), V)
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
-    grp_ptr, grp = _csr(cat(hg_keys), H * V, cat(hg_grp))
-    used = np.zeros(H, dtype=np.bool_)  # heads nobody reads need no attention computed
-    used[ho.head] = True
-    used[np.repeat(np.arange(H, dtype=np.int64), np.diff(nr.att_ptr[::V]))] = True
-    used[ws.rd_head] = True
-    return Heads(rule=_i64([i for i, _ in rs]), used=used, pos_ptr=_i64(pos_ptr),
-                 pos_val=np.concatenate(pos_val) if pos_val else np.zeros(0), pos_default=_f64(pos_def),
-                 src_score=np.array(grp_rows, dtype=np.float64).reshape(len(grp_rows), V), grp_ptr=grp_ptr, grp=grp)
+    a.hg_ptr, a.hg_grp = _csr(cat(hg_keys), H * V, cat(hg_grp))
 
-
-def _head_outs(ho: list[tuple[int, Rule]], sets: TokenSets, H: int) -> HeadOuts:
-    """head_outs indexed by (head, source token); the `now` condition is checked per position."""
-    V = sets.V
+    # Head outputs: indexed by (head, source token); the `now` condition is checked per position.
     ot = _Targets(sets)
+    ho = [(i, r) for i, r in enumerate(rules) if r.kind == "head_out"]
+    a.ho_rule = np.array([i for i, _ in ho], dtype=np.int64)
+    a.ho_head = np.array([r.head for _, r in ho], dtype=np.int64)
+    a.ho_now = np.array([r.now for _, r in ho], dtype=np.int64)
     for _, r in ho:
         ot.add(r.next)
-    ptr, tok, w = ot.arrays()
-    head = _i64([r.head for _, r in ho])
+    a.ho_ptr, a.ho_tok, a.ho_w = ot.arrays()
     nx = [k for k, (_, r) in enumerate(ho) if r.next]  # a copy-only head_out has no `next` to route
-    toks, hs, ids = _expand(sets, [ho[k][1].src for k in nx], head[nx], _i64(nx))
-    src_ptr, src_id = _csr(hs * V + toks, H * V, ids)
-    return HeadOuts(rule=_i64([i for i, _ in ho]), head=head, now=_i64([r.now for _, r in ho]), ptr=ptr, tok=tok,
-                    w=w, src_ptr=src_ptr, src_id=src_id)
+    toks, hs, ids = _expand(sets, [ho[k][1].src for k in nx], a.ho_head[nx], np.array(nx, dtype=np.int64))
+    a.hos_ptr, a.hos_id = _csr(hs * V + toks, H * V, ids)
 
-
-def _copies(ho: list[tuple[int, Rule]], sets: TokenSets, H: int) -> Copies:
-    """head_out `copy = w`: now = @all ones indexed by (head, source token) (merged into
-    prekernels.build_uncond's per-source outputs), the others by (head, current token)."""
-    V, ALL = sets.V, sets.ALL
+    # Copy outputs (head_out `copy = w`): w x attention on a source position goes to that position's own token.
+    # Per copy rule: rule index, head, now sid, src sid, w. now = @all ones are indexed by (head, source token)
+    # (cps_*: merged into kernels.build_uncond's per-source outputs), the others by (head, current token) (cpn_*).
     cp = [(i, r) for i, r in ho if r.copy is not None]
-    head = _i64([r.head for _, r in cp])
-    now = _i64([r.now for _, r in cp])
-    src = _i64([r.src for _, r in cp])
-    unc = [k for k in range(len(cp)) if now[k] == ALL]
-    toks, hs, ids = _expand(sets, [int(src[k]) for k in unc], head[unc], _i64(unc))
-    all_ptr, all_id = _csr(hs * V + toks, H * V, ids)
-    cnd = [k for k in range(len(cp)) if now[k] != ALL]
-    toks, hs, ids = _expand(sets, [int(now[k]) for k in cnd], head[cnd], _i64(cnd))
-    now_ptr, now_id = _csr(hs * V + toks, H * V, ids)
-    cond = np.zeros(H, dtype=np.bool_)
-    cond[head[cnd]] = True
-    return Copies(rule=_i64([i for i, _ in cp]), head=head, now=now, src=src, w=_f64([r.copy for _, r in cp]),
-                  all_ptr=all_ptr, all_id=all_id, now_ptr=now_ptr, now_id=now_id, cond=cond)
+    a.cp_rule = np.array([i for i, _ in cp], dtype=np.int64)
+    a.cp_head = np.array([r.head for _, r in cp], dtype=np.int64)
+    a.cp_now = np.array([r.now for _, r in cp], dtype=np.int64)
+    a.cp_src = np.array([r.src for _, r in cp], dtype=np.int64)
+    a.cp_w = np.array([r.copy for _, r in cp], dtype=np.float64)
+    unc = [k for k in range(len(cp)) if a.cp_now[k] == ALL]
+    toks, hs, ids = _expand(sets, [int(a.cp_src[k]) for k in unc], a.cp_head[unc], np.array(unc, dtype=np.int64))
+    a.cps_ptr, a.cps_id = _csr(hs * V + toks, H * V, ids)
+    cnd = [k for k in range(len(cp)) if a.cp_now[k] != ALL]
+    toks, hs, ids = _expand(sets, [int(a.cp_now[k]) for k in cnd], a.cp_head[cnd], np.array(cnd, dtype=np.int64))
+    a.cpn_ptr, a.cpn_id = _csr(hs * V + toks, H * V, ids)
+    a.cp_cond = np.zeros(H, dtype=np.bool_)  # head has copy rules with a `now` condition
+    a.cp_cond[a.cp_head[cnd]] = True
 
-
-def _skips(sk: list[tuple[int, Rule]], sets: TokenSets) -> Skips:
-    """Skip-trigrams, indexed by current token (candidates) and by earlier token (arming)."""
-    V = sets.V
+    # Skip-trigrams: indexed by current token (candidates) and by earlier token (arming).
     st = _Targets(sets)
+    sk = [(i, r) for i, r in enumerate(rules) if r.kind == "skip"]
+    a.sk_rule = np.array([i for i, _ in sk], dtype=np.int64)
     for _, r in sk:
         st.add(r.next)
-    ptr, tok, w = st.arrays()
+    a.sk_ptr, a.sk_tok, a.sk_w = st.arrays()
     ids = np.arange(len(sk), dtype=np.int64)
     toks, i1 = _expand(sets, [r.now for _, r in sk], ids)
-    now_ptr, now_id = _csr(toks, V, i1)
+    a.skn_ptr, a.skn_id = _csr(toks, V, i1)
     toks, i2 = _expand(sets, [r.src for _, r in sk], ids)
-    src_ptr, src_id = _csr(toks, V, i2)
-    return Skips(rule=_i64([i for i, _ in sk]), ptr=ptr, tok=tok, w=w, now_ptr=now_ptr, now_id=now_id,
-                 src_ptr=src_ptr, src_id=src_id)
+    a.ske_ptr, a.ske_id = _csr(toks, V, i2)
 
-
-def _neurons(nr: list[tuple[int, Rule]], sets: TokenSets, H: int) -> tuple[Neurons, WeightedSets, Atoms]:
-    """Neurons: threshold, outputs, and three input indexes (now token, present token, attended token).
-
-    Token outputs are expanded; class outputs stay per class (a neuron writing ten classes would otherwise
-    touch ~1,000 tokens per firing): the kernel sums the firing neurons' weights per class, then per
-    *atom* (tokens in the same output classes), and updates log Z per atom with the atom's base mass,
-    so a class output costs one exp per atom, not one per member token. Weighted sets are not uniform
-    over their members (no atoms), but are shared by many neurons: the kernel sums the firing neurons'
-    act x per set, then writes each touched set once from its own (token, weight) list (WeightedSets)."""
-    V = sets.V
+    # Neurons: threshold, output, and three input indexes (now token, present token, attended token).
+    nt = _Targets(sets)
+    nr = [(i, r) for i, r in enumerate(rules) if r.kind == "neuron"]
+    a.nr_rule = np.array([i for i, _ in nr], dtype=np.int64)
+    a.nr_thr = np.array([r.threshold for _, r in nr], dtype=np.float64)
+    a.nr_always = np.flatnonzero(a.nr_thr < 0).astype(np.int64)  # fire with no input at all
+    # token outputs are expanded; class outputs stay per class (a neuron writing ten classes would otherwise
+    # touch ~1,000 tokens per firing): the kernel sums the firing neurons' weights per class, then per
+    # *atom* (tokens in the same output classes), and updates log Z per atom with the atom's base mass,
+    # so a class output costs one exp per atom, not one per member token. Weighted sets are not uniform
+    # over their members (no atoms), but are shared by many neurons: the kernel sums the firing neurons'
+    # act x per set, then writes each touched set once from its own (token, weight) list (ws_*).
     ws_sids = sorted({s for _, r in nr for s in [s for s, _ in r.next] + [s for _, s, _ in r.n_attend] if sets.is_weighted(s)})
     ws_of = {s: j for j, s in enumerate(ws_sids)}
     wt = _Targets(sets)
     for s in ws_sids:
         wt.add([(s, 1.0)])
-    nt = _Targets(sets)
+    a.ws_ptr, a.ws_tok, a.ws_w = wt.arrays()
     ncl_ptr, ncl_cls, ncl_w = [0], [], []
     nws_ptr, nws_set, nws_w = [0], [], []
     for _, r in nr:
@@ -317,6 +291,14 @@ def _neurons(nr: list[tuple[int, Rule]], sets: TokenSets, H: int) -> tuple[Neuro
                 ncl_cls.append(s - V); ncl_w.append(w)
         ncl_ptr.append(len(ncl_cls))
         nws_ptr.append(len(nws_set))
+    a.nr_ptr, a.nr_tok, a.nr_w = nt.arrays()
+    a.ncl_ptr = np.array(ncl_ptr, dtype=np.int64)
+    a.ncl_cls = np.array(ncl_cls, dtype=np.int64)
+    a.ncl_w = np.array(ncl_w, dtype=np.float64)
+    a.nws_ptr = np.array(nws_ptr, dtype=np.int64)
+    a.nws_set = np.array(nws_set, dtype=np.int64)
+    a.nws_w = np.array(nws_w, dtype=np.float64)
+    a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok = _atoms(sets.class_members, np.unique(a.ncl_cls), V)
     s_now, n_now, w_now, s_pr, n_pr, w_pr, s_at, h_at, n_at, w_at = ([] for _ in range(10))
     readers: dict[tuple[int, int], list[tuple[int, float]]] = {}  # (head, weighted set) -> [(neuron, x)]
     for n, (_, r) in enumerate(nr):
@@ -329,31 +311,22 @@ def _neurons(nr: list[tuple[int, Rule]], sets: TokenSets, H: int) -> tuple[Neuro
                 readers.setdefault((h, ws_of[s]), []).append((n, w))
             else:
                 s_at.append(s); h_at.append(h); n_at.append(n); w_at.append(w)
-    toks, nn, ww = _expand(sets, s_now, _i64(n_now), _f64(w_now))
-    now_ptr, now_neu, now_w = _csr(toks, V, nn, ww * _member_weights(sets, s_now))
+    toks, nn, ww = _expand(sets, s_now, np.array(n_now, np.int64), np.array(w_now, np.float64))
+    a.nn_ptr, a.nn_neu, a.nn_w = _csr(toks, V, nn, ww * _member_weights(sets, s_now))
+    a.npe_neu = np.array(n_pr, dtype=np.int64)
+    a.npe_w = np.array(w_pr, dtype=np.float64)
     toks, ee = _expand(sets, s_pr, np.arange(len(s_pr), dtype=np.int64))
-    pres_ptr, pres_ent = _csr(toks, V, ee)
-    toks, hh, nn, ww = _expand(sets, s_at, _i64(h_at), _i64(n_at), _f64(w_at))
-    att_ptr, att_neu, att_w = _csr(hh * V + toks, H * V, nn, ww)
-    ptr, tok, w = nt.arrays()
-    thr = _f64([r.threshold for _, r in nr])
-    neurons = Neurons(rule=_i64([i for i, _ in nr]), thr=thr, always=np.flatnonzero(thr < 0).astype(np.int64),
-                      ptr=ptr, tok=tok, w=w, cls_ptr=_i64(ncl_ptr), cls=_i64(ncl_cls), cls_w=_f64(ncl_w),
-                      ws_ptr=_i64(nws_ptr), ws=_i64(nws_set), ws_w=_f64(nws_w), now_ptr=now_ptr, now_neu=now_neu,
-                      now_w=now_w, pres_neu=_i64(n_pr), pres_w=_f64(w_pr), pres_ptr=pres_ptr, pres_ent=pres_ent,
-                      att_ptr=att_ptr, att_neu=att_neu, att_w=att_w)
+    a.np_ptr, a.np_ent = _csr(toks, V, ee)
+    toks, hh, nn, ww = _expand(sets, s_at, np.array(h_at, np.int64), np.array(n_at, np.int64), np.array(w_at, np.float64))
+    a.na_ptr, a.na_neu, a.na_w = _csr(hh * V + toks, H * V, nn, ww)
     # attended weighted sets: one reader per (head, set), whose weighted mass goes to its neurons (x each)
     keys = sorted(readers)
-    ws_ptr, ws_tok, ws_w = wt.arrays()
-    wsets = WeightedSets(ptr=ws_ptr, tok=ws_tok, w=ws_w, rd_head=_i64([h for h, _ in keys]),
-                         rd_set=_i64([j for _, j in keys]),
-                         rd_ptr=np.concatenate([[0], np.cumsum([len(readers[k]) for k in keys])]).astype(np.int64),
-                         rd_neu=_i64([n for k in keys for n, _ in readers[k]]),
-                         rd_w=_f64([w for k in keys for _, w in readers[k]]))
-    atom_of, ca_ptr, ca_atom, am_ptr, am_tok = _atoms(sets.class_members, np.unique(neurons.cls), V)
-    atoms = Atoms(class_member=sets.member_matrix, atom_of=atom_of, ca_ptr=ca_ptr, ca_atom=ca_atom, am_ptr=am_ptr,
-                  am_tok=am_tok)
-    return neurons, wsets, atoms
+    a.wr_head = np.array([h for h, _ in keys], dtype=np.int64)
+    a.wr_set = np.array([j for _, j in keys], dtype=np.int64)
+    a.wrn_ptr = np.concatenate([[0], np.cumsum([len(readers[k]) for k in keys])]).astype(np.int64)
+    a.wrn_neu = np.array([n for k in keys for n, _ in readers[k]], dtype=np.int64)
+    a.wrn_w = np.array([w for k in keys for _, w in readers[k]], dtype=np.float64)
+    return a
 
 
 def _atoms(members: list[np.ndarray], used: np.ndarray, V: int) -> tuple[np.ndarray, ...]:

@@ -1,13 +1,11 @@
-"""HandModel: next-token log-probs and streaming metrics from CompiledRules (orchestrates prekernels.py and
-kernels.py; the records it hands them: families.py)."""
+"""HandModel: next-token log-probs and streaming metrics from CompiledRules (orchestrates kernels.py)."""
 from __future__ import annotations
 
 import numpy as np
 
-from . import kernels, prekernels
+from . import kernels
 from .compiled import CompiledRules
 from .errors import UserError
-from .families import BaseRows, MergedOuts, Outputs, Pass, Readers, RefRows, RuleArrays
 
 
 def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
@@ -33,13 +31,13 @@ DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the voc
 
 
 def kernels_cold() -> bool:
-    """True when the engine's numba kernels will compile on first use (no cache index newer than its
-    kernel file: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
+    """True when the engine's numba kernels will compile on first use (no cache index newer than
+    kernels.py: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
     import os
 
     try:
-        return any(os.path.getmtime(k._cache._cache_file._index_path) < os.path.getmtime(m.__file__)
-                   for m, k in ((kernels, kernels.run_seqs), (prekernels, prekernels.build_base)))
+        idx = kernels.run_seqs._cache._cache_file._index_path
+        return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
     except (AttributeError, OSError):
         return True
 
@@ -82,12 +80,8 @@ class _BasePool:
         self.slot[toks] = np.arange(n, n + k)
         self.n = n + k
 
-    def rows(self) -> BaseRows:
-        return BaseRows(slot=self.slot, logit=self.base, prob=self.prob, lse=self.lse, atom_mass=self.pat,
-                        atom_top=self.top)
 
-
-def _attention_arrays(a: RuleArrays, V: int, H: int, ho_uncond: np.ndarray) -> Readers:
+def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     """Arrays for the incremental attention in kernels.run_seqs.
 
     Score combinations: the current token c selects a set of score groups of head h (hg_ptr/hg_grp);
@@ -96,65 +90,63 @@ def _attention_arrays(a: RuleArrays, V: int, H: int, ho_uncond: np.ndarray) -> R
     head_out reading it (kind 0), one per neuron attending to it (kind 1) and one per weighted set
     neurons attend to through it (kind 2, id: the reader, compiled wr_*); re_* lists, per (head, source
     token), the slots it feeds and the weight (1 for a head_out, the attend weight, the set weight)."""
-    hd, ho, nr, ws = a.heads, a.head_outs, a.neurons, a.wsets
     cb_of = np.zeros(H * V, dtype=np.int64)
     cb_ptr = np.zeros(H + 1, dtype=np.int64)
     reps = []
     for h in range(H):
-        lo, hi = hd.grp_ptr[h * V], hd.grp_ptr[(h + 1) * V]
-        grp = hd.grp[lo:hi]
+        lo, hi = a.hg_ptr[h * V], a.hg_ptr[(h + 1) * V]
+        grp = a.hg_grp[lo:hi]
         if len(grp) == 0:  # no score entries: one combination (score 0 for every source)
             reps.append(np.zeros(1, dtype=np.int64))
             cb_ptr[h + 1] = cb_ptr[h] + 1
             continue
         ug, gi = np.unique(grp, return_inverse=True)
         member = np.zeros((V, len(ug)), dtype=np.bool_)
-        toks = np.repeat(np.arange(V), np.diff(hd.grp_ptr[h * V:(h + 1) * V + 1]))
+        toks = np.repeat(np.arange(V), np.diff(a.hg_ptr[h * V:(h + 1) * V + 1]))
         member[toks, gi] = True
         _, first, inv = np.unique(np.packbits(member, axis=1), axis=0, return_index=True, return_inverse=True)
         cb_of[h * V:(h + 1) * V] = inv.ravel()
         reps.append(first.astype(np.int64))
         cb_ptr[h + 1] = cb_ptr[h] + len(first)
     cb_rep = np.concatenate(reps) if reps else np.zeros(0, np.int64)
-    # head_outs with now = @all are routed through prekernels.build_uncond's merged outputs, not slots
+    # head_outs with now = @all are routed through kernels.build_uncond's merged outputs, not slots
 
-    ho_head = ho.head
-    has_next = np.diff(ho.ptr) > 0  # copy-only head_outs need no reader slot
-    na_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(nr.att_ptr))
+    ho_head = np.asarray(a.ho_head, dtype=np.int64)
+    has_next = np.diff(a.ho_ptr) > 0  # copy-only head_outs need no reader slot
+    na_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.na_ptr))
     na_head = na_keys // V if V else na_keys
     sl_ptr = np.zeros(H + 1, dtype=np.int64)
     sl_kind, sl_id = [], []
     ho_slot = np.zeros(len(ho_head), dtype=np.int64)
-    wr_slot = np.zeros(len(ws.rd_head), dtype=np.int64)
+    wr_slot = np.zeros(len(a.wr_head), dtype=np.int64)
     neu_slot = {}
     for h in range(H):
         hos = np.flatnonzero((ho_head == h) & ~ho_uncond & has_next)
         ho_slot[hos] = np.arange(len(hos))
-        neus = np.unique(nr.att_neu[na_head == h])
+        neus = np.unique(np.asarray(a.na_neu)[na_head == h])
         for j, n in enumerate(neus):
             neu_slot[(h, int(n))] = len(hos) + j
-        wrs = np.flatnonzero(ws.rd_head == h)
+        wrs = np.flatnonzero(a.wr_head == h)
         wr_slot[wrs] = len(hos) + len(neus) + np.arange(len(wrs))
         sl_kind += [0] * len(hos) + [1] * len(neus) + [2] * len(wrs)
         sl_id += list(hos) + list(neus) + list(wrs)
         sl_ptr[h + 1] = sl_ptr[h] + len(hos) + len(neus) + len(wrs)
-    hos_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(ho.src_ptr))
-    hos_id = ho.src_id
+    hos_keys = np.repeat(np.arange(H * V, dtype=np.int64), np.diff(a.hos_ptr))
+    hos_id = np.asarray(a.hos_id, dtype=np.int64)
     cond = ~ho_uncond[hos_id]
     hos_keys, hos_id = hos_keys[cond], hos_id[cond]
-    n_mem = np.diff(ws.ptr)[ws.rd_set]  # a weighted-set reader is fed by every member of its set
-    mem = np.concatenate([np.arange(ws.ptr[j], ws.ptr[j + 1]) for j in ws.rd_set]) if len(n_mem) else np.zeros(0, np.int64)
-    keys = np.concatenate([hos_keys, na_keys, np.repeat(ws.rd_head * V, n_mem) + ws.tok[mem]])
+    n_mem = np.diff(a.ws_ptr)[a.wr_set]  # a weighted-set reader is fed by every member of its set
+    mem = np.concatenate([np.arange(a.ws_ptr[j], a.ws_ptr[j + 1]) for j in a.wr_set]) if len(n_mem) else np.zeros(0, np.int64)
+    keys = np.concatenate([hos_keys, na_keys, np.repeat(a.wr_head * V, n_mem) + a.ws_tok[mem]])
     slots = np.concatenate([ho_slot[hos_id],
-                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, nr.att_neu)], dtype=np.int64),
+                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64),
                             np.repeat(wr_slot, n_mem)])
-    sw = np.concatenate([np.ones(len(hos_keys)), nr.att_w, ws.w[mem]])
+    ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64), a.ws_w[mem]])
     order = np.argsort(keys, kind="stable")
     re_ptr = np.zeros(H * V + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=H * V), out=re_ptr[1:])
-    return Readers(cb_of=cb_of, cb_ptr=cb_ptr, cb_rep=cb_rep, sl_ptr=sl_ptr, sl_kind=np.array(sl_kind, dtype=np.int64),
-                   sl_id=np.array(sl_id, dtype=np.int64), re_ptr=re_ptr, re_slot=np.ascontiguousarray(slots[order]),
-                   re_w=np.ascontiguousarray(sw[order]))
+    return (cb_of, cb_ptr, cb_rep, sl_ptr, np.array(sl_kind, dtype=np.int64), np.array(sl_id, dtype=np.int64),
+            re_ptr, np.ascontiguousarray(slots[order]), np.ascontiguousarray(ws[order]))
 
 
 class HandModel:
@@ -163,25 +155,38 @@ class HandModel:
         a = rules.arrays
         V = rules.vocab_size
         H = rules.n_heads
-        self._neuron_heads: list[set[int]] = [set() for _ in range(len(a.neurons.rule))]  # heads each neuron attends to
-        na_head = np.repeat(np.arange(H, dtype=np.int64), np.diff(a.neurons.att_ptr[::V]))
-        pairs = np.stack([np.concatenate([na_head, np.repeat(a.wsets.rd_head, np.diff(a.wsets.rd_ptr))]),
-                          np.concatenate([a.neurons.att_neu, a.wsets.rd_neu])], 1).astype(np.int64)
+        used = np.zeros(H, dtype=np.bool_)
+        used[a.ho_head] = True
+        self._neuron_heads: list[set[int]] = [set() for _ in range(len(a.nr_rule))]  # heads each neuron attends to
+        na_head = np.repeat(np.arange(H, dtype=np.int64), np.diff(a.na_ptr[::V]))
+        pairs = np.stack([np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]),
+                          np.concatenate([a.na_neu, a.wrn_neu])], 1).astype(np.int64)
         for h, n in np.unique(pairs, axis=0):
+            used[h] = True  # heads nobody reads need no attention computed
             self._neuron_heads[n].add(int(h))
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
-        # head_outs with now = @all are merged per (head, source token) for each mask (prekernels.build_uncond),
+        # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond),
         # their `copy` outputs included; copy outputs of head_outs with a `now` condition: kernels.run_seqs
-        self._ho_uncond = a.head_outs.now == rules.sets.ALL
+        self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._explainer = None
-        self._readers = _attention_arrays(a, V, H, self._ho_uncond)
-        self._n_atoms = len(a.atoms.am_ptr) - 1
+        self._A = _attention_arrays(a, V, H, self._ho_uncond)
+        self._n_atoms = len(a.am_ptr) - 1
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
         self.dense_min = max(1, V // DENSE_SHARE)
+        self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
+                   a.src_score, a.hg_ptr, a.hg_grp,
+                   a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
+                   a.sk_rule, a.sk_ptr, a.sk_tok, a.sk_w, a.skn_ptr, a.skn_id, a.ske_ptr, a.ske_id,
+                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.ncl_ptr, a.ncl_cls, a.ncl_w,
+                   a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok,
+                   a.nn_ptr, a.nn_neu, a.nn_w,
+                   a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
+                   a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id,
+                   a.nws_ptr, a.nws_set, a.nws_w, a.ws_ptr, a.ws_tok, a.ws_w, a.wrn_ptr, a.wrn_neu, a.wrn_w)
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -235,21 +240,19 @@ class HandModel:
             S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
-        a = rules.arrays
-        kernels.run_seqs(Pass(tok=tok, seq_ptr=ptr, row=row, R=R, V=V, dense_min=int(self.dense_min)),
-                         pool.rows(),
-                         RefRows(p16=ref16, p32=ref32, use16=use16, lut_p=_LUT[0], S=S, A=A, arg=arg, B=Bd, atom_mass=Rm),
-                         Outputs(want_logp=want_logp, logp=out_logp, kl=kl, ce=ce, agree=agree, lse=hand_lse, argmax=argmax),
-                         a.heads, a.head_outs, a.copies, a.skips, a.neurons, a.wsets, a.atoms, self._readers, self._uncond(row))
+        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
+                         self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
+                         want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 
-    def _uncond(self, row: np.ndarray) -> MergedOuts:
+    def _uncond(self, row: np.ndarray) -> tuple:
         a = self.rules.arrays
-        key = row[a.head_outs.rule].tobytes()  # copy rules are head_outs too
+        key = row[a.ho_rule].tobytes()  # copy rules are head_outs too
         if self._uo_cache is None or self._uo_cache[0] != key:
-            out = MergedOuts(*prekernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row,
-                                                   a.head_outs, a.copies, self._ho_uncond))
+            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
+                                       a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
+                                       a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
             self._uo_cache = (key, out)
         return self._uo_cache[1]
 
@@ -278,8 +281,8 @@ class HandModel:
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            pool.add(need, *prekernels.build_base(need, V, mask, a.bigrams, a.atoms.atom_of, np.int64(pool.n_atoms),
-                                               np.int64(pool.ka)))
+            pool.add(need, *kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
+                                               a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka)))
         return pool
 
     def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):
@@ -289,10 +292,9 @@ class HandModel:
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
-            stats = prekernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
-            if len(self.rules.arrays.neurons.cls):
-                R = prekernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atoms.atom_of,
-                                          np.int64(self._n_atoms))
+            stats = kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
+            if len(self.rules.arrays.ncl_cls):
+                R = kernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, np.int64(self._n_atoms))
             else:  # no class outputs: no atom is ever touched, the mass is never read
                 R = np.zeros((len(ref), self._n_atoms))
             self._ref_cache = (key, stats + (R,), {})
@@ -301,7 +303,7 @@ class HandModel:
         B = dots.get(dkey)
         if B is None:
             dots.clear()
-            B = prekernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
+            B = kernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
             dots[dkey] = B
         return S, A, arg, B, R
 
@@ -350,11 +352,11 @@ class HandModel:
             row = np.full(len(ms[0]), -1, dtype=np.int64)
             for j, k in reversed(list(enumerate(run))):
                 row[ms[k]] = j
-            for rules_, heads in ((a.head_outs.rule, a.head_outs.head), (a.copies.rule, a.copies.head)):
-                hr = row[a.heads.rule[heads]]
+            for rules_, heads in ((a.ho_rule, a.ho_head), (a.cp_rule, a.cp_head)):
+                hr = row[a.head_rule[heads]]
                 on = (row[rules_] >= 0) & (hr >= 0)
                 row[rules_[on]] = np.maximum(row[rules_[on]], hr[on])
-            ok = all(row[a.neurons.rule[n]] < 0 or row[a.heads.rule[h]] <= row[a.neurons.rule[n]]
+            ok = all(row[a.nr_rule[n]] < 0 or row[a.head_rule[h]] <= row[a.nr_rule[n]]
                      for n, hs in enumerate(self._neuron_heads) for h in hs)
             out.extend([(run, row)] if ok else [([k], None) for k in run])
         return out

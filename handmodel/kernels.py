@@ -1,9 +1,4 @@
-"""The per-position engine (numba): run_seqs, a short parallel driver over sequences, and its phase kernels.
-
-This file is over 400 lines on purpose: numba caches a kernel's machine code per *file* and checks only that
-file's timestamp, so a phase kernel in another module edited would leave run_seqs' cached code (which has
-the phases compiled in) stale. The driver, its phases and their scratch records therefore live here
-together; the kernels run once per call (base rows, reference statistics) are in prekernels.py.
+"""numba kernels. Plain loops over the CSR arrays built in compiled.py; semantics in docs/rules.md.
 
 Cost model (docs/method.md, "Where the hand model's time goes"): a full-row exp is ~10 us per token, a
 row dot ~1 us. So each distinct current token gets a dense *base row* (prior + bigram rows) with its
@@ -16,22 +11,16 @@ A position whose outputs touch much of the vocabulary (large weighted sets writt
 the exception: there the per-token bookkeeping costs more than the exps, so weighted-set outputs, and all
 outputs once the previous position was that large, are summed into a dense row without flags and log Z
 and the argmax come from one sequential pass over the vocabulary (_dense_finish).
-
-Speed: the phase kernels are separate (not inlined) functions, so numba's parfor passes analyse only the
-driver's few lines (compile time), and they are compiled with error_model="numpy", as numba compiles the
-body of a prange loop (no zero-division check and exception branch at every `/`, `//` and `%`).
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
-PHASE = dict(cache=True, error_model="numpy")  # the phase kernels' numba options (module doc: speed)
 
 
 def atom_top_k(n_atoms: int) -> int:
@@ -39,194 +28,129 @@ def atom_top_k(n_atoms: int) -> int:
     return max(8, -(-TOP_K // max(n_atoms, 1)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Scratch records: one set per sequence (per thread of the parallel loop), reset as each position ends.
-# A list "x_list[:x_cnt[0]]" names the keys of x_acc set at this position, x_flag[k] whether k is in it.
-
-class Deltas(NamedTuple):
-    """This position's outputs, keyed row x V + token (atoms: row x n_atoms + atom)."""
-    delta: np.ndarray      # [R*V] float64: token outputs with a touched list
-    dflag: np.ndarray      # [R*V] bool
-    touched: np.ndarray    # [R*V] int64
-    dcnt: np.ndarray       # [1] int64
-    sd: np.ndarray         # [R*V] float64: flagless outputs (weighted sets; every output of a dense position)
-    srow: np.ndarray       # [R] bool: row has flagless outputs
-    no_flags: np.ndarray   # [R*V] bool, all True: the flags a dense position writes through (_add only adds)
-    aacc: np.ndarray       # [R*n_atoms] float64: class outputs summed per atom
-    aflag: np.ndarray      # [R*n_atoms] bool
-    alist: np.ndarray      # [R*n_atoms] int64
-    acnt: np.ndarray       # [1] int64
-    dense_pos: np.ndarray  # [1] bool: this position writes flagless (predicted from the position before)
-
-
-class Reads(NamedTuple):
-    """What the heads hand on at this position: attention mass per conditional head_out, neuron
-    pre-activation (inputs other than presence), weighted mass per weighted-set reader."""
-    ov_acc: np.ndarray   # [n_ho] float64
-    ov_flag: np.ndarray
-    ov_list: np.ndarray
-    ocnt: np.ndarray
-    pre: np.ndarray      # [n_nr] float64
-    pflag: np.ndarray
-    plist: np.ndarray
-    pcnt: np.ndarray
-    wr_mass: np.ndarray  # [n_wr] float64
-    wr_flag: np.ndarray
-    wr_list: np.ndarray
-    wr_cnt: np.ndarray
-
-
-class NeuronState(NamedTuple):
-    """Neuron and skip state along the sequence, and the class / weighted-set sums at this position."""
-    cacc: np.ndarray       # [R*n_cls] float64: per (row, class) summed output weight of the firing neurons
-    cflag: np.ndarray
-    clist: np.ndarray
-    ccnt: np.ndarray
-    sacc: np.ndarray       # [R*n_ws] float64: per (row, weighted set) summed act x of the neurons writing it
-    sflag: np.ndarray
-    slist: np.ndarray
-    scnt: np.ndarray
-    pres_sum: np.ndarray   # [n_nr] float64: presence inputs of the tokens seen so far
-    pres_seen: np.ndarray  # [n_pe] bool: presence entry counted
-    live: np.ndarray       # [n_nr] int64: live[:n_live[0]]: neurons whose presence sum beats the threshold
-    live_idx: np.ndarray   # [n_nr] int64: index in live, -1 if not there
-    n_live: np.ndarray     # [1] int64
-    sk_first: np.ndarray   # [n_sk] int64: first position holding the skip's src token (NEVER: none yet)
-
-
-class RowSums(NamedTuple):
-    """Fused ledger rows (R > 1): the touched keys bucketed by row and a row's sums over the rows up to it."""
-    cum: np.ndarray    # [V] float64: a row's summed token deltas
-    cflg: np.ndarray   # [V] bool
-    ctl: np.ndarray    # [V] int64: tokens in cum
-    tcnt: np.ndarray   # [1] int64
-    bptr: np.ndarray   # [R + 1] int64: touched token keys bucketed by row (bkey)
-    bkey: np.ndarray   # [R*V] int64
-    aptr: np.ndarray   # [R + 1] int64: touched atom keys bucketed by row (akey)
-    akey: np.ndarray   # [R*n_atoms] int64
-    cuma: np.ndarray   # [n_atoms] float64: a row's summed atom outputs
-    aexp: np.ndarray   # [n_atoms] float64: exp(cuma) (1 for untouched atoms)
-    caflg: np.ndarray  # [n_atoms] bool
-    cal: np.ndarray    # [n_atoms] int64: atoms in cuma
-    tacnt: np.ndarray  # [1] int64
-    cums: np.ndarray   # [V] float64: stays 0 (R > 1 sums each row's flagless outputs into cum)
+@njit(cache=True, parallel=True)
+def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk, atom_of, n_atoms, KA):
+    """Dense base rows for the current tokens in `uniq`: logits, probabilities, log-sum-exp, and per atom
+    (atoms: compiled._atoms) its probability mass and its top-KA member ids (value desc, index asc; -1 pads)."""
+    U = len(uniq)
+    glob = np.zeros(V)
+    for b in glob_blk:
+        if mask[blk_rule[b]]:
+            for j in range(blk_ptr[b], blk_ptr[b + 1]):
+                glob[blk_tok[j]] += blk_w[j]
+    base = np.empty((U, V), dtype=np.float32)
+    prob = np.empty((U, V))
+    lse = np.empty(U)
+    pat = np.zeros((U, n_atoms))
+    top = np.full((U, n_atoms, KA), -1, dtype=np.int32)
+    for u in prange(U):
+        row = glob.copy()
+        c = uniq[u]
+        for j in range(nb_ptr[c], nb_ptr[c + 1]):
+            b = nb_blk[j]
+            if mask[blk_rule[b]]:
+                for e in range(blk_ptr[b], blk_ptr[b + 1]):
+                    row[blk_tok[e]] += blk_w[e]
+        m = -np.inf
+        for v in range(V):
+            x = np.float32(row[v])
+            base[u, v] = x
+            if x > m:
+                m = x
+        s = 0.0
+        for v in range(V):
+            e = math.exp(base[u, v] - m)
+            prob[u, v] = e
+            s += e
+        lse[u] = m + math.log(s)
+        inv = 1.0 / s
+        for v in range(V):
+            prob[u, v] *= inv
+            pat[u, atom_of[v]] += prob[u, v]
+        # per-atom top-KA by (value desc, index asc): insertion, entering only when strictly larger
+        n_in = np.zeros(n_atoms, dtype=np.int64)
+        for v in range(V):
+            a = atom_of[v]
+            x = base[u, v]
+            tl = top[u, a]
+            if n_in[a] < KA or x > base[u, tl[KA - 1]]:
+                k = n_in[a] if n_in[a] < KA else KA - 1
+                while k > 0 and x > base[u, tl[k - 1]]:
+                    tl[k] = tl[k - 1]
+                    k -= 1
+                tl[k] = v
+                if n_in[a] < KA:
+                    n_in[a] += 1
+    return base, prob, lse, pat, top
 
 
-class AttnState(NamedTuple):
-    """Incremental attention of one sequence: per head its active score combinations (those of the
-    sequence's tokens) a in act_lo[h]:act_lo[h+1], with far sums F, G (reader slots), W (merged unconditional
-    outputs), M (attention mass per source token, heads with conditional copies), referenced to fref[a]."""
-    act_of: np.ndarray    # [n_cb] int64: combination -> active index, -1
-    act_cb: np.ndarray    # [n_act] int64
-    act_last: np.ndarray  # [n_act] int64: last position whose current token selects it
-    act_lo: np.ndarray    # [H + 1] int64
-    F: np.ndarray         # [n_act] float64: sum of exp(srcscore - fref) over far positions
-    fref: np.ndarray      # [n_act] float64
-    g_off: np.ndarray     # [n_act + 1] int64: G[g_off[a] + slot]
-    G: np.ndarray
-    w_off: np.ndarray     # [n_act + 1] int64: W[w_off[a] + u], u indexing the head's support wsup
-    W: np.ndarray
-    wix: np.ndarray       # [H*R*V] int64: output key -> u (-1)
-    wsup: np.ndarray      # [H*R*V] int64
-    wcnt: np.ndarray      # [H] int64
-    m_off: np.ndarray     # [n_act + 1] int64: M[m_off[a] + u], u indexing msup
-    M: np.ndarray
-    mix: np.ndarray       # [H*V] int64: source token -> u (-1)
-    msup: np.ndarray      # [H*V] int64
-    mcnt: np.ndarray      # [H] int64
-    sl_on: np.ndarray     # [n_sl] bool: slot fed by some far position
-    sl_list: np.ndarray   # [n_sl] int64: per head sl_list[sl_ptr[h] : sl_ptr[h] + sl_cnt[h]]
-    sl_cnt: np.ndarray    # [H] int64
-    capp: np.ndarray      # [n_cp] int64: conditional copies applying at t
-    att: np.ndarray       # [max D] float64: near attention weights
+@njit(cache=True, parallel=True)
+def ref_stats(ref16, ref32, use16, lut_p, lut_pl):
+    """Per reference row: S = sum p, A = sum p log p, argmax p (first on ties). Independent of the rules."""
+    N = ref16.shape[0] if use16 else ref32.shape[0]
+    S = np.empty(N)
+    A = np.empty(N)
+    arg = np.empty(N, dtype=np.int64)
+    for i in prange(N):
+        s = 0.0
+        a = 0.0
+        bp = -1.0
+        best = 0
+        if use16:
+            row = ref16[i]
+            for v in range(row.shape[0]):
+                u = row[v]
+                p = lut_p[u]
+                s += p
+                a += lut_pl[u]
+                if p > bp:
+                    bp = p
+                    best = v
+        else:
+            frow = ref32[i]
+            for v in range(frow.shape[0]):
+                y = np.float64(frow[v])
+                p = math.exp(y)
+                s += p
+                if p > 0.0:
+                    a += p * y
+                if p > bp:
+                    bp = p
+                    best = v
+        S[i] = s
+        A[i] = a
+        arg[i] = best
+    return S, A, arg
 
 
-@njit(**PHASE)
-def _new_scratch(R, V, n_ho, n_nr, n_wr, n_cls, n_ws, n_atoms, n_pe, n_sk, always):
-    RV = R * V
-    dt = Deltas(np.zeros(RV), np.zeros(RV, dtype=np.bool_), np.empty(RV, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                np.zeros(RV), np.zeros(R, dtype=np.bool_), np.ones(RV, dtype=np.bool_), np.zeros(R * n_atoms),
-                np.zeros(R * n_atoms, dtype=np.bool_), np.empty(R * n_atoms, dtype=np.int64),
-                np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.bool_))
-    rds = Reads(np.zeros(n_ho), np.zeros(n_ho, dtype=np.bool_), np.empty(n_ho, dtype=np.int64),
-                np.zeros(1, dtype=np.int64), np.zeros(n_nr), np.zeros(n_nr, dtype=np.bool_),
-                np.empty(n_nr, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(n_wr),
-                np.zeros(n_wr, dtype=np.bool_), np.empty(n_wr, dtype=np.int64), np.zeros(1, dtype=np.int64))
-    ns = NeuronState(np.zeros(R * n_cls), np.zeros(R * n_cls, dtype=np.bool_), np.empty(R * n_cls, dtype=np.int64),
-                     np.zeros(1, dtype=np.int64), np.zeros(R * n_ws), np.zeros(R * n_ws, dtype=np.bool_),
-                     np.empty(R * n_ws, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(n_nr),
-                     np.zeros(n_pe, dtype=np.bool_), np.empty(n_nr, dtype=np.int64),
-                     np.full(n_nr, -1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.full(n_sk, NEVER, dtype=np.int64))
-    for n in always:  # threshold < 0: live from the start
-        ns.live_idx[n] = ns.n_live[0]
-        ns.live[ns.n_live[0]] = n
-        ns.n_live[0] += 1
-    rs = RowSums(np.zeros(V), np.zeros(V, dtype=np.bool_), np.empty(V, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                 np.zeros(R + 1, dtype=np.int64), np.empty(RV, dtype=np.int64), np.zeros(R + 1, dtype=np.int64),
-                 np.empty(R * n_atoms, dtype=np.int64), np.zeros(n_atoms), np.ones(n_atoms),
-                 np.zeros(n_atoms, dtype=np.bool_), np.empty(n_atoms, dtype=np.int64), np.zeros(1, dtype=np.int64),
-                 np.zeros(V))
-    return dt, rds, ns, rs
+@njit(cache=True, parallel=True)
+def ref_atom_mass(ref16, ref32, use16, lut_p, atom_of, n_atoms):
+    """Per reference row and atom: sum of p_ref over the atom's tokens (KL's p . class-output term)."""
+    N = ref16.shape[0] if use16 else ref32.shape[0]
+    R = np.zeros((N, n_atoms))
+    for i in prange(N):
+        if use16:
+            row = ref16[i]
+            for v in range(row.shape[0]):
+                R[i, atom_of[v]] += lut_p[row[v]]
+        else:
+            frow = ref32[i]
+            for v in range(frow.shape[0]):
+                R[i, atom_of[v]] += math.exp(np.float64(frow[v]))
+    return R
 
-
-@njit(**PHASE)
-def _new_attention(tok, lo, T, row, R, V, hd, cp, rd, mo):
-    """The active score combinations of this sequence per head and their (empty) far sums."""
-    H = len(hd.rule)
-    n_cb = len(rd.cb_rep)
-    act_of = np.full(n_cb, -1, dtype=np.int64)
-    act_cb = np.empty(n_cb, dtype=np.int64)
-    act_last = np.empty(n_cb, dtype=np.int64)
-    act_lo = np.zeros(H + 1, dtype=np.int64)
-    n_act = 0
-    for h in range(H):
-        act_lo[h] = n_act
-        if not hd.used[h] or row[hd.rule[h]] < 0:
-            continue
-        for t in range(T):
-            g = rd.cb_ptr[h] + rd.cb_of[h * V + tok[lo + t]]
-            if act_of[g] < 0:
-                act_of[g] = n_act
-                act_cb[n_act] = g
-                n_act += 1
-            act_last[act_of[g]] = t
-    act_lo[H] = n_act
-    g_off = np.empty(n_act + 1, dtype=np.int64)
-    w_off = np.empty(n_act + 1, dtype=np.int64)
-    m_off = np.empty(n_act + 1, dtype=np.int64)
-    g_off[0] = 0
-    w_off[0] = 0
-    m_off[0] = 0
-    mcap = T if T < V else V
-    for h in range(H):
-        for a in range(act_lo[h], act_lo[h + 1]):
-            g_off[a + 1] = g_off[a] + (rd.sl_ptr[h + 1] - rd.sl_ptr[h])
-            w_off[a + 1] = w_off[a] + mo.cap[h]
-            m_off[a + 1] = m_off[a] + (mcap if cp.cond[h] else 0)
-    RV = R * V
-    n_sl = len(rd.sl_kind)
-    maxD = 1
-    for h in range(H):
-        if hd.pos_ptr[h + 1] - hd.pos_ptr[h] > maxD:
-            maxD = hd.pos_ptr[h + 1] - hd.pos_ptr[h]
-    return AttnState(act_of, act_cb, act_last, act_lo, np.zeros(n_act), np.full(n_act, -np.inf), g_off,
-                     np.zeros(g_off[n_act]), w_off, np.zeros(w_off[n_act]),
-                     np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64),
-                     np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64), np.zeros(H, dtype=np.int64),
-                     m_off, np.zeros(m_off[n_act]), np.full(H * V if m_off[n_act] > 0 else 0, -1, dtype=np.int64),
-                     np.empty(H * V if m_off[n_act] > 0 else 0, dtype=np.int64), np.zeros(H, dtype=np.int64),
-                     np.zeros(n_sl, dtype=np.bool_), np.empty(n_sl, dtype=np.int64), np.zeros(H, dtype=np.int64),
-                     np.empty(len(cp.rule), dtype=np.int64), np.empty(maxD))
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers (inlined into the phases)
 
 @njit(cache=True, inline="always")
 def _member(sid, c, V, class_member):
     if sid < V:
         return sid == c
     return class_member[sid - V, c]
+
+
+@njit(cache=True, inline="always")
+def _write(k, scale, off, ptr, tok, w, delta, dflag, touched, cnt):
+    for j in range(ptr[k], ptr[k + 1]):
+        _add(off + tok[j], scale * w[j], delta, dflag, touched, cnt)
 
 
 @njit(cache=True, inline="always")
@@ -238,338 +162,26 @@ def _note(n, flag, lst, cnt):
 
 
 @njit(cache=True, inline="always")
-def _add(v, val, delta, dflag, touched, cnt):
-    if not dflag[v]:
-        dflag[v] = True
-        touched[cnt[0]] = v
-        cnt[0] += 1
-    delta[v] += val
-
-
-@njit(cache=True, inline="always")
-def _write(k, scale, off, ptr, tok, w, delta, dflag, touched, cnt):
-    for j in range(ptr[k], ptr[k + 1]):
-        _add(off + tok[j], scale * w[j], delta, dflag, touched, cnt)
-
-
-@njit(cache=True, inline="always")
-def _route(sl, mass, s0, c, V, row, rd, ho, class_member, rds):
-    """Attention mass `mass` reaching reader slot `sl` of the head whose slots start at s0 (a head_out, a neuron
-    attending to this head, or a weighted set read through it: its mass goes to its neurons once the heads are done)."""
-    k = rd.sl_id[s0 + sl]
-    kind = rd.sl_kind[s0 + sl]
-    if kind == 0:
-        if row[ho.rule[k]] >= 0 and _member(ho.now[k], c, V, class_member):
-            rds.ov_acc[k] += mass
-            _note(k, rds.ov_flag, rds.ov_list, rds.ocnt)
-    elif kind == 1:
-        rds.pre[k] += mass
-        _note(k, rds.pflag, rds.plist, rds.pcnt)
-    else:
-        rds.wr_mass[k] += mass
-        _note(k, rds.wr_flag, rds.wr_list, rds.wr_cnt)
-
-
-# ---------------------------------------------------------------------------------------------
-# Phase 1: attention. Per head, the position leaving its position table is folded into the far sums of
-# every active combination; then the head's attention at t over the near positions and the far sums is
-# routed to its outputs (merged unconditional outputs, copies) and reader slots.
-
-@njit(cache=True, inline="always")
-def _fold_far(h, x, t, V, RV, hd, cp, rd, mo, st):
-    """Source token x, now at distance D of head h, joins the far sums (running max fref: sums rescaled)."""
-    s0 = rd.sl_ptr[h]
-    e0 = rd.re_ptr[h * V + x]
-    e1 = rd.re_ptr[h * V + x + 1]
-    for j in range(e0, e1):
-        sl = rd.re_slot[j]
-        if not st.sl_on[s0 + sl]:
-            st.sl_on[s0 + sl] = True
-            st.sl_list[s0 + st.sl_cnt[h]] = sl
-            st.sl_cnt[h] += 1
-    u0 = mo.ptr[h * V + x]
-    u1 = mo.ptr[h * V + x + 1]
-    for j in range(u0, u1):
-        v = mo.key[j]
-        if st.wix[h * RV + v] < 0:
-            st.wix[h * RV + v] = st.wcnt[h]
-            st.wsup[h * RV + st.wcnt[h]] = v
-            st.wcnt[h] += 1
-    mx = -1
-    if cp.cond[h]:
-        if st.mix[h * V + x] < 0:
-            st.mix[h * V + x] = st.mcnt[h]
-            st.msup[h * V + st.mcnt[h]] = x
-            st.mcnt[h] += 1
-        mx = st.mix[h * V + x]
-    for a in range(st.act_lo[h], st.act_lo[h + 1]):
-        if st.act_last[a] < t:
-            continue  # no position from t on reads this combination's sums
-        r0 = rd.cb_rep[st.act_cb[a]]
-        sc = 0.0
-        for g in range(hd.grp_ptr[h * V + r0], hd.grp_ptr[h * V + r0 + 1]):
-            sc += hd.src_score[hd.grp[g], x]
-        if sc > st.fref[a]:
-            if st.F[a] > 0.0:
-                scale = math.exp(st.fref[a] - sc)
-                st.F[a] *= scale
-                for u in range(st.sl_cnt[h]):
-                    st.G[st.g_off[a] + st.sl_list[s0 + u]] *= scale
-                for u in range(st.wcnt[h]):
-                    st.W[st.w_off[a] + u] *= scale
-                if mx >= 0:
-                    for u in range(st.mcnt[h]):
-                        st.M[st.m_off[a] + u] *= scale
-            st.fref[a] = sc
-        ex = math.exp(sc - st.fref[a])
-        st.F[a] += ex
-        for j in range(e0, e1):
-            st.G[st.g_off[a] + rd.re_slot[j]] += rd.re_w[j] * ex
-        for j in range(u0, u1):
-            st.W[st.w_off[a] + st.wix[h * RV + mo.key[j]]] += mo.w[j] * ex
-        if mx >= 0:
-            st.M[st.m_off[a] + mx] += ex
-
-
-@njit(cache=True, inline="always")
-def _near_attention(h, i, t, c, D, a, tok, V, hd, st):
-    """Head h's scores at t over the near positions (st.att[:nd], made exp(score - max)) and the far sums:
-    returns nd, the normaliser z and the far weight per unit of F (0 without far positions), over z."""
-    p0 = hd.pos_ptr[h]
-    g0 = hd.grp_ptr[h * V + c]
-    g1 = hd.grp_ptr[h * V + c + 1]
-    m = -np.inf
-    nd = D if D <= t + 1 else t + 1
-    for d in range(nd):
-        xs = tok[i - d]
-        sc = hd.pos_val[p0 + d]
-        for g in range(g0, g1):
-            sc += hd.src_score[hd.grp[g], xs]
-        st.att[d] = sc
-        if sc > m:
-            m = sc
-    far = hd.pos_default[h] + st.fref[a] if st.F[a] > 0.0 else -np.inf
-    if far > m:
-        m = far
-    z = 0.0
-    for d in range(nd):
-        st.att[d] = math.exp(st.att[d] - m)
-        z += st.att[d]
-    ef = 0.0
-    if st.F[a] > 0.0:
-        ef = math.exp(far - m)
-        z += st.F[a] * ef
-        ef /= z
-    return nd, z, ef
-
-
-@njit(cache=True, inline="always")
-def _conditional_copies(h, i, c, a, nd, z, ef, tok, V, row, cp, at, st, dl, df, dt):
-    """Copies whose `now` holds c: w x attention on a source position goes to that position's own token."""
-    napp = 0
-    for j in range(cp.now_ptr[h * V + c], cp.now_ptr[h * V + c + 1]):
-        k = cp.now_id[j]
-        if row[cp.rule[k]] >= 0:
-            st.capp[napp] = k
-            napp += 1
-    if napp == 0:
-        return
-    for d in range(nd):
-        xs = tok[i - d]
-        for u in range(napp):
-            k = st.capp[u]
-            if _member(cp.src[k], xs, V, at.class_member):
-                _add(row[cp.rule[k]] * V + xs, cp.w[k] * (st.att[d] / z), dl, df, dt.touched, dt.dcnt)
-    if ef > 0.0:
-        mo_ = st.m_off[a]
-        for u in range(st.mcnt[h]):
-            xs = st.msup[h * V + u]
-            for uu in range(napp):
-                k = st.capp[uu]
-                if _member(cp.src[k], xs, V, at.class_member):
-                    _add(row[cp.rule[k]] * V + xs, cp.w[k] * (st.M[mo_ + u] * ef), dl, df, dt.touched, dt.dcnt)
-
-
-@njit(**PHASE)
-def _attend(t, i, c, lo, ps, hd, ho, cp, at, rd, mo, st, rds, dl, df, dt):
-    """Every head some switched-on rule reads: its attention at t, routed to outputs and reader slots."""
-    tok, row, V = ps.tok, ps.row, ps.V
-    RV = ps.R * V
-    for h in range(len(hd.rule)):
-        if not hd.used[h] or row[hd.rule[h]] < 0:
-            continue
-        D = hd.pos_ptr[h + 1] - hd.pos_ptr[h]
-        s0 = rd.sl_ptr[h]
-        if t - D >= 0:
-            _fold_far(h, tok[lo + t - D], t, V, RV, hd, cp, rd, mo, st)
-        a = st.act_of[rd.cb_ptr[h] + rd.cb_of[h * V + c]]
-        nd, z, ef = _near_attention(h, i, t, c, D, a, tok, V, hd, st)
-        for d in range(nd):
-            w = st.att[d] / z
-            key = h * V + tok[i - d]
-            for j in range(mo.ptr[key], mo.ptr[key + 1]):
-                _add(mo.key[j], w * mo.w[j], dl, df, dt.touched, dt.dcnt)
-            for j in range(rd.re_ptr[key], rd.re_ptr[key + 1]):
-                _route(rd.re_slot[j], rd.re_w[j] * w, s0, c, V, row, rd, ho, at.class_member, rds)
-        if cp.cond[h]:
-            _conditional_copies(h, i, c, a, nd, z, ef, tok, V, row, cp, at, st, dl, df, dt)
-        if ef > 0.0:
-            wo = st.w_off[a]
-            for u in range(st.wcnt[h]):
-                _add(st.wsup[h * RV + u], st.W[wo + u] * ef, dl, df, dt.touched, dt.dcnt)
-            go = st.g_off[a]
-            for u in range(st.sl_cnt[h]):
-                sl = st.sl_list[s0 + u]
-                _route(sl, st.G[go + sl] * ef, s0, c, V, row, rd, ho, at.class_member, rds)
-
-
-@njit(**PHASE)
-def _head_out_reads(row, V, ho, ws, rds, dl, df, dt):
-    """The conditional head_outs' outputs (attention mass x next), and each attended weighted set's mass,
-    once, to the neurons reading it."""
-    for j in range(rds.ocnt[0]):
-        k = rds.ov_list[j]
-        _write(k, rds.ov_acc[k], row[ho.rule[k]] * V, ho.ptr, ho.tok, ho.w, dl, df, dt.touched, dt.dcnt)
-        rds.ov_acc[k] = 0.0
-        rds.ov_flag[k] = False
-    rds.ocnt[0] = 0
-    for j in range(rds.wr_cnt[0]):
-        k = rds.wr_list[j]
-        for j2 in range(ws.rd_ptr[k], ws.rd_ptr[k + 1]):
-            n = ws.rd_neu[j2]
-            rds.pre[n] += ws.rd_w[j2] * rds.wr_mass[k]
-            _note(n, rds.pflag, rds.plist, rds.pcnt)
-        rds.wr_mass[k] = 0.0
-        rds.wr_flag[k] = False
-    rds.wr_cnt[0] = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Phase 2: skip-trigrams and neuron activations (their inputs from the heads are in Reads by now)
-
-@njit(**PHASE)
-def _arm_earlier(t, x, sk, nr, ns):
-    """Token x at t - 1 is now strictly earlier: it arms skip-trigrams and neuron presence inputs on first sight."""
-    for j in range(sk.src_ptr[x], sk.src_ptr[x + 1]):
-        k = sk.src_id[j]
-        if ns.sk_first[k] == NEVER:
-            ns.sk_first[k] = t - 1
-    for j in range(nr.pres_ptr[x], nr.pres_ptr[x + 1]):
-        e = nr.pres_ent[j]
-        if not ns.pres_seen[e]:
-            ns.pres_seen[e] = True
-            n = nr.pres_neu[e]
-            ns.pres_sum[n] += nr.pres_w[e]
-            if ns.pres_sum[n] - nr.thr[n] > 0.0:
-                if ns.live_idx[n] < 0:
-                    ns.live_idx[n] = ns.n_live[0]
-                    ns.live[ns.n_live[0]] = n
-                    ns.n_live[0] += 1
-            elif ns.live_idx[n] >= 0:
-                ns.n_live[0] -= 1
-                last = ns.live[ns.n_live[0]]
-                ns.live[ns.live_idx[n]] = last
-                ns.live_idx[last] = ns.live_idx[n]
-                ns.live_idx[n] = -1
-
-
-@njit(**PHASE)
-def _skips(t, c, row, V, sk, ns, dl, df, dt):
-    """Skip-trigrams whose now holds c and whose src token came strictly before t."""
-    for j in range(sk.now_ptr[c], sk.now_ptr[c + 1]):
-        k = sk.now_id[j]
-        if row[sk.rule[k]] >= 0 and ns.sk_first[k] < t:
-            _write(k, 1.0, row[sk.rule[k]] * V, sk.ptr, sk.tok, sk.w, dl, df, dt.touched, dt.dcnt)
-
-
-@njit(**PHASE)
-def _fire_neurons(c, row, V, nr, ws, at, ns, rds, dl, df, dt):
-    """Candidates are the neurons with an input at t and those whose presence inputs beat the threshold:
-    act = inputs - threshold > 0 writes act x its token outputs; class and weighted-set outputs are summed
-    per (row, class) and (row, set) for _spread."""
-    n_cls = len(at.ca_ptr) - 1
-    n_ws = len(ws.ptr) - 1
-    for j in range(nr.now_ptr[c], nr.now_ptr[c + 1]):
-        n = nr.now_neu[j]
-        rds.pre[n] += nr.now_w[j]
-        _note(n, rds.pflag, rds.plist, rds.pcnt)
-    for j in range(ns.n_live[0]):
-        _note(ns.live[j], rds.pflag, rds.plist, rds.pcnt)
-    for j in range(rds.pcnt[0]):
-        n = rds.plist[j]
-        act = rds.pre[n] + ns.pres_sum[n] - nr.thr[n]
-        if act > 0.0 and row[nr.rule[n]] >= 0:
-            rn = row[nr.rule[n]]
-            _write(n, act, rn * V, nr.ptr, nr.tok, nr.w, dl, df, dt.touched, dt.dcnt)
-            for j2 in range(nr.cls_ptr[n], nr.cls_ptr[n + 1]):
-                k = rn * n_cls + nr.cls[j2]
-                _note(k, ns.cflag, ns.clist, ns.ccnt)
-                ns.cacc[k] += act * nr.cls_w[j2]
-            for j2 in range(nr.ws_ptr[n], nr.ws_ptr[n + 1]):
-                k = rn * n_ws + nr.ws[j2]
-                _note(k, ns.sflag, ns.slist, ns.scnt)
-                ns.sacc[k] += act * nr.ws_w[j2]
-        rds.pre[n] = 0.0
-        rds.pflag[n] = False
-    rds.pcnt[0] = 0
-
-
-@njit(**PHASE)
-def _spread(V, ws, at, ns, dt):
-    """Each touched (row, weighted set) written once into the flagless rows, however many neurons wrote to it;
-    each touched (row, class) added to its atoms."""
-    n_ws = len(ws.ptr) - 1
-    n_cls = len(at.ca_ptr) - 1
-    n_atoms = len(at.am_ptr) - 1
-    for j in range(ns.scnt[0]):
-        key = ns.slist[j]
-        rk = key // n_ws
-        k = key - rk * n_ws
-        val = ns.sacc[key]
-        o = rk * V
-        for j2 in range(ws.ptr[k], ws.ptr[k + 1]):
-            dt.sd[o + ws.tok[j2]] += val * ws.w[j2]
-        dt.srow[rk] = True
-        ns.sacc[key] = 0.0
-        ns.sflag[key] = False
-    ns.scnt[0] = 0
-    for j in range(ns.ccnt[0]):
-        key = ns.clist[j]
-        val = ns.cacc[key]
-        rk = key // n_cls
-        k = key - rk * n_cls
-        for j2 in range(at.ca_ptr[k], at.ca_ptr[k + 1]):
-            ak = rk * n_atoms + at.ca_atom[j2]
-            _note(ak, dt.aflag, dt.alist, dt.acnt)
-            dt.aacc[ak] += val
-        ns.cacc[key] = 0.0
-        ns.cflag[key] = False
-    ns.ccnt[0] = 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Phase 3: finish each ledger row at this position: log Z, CE, argmax, and KL (or the log-prob row)
-
-@njit(cache=True, inline="always")
 def _p_ref(i, v, use16, lut_p, ref16, ref32):
     """The reference's probability of token v at position i (float16 rows through the exp table)."""
     return lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))
 
 
 @njit(cache=True, inline="always")
-def _row_entry(v, x, i, r, fresh, want_logp, rf, rs, bs, atom_of, B, zrel, hi):
+def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp,
+               cuma, atom_of, B, zrel, hi):
     """A fused ledger row changes token v's logit by x: sum it into cum (noting v as touched), add p_ref(v) x to
     the KL's p . logits (B) and, unless the row recomputes zrel from scratch (fresh), v's new minus old
     probability mass (relative to the base row's) to zrel; hi keeps the largest changed logit (overflow guard)."""
-    _note(v, rs.cflg, rs.ctl, rs.tcnt)
-    old = rs.cum[v]
-    rs.cum[v] += x
+    _note(v, cflg, ctl, tcnt)
+    old = cum[v]
+    cum[v] += x
     if not want_logp:
-        B += _p_ref(i, v, rf.use16, rf.lut_p, rf.p16, rf.p32) * x
+        B += _p_ref(i, v, use16, lut_p, ref16, ref32) * x
     if not fresh:
         ak = atom_of[v]
-        zrel += bs.prob[r, v] * rs.aexp[ak] * (math.exp(rs.cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
-        y = bs.logit[r, v] + rs.cum[v] + rs.cuma[ak]
+        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
+        y = base[r, v] + cum[v] + cuma[ak]
         if y > hi:
             hi = y
     return B, zrel, hi
@@ -593,299 +205,738 @@ def _dense_finish(brow, cum, cums, cuma, atom_of, V):
     return m + math.log(z), best
 
 
-@njit(cache=True, inline="always")
-def _bucket_by_row(nk, nak, R, V, n_atoms, dt, rs):
-    """R > 1: the touched token and atom keys bucketed by row (stable)."""
-    rs.tcnt[0] = 0
-    rs.tacnt[0] = 0
-    rs.bptr[:] = 0
-    rs.aptr[:] = 0
-    for j in range(nk):
-        rs.bptr[dt.touched[j] // V + 1] += 1
-    for j in range(nak):
-        rs.aptr[dt.alist[j] // n_atoms + 1] += 1
-    for rr in range(R):
-        rs.bptr[rr + 1] += rs.bptr[rr]
-        rs.aptr[rr + 1] += rs.aptr[rr]
-    for j in range(nk):
-        rr = dt.touched[j] // V
-        rs.bkey[rs.bptr[rr]] = dt.touched[j]
-        rs.bptr[rr] += 1
-    for j in range(nak):
-        rr = dt.alist[j] // n_atoms
-        rs.akey[rs.aptr[rr]] = dt.alist[j]
-        rs.aptr[rr] += 1
+@njit(cache=True, parallel=True)
+def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
+    """sum_v p_ref[i, v] * base[row of tok[i], v] per position: the rule-independent part of the KL dot
+    product (depends only on the reference rows, the tokens and the prior/bigram rules), cached by the engine."""
+    N = len(tok)
+    out = np.empty(N)
+    for i in prange(N):
+        brow = base[row_of[tok[i]]]
+        B = 0.0
+        if use16:
+            rrow = ref16[i]
+            for v in range(brow.shape[0]):
+                B += lut_p[rrow[v]] * brow[v]
+        else:
+            frow = ref32[i]
+            for v in range(brow.shape[0]):
+                B += math.exp(np.float64(frow[v])) * brow[v]
+        out[i] = B
+    return out
+
+
+@njit(cache=True)
+def build_uncond(H, V, row, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_uncond, cp_rule, cp_w, cps_ptr, cps_id):
+    """Per (head, source token): the merged output of every switched-on head_out with now = @all reading
+    that source (their contributions scale with the same attention weight, so they add into one sparse
+    vector), `copy` outputs of now = @all head_outs included (target: the source token itself).
+    Outputs are keyed row x V + token (row: the rule's ledger row, kernels.run_seqs; one row: the token).
+    Returns CSR (ptr[H*V+1], key, w) and per head the number of distinct keys."""
+    RV = V * (max(row.max(), 0) + 1) if len(row) else V
+    total = 0
+    for key in range(H * V):
+        for j in range(hos_ptr[key], hos_ptr[key + 1]):
+            k = hos_id[j]
+            if ho_uncond[k] and row[ho_rule[k]] >= 0:
+                total += ho_ptr[k + 1] - ho_ptr[k]
+        total += cps_ptr[key + 1] - cps_ptr[key]
+    ptr = np.zeros(H * V + 1, dtype=np.int64)
+    otok = np.empty(total, dtype=np.int64)
+    ow = np.empty(total)
+    acc = np.zeros(RV)
+    flag = np.zeros(RV, dtype=np.bool_)
+    lst = np.empty(RV, dtype=np.int64)
+    hflag = np.zeros(RV, dtype=np.bool_)
+    hlist = np.empty(RV, dtype=np.int64)
+    ucap = np.zeros(H, dtype=np.int64)
+    n = 0
+    for h in range(H):
+        nh = 0
+        for x in range(V):
+            key = h * V + x
+            cnt = 0
+            for j in range(hos_ptr[key], hos_ptr[key + 1]):
+                k = hos_id[j]
+                if ho_uncond[k] and row[ho_rule[k]] >= 0:
+                    off = row[ho_rule[k]] * V
+                    for e in range(ho_ptr[k], ho_ptr[k + 1]):
+                        v = off + ho_tok[e]
+                        if not flag[v]:
+                            flag[v] = True
+                            lst[cnt] = v
+                            cnt += 1
+                        acc[v] += ho_w[e]
+            for j in range(cps_ptr[key], cps_ptr[key + 1]):
+                k = cps_id[j]
+                if row[cp_rule[k]] >= 0:
+                    v = row[cp_rule[k]] * V + x
+                    if not flag[v]:
+                        flag[v] = True
+                        lst[cnt] = v
+                        cnt += 1
+                    acc[v] += cp_w[k]
+            for e in range(cnt):
+                v = lst[e]
+                otok[n] = v
+                ow[n] = acc[v]
+                n += 1
+                acc[v] = 0.0
+                flag[v] = False
+                if not hflag[v]:
+                    hflag[v] = True
+                    hlist[nh] = v
+                    nh += 1
+            ptr[key + 1] = n
+        ucap[h] = nh
+        for e in range(nh):
+            hflag[hlist[e]] = False
+    return ptr, otok[:n].copy(), ow[:n].copy(), ucap
 
 
 @njit(cache=True, inline="always")
-def _hand_argmax(r, nt, KA, bs, at, cum_, cflg_, ctl_, cuma_):
-    """Hand argmax without a dense pass: per atom its best member without a token delta (the atom's top list,
-    else a scan of its members), then every touched token; ties go to the lower token id."""
-    best = -1
-    bv = -np.inf
-    for ak in range(len(at.am_ptr) - 1):
-        cand = -1
-        for k in range(KA):
-            v = bs.atom_top[r, ak, k]
-            if v < 0:
-                break
-            if not cflg_[v]:
-                cand = v
-                break
-        if cand < 0 and at.am_ptr[ak + 1] - at.am_ptr[ak] > KA:  # top list used up by touched tokens
-            cv = -np.inf
-            for j in range(at.am_ptr[ak], at.am_ptr[ak + 1]):
-                v = at.am_tok[j]
-                if not cflg_[v] and (cand < 0 or bs.logit[r, v] > cv):
-                    cand = v
-                    cv = bs.logit[r, v]
-        if cand >= 0:
-            y = np.float64(bs.logit[r, cand]) + cuma_[ak]
-            if best < 0 or y > bv or (y == bv and cand < best):
-                best = cand
-                bv = y
-    for j in range(nt):
-        v = ctl_[j]
-        y = bs.logit[r, v] + cum_[v] + cuma_[at.atom_of[v]]
-        if best < 0 or y > bv or (y == bv and v < best):
-            best = v
-            bv = y
-    return best
+def _add(v, val, delta, dflag, touched, cnt):
+    if not dflag[v]:
+        dflag[v] = True
+        touched[cnt[0]] = v
+        cnt[0] += 1
+    delta[v] += val
 
 
 @njit(cache=True, inline="always")
-def _logp_row(orow, brow, lse, dense, nt, na, V, atom_of, cum_, cums_, cuma_, ctl_):
-    """The full log-prob row (want_logp)."""
-    if dense:
-        for v in range(V):
-            orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
+def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
+           pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt):
+    """Attention mass `mass` reaching reader slot `sl` (a head_out, a neuron attending to this head, or a
+    weighted set read through it: its mass goes to its neurons once the heads are done)."""
+    if kind == 0:
+        if row[ho_rule[k]] >= 0 and _member(ho_now[k], c, V, class_member):
+            ov_acc[k] += mass
+            _note(k, ov_flag, ov_list, ocnt)
+    elif kind == 1:
+        pre[k] += mass
+        _note(k, pflag, plist, pcnt)
     else:
-        if na > 0:
-            for v in range(V):
-                orow[v] = brow[v] + cuma_[atom_of[v]] - lse
-        else:
-            for v in range(V):
-                orow[v] = brow[v] - lse
-        for j in range(nt):
-            v = ctl_[j]
-            orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
-
-
-@njit(**PHASE)
-def _finish(i, t, T, c, ps, bs, rf, out, at, dt, rs):
-    """Every ledger row at position i: log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of
-    (new - old) probability mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row
-    changes; a row changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
-    A position touching at least dense_min tokens finishes densely (_dense_finish); in R > 1 only a row that
-    recomputes zrel from scratch goes dense, and the rows after it go on from the exact log Z it leaves."""
-    R, V, tok, dense_min = ps.R, ps.V, ps.tok, ps.dense_min
-    want_logp = out.want_logp
-    atom_of = at.atom_of
-    n_atoms = len(at.am_ptr) - 1
-    nk = dt.dcnt[0]
-    nak = dt.acnt[0]
-    r = bs.slot[c]
-    lb = bs.lse[r]
-    if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
-        cum_, cflg_, ctl_, cuma_, cal_, cums_ = dt.delta, dt.dflag, dt.touched, dt.aacc, dt.alist, dt.sd
-        nt = nk
-        na = nak
-    else:
-        cum_, cflg_, ctl_, cuma_, cal_, cums_ = rs.cum, rs.cflg, rs.ctl, rs.cuma, rs.cal, rs.cums
-        nt = 0
-        na = 0
-        _bucket_by_row(nk, nak, R, V, n_atoms, dt, rs)
-    b0 = 0
-    a0 = 0
-    zrel = 1.0
-    hi = -np.inf
-    B = rf.B[i] if not want_logp else 0.0
-    dense = False
-    sused = False
-    nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
-    for rr in range(R):
-        if R == 1:
-            fresh = True
-            dense = nk >= dense_min or dt.srow[0]
-            sused = dt.srow[0]
-            if sused and not want_logp:
-                for v in range(V):
-                    if dt.sd[v] != 0.0:
-                        B += _p_ref(i, v, rf.use16, rf.lut_p, rf.p16, rf.p32) * dt.sd[v]
-            for j in range(na):
-                rs.aexp[dt.alist[j]] = math.exp(dt.aacc[dt.alist[j]])
-            if not want_logp:
-                for j in range(na):
-                    B += dt.aacc[dt.alist[j]] * rf.atom_mass[i, dt.alist[j]]
-                if rf.use16:
-                    rrow = rf.p16[i]
-                    for j in range(nt):
-                        B += rf.lut_p[rrow[dt.touched[j]]] * dt.delta[dt.touched[j]]
-                else:
-                    frow = rf.p32[i]
-                    for j in range(nt):
-                        B += math.exp(np.float64(frow[dt.touched[j]])) * dt.delta[dt.touched[j]]
-        else:
-            fresh = rs.aptr[rr] > a0
-            if dt.srow[rr]:  # this row's flagless outputs join its touched tokens
-                dt.srow[rr] = False
-                o = rr * V
-                for v in range(V):
-                    x = dt.sd[o + v]
-                    if x != 0.0:
-                        nz += 1
-                        dt.sd[o + v] = 0.0
-                        B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, rf, rs, bs, atom_of, B, zrel, hi)
-            for j in range(b0, rs.bptr[rr]):
-                key = rs.bkey[j]
-                B, zrel, hi = _row_entry(key - rr * V, dt.delta[key], i, r, fresh, want_logp, rf, rs, bs, atom_of,
-                                         B, zrel, hi)
-            b0 = rs.bptr[rr]
-            for j in range(a0, rs.aptr[rr]):
-                ak = rs.akey[j] - rr * n_atoms
-                _note(ak, rs.caflg, rs.cal, rs.tacnt)
-                rs.cuma[ak] += dt.aacc[rs.akey[j]]
-                rs.aexp[ak] = math.exp(rs.cuma[ak])
-                if not want_logp:
-                    B += dt.aacc[rs.akey[j]] * rf.atom_mass[i, ak]
-            a0 = rs.aptr[rr]
-            nt = rs.tcnt[0]
-            na = rs.tacnt[0]
-            dense = fresh and nt >= dense_min
-        if dense:
-            lse, best = _dense_finish(bs.logit[r], cum_, cums_, cuma_, atom_of, V)
-            zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
-            hi = lse  # >= every logit: keeps the overflow guard
-        elif fresh:
-            zrel = 1.0
-            hi = -np.inf
-            for j in range(na):
-                ak = cal_[j]
-                zrel += bs.atom_mass[r, ak] * (rs.aexp[ak] - 1.0)
-                y = bs.logit[r, bs.atom_top[r, ak, 0]] + cuma_[ak] if bs.atom_top[r, ak, 0] >= 0 else -np.inf
-                if y > hi:
-                    hi = y
-            for j in range(nt):
-                v = ctl_[j]
-                ak = atom_of[v]
-                if bs.logit[r, v] + cum_[v] + cuma_[ak] > hi:
-                    hi = bs.logit[r, v] + cum_[v] + cuma_[ak]
-                zrel += bs.prob[r, v] * rs.aexp[ak] * (math.exp(cum_[v]) - 1.0)
-        if not dense:
-            if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                lse, best = _dense_finish(bs.logit[r], cum_, cums_, cuma_, atom_of, V)
-            else:
-                lse = lb + math.log(zrel)
-                best = -2  # argmax below
-        out.lse[rr, i] = lse
-        if t + 1 < T:
-            nx = tok[i + 1]
-            out.ce[rr, i] = lse - (bs.logit[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
-        else:
-            out.ce[rr, i] = np.nan
-        if best == -2:
-            best = _hand_argmax(r, nt, bs.atom_top.shape[2], bs, at, cum_, cflg_, ctl_, cuma_)
-        out.argmax[rr, i] = best
-        if want_logp:
-            _logp_row(out.logp[i], bs.logit[r], lse, dense, nt, na, V, atom_of, cum_, cums_, cuma_, ctl_)
-        else:
-            # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
-            # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-            S = rf.S[i]
-            kl = (rf.A[i] - B) / S - math.log(S) + lse
-            out.kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-            out.agree[rr, i] = rf.arg[i] == best
-    _clear(nk, nak, nt, na, nz, sused, R, V, n_atoms, dense_min, dt, rs)
-
-
-@njit(cache=True, inline="always")
-def _clear(nk, nak, nt, na, nz, sused, R, V, n_atoms, dense_min, dt, rs):
-    """Reset what this position wrote; predict whether the next one is dense (outputs change slowly)."""
-    for j in range(nk):
-        dt.delta[dt.touched[j]] = 0.0
-        dt.dflag[dt.touched[j]] = False
-    dt.dcnt[0] = 0
-    if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
-        for v in range(V):
-            if dt.sd[v] != 0.0:
-                nz += 1
-                dt.sd[v] = 0.0
-        dt.srow[0] = False
-    dt.dense_pos[0] = nk + nz >= dense_min
-    for j in range(nak):
-        dt.aacc[dt.alist[j]] = 0.0
-        dt.aflag[dt.alist[j]] = False
-        rs.aexp[dt.alist[j] % n_atoms] = 1.0
-    dt.acnt[0] = 0
-    if R > 1:
-        for j in range(nt):
-            rs.cum[rs.ctl[j]] = 0.0
-            rs.cflg[rs.ctl[j]] = False
-        for j in range(na):
-            ak = rs.cal[j]
-            rs.cuma[ak] = 0.0
-            rs.aexp[ak] = 1.0
-            rs.caflg[ak] = False
-
-
-# ---------------------------------------------------------------------------------------------
-# The driver
-
-@njit(**PHASE)
-def _output_rows(dt):
-    """Where this position's outputs go: the touched-token deltas, or, when dense (predicted from the position
-    before), flagless into dt.sd (all-true flags: _add then only adds). Both ways are exact.
-    (Not in run_seqs' body: there numba's parfor pass loses the slice assignment to a record's field.)"""
-    if dt.dense_pos[0]:
-        dt.srow[:] = True
-        return dt.sd, dt.no_flags
-    return dt.delta, dt.dflag
+        wr_mass[k] += mass
+        _note(k, wr_flag, wr_list, wr_cnt)
 
 
 @njit(cache=True, parallel=True)
-def run_seqs(ps, bs, rf, out, hd, ho, cp, sk, nr, ws, at, rd, mo):
-    """Every position of every sequence (records: handmodel/families.py): base row + sparse rule deltas ->
-    log Z, CE, argmax, and either the full log-prob row (out.want_logp) or KL against the reference row.
-    Per position, the model's equation in phases: logits = base row (bs) + skips + head outputs (_attend,
-    _head_out_reads) + neuron outputs (_fire_neurons, _spread); then _finish (log Z, KL, CE, argmax).
+def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
+             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
+             out_agree, out_lse, out_argmax, dense_min):
+    """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
+    full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
-    Ledger rows in one pass: rule i is on from row `ps.row[i]` on (-1: off), ps.R rows in all; every output
+    Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
     goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r
-    (out.*[r, i]). Exact when each rule's contribution does not depend on which later rules are on, which
+    (out_*[r, i]). Exact when each rule's contribution does not depend on which later rules are on, which
     the caller ensures (engine.HandModel.stream_metrics_rows). One row (R = 1): a plain mask.
 
     Attention is incremental: a position at distance >= D (the head's position-table length) from t has
     score default + srcscore(token), the same for every later t, so it is folded once into running sums
-    per head and *score combination* (the set of score groups the current token selects; Readers): F = sum of
+    per head and *score combination* (the set of score groups the current token selects; `A`): F = sum of
     exp(srcscore - ref) and, per reader slot (head_out or attending neuron), G = sum of w exp(srcscore - ref),
     ref being the running max (sums rescaled when it grows). Each t then costs O(D + active reader slots).
-    head_out `copy` outputs: now = @all ones are merged into the per-source-token outputs (mo; far part: W);
+    head_out `copy` outputs: now = @all ones are merged into the per-source-token outputs U (far part: W);
     for heads with conditional copy rules the far attention mass per source token is kept too (M).
 
     Neuron class outputs are summed per atom (aacc; compiled._atoms) and never expanded to tokens: log Z
-    gains sum over touched atoms of P_atom (e^aacc - 1) (bs.atom_mass), each touched token's term is scaled
-    by e^aacc of its atom, and KL's p . logits gains aacc x p_ref mass of the atom (rf.atom_mass).
+    gains sum over touched atoms of P_atom (e^aacc - 1) (base_pat: the atom's base mass), each touched
+    token's term is scaled by e^aacc of its atom, and KL's p . logits gains aacc x p_ref mass of the atom (ref_R).
 
     Weighted sets shared by neurons cost per set, not per reference: outputs are summed per (row, set)
-    over the firing neurons (sacc) and each touched set is written once; a set attended through a head is
-    one reader slot (kind 2) whose weighted mass is fanned out to the neurons reading it (ws.rd_*).
+    over the firing neurons (sacc) and each touched set is written once (ws_*); a set attended through a
+    head is one reader slot (kind 2) whose weighted mass is fanned out to the neurons reading it (wrn_*).
     """
-    R, V, tok, row = ps.R, ps.V, ps.tok, ps.row
-    for q in prange(len(ps.seq_ptr) - 1):
-        lo = ps.seq_ptr[q]
-        T = ps.seq_ptr[q + 1] - lo
-        dt, rds, ns, rs = _new_scratch(R, V, len(ho.rule), len(nr.rule), len(ws.rd_head), len(at.ca_ptr) - 1,
-                                       len(ws.ptr) - 1, len(at.am_ptr) - 1, len(nr.pres_neu), len(sk.rule), nr.always)
-        st = _new_attention(tok, lo, T, row, R, V, hd, cp, rd, mo)
+    (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
+     ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
+     sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
+     nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
+     nn_ptr, nn_neu, nn_w,
+     npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
+     cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
+     nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (uo_ptr, uo_tok, uo_w, ucap) = U
+    H = len(head_rule)
+    n_ho = len(ho_rule)
+    n_sk = len(sk_rule)
+    n_nr = len(nr_rule)
+    n_cb = len(cb_rep)
+    n_sl = len(sl_kind)
+    RV = R * V
+    for q in prange(len(seq_ptr) - 1):
+        lo = seq_ptr[q]
+        T = seq_ptr[q + 1] - lo
+        delta = np.zeros(RV)  # keyed row x V + token
+        dflag = np.zeros(RV, dtype=np.bool_)
+        touched = np.empty(RV, dtype=np.int64)
+        dcnt = np.zeros(1, dtype=np.int64)
+        cum = np.zeros(V)  # a row's summed deltas (rows up to it), per token
+        cflg = np.zeros(V, dtype=np.bool_)
+        ctl = np.empty(V, dtype=np.int64)
+        tcnt = np.zeros(1, dtype=np.int64)  # tokens in ctl
+        bptr = np.zeros(R + 1, dtype=np.int64)  # touched keys bucketed by row
+        bkey = np.empty(RV, dtype=np.int64)
+        ov_acc = np.zeros(n_ho)
+        ov_flag = np.zeros(n_ho, dtype=np.bool_)
+        ov_list = np.empty(n_ho, dtype=np.int64)
+        ocnt = np.zeros(1, dtype=np.int64)
+        pre = np.zeros(n_nr)
+        n_cls = len(ca_ptr) - 1
+        cacc = np.zeros(R * n_cls)  # per (row, class): summed output weight of the neurons firing at t
+        cflag = np.zeros(R * n_cls, dtype=np.bool_)
+        clist = np.empty(R * n_cls, dtype=np.int64)
+        ccnt = np.zeros(1, dtype=np.int64)
+        n_atoms = len(am_ptr) - 1
+        KA = base_atop.shape[2]
+        aacc = np.zeros(R * n_atoms)  # per (row, atom): summed class outputs at t
+        aflag = np.zeros(R * n_atoms, dtype=np.bool_)
+        alist = np.empty(R * n_atoms, dtype=np.int64)
+        acnt = np.zeros(1, dtype=np.int64)
+        aptr = np.zeros(R + 1, dtype=np.int64)  # touched atom keys bucketed by row
+        akey = np.empty(R * n_atoms, dtype=np.int64)
+        cuma = np.zeros(n_atoms)  # a row's summed atom outputs, their exp, the atoms touched so far
+        aexp = np.ones(n_atoms)
+        caflg = np.zeros(n_atoms, dtype=np.bool_)
+        cal = np.empty(n_atoms, dtype=np.int64)
+        tacnt = np.zeros(1, dtype=np.int64)  # atoms in cal
+        pflag = np.zeros(n_nr, dtype=np.bool_)
+        plist = np.empty(n_nr, dtype=np.int64)
+        pcnt = np.zeros(1, dtype=np.int64)
+        n_ws = len(ws_ptr) - 1
+        sacc = np.zeros(R * n_ws)  # per (row, weighted set): summed act x of the neurons writing it at t
+        # weighted-set outputs bypass the touched lists: a set has hundreds of members, so they are summed into
+        # a dense row per ledger row (sd) and a position that writes one finishes densely
+        sd = np.zeros(R * V)
+        srow = np.zeros(R, dtype=np.bool_)
+        cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
+        # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
+        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
+        # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
+        dense_pos = False
+        no_flags = np.ones(RV, dtype=np.bool_)
+        sflag = np.zeros(R * n_ws, dtype=np.bool_)
+        slist = np.empty(R * n_ws, dtype=np.int64)
+        scnt = np.zeros(1, dtype=np.int64)
+        n_wr = len(wrn_ptr) - 1
+        wr_mass = np.zeros(n_wr)  # per (head, weighted set) read: weighted attention mass at t
+        wr_flag = np.zeros(n_wr, dtype=np.bool_)
+        wr_list = np.empty(n_wr, dtype=np.int64)
+        wr_cnt = np.zeros(1, dtype=np.int64)
+        pres_sum = np.zeros(n_nr)
+        # neurons whose presence inputs minus threshold are > 0: they fire even with no other input at t
+        live_idx = np.full(n_nr, -1, dtype=np.int64)
+        live = np.empty(n_nr, dtype=np.int64)
+        n_live = 0
+        for n in nr_always:
+            live_idx[n] = n_live
+            live[n_live] = n
+            n_live += 1
+        pres_seen = np.zeros(len(npe_neu), dtype=np.bool_)
+        sk_first = np.full(n_sk, NEVER, dtype=np.int64)
+        # attention state: active score combinations (those of this sequence's tokens) per head
+        act_of = np.full(n_cb, -1, dtype=np.int64)
+        act_cb = np.empty(n_cb, dtype=np.int64)
+        act_last = np.empty(n_cb, dtype=np.int64)  # last position whose current token selects the combination
+        act_lo = np.zeros(H + 1, dtype=np.int64)
+        n_act = 0
+        for h in range(H):
+            act_lo[h] = n_act
+            if not head_used[h] or row[head_rule[h]] < 0:
+                continue
+            for t in range(T):
+                g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
+                if act_of[g] < 0:
+                    act_of[g] = n_act
+                    act_cb[n_act] = g
+                    n_act += 1
+                act_last[act_of[g]] = t
+        act_lo[H] = n_act
+        g_off = np.empty(n_act + 1, dtype=np.int64)
+        g_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                g_off[a + 1] = g_off[a] + (sl_ptr[h + 1] - sl_ptr[h])
+        G = np.zeros(g_off[n_act])
+        # unconditional head_outs: running far output per active combination, over a per-head support
+        w_off = np.empty(n_act + 1, dtype=np.int64)
+        w_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                w_off[a + 1] = w_off[a] + ucap[h]
+        W = np.zeros(w_off[n_act])
+        wix = np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64)  # per (head, output key)
+        wsup = np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64)
+        wcnt = np.zeros(H, dtype=np.int64)
+        # conditional copy rules: running far attention mass per (active combination, source token), per-head support
+        mcap = T if T < V else V
+        m_off = np.empty(n_act + 1, dtype=np.int64)
+        m_off[0] = 0
+        for h in range(H):
+            for a in range(act_lo[h], act_lo[h + 1]):
+                m_off[a + 1] = m_off[a] + (mcap if cp_cond[h] else 0)
+        M = np.zeros(m_off[n_act])
+        mix = np.full(H * V if m_off[n_act] > 0 else 0, -1, dtype=np.int64)
+        msup = np.empty(H * V if m_off[n_act] > 0 else 0, dtype=np.int64)
+        mcnt = np.zeros(H, dtype=np.int64)
+        capp = np.empty(len(cp_rule), dtype=np.int64)  # conditional copy rules applying at t
+        F = np.zeros(n_act)
+        fref = np.full(n_act, -np.inf)
+        sl_on = np.zeros(n_sl, dtype=np.bool_)
+        sl_list = np.empty(n_sl, dtype=np.int64)  # per head: sl_list[sl_ptr[h] : sl_ptr[h] + sl_cnt[h]]
+        sl_cnt = np.zeros(H, dtype=np.int64)
+        maxD = 1
+        for h in range(H):
+            if pos_ptr[h + 1] - pos_ptr[h] > maxD:
+                maxD = pos_ptr[h + 1] - pos_ptr[h]
+        att = np.empty(maxD)
         for t in range(T):
             i = lo + t
             c = tok[i]
-            dl, df = _output_rows(dt)
+            if dense_pos:
+                dl = sd
+                df = no_flags
+                srow[:] = True
+            else:
+                dl = delta
+                df = dflag
+            # tokens strictly before t: arm skip-trigrams and neuron presence inputs on first sight
             if t > 0:
-                _arm_earlier(t, tok[i - 1], sk, nr, ns)
-            _skips(t, c, row, V, sk, ns, dl, df, dt)
-            _attend(t, i, c, lo, ps, hd, ho, cp, at, rd, mo, st, rds, dl, df, dt)
-            _head_out_reads(row, V, ho, ws, rds, dl, df, dt)
-            _fire_neurons(c, row, V, nr, ws, at, ns, rds, dl, df, dt)
-            _spread(V, ws, at, ns, dt)
-            _finish(i, t, T, c, ps, bs, rf, out, at, dt, rs)
+                x = tok[i - 1]
+                for j in range(ske_ptr[x], ske_ptr[x + 1]):
+                    k = ske_id[j]
+                    if sk_first[k] == NEVER:
+                        sk_first[k] = t - 1
+                for j in range(np_ptr[x], np_ptr[x + 1]):
+                    e = np_ent[j]
+                    if not pres_seen[e]:
+                        pres_seen[e] = True
+                        n = npe_neu[e]
+                        pres_sum[n] += npe_w[e]
+                        if pres_sum[n] - nr_thr[n] > 0.0:
+                            if live_idx[n] < 0:
+                                live_idx[n] = n_live
+                                live[n_live] = n
+                                n_live += 1
+                        elif live_idx[n] >= 0:
+                            n_live -= 1
+                            last = live[n_live]
+                            live[live_idx[n]] = last
+                            live_idx[last] = live_idx[n]
+                            live_idx[n] = -1
+            for j in range(skn_ptr[c], skn_ptr[c + 1]):
+                k = skn_id[j]
+                if row[sk_rule[k]] >= 0 and sk_first[k] < t:
+                    _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
+            # attention heads
+            for h in range(H):
+                if not head_used[h] or row[head_rule[h]] < 0:
+                    continue
+                p0 = pos_ptr[h]
+                D = pos_ptr[h + 1] - p0
+                s0 = sl_ptr[h]
+                # position t - D leaves the position table: fold it into the running sums of every combination
+                sf = t - D
+                if sf >= 0:
+                    x = tok[lo + sf]
+                    e0 = re_ptr[h * V + x]
+                    e1 = re_ptr[h * V + x + 1]
+                    for j in range(e0, e1):
+                        sl = re_slot[j]
+                        if not sl_on[s0 + sl]:
+                            sl_on[s0 + sl] = True
+                            sl_list[s0 + sl_cnt[h]] = sl
+                            sl_cnt[h] += 1
+                    u0 = uo_ptr[h * V + x]
+                    u1 = uo_ptr[h * V + x + 1]
+                    for j in range(u0, u1):
+                        v = uo_tok[j]
+                        if wix[h * RV + v] < 0:
+                            wix[h * RV + v] = wcnt[h]
+                            wsup[h * RV + wcnt[h]] = v
+                            wcnt[h] += 1
+                    mx = -1
+                    if cp_cond[h]:
+                        if mix[h * V + x] < 0:
+                            mix[h * V + x] = mcnt[h]
+                            msup[h * V + mcnt[h]] = x
+                            mcnt[h] += 1
+                        mx = mix[h * V + x]
+                    for a in range(act_lo[h], act_lo[h + 1]):
+                        if act_last[a] < t:
+                            continue  # no position from t on reads this combination's sums
+                        r0 = cb_rep[act_cb[a]]
+                        sc = 0.0
+                        for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
+                            sc += src_score[hg_grp[g], x]
+                        if sc > fref[a]:
+                            if F[a] > 0.0:
+                                scale = math.exp(fref[a] - sc)
+                                F[a] *= scale
+                                for u in range(sl_cnt[h]):
+                                    G[g_off[a] + sl_list[s0 + u]] *= scale
+                                for u in range(wcnt[h]):
+                                    W[w_off[a] + u] *= scale
+                                if mx >= 0:
+                                    for u in range(mcnt[h]):
+                                        M[m_off[a] + u] *= scale
+                            fref[a] = sc
+                        ex = math.exp(sc - fref[a])
+                        F[a] += ex
+                        for j in range(e0, e1):
+                            G[g_off[a] + re_slot[j]] += re_w[j] * ex
+                        for j in range(u0, u1):
+                            W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
+                        if mx >= 0:
+                            M[m_off[a] + mx] += ex
+                a = act_of[cb_ptr[h] + cb_of[h * V + c]]
+                g0 = hg_ptr[h * V + c]
+                g1 = hg_ptr[h * V + c + 1]
+                m = -np.inf
+                nd = D if D <= t + 1 else t + 1
+                for d in range(nd):
+                    xs = tok[i - d]
+                    sc = pos_val[p0 + d]
+                    for g in range(g0, g1):
+                        sc += src_score[hg_grp[g], xs]
+                    att[d] = sc
+                    if sc > m:
+                        m = sc
+                far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
+                if far > m:
+                    m = far
+                z = 0.0
+                for d in range(nd):
+                    att[d] = math.exp(att[d] - m)
+                    z += att[d]
+                ef = 0.0
+                if F[a] > 0.0:
+                    ef = math.exp(far - m)
+                    z += F[a] * ef
+                    ef /= z
+                for d in range(nd):
+                    w = att[d] / z
+                    key = h * V + tok[i - d]
+                    for j in range(uo_ptr[key], uo_ptr[key + 1]):
+                        _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
+                    for j in range(re_ptr[key], re_ptr[key + 1]):
+                        sl = re_slot[j]
+                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
+                if cp_cond[h]:
+                    # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
+                    napp = 0
+                    for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
+                        k = cpn_id[j]
+                        if row[cp_rule[k]] >= 0:
+                            capp[napp] = k
+                            napp += 1
+                    if napp > 0:
+                        for d in range(nd):
+                            xs = tok[i - d]
+                            for u in range(napp):
+                                k = capp[u]
+                                if _member(cp_src[k], xs, V, class_member):
+                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
+                        if ef > 0.0:
+                            mo = m_off[a]
+                            for u in range(mcnt[h]):
+                                xs = msup[h * V + u]
+                                for uu in range(napp):
+                                    k = capp[uu]
+                                    if _member(cp_src[k], xs, V, class_member):
+                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
+                                             touched, dcnt)
+                if ef > 0.0:
+                    wo = w_off[a]
+                    for u in range(wcnt[h]):
+                        _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
+                    go = g_off[a]
+                    for u in range(sl_cnt[h]):
+                        sl = sl_list[s0 + u]
+                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                               wr_mass, wr_flag, wr_list, wr_cnt)
+            for j in range(ocnt[0]):
+                k = ov_list[j]
+                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
+                ov_acc[k] = 0.0
+                ov_flag[k] = False
+            ocnt[0] = 0
+            for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
+                k = wr_list[j]
+                for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
+                    n = wrn_neu[j2]
+                    pre[n] += wrn_w[j2] * wr_mass[k]
+                    _note(n, pflag, plist, pcnt)
+                wr_mass[k] = 0.0
+                wr_flag[k] = False
+            wr_cnt[0] = 0
+            # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
+            for j in range(nn_ptr[c], nn_ptr[c + 1]):
+                n = nn_neu[j]
+                pre[n] += nn_w[j]
+                _note(n, pflag, plist, pcnt)
+            for j in range(n_live):
+                _note(live[j], pflag, plist, pcnt)
+            for j in range(pcnt[0]):
+                n = plist[j]
+                act = pre[n] + pres_sum[n] - nr_thr[n]
+                if act > 0.0 and row[nr_rule[n]] >= 0:
+                    rn = row[nr_rule[n]]
+                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
+                    for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
+                        k = rn * n_cls + ncl_cls[j2]
+                        _note(k, cflag, clist, ccnt)
+                        cacc[k] += act * ncl_w[j2]
+                    for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
+                        k = rn * n_ws + nws_set[j2]
+                        _note(k, sflag, slist, scnt)
+                        sacc[k] += act * nws_w[j2]
+                pre[n] = 0.0
+                pflag[n] = False
+            pcnt[0] = 0
+            for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
+                key = slist[j]
+                rk = key // n_ws
+                k = key - rk * n_ws
+                val = sacc[key]
+                o = rk * V
+                for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
+                    sd[o + ws_tok[j2]] += val * ws_w[j2]
+                srow[rk] = True
+                sacc[key] = 0.0
+                sflag[key] = False
+            scnt[0] = 0
+            for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
+                key = clist[j]
+                val = cacc[key]
+                rk = key // n_cls
+                k = key - rk * n_cls
+                for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
+                    ak = rk * n_atoms + ca_atom[j2]
+                    _note(ak, aflag, alist, acnt)
+                    aacc[ak] += val
+                cacc[key] = 0.0
+                cflag[key] = False
+            ccnt[0] = 0
+            nk = dcnt[0]
+            nak = acnt[0]
+            r = row_of[c]
+            lb = base_lse[r]
+            if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
+                cum_ = delta
+                cflg_ = dflag
+                ctl_ = touched
+                cuma_ = aacc
+                cal_ = alist
+                cums_ = sd
+                nt = nk
+                na = nak
+            else:  # bucket the touched token and atom keys by row (stable), then each row in turn
+                cum_ = cum
+                cflg_ = cflg
+                ctl_ = ctl
+                cuma_ = cuma
+                cal_ = cal
+                cums_ = cums
+                nt = 0
+                na = 0
+                tcnt[0] = 0
+                tacnt[0] = 0
+                bptr[:] = 0
+                aptr[:] = 0
+                for j in range(nk):
+                    bptr[touched[j] // V + 1] += 1
+                for j in range(nak):
+                    aptr[alist[j] // n_atoms + 1] += 1
+                for rr in range(R):
+                    bptr[rr + 1] += bptr[rr]
+                    aptr[rr + 1] += aptr[rr]
+                for j in range(nk):
+                    rr = touched[j] // V
+                    bkey[bptr[rr]] = touched[j]
+                    bptr[rr] += 1
+                for j in range(nak):
+                    rr = alist[j] // n_atoms
+                    akey[aptr[rr]] = alist[j]
+                    aptr[rr] += 1
+            b0 = 0
+            a0 = 0
+            # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
+            # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
+            # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
+            zrel = 1.0
+            hi = -np.inf
+            B = ref_B[i] if not want_logp else 0.0
+            # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
+            # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
+            # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
+            dense = False
+            sused = False
+            nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
+            for rr in range(R):
+                if R == 1:
+                    fresh = True
+                    dense = nk >= dense_min or srow[0]
+                    sused = srow[0]
+                    if sused and not want_logp:
+                        for v in range(V):
+                            if sd[v] != 0.0:
+                                B += _p_ref(i, v, use16, lut_p, ref16, ref32) * sd[v]
+                    for j in range(na):
+                        aexp[alist[j]] = math.exp(aacc[alist[j]])
+                    if not want_logp:
+                        for j in range(na):
+                            B += aacc[alist[j]] * ref_R[i, alist[j]]
+                        if use16:
+                            rrow = ref16[i]
+                            for j in range(nt):
+                                B += lut_p[rrow[touched[j]]] * delta[touched[j]]
+                        else:
+                            frow = ref32[i]
+                            for j in range(nt):
+                                B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
+                else:
+                    fresh = aptr[rr] > a0
+                    if srow[rr]:  # this row's flagless outputs join its touched tokens
+                        srow[rr] = False
+                        o = rr * V
+                        for v in range(V):
+                            x = sd[o + v]
+                            if x != 0.0:
+                                nz += 1
+                                sd[o + v] = 0.0
+                                B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                                                         cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                    for j in range(b0, bptr[rr]):
+                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], i, r, fresh, want_logp, use16, lut_p,
+                                                 ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
+                                                 B, zrel, hi)
+                    b0 = bptr[rr]
+                    for j in range(a0, aptr[rr]):
+                        ak = akey[j] - rr * n_atoms
+                        _note(ak, caflg, cal, tacnt)
+                        cuma[ak] += aacc[akey[j]]
+                        aexp[ak] = math.exp(cuma[ak])
+                        if not want_logp:
+                            B += aacc[akey[j]] * ref_R[i, ak]
+                    a0 = aptr[rr]
+                    nt = tcnt[0]
+                    na = tacnt[0]
+                    dense = fresh and nt >= dense_min
+                if dense:
+                    lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
+                    hi = lse  # >= every logit: keeps the overflow guard
+                elif fresh:
+                    zrel = 1.0
+                    hi = -np.inf
+                    for j in range(na):
+                        ak = cal_[j]
+                        zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                        y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                        if y > hi:
+                            hi = y
+                    for j in range(nt):
+                        v = ctl_[j]
+                        ak = atom_of[v]
+                        if base[r, v] + cum_[v] + cuma_[ak] > hi:
+                            hi = base[r, v] + cum_[v] + cuma_[ak]
+                        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
+                if not dense:
+                    if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
+                        lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                    else:
+                        lse = lb + math.log(zrel)
+                        best = -2  # argmax below
+                out_lse[rr, i] = lse
+                if t + 1 < T:
+                    nx = tok[i + 1]
+                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
+                else:
+                    out_ce[rr, i] = np.nan
+                # hand argmax (unless a dense pass found it): per atom its best member without a token delta
+                # (the atom's top list, else a scan of its members), then every touched token; ties go to the
+                # lower token id
+                if best == -2:
+                    best = -1
+                    bv = -np.inf
+                    for ak in range(n_atoms):
+                        cand = -1
+                        for k in range(KA):
+                            v = base_atop[r, ak, k]
+                            if v < 0:
+                                break
+                            if not cflg_[v]:
+                                cand = v
+                                break
+                        if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                            cv = -np.inf
+                            for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                                v = am_tok[j]
+                                if not cflg_[v] and (cand < 0 or base[r, v] > cv):
+                                    cand = v
+                                    cv = base[r, v]
+                        if cand >= 0:
+                            y = np.float64(base[r, cand]) + cuma_[ak]
+                            if best < 0 or y > bv or (y == bv and cand < best):
+                                best = cand
+                                bv = y
+                    for j in range(nt):
+                        v = ctl_[j]
+                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
+                        if best < 0 or y > bv or (y == bv and v < best):
+                            best = v
+                            bv = y
+                out_argmax[rr, i] = best
+                if want_logp:
+                    orow = out_logp[i]
+                    brow = base[r]
+                    if dense:
+                        for v in range(V):
+                            orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
+                    else:
+                        if na > 0:
+                            for v in range(V):
+                                orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                        else:
+                            for v in range(V):
+                                orow[v] = brow[v] - lse
+                        for j in range(nt):
+                            v = ctl_[j]
+                            orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
+                else:
+                    # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
+                    # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
+                    S = ref_S[i]
+                    kl = (ref_A[i] - B) / S - math.log(S) + lse
+                    out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
+                    out_agree[rr, i] = ref_arg[i] == best
+            for j in range(nk):
+                delta[touched[j]] = 0.0
+                dflag[touched[j]] = False
+            dcnt[0] = 0
+            if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
+                for v in range(V):
+                    if sd[v] != 0.0:
+                        nz += 1
+                        sd[v] = 0.0
+                srow[0] = False
+            dense_pos = nk + nz >= dense_min
+            for j in range(nak):
+                aacc[alist[j]] = 0.0
+                aflag[alist[j]] = False
+                aexp[alist[j] % n_atoms] = 1.0
+            acnt[0] = 0
+            if R > 1:
+                for j in range(nt):
+                    cum[ctl[j]] = 0.0
+                    cflg[ctl[j]] = False
+                for j in range(na):
+                    ak = cal[j]
+                    cuma[ak] = 0.0
+                    aexp[ak] = 1.0
+                    caflg[ak] = False

@@ -78,7 +78,7 @@ def test_big_table_compiles(tmp_path):
     (tmp_path / "t.toml").write_text(f'[[bigram]]\nid = "table"\ndoc = "top-20 table"\n[bigram.rows]\n{rows}\n')
     r = load_rules(tmp_path, vocab)
     assert r.rule_numbers[0] == 500 * 20
-    assert len(r.arrays.bigrams.tok) == 500 * 20
+    assert len(r.arrays.blk_tok) == 500 * 20
 
 
 def test_weighted_set_numbers_count_once_on_the_first_user(tmp_path):
