@@ -1,5 +1,6 @@
-"""Why a per-position kernel called from run_seqs' prange body is slower than the same loop in the body
-(issue 22; benchmarks/README.md, "Issue 22 part 1"). Run: `NUMBA_NUM_THREADS=1 python benchmarks/counter_alias.py`.
+"""One way a kernel called from run_seqs' prange body is slower than the same loop in the body (issue 22;
+benchmarks/README.md, "Issue 22 part 1": real in isolation, not yet shown to be the phase-kernel engine's
+whole slowdown). Run: `NUMBA_NUM_THREADS=1 python benchmarks/counter_alias.py`.
 
 The engine writes outputs through kernels._add: flag the token, append it to a touched list, count it in a
 one-element array (`cnt[0] += 1`), add the value. numba compiles a prange body with `noalias` on its arrays,
