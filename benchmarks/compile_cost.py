@@ -1,5 +1,8 @@
 """Section 6: rule compilation (load_rules) and numba kernel compile, cold (empty NUMBA_CACHE_DIR, in a
-fresh process) vs warm (the same cache dir, filled by the cold run)."""
+fresh process) vs warm (the same cache dir, filled by the cold run).
+
+Standalone: `python -m benchmarks.compile_cost [--rules rules]` times the kernels' first calls (cold, then warm).
+"""
 from __future__ import annotations
 
 import os
@@ -67,3 +70,55 @@ def run(w, cfg, log=print) -> Section:
     sec.notes.append("probe process: import handmodel, load_rules, first + second log_probs_batch and stream_metrics "
                      "calls on 4 short sequences; compile = first - second")
     return sec
+
+
+# `python -m benchmarks.compile_cost`: the numba cold compile alone, in a fresh process with an empty
+# NUMBA_CACHE_DIR (then again with that cache warm), on the shipped model's vocabulary and the rules given.
+_CHILD = r"""
+import json, resource, sys, time
+import numpy as np
+t0 = time.perf_counter()
+from handmodel import HandModel, load_rules, load_vocab
+vocab = load_vocab(sys.argv[1])
+hm = HandModel(load_rules(sys.argv[2], vocab))
+rng = np.random.default_rng(0)
+small = [rng.integers(0, len(vocab), 16) for _ in range(4)]
+ref = np.full((64, len(vocab)), -np.log(len(vocab)), np.float16)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+cpu0 = ru.ru_utime + ru.ru_stime
+t = time.perf_counter()
+hm.log_probs_batch(small)
+hm.stream_metrics(small, ref)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"first_calls_s": time.perf_counter() - t, "first_calls_cpu_s": ru.ru_utime + ru.ru_stime - cpu0,
+                  "process_s": time.perf_counter() - t0}))
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description="numba cold compile of the engine's kernels (empty NUMBA_CACHE_DIR)")
+    ap.add_argument("--rules", type=Path, default=root / "rules")
+    ap.add_argument("--tokenizer", type=Path, default=root / "reference" / "default" / "tokenizer.json")
+    a = ap.parse_args(argv)
+    ndir = Path(tempfile.mkdtemp(prefix="numba-cold-"))
+    try:
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(ndir)}
+        for label in ("cold (cache empty)", "warm (cache filled)"):
+            p = subprocess.run([sys.executable, "-c", _CHILD, str(a.tokenizer), str(a.rules)], env=env, cwd=root,
+                               capture_output=True, text=True, check=True)
+            rep = json.loads(p.stdout.strip().splitlines()[-1])
+            print(f"{label}: first log-probs + KL calls {rep['first_calls_s']:.1f} s wall, "
+                  f"{rep['first_calls_cpu_s']:.1f} s CPU; whole process {rep['process_s']:.1f} s", flush=True)
+    finally:
+        shutil.rmtree(ndir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
