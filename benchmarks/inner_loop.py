@@ -32,8 +32,9 @@ from .stats import summarize
 
 
 def verify_command() -> list[str]:
-    exe = Path(sys.executable).parent / "handmodel"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "verify.cli"]
+    """`python -m verify.cli`, run from this checkout's root (run_child's cwd): the `handmodel` console script
+    runs whichever checkout was pip-installed, which in a second worktree is not the code being benchmarked."""
+    return [sys.executable, "-m", "verify.cli"]
 
 
 def _slice_corpus(src: Path, dst: Path, n_stories: int) -> Path:

@@ -92,7 +92,7 @@ def main(path: str) -> None:
                     out = hm.log_probs_batch(seqs[lo:hi])
                     del out
             elif kind == "hand_kl":
-                ref = np.load(spec["ref16"], mmap_mode="r")  # as verify reads its cache: memory-mapped float16
+                ref = np.load(spec["ref16"], mmap_mode="c")  # as verify reads its cache: memory-mapped float16
                 hm.stream_metrics(seqs, ref)
             else:
                 raise SystemExit(f"unknown probe kind {kind!r}")

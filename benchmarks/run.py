@@ -33,6 +33,7 @@ class Config:
     compile_repeats: int = 2
     quick_eval_stories: int = 40  # --quick: verify on this many stories of the corpus
     quick_train_stories: int = 100  # --quick: baselines fitted on this many stories of the train text
+    overlap_compile: bool = False  # start the cold numba compile probe before section 1 (smoke runs: hides its wall time)
 
     @classmethod
     def make(cls, quick: bool, **over) -> "Config":
@@ -84,17 +85,25 @@ def run(checkpoint: Path, rules: Path, corpus: Path, train_corpus: Path | None, 
 def _run_sections(w, cfg, sections, info, timed, log) -> None:
     from . import compile_cost, inner_loop, memory, scaling, throughput
 
-    thr, klx, inf = timed("1-2. throughput: full log-probs (reference vs hand) and KL", "throughput",
-                          lambda: throughput.run(w, cfg, log=log))
-    info.update(inf)
-    sections["throughput"], sections["kl_throughput"] = thr, klx
-    sections["inner_loop"], pk = timed("3. inner loop: handmodel verify as a subprocess", "inner_loop",
-                                      lambda: inner_loop.run(w, cfg, log=log))
-    sections["memory"] = timed("4. memory: probes in child processes", "memory",
-                               lambda: memory.run(w, cfg, info["best_batch_tokens"], pk, log=log))
-    sections["scaling"] = timed("5. scaling: tokens, context, rules, threads", "scaling",
-                                lambda: scaling.run(w, cfg, info, log=log))
-    sections["compile"] = timed("6. compile cost", "compile", lambda: compile_cost.run(w, cfg, log=log))
+    cold = None
+    if cfg.overlap_compile:
+        log("[bold]6. compile cost[/]: the cold probe starts now, alongside sections 1-5 (--overlap-compile)")
+        cold = compile_cost.ColdProbe(w, log=log)
+    try:
+        thr, klx, inf = timed("1-2. throughput: full log-probs (reference vs hand) and KL", "throughput",
+                              lambda: throughput.run(w, cfg, log=log))
+        info.update(inf)
+        sections["throughput"], sections["kl_throughput"] = thr, klx
+        sections["inner_loop"], pk = timed("3. inner loop: handmodel verify as a subprocess", "inner_loop",
+                                          lambda: inner_loop.run(w, cfg, log=log))
+        sections["memory"] = timed("4. memory: probes in child processes", "memory",
+                                   lambda: memory.run(w, cfg, info["best_batch_tokens"], pk, log=log))
+        sections["scaling"] = timed("5. scaling: tokens, context, rules, threads", "scaling",
+                                    lambda: scaling.run(w, cfg, info, log=log))
+        sections["compile"] = timed("6. compile cost", "compile", lambda: compile_cost.run(w, cfg, log=log, cold=cold))
+    finally:
+        if cold is not None:
+            cold.close()  # a section failed: wait for the probe before its files are removed
 
 
 def _assemble(w, cfg, rules, machine, sections, secs, t0, outs) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import handmodel
@@ -61,11 +62,18 @@ def _rules(tmp: Path):
     return handmodel.load_rules(d, VOCAB)
 
 
+@pytest.fixture(scope="module")
+def doc_rules(tmp_path_factory):
+    """The ruleset compiled once for the property tests (nothing mutates CompiledRules; each example builds its
+    own HandModel, so no engine cache is shared between examples)."""
+    return _rules(tmp_path_factory.mktemp("doc_rules"))
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3).map(lambda i: [1, 2, 3, 8][i]) | st.integers(0, 8), min_size=1, max_size=12),
                 min_size=1, max_size=6), st.integers(0, 2 ** 31 - 1))
-def test_ablation_on_touched_sequences_equals_full_recompute(tmp_path_factory, seqs, seed):
-    rules = _rules(tmp_path_factory.mktemp("abl"))
+def test_ablation_on_touched_sequences_equals_full_recompute(doc_rules, seqs, seed):
+    rules = doc_rules
     hm = handmodel.HandModel(rules)
     seqs = [np.array(s, dtype=np.int64) for s in seqs]
     N = sum(len(s) for s in seqs)
@@ -98,7 +106,7 @@ def test_touched_spans_end_at_the_last_position_a_rule_can_fire(tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 3).map(lambda i: [1, 2, 3, 8][i]) | st.integers(0, 8), min_size=1, max_size=12),
                 min_size=1, max_size=6), st.integers(0, 2 ** 31 - 1), st.floats(0.5, 6.0), st.sampled_from([1, 3, 1 << 20]))
-def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scale, chunk):
+def test_probed_ablation_equals_recomputation(doc_rules, seqs, seed, scale, chunk):
     """verify/probe.fast_ablation (rule scalars probed from the engine, KL change from the rule's support)
     against ledger.run_ablation (the rule switched off and the model re-run), every rule kind; `chunk`: the
     gathered entries per block (1 and 3 split every rule's positions into many blocks)."""
@@ -106,7 +114,7 @@ def test_probed_ablation_equals_recomputation(tmp_path_factory, seqs, seed, scal
 
     from verify.ledger import probe
 
-    rules = _rules(tmp_path_factory.mktemp("probe"))
+    rules = doc_rules
     hm = handmodel.HandModel(rules)
     seqs = [np.array(s, dtype=np.int64) for s in seqs]
     N = sum(len(s) for s in seqs)

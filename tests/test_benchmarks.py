@@ -34,9 +34,12 @@ def test_stats_helpers():
 def test_quick_run_and_compare(tiny_world, tmp_path, capsys):
     ckpt, evalf, train = tiny_world
     out = tmp_path / "a.json"
+    # --overlap-compile: the cold numba compile (a minute or more) runs alongside the other sections instead of
+    # after them; --rule-scales 0.5,1: the scaling section's rulesets are the workload's and a smaller one (a slope
+    # needs two sizes) instead of x2 and x5 more
     rc = main(["--quick", "--checkpoint", str(ckpt), "--corpus", str(evalf), "--train-corpus", str(train),
                "--rules", str(tmp_path / "no-rules-here"), "--work", str(tmp_path / "work"),
-               "--out", str(out), "--no-latest", "--force", "--threads", "1"])
+               "--out", str(out), "--no-latest", "--force", "--threads", "1", "--overlap-compile", "--rule-scales", "0.5,1"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "GENERATED ruleset" in printed  # the fallback is announced
@@ -46,6 +49,9 @@ def test_quick_run_and_compare(tiny_world, tmp_path, capsys):
     for k in MACHINE_KEYS:
         assert k in res["machine"], k
     assert res["sections"]["throughput"]["details"]["paired_threads"] == 1  # --threads pins both sides
+    assert res["config"]["overlap_compile"] is True and any("--overlap-compile" in n for n in res["sections"]["compile"]["notes"])
+    rule_rows = res["sections"]["scaling"]["details"]["rules"]
+    assert [r["scale"] for r in rule_rows] == [0.5, 1] and rule_rows[0]["rules"] < rule_rows[1]["rules"]
     wl = res["workload"]
     assert wl["rules_generated"] and "GENERATED" in wl["rules_source"] and wl["n_rules"] > 0 and wl["tokens"] > 0
     assert set(res["sections"]) == set(SECTIONS)

@@ -95,6 +95,9 @@ def test_cache_contents_and_invalidation(tiny_world, tmp_path):
     spec = D.EvalSpec(corpus=evalf)
     a = D.get_ref_cache(ck, spec, log=lambda m: None)
     assert a.built and a.logp.dtype == np.float16 and isinstance(a.logp, np.memmap)
+    # writable (a copy-on-write map): the hand model's numba kernels then see the same argument types as for
+    # in-memory log-probs; a read-only array is another signature, compiled all over again (a minute or more)
+    assert a.logp.flags.writeable
     o = Oracle.load(ckpt_dir)
     lp = np.concatenate(o.log_probs(a.seqs))
     np.testing.assert_allclose(a.logp.astype(np.float32), lp, atol=0.02)

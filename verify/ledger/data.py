@@ -220,8 +220,10 @@ def _load_entry(d: Path, key: str) -> RefCache | None:
         damaged(d, why)
         discard(d)
         return None
+    # mmap_mode "c" (copy-on-write, nothing is copied unless written): a writable array, so the engine's numba
+    # kernels get the same argument types as for in-memory log-probs; "r" (read-only) compiled them all a second time
     return RefCache(d, meta, np.load(d / "tokens.npy"), offsets,
-                    np.load(d / "logp16.npy", mmap_mode="r"), np.load(d / "ce.npy"), np.load(d / "ent.npy"))
+                    np.load(d / "logp16.npy", mmap_mode="c"), np.load(d / "ce.npy"), np.load(d / "ent.npy"))
 
 
 def _atomic_dir(final: Path) -> Path:
