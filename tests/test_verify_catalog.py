@@ -127,6 +127,18 @@ def test_rule_order_is_by_delta_then_file_order():
     assert rule_order(rules, ab) == [2, 0, 3, 1, 4]  # e: no ablation, last
 
 
+def test_level_counts_take_the_first_measured_crossing():
+    """Not monotone: the count is the first measured prefix at or above the level, a later dip aside."""
+    from verify.reports.longtail import LongTailPoint, level_counts
+
+    pts = [LongTailPoint("all", n, 10 * n, 1.0, e, 0.5, f"r{n}") for n, e in ((1, 0.55), (2, 0.3), (4, 0.8), (8, 0.7), (16, 1.0))]
+    got = {c.level: (c.n_rules, c.n_numbers, c.after) for c in level_counts("all", pts[::-1], 1.0)}
+    assert got == {0.5: (1, 10, 0), 0.8: (4, 40, 2), 0.9: (16, 160, 8)}
+    low = level_counts("verified", pts[:2], 1.0)
+    assert [(c.n_rules, c.best, c.target) for c in low] == [(1, 0.55, 0.5), (None, 0.55, 0.8), (None, 0.55, 0.9)]
+    assert all(c.n_rules is None for c in level_counts("all", pts, -0.2))  # no positive final figure: undefined
+
+
 def test_long_tail_points_are_real_engine_passes(tail_world):
     from verify.reports.longtail import LEVELS, long_tail, rule_order
 
