@@ -180,7 +180,7 @@ def _panel(lt: LongTail, x0: float, y0: float, w: float, h: float, key: str, xla
     xs = [getattr(p, key) for p in lt.points if getattr(p, key) > 0]
     lo, hi = (min(xs), max(xs)) if xs else (1, 10)
     lo = 10 ** np.floor(np.log10(lo))
-    hi = max(hi, lo * 10)
+    hi = max(hi * 1.12, lo * 10)  # room right of the last point
     X = lambda v: x0 + ml + W * (np.log10(v) - np.log10(lo)) / (np.log10(hi) - np.log10(lo))  # noqa: E731
     Y = lambda v: y0 + mt + H * (1 - (v - ylo) / (yhi - ylo))  # noqa: E731
     p = [f'<g class="panel" data-x="{key}">',
@@ -218,7 +218,7 @@ def _panel(lt: LongTail, x0: float, y0: float, w: float, h: float, key: str, xla
     return p
 
 
-def long_tail_svg(lt: LongTail, eval_set: str = "", width: int = 980, height: int = 430) -> str:
+def long_tail_svg(lt: LongTail, eval_set: str = "", width: int = 980, height: int = 410) -> str:
     """A self-contained SVG: explained against rules (left) and numbers (right), log x axes; both curves,
     circles at the measured points, dashed lines at 50/80/90% of the all-rules explained figure."""
     vals = [p.explained for p in lt.points if p.explained is not None] + [0.0]
