@@ -128,10 +128,14 @@ def long_tail(hm, rules, ref, kl_uni: float, ablation: list[dict], verified, wei
         if log:
             log(f"long tail: {len(todo)} engine passes over {len(ref.tokens):,} positions "
                 f"({len(masks) - len(todo)} rows cached)")
-        js = list(todo.values())
-        for j, m in zip(js, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[j] for j in js])):
-            got[j] = m
-            L._store_row(ref, keys[j], m)
+        # one mask at a time, each row stored as it is done (a killed run keeps its rows): prefixes in ΔKL
+        # order differ in their bigram rules, so stream_metrics_rows could not fuse them anyway
+        for step, j in enumerate(todo.values()):
+            t1 = time.perf_counter()
+            got[j] = hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[j]])[0]
+            L._store_row(ref, keys[j], got[j])
+            if log:
+                log(f"long tail: {plan[j][0]} {plan[j][1]:,} rules ({step + 1}/{len(todo)}, {time.perf_counter() - t1:.1f} s)")
         for j in range(len(got)):
             if got[j] is None:
                 got[j] = got[todo[keys[j]]]
