@@ -322,3 +322,44 @@ def test_browser_screenshot(report, tmp_path):
     head = png.read_bytes()[:24]
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
     assert struct.unpack(">II", head[16:24]) == (1400, 1000)
+
+
+# -- 3. component verdicts (issue 20): each rule listed is marked verified or not, and why -------------------
+def test_report_without_verdicts_says_so(report):
+    """The tiny world has no cached verdicts: one visible line says so and names the command; every rule
+    shown carries the 'missing' class, once per rule (not per position)."""
+    h = report["html"]
+    line = re.search(r'<div id="verdicts" class="missing">(.*?)</div>', h, re.S)
+    assert line and "No component verdicts cached" in line.group(1) and "every rule is marked not verified" in line.group(1)
+    assert "<code>handmodel check-components --rules " in line.group(1) and "--corpus " in line.group(1)
+    data = report["data"]
+    shown_ids = {r[0] for p in data["pos"] for r in p["rules"]} - {"…"}
+    assert set(data["ver"]) == shown_ids and set(data["ver"].values()) == {"missing"}
+    assert h.count("not verified: missing verdict") == 1  # the mark is CSS on a class, not text per rule
+
+
+def test_browser_marks_rules_by_verdict(report, tmp_path):
+    from verify.claims.component import ComponentVerdict
+    from verify.reports.report import write_report
+    from verify.reports.verdicts import from_verdicts
+
+    ev = report["res"]
+    vs = [ComponentVerdict("prev", "head", "head 0", "pass"), ComponentVerdict("the_again", "head_out", "head 0 OV", "fail"),
+          ComponentVerdict("common", "prior", "the mean output", "undecided"),
+          ComponentVerdict("the_noun", "bigram", None, "no component")]  # after_dot: no verdict at all
+    out = tmp_path / "r.html"
+    write_report(out, ev, verdicts=from_verdicts(ev.rules.rule_ids, vs, command="handmodel check-components"))
+    h = out.read_text(encoding="utf-8")
+    assert re.search(r'<div id="verdicts">Component checks \(cached\): 1 of 5 rules verified', h)
+    for cls, words in (("pass", "verified"), ("fail", "not verified: failing"), ("undecided", "not verified: undecided"),
+                       ("nocomp", "not verified: no component"), ("missing", "not verified: missing verdict")):
+        assert re.search(r"\.rule\.v-" + cls + r" \.rid::after\{content:\"\\27\d\d  " + re.escape(words) + '"', h), cls
+    k = _pick_position(report)
+    r = chromium("--dump-dom", out.as_uri() + f"#pos={k}", profile=tmp_path / "profile")
+    assert r.returncode == 0, r.stderr[-2000:]
+    divs = parse_dom(r.stdout).by_id("detail-rules").find_all("div", "rule")
+    marks = {d.find_all("span", "rid")[0].text(): d.classes - {"rule"} for d in divs}
+    want = {"prev": {"v-pass"}, "the_again": {"v-fail"}, "common": {"v-undecided"}, "the_noun": {"v-nocomp"},
+            "after_dot": {"v-missing"}}
+    assert marks and all(marks[rid] == want[rid] for rid in marks)
+    assert {"prev", "the_again", "common"} <= set(marks)  # a verified rule and unverified ones on the same token

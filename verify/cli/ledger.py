@@ -169,7 +169,8 @@ def report_cmd(
     max_tokens: int = typer.Option(3000, "--max-tokens", help="Eval tokens shown in the coloured text (the first ones, whole sequences)."),
 ):
     """Write one self-contained HTML report: the ledger as a chart, and the eval text coloured by residual
-    KL (hover or click a token: reference vs hand top-5 and the rules that fired there)."""
+    KL (hover or click a token: reference vs hand top-5 and the rules that fired there, each marked verified
+    or not by the cached `check-components` verdicts)."""
     from rich.console import Console
 
     if out == DEFAULT_REPORT:
@@ -181,16 +182,34 @@ def report_cmd(
     ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log)
     from verify.reports.report import write_report
 
-    n = write_report(out, ev, max_tokens=max_tokens)
-    console.print(f"wrote {out} ({n} tokens shown, {out.stat().st_size / 1e6:.1f} MB)")
+    vi = _verdicts(ev, checkpoint, rules, corpus, sampled)
+    n = write_report(out, ev, max_tokens=max_tokens, verdicts=vi)
+    console.print(f"wrote {out} ({n} tokens shown, {out.stat().st_size / 1e6:.1f} MB); {vi.note}")
+
+
+def _verdicts(ev: Evaluation, checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int]):
+    """The cached component verdicts (verify/reports/verdicts.py), read on valid.txt windows as check-components
+    reads them: --corpus when it is the eval set, else the default valid.txt when present."""
+    from verify.reports.verdicts import cached_verdicts, check_command
+
+    valid = O.given(corpus, O.DEFAULT_CORPUS) if sampled is None else O.given(O.DEFAULT_CORPUS, O.DEFAULT_CORPUS)
+    cmd = check_command(None if Path(rules) == O.DEFAULT_RULES else rules,
+                        None if Path(checkpoint) == O.DEFAULT_CHECKPOINT else checkpoint,
+                        None if valid is None or Path(valid) == O.DEFAULT_CORPUS else valid)
+    return cached_verdicts(checkpoint, ev.rules, Path(rules), valid, cmd)
 
 
 def catalog_cmd(rules: Path = O.RULES,
-                out: Optional[Path] = O.out_option(None, "Markdown file (default: RULES/CATALOG.md)"),
+                out: Optional[Path] = O.out_option(None, "Markdown file (default: RULES/CATALOG.md; the long-tail image "
+                                                         "long_tail.svg goes beside it)"),
                 checkpoint: Path = O.CHECKPOINT, corpus: Path = O.CORPUS, sampled: Optional[int] = SAMPLED,
                 seed: int = SEED, train_corpus: Path = O.TRAIN_CORPUS,
-                json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation) here.")):
-    """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files."""
+                json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write verify's JSON (ledger + ablation + long tail) here."),
+                points: int = typer.Option(20, "--long-tail-points", help="Log-spaced prefix sizes of the long-tail curve "
+                                           "(one engine pass each, per curve; 0: no curve).")):
+    """Write the rule catalog (every rule: doc, numbers, KL removed by ablation), grouped as in the files, and
+    the long tail: KL explained against the first n rules switched on (largest ΔKL first), for every rule
+    and for the verified rules only (cached `check-components` verdicts), drawn to long_tail.svg."""
     import json
     import sys
 
@@ -199,16 +218,40 @@ def catalog_cmd(rules: Path = O.RULES,
     from verify.reports.catalog import catalog_markdown
 
     O.check_rules(rules, folder="" if out is not None else "the catalog is written to RULES/CATALOG.md, or pass --out FILE")
+    if points < 0:
+        raise UserError(f"--long-tail-points {points}: pass 0 (no curve) or a positive number of prefix sizes")
     path = out or Path(rules) / "CATALOG.md"
+    svg = path.parent / "long_tail.svg"
     O.check_out_file(path)
+    if points:
+        O.check_out_file(svg, "the long-tail image (beside --out)")
     O.check_out_file(json_out, "--json-out")
     console = Console(highlight=False, stderr=True)
-    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus,
-                  lambda m: console.print(f"[dim]{m}[/dim]"), ablate=True)
+    log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
+    ev = _measure(checkpoint, rules, corpus, sampled, seed, train_corpus, log, ablate=True)
     res = ev.to_json()
+    lt = None
+    if points:
+        import numpy as np
+
+        from verify.reports.longtail import long_tail, long_tail_svg
+
+        vi = _verdicts(ev, checkpoint, rules, corpus, sampled)
+        kl_uni = next(b["kl"] for b in res["baselines"] if b["name"] == "unigram")
+        lt = long_tail(ev.hand, ev.rules, ev.ref, kl_uni, res["ablation"], np.array(vi.verified(ev.rules.rule_ids)),
+                       k=points, verdicts_note=vi.note, log=log)
+        res["long_tail"] = lt.to_json()
+        res["timings"]["long tail"] = lt.seconds
+        svg.write_text(long_tail_svg(lt, res["header"]["eval_set"]), encoding="utf-8")
     cmd = "handmodel catalog " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 2 else "handmodel catalog"
-    text = catalog_markdown(res, ev.rules, Path(rules), cmd.strip())
+    text = catalog_markdown(res, ev.rules, Path(rules), cmd.strip(), long_tail=lt, svg_name=svg.name)
     path.write_text(text, encoding="utf-8")
     if json_out is not None:
         json_out.write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     console.print(f"wrote {path} ({len(res['ablation'])} rules, ablation in {res['timings'].get('ablation', 0):.1f} s)")
+    if lt is not None:
+        console.print(f"wrote {svg}: long tail, {len(lt.points)} points ({lt.passes} engine passes, {lt.seconds:.1f} s)")
+        for c in ("all", "verified"):
+            got = ", ".join(f"{int(100 * x.level)}%: " + ("not reached" if x.n_rules is None else
+                            f"{x.n_rules:,} rules / {x.n_numbers:,} numbers") for x in lt.levels if x.curve == c)
+            console.print(f"  {c}: {got}")

@@ -1,6 +1,7 @@
 """`handmodel catalog` (verify/cli/ledger.py): rules/CATALOG.md generated from the rule files — every rule with its doc, its
 size (explicit numbers) and the KL it removes (ablation: KL with only that rule off minus KL with all
-rules on), grouped as in the files. Never written by hand: re-run after editing rules."""
+rules on), grouped as in the files, and the long-tail curve (verify/reports/longtail.py; its image is
+long_tail.svg beside the catalog). Never written by hand: re-run after editing rules."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,7 +13,8 @@ def _md(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
-def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
+def catalog_markdown(res: dict, rules, rules_dir: Path, command: str, long_tail=None, svg_name: str = "long_tail.svg") -> str:
+    """`long_tail`: a verify.reports.longtail.LongTail (its section follows the ledger), or None."""
     ab = {a["rule"]: a for a in res["ablation"]}
     h, f = res["header"], res["final"]
     numbers = dict(zip(rules.rule_ids, (int(n) for n in rules.rule_numbers)))
@@ -41,6 +43,10 @@ def catalog_markdown(res: dict, rules, rules_dir: Path, command: str) -> str:
     for r in res["ledger"]:
         ex = "-" if r["explained"] is None else f"{100 * r['explained']:.1f}%"
         lines.append(f"| {_md(r['name'])} | {r['kl']:.4f} | {ex} | {100 * r['top1']:.1f}% | {r['rules']} | {r['numbers']:,} |")
+    if long_tail is not None:
+        from .longtail import long_tail_markdown
+
+        lines += long_tail_markdown(long_tail, svg_name)
     by_group: dict[str, list[str]] = {}
     for rid, g in zip(rules.rule_ids, rules.rule_group):
         by_group.setdefault(rules.groups[int(g)], []).append(rid)

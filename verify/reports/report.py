@@ -5,6 +5,9 @@
 - the eval text, each token coloured by its residual KL(p_ref || p_hand) with all rules on; hover or
   click a token to see the reference's and the hand model's top-5 and the rules that fired there.
   Opening the file with `#pos=N` selects token N (used by the headless-browser test).
+- each rule listed is marked verified (its component check passes) or not verified, and why (failing,
+  undecided, no component, missing verdict): a class on the rule's element (CSS draws the mark), from
+  the cached `check-components` verdicts only; with none cached, one line on the page says so.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from verify.ledger.evaluate import Evaluation
+from verify.reports.verdicts import VerdictInfo, from_verdicts
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
@@ -30,6 +34,13 @@ td:first-child,th:first-child{text-align:left}
  font-size:12px;max-height:80vh;overflow-y:auto}
 #detail table{width:100%} .muted{color:#777} .rule{margin:2px 0} .rid{font-weight:600}
 .legend{font-size:12px;color:#555}
+#verdicts{font-size:13px;margin:8px 0} #verdicts.missing{color:#a33;font-weight:600}
+.rule .rid::after{font-weight:400;font-size:11px;margin-left:4px}
+.rule.v-pass .rid::after{content:"\\2713  verified";color:#2a7a2a}
+.rule.v-fail .rid::after{content:"\\2717  not verified: failing";color:#b22}
+.rule.v-undecided .rid::after{content:"\\2717  not verified: undecided";color:#b60}
+.rule.v-nocomp .rid::after{content:"\\2717  not verified: no component";color:#777}
+.rule.v-missing .rid::after{content:"\\2717  not verified: missing verdict";color:#777}
 """
 
 JS = r"""
@@ -70,7 +81,10 @@ function select(i, sticky){
   h += '<div id="detail-ref">' + topTable('reference top-5', p.ref) + '</div>';
   h += '<div id="detail-hand">' + topTable('hand top-5', p.hand) + '</div>';
   h += '<div id="detail-rules"><b>rules fired</b> (' + p.rules.length + ')';
-  for (const [rid, desc] of p.rules) h += '<div class="rule"><span class="rid">' + esc(rid) + '</span> ' + esc(desc) + '</div>';
+  for (const [rid, desc] of p.rules) {
+    const v = D.ver[rid];  // the rule's verdict state (a CSS class draws the mark); none for the "…" line
+    h += '<div class="rule' + (v ? ' v-' + v : '') + '"><span class="rid">' + esc(rid) + '</span> ' + esc(desc) + '</div>';
+  }
   if (!p.rules.length) h += '<div class="muted">none</div>';
   h += '</div>';
   document.getElementById('detail').innerHTML = h;
@@ -155,7 +169,13 @@ def _shown(rules, acted) -> list[tuple[str, str]]:
     return out
 
 
-def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
+# a verdict state -> the class suffix of the rule's element (v-pass, v-fail, ...; CSS above)
+VERDICT_CLASS = {"pass": "pass", "fail": "fail", "undecided": "undecided", "no component": "nocomp", "missing": "missing"}
+
+
+def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = None) -> tuple[dict, int]:
+    """The page's JSON: tokens, per position the top-5s and rules fired, and `ver`: each rule shown -> its
+    verdict class (once per rule, not per position)."""
     ref, hm, rules, vocab, last = ev.ref, ev.hand, ev.rules, ev.vocab, ev.last
     kl = np.asarray(last["kl"], np.float64)
     seqs = []
@@ -181,11 +201,28 @@ def token_data(ev: Evaluation, max_tokens: int) -> tuple[dict, int]:
                         "hand": [[int(v), round(float(np.exp(hl[t, v])), 4)] for v in ht], "rules": fired})
             i += 1
     scale = float(np.percentile(kl[:n], 95)) if n else 1.0
-    return {"toks": vocab, "pos": pos, "scale": scale}, n
+    vi = verdicts if verdicts is not None else from_verdicts(rules.rule_ids, None, command="handmodel check-components")
+    shown_ids = {rid for p in pos for rid, _ in p["rules"]} & set(rules.rule_ids)
+    ver = {rid: VERDICT_CLASS[vi.of(rid)] for rid in sorted(shown_ids)}
+    return {"toks": vocab, "pos": pos, "scale": scale, "ver": ver}, n
 
 
-def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000) -> int:
-    data, n = token_data(ev, max_tokens)
+def verdict_line(vi: VerdictInfo) -> str:
+    """One visible line: how many rules are verified, or (none cached) that every rule shows as not verified."""
+    if vi.status == "missing":
+        return (f'<div id="verdicts" class="missing">No component verdicts cached for these rules and this checkpoint: '
+                f'every rule is marked not verified (missing verdict). Compute them with '
+                f'<code>{html.escape(vi.command)}</code>, then re-run the report.</div>')
+    return (f'<div id="verdicts">Component checks ({html.escape(vi.status)}): {vi.n_verified():,} of {len(vi.state):,} '
+            f'rules verified. Each rule listed is marked &#10003; verified or &#10007; not verified (failing, undecided, '
+            f'no component or missing verdict); <code>{html.escape(vi.command)}</code> recomputes them.</div>')
+
+
+def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000, verdicts: VerdictInfo | None = None) -> int:
+    """`verdicts`: the cached component verdicts (verify/reports/verdicts.cached_verdicts); None: none cached."""
+    if verdicts is None:
+        verdicts = from_verdicts(ev.rules.rule_ids, None, command="handmodel check-components")
+    data, n = token_data(ev, max_tokens, verdicts)
     res = ev.to_json()
     h = res["header"]
     meta_rows = [("eval set", h["eval_set"]), ("tokens", f"{h['n_tokens']:,} in {h['n_sequences']} sequences"
@@ -202,6 +239,7 @@ def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000) -> int:
 <body>
 <h1>handmodel report: KL {f['kl']:.4f} nats/token, {'-' if f['explained'] is None else f"{100 * f['explained']:.1f}%"} of KL explained</h1>
 <table id="meta">{meta}</table>
+{verdict_line(verdicts)}
 <h2>Ledger (rule groups added cumulatively)</h2>
 {ledger_svg(res['ledger'], res['baselines'])}
 {_table(res['ledger'], True, 'ledger-table')}
