@@ -201,10 +201,13 @@ def hand_means(vec, tg: list[Target], batches, hm, heads_off) -> dict[int, np.nd
 def _prior(acc, t: Target, c: SimpleCtx, table, written) -> None:
     """The prior names the reference's mean output: its logits against the window's mean, over every
     position, of log p_ref − mean_v log p_ref, on the tokens it writes (one vector per window: compared
-    position by position, even the exact mean would score only |mean| / rms of the positions' vectors)."""
+    position by position, even the exact mean would score only |mean| / rms of the positions' vectors).
+    Both sides are centred over the vocabulary (unlisted tokens 0): a constant added to every logit moves no
+    probability, so a prior written as log-probs (all negative) must score as its centred self."""
     lp = c.lp_ref.astype(np.float64)
     y = (lp - lp.mean(1, keepdims=True)).mean(0)[written]
-    acc.add(t.index, "readout", c.w, _pair_sums("cosine", table[written], y), len(lp))
+    x = (table - table.mean())[written]
+    acc.add(t.index, "readout", c.w, _pair_sums("cosine", x, y), len(lp))
 
 
 def _bigram(acc, t: Target, c: SimpleCtx, vec, abl) -> None:
