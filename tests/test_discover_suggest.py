@@ -550,3 +550,21 @@ def test_faithful_fit_pulls_a_hand_neuron_toward_its_reference_neuron_on_held_ou
     assert err[10.0] < 0.75 * err[0.0], (err, r)  # measured 1.18 -> 0.69
     assert r[10.0] >= 0.8 and r[10.0] >= r[0.0] + 0.5, (err, r)  # measured -0.99 -> 0.99
     assert terms[10.0].attention < terms[0.0].attention and terms[10.0].head_out < terms[0.0].head_out, terms
+
+
+def test_faithful_suggest_writes_what_it_fitted_and_lowers_the_anchor_terms(planted, tmp_path):
+    """--faithful 3 end to end: the engine reading the written files gives the torch model's held-out KL, and
+    the held-out anchor terms of the step kept are below those of the moment-matched start."""
+    from reference.oracle import Oracle
+    from verify.discover.suggest import suggest
+
+    ckpt, train = planted
+    s = suggest(Oracle.load(ckpt), tmp_path / "faithful", train, SuggestOptions(
+        budget=600, classes=6, class_k=8, sources=20, k_out=6, scores=30, positions=2048, rounds=1, min_count=5,
+        att_positions=1024, att_steps=30, neurons=3, joint_steps=30, joint_positions=4096, held_positions=1024,
+        query_scores=8, joint_lr=0.05, neuron_classes=2, faithful=3.0), log=lambda m: None)
+    joint = s["history"][-1]
+    assert joint["faithful"] == 3.0
+    assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint
+    before, after = joint["held_anchors_start"], joint["held_anchors"]
+    assert sum(after.values()) < sum(before.values()), (before, after)

@@ -23,9 +23,11 @@ and mirrors one check:
 * the prior → mean over positions of log p_ref − mean_v log p_ref (the prior readout's target): squared
   error over its variance.
 
-Not anchored: bigram rows and copy rules (see research/README.md, "Faithful fit": the bigram check's
-component is the embedding's direct path, whose logit effect is two orders smaller than the rows the KL
-needs; a copy rule's readout is a property of the head's OV circuit that no copy weight changes).
+Not anchored: bigram rows and copy rules (research/README.md, "Faithful fit"). The bigram check's
+intervention reads the current token's direct path (embedding -> LNf -> W_U), whose logits on a shipped
+token row's written tokens have a median RMS of 0.061 of the row's (200 rows; the MLP carries the rest of
+the bigram), and that check is being widened to the MLP's token-alone part; a copy rule's readout asks
+whether the head's OV output ranks each source token itself high, which no copy weight changes.
 Every target is read from the reference on TRAINING windows only.
 """
 from __future__ import annotations
@@ -136,10 +138,10 @@ def reference_run(model, X):
     """The reference on windows X [B, T]: (log-probs [B, T, V], its hook cache) without gradients."""
     import torch
 
+    cache: dict = {}
     with torch.inference_mode():
-        cache: dict = {}
         lp = torch.log_softmax(model(X, cache=cache).float(), -1)
-    return lp.clone(), {k: cache[k].clone() for k in ("attn.pattern", "mlp.post")}
+    return lp.clone(), {k: cache[k].clone() for k in ("attn.pattern", "mlp.post")}  # clones usable by autograd
 
 
 def anchor_loss(net, ref_lp, cache: dict, tg: AnchorTargets):
