@@ -64,6 +64,9 @@ class AnchorTerms:
     def total(self) -> float:
         return self.attention + self.activation + self.next + self.head_out + self.prior
 
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {float(v):.3f}" for k, v in self.__dict__.items())
+
 
 def head_out_targets(oracle, windows: np.ndarray, head_refs: list[int], outs, batch: int = 8):
     """Per hand head, (targets, weights) over its head_out entries in jointfit's layout (the rows of that
