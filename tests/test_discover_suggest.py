@@ -568,3 +568,29 @@ def test_faithful_suggest_writes_what_it_fitted_and_lowers_the_anchor_terms(plan
     assert abs(joint["held_kl"] - joint["held_kl_torch"]) < 2e-3, joint
     before, after = joint["held_anchors_start"], joint["held_anchors"]
     assert sum(after.values()) < sum(before.values()), (before, after)
+
+
+def test_faithful_fit_starts_from_the_centred_prior_which_changes_no_distribution(oracle, planted):
+    """With λ > 0 the dense prior is centred before the first step (the prior anchor's target has mean 0; a constant
+    moves no probability): the starting held-out KL is the uncentred prior's, and the fitted prior stays centred."""
+    import torch
+
+    from verify.discover.anchors import anchor_targets
+    from verify.discover.common import sample_windows
+    from verify.discover.jointfit import build_net, joint_fit
+
+    windows = sample_windows(oracle, planted[1], 4096, window=64)
+    held = windows[-8:]
+    with torch.inference_mode():
+        ref_h = torch.log_softmax(oracle.model(torch.from_numpy(held)).float(), -1).clone()
+    starts, priors = {}, {}
+    for lam in (0.0, 1.0):
+        bd, heads, outs, neurons, var = _tiny_draft(oracle, windows[:-8])
+        bd.prior = np.linspace(-12.0, -3.0, oracle.cfg.vocab_size)
+        net = build_net(bd, heads, outs, np.zeros(0, np.int64), [0.0], oracle.cfg.vocab_size, query=False, neurons=neurons)
+        tg = anchor_targets(oracle, windows[:-8], heads, outs, neurons, var, 1.0)
+        res = joint_fit(oracle, net, windows[:-8], held, ref_h, 3, batch=4, lr=0.05, n_query=0, log=lambda m: None,
+                        anchors=tg, lam=lam)
+        starts[lam], priors[lam] = res["held_kl_start"], net.prior.detach().numpy()
+    assert abs(starts[1.0] - starts[0.0]) < 1e-4, starts
+    assert abs(priors[1.0].mean()) < 0.2 and priors[0.0].mean() < -6, (priors[1.0].mean(), priors[0.0].mean())

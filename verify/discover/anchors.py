@@ -21,7 +21,9 @@ and mirrors one check:
   the training positions where the reference head puts ≥ 0.05 attention on that source, on the tokens the
   row writes (the readout's quantity, verify/claims/measure.py `_head_out`): squared error over ‖target‖²;
 * the prior → mean over positions of log p_ref − mean_v log p_ref (the prior readout's target): squared
-  error over its variance.
+  error over its variance. The target has mean 0 and a constant added to the dense prior changes no
+  distribution, so joint_fit centres the prior before its first anchored step (the readout's cosine is taken
+  on the uncentred logits: a written prior at mean −10 nats scored 0.164, the same prior centred 0.670).
 
 Not anchored: bigram rows and copy rules (research/README.md, "Faithful fit"). The bigram check's
 intervention reads the current token's direct path (embedding -> LNf -> W_U), whose logits on a shipped
