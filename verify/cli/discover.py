@@ -208,7 +208,7 @@ def suggest_cmd(ctx: typer.Context,
                 prune_window: Optional[str] = _opt("prune_window"),
                 shared_out: int = _opt("shared_out"), shared_read: int = _opt("shared_read"),
                 shared_size: str = typer.Option(str(DEFAULTS.shared_size), "--shared-size", help=HELP["shared_size"]),
-                shared_refs: int = _opt("shared_refs"),
+                shared_refs: int = _opt("shared_refs"), faithful: float = _opt("faithful"),
                 as_json: bool = O.JSON):
     """Draft a whole ruleset from the reference for a person to edit: unigram prior, token classes,
     class and per-token bigram rows, and per head a \\[\\[head]] (fitted to its attention) with \\[\\[head_out]]
@@ -231,7 +231,8 @@ def suggest_cmd(ctx: typer.Context,
              "joint_steps": joint_steps, "joint_positions": joint_positions, "query_scores": query_scores,
              "neuron_classes": neuron_classes, "prune_cuts": prune_cuts,
              "prune_window": _fraction_pair(prune_window, "--prune-window"), "shared_out": shared_out,
-             "shared_read": shared_read, "shared_size": _size_pair(shared_size, "--shared-size"), "shared_refs": shared_refs}
+             "shared_read": shared_read, "shared_size": _size_pair(shared_size, "--shared-size"), "shared_refs": shared_refs,
+             "faithful": faithful}
     # with --config, only the flags typed on this command line override the file
     # (compared by name: typer ships its own copy of click's ParameterSource)
     typed = {k: v for k, v in given.items()

@@ -155,6 +155,18 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
             self.sr_c = nn.Parameter(torch.zeros(len(heads), mr, self.n_neu if mr else 0))
             for name, p in (("so", self.so), ("so_c", self.so_c), ("sr", self.sr), ("sr_c", self.sr_c)):
                 self.register_buffer(name + "_m", torch.ones_like(p))
+            self.trace = False  # forward keeps each head's attention and the neurons' activations (anchors.py)
+            self.last: dict = {}
+
+        def next_table(self):
+            """[n_neu, V] what each neuron writes per unit of activation: its token entries, its class entries
+            spread over the class members and its references to the shared output patterns."""
+            NX = torch.zeros(self.n_neu, self.V).index_put((self.nu_out_n, self.nu_out_v), self.nu_out_w, accumulate=True)
+            if self.nc:
+                NX = NX + torch.nn.functional.pad(self.nc_out * self.nc_out_m, (0, 1))[:, self.lab]
+            if self.sh_out:
+                NX = NX + (self.so_c * self.so_c_m) @ (self.so * self.so_m)
+            return NX
 
         def attention(self, X, hi):
             """[B, T, T] attention of head hi on windows X [B, T] (engine semantics, causal)."""
@@ -185,8 +197,11 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                     pre = pre + torch.nn.functional.pad(self.nc_now * self.nc_now_m, (0, 0, 0, 1))[self.lab[c]]
             if self.nc:
                 lab_oh = torch.nn.functional.one_hot(self.lab[X], self.K + 1).float()  # [B, T, K+1], read by every head
+            atts = []
             for hi in range(self.H):
                 A = self.attention(X, hi)
+                if self.trace:
+                    atts.append(A)
                 if self.n_neu and self.nu_att[hi][1]:
                     idx, n_s, e_n, e_s = self.nu_att[hi]
                     mass = sem.attention_mass(A, torch.nn.functional.one_hot(idx[X], n_s + 1)).reshape(B * T, n_s + 1)
@@ -207,6 +222,9 @@ def build_net(bd: BigramDraft, heads: list[HeadDraft], outs, words: np.ndarray, 
                     copy_terms.append(A * self.member[X][:, None, :] * w[..., None])
             if self.n_neu:
                 act = sem.neuron_activation(pre)
+            if self.trace:
+                self.last = {"att": atts, "act": act if self.n_neu else None}
+            if self.n_neu:
                 adds.append((self.nu_out_v, act[:, self.nu_out_n] * self.nu_out_w))
                 if self.nc:
                     zc = torch.nn.functional.pad(act @ (self.nc_out * self.nc_out_m), (0, 1))  # [BT, K+1]
@@ -265,25 +283,61 @@ def prune_schedule(steps: int, cuts: int, dense: int, final: int,
 
 def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: int, batch: int = 16,
               lr: float = 0.01, n_query: int = 400, cuts: int = 4,
-              window: tuple[float, float] | None = None, log=print) -> dict:
+              window: tuple[float, float] | None = None, log=print, anchors=None, lam: float = 0.0) -> dict:
     """Adam on the training windows (reference log-probs recomputed per batch); the query scores are
     pruned to n_query entries per head and the neurons' class entries to `net.nc` of each kind, in
     `cuts` steps (prune_schedule). Keeps the parameters of the step with the lowest KL on the held-out
-    windows after the last cut (ref_h [B, T, V]: the reference's log-probs on them). Returns the history."""
+    windows after the last cut (ref_h [B, T, V]: the reference's log-probs on them). Returns the history.
+    With `anchors` (anchors.AnchorTargets) and lam > 0 the loss is KL + lam × the anchor terms, and the step
+    kept is the one with the lowest held-out KL + lam × anchor terms (the same objective); lam = 0 is the
+    plain fit, computed exactly as without anchors."""
     import torch
 
+    from .anchors import AnchorTerms, anchor_loss, reference_run
+
     model = oracle.model
+    anchored = anchors is not None and lam > 0
+    held_terms: list[AnchorTerms] = []  # the anchor terms of the last held-out evaluation
+    held_kls: list[float] = []  # the KL part of the last held-out evaluation
+
+    def held_objective() -> float:
+        if not anchored:
+            return net_kl(net, held, ref_h, batch)
+        X = torch.from_numpy(held.astype(np.int64))
+        kl = 0.0
+        sums = np.zeros(5)
+        net.trace = True
+        with torch.no_grad():
+            for s in range(0, len(X), batch):
+                lp_ref, cache = reference_run(model, X[s:s + batch])
+                n = len(lp_ref)
+                kl += float(_kl(lp_ref, net(X[s:s + batch]))) * n
+                _, t = anchor_loss(net, lp_ref, cache, anchors)
+                sums += n * np.array([t.attention, t.activation, t.next, t.head_out, t.prior])
+        net.trace = False
+        net.last = {}
+        held_terms[:] = [AnchorTerms(*(sums / len(X)))]
+        held_kls[:] = [kl / len(X)]
+        return kl / len(X) + lam * held_terms[0].total
 
     def held_kl() -> float:
-        return net_kl(net, held, ref_h, batch)
+        return held_objective()
 
+    if anchored:  # the prior anchor's target (mean centred log p_ref) has mean 0, and a constant added to the
+        # dense prior changes no distribution: start it centred, so the anchor works on its shape (Adam moves a
+        # logit by about lr per step: 40 steps left the uncentred prior's anchor term at 19 of 22, draft faithful-s3)
+        with torch.no_grad():
+            net.prior -= net.prior.mean()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(steps, 1))  # linear decay to lr/10
     rng = np.random.default_rng(0)
     best = start = held_kl()
+    start_kl = held_kls[0] if anchored else start
+    best_terms = start_terms = held_terms[0] if anchored else None
     best_state = start_state = {k: v.clone() for k, v in net.state_dict().items()}
     hist = [{"step": 0, "held_kl": best}]
-    log(f"joint fit: held-out KL before {best:.4f} ({len(train)} training windows, {len(held)} held out)")
+    log(f"joint fit: held-out {'KL' if not anchored else f'KL + {lam:g} x anchors'} before {best:.4f} "
+        f"({len(train)} training windows, {len(held)} held out)" + (f"; anchors {held_terms[0]}" if anchored else ""))
     t0 = time.perf_counter()
     plan: dict[int, dict[str, int]] = {}  # step -> kept count per kind of pruned entry
     kinds = {}
@@ -301,12 +355,21 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
     every = max(25, steps // 20)
     for step in range(1, steps + 1):
         X = torch.from_numpy(train[rng.choice(len(train), batch, replace=False)].astype(np.int64))
-        with torch.inference_mode():
-            ref = torch.log_softmax(model(X).float(), -1)
-        ref = ref.clone()
-        opt.zero_grad()
-        loss = _kl(ref, net(X))
-        loss.backward()
+        if anchored:
+            ref, cache = reference_run(model, X)
+            opt.zero_grad()
+            net.trace = True
+            loss = _kl(ref, net(X))
+            net.trace = False
+            (loss + lam * anchor_loss(net, ref, cache, anchors)[0]).backward()
+            net.last = {}
+        else:
+            with torch.inference_mode():
+                ref = torch.log_softmax(model(X).float(), -1)
+            ref = ref.clone()
+            opt.zero_grad()
+            loss = _kl(ref, net(X))
+            loss.backward()
         opt.step()
         sched.step()
         loss = float(loss.detach())
@@ -324,17 +387,22 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
                 ("tokens per read pattern", kept.get("read pattern tokens") if net.sh_read else None),
                 ("pattern references per neuron and kind", kept.get("pattern refs"))) if n is not None))
             # a cut changes the model: from here on compare with the start (no query scores), not a denser step
-            best, best_state = start, start_state
+            best, best_state, best_terms = start, start_state, start_terms
         if step % every == 0 or step == steps:
             k = held_kl()
-            hist.append({"step": step, "train_kl": loss, "held_kl": k})
-            log(f"joint fit step {step}/{steps}: batch KL {loss:.4f}, held-out KL {k:.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            hist.append({"step": step, "train_kl": loss, "held_kl": k}
+                        | ({"held_anchors": held_terms[0].__dict__.copy()} if anchored else {}))
+            log(f"joint fit step {step}/{steps}: batch KL {loss:.4f}, held-out {'KL' if not anchored else 'KL + λ·anchors'} "
+                f"{k:.4f} ({time.perf_counter() - t0:.0f} s)" + (f"; anchors {held_terms[0]}" if anchored else ""))
             if k < best:
                 best = k
                 best_state = {kk: v.clone() for kk, v in net.state_dict().items()}
+                best_terms = held_terms[0] if anchored else None
     net.load_state_dict(best_state)
-    return {"history": hist, "held_kl": best, "held_kl_start": start}
+    out = {"history": hist, "held_kl": best, "held_kl_start": start_kl}
+    if anchored:  # "held_kl" is then the objective KL + lam × anchors of the step kept
+        out.update(held_objective=best, held_anchors=best_terms.__dict__.copy(), held_anchors_start=start_terms.__dict__.copy())
+    return out
 
 
 def _cut_query(net, train: np.ndarray, n_query: int) -> None:

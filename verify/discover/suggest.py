@@ -351,6 +351,7 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
     target, copy, joint_steps, joint_positions = opts.target, opts.copy, opts.joint_steps, opts.joint_positions
     n_query, joint_lr, neuron_classes, prune_cuts = opts.query_scores, opts.joint_lr, opts.neuron_classes, opts.prune_cuts
     prune_window, shared, held_positions = opts.prune_window, opts.shared, opts.held_positions
+    faithful = opts.faithful
     from verify.ledger import data as D
     from verify.ledger.baselines import get_tables
 
@@ -368,6 +369,8 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
     if (shared[0] or shared[1]) and not (min(shared[2]) and shared[3] and joint_steps and n_neurons):
         raise UserError("--shared-out/--shared-read need --shared-size > 0, --shared-refs > 0, --joint-steps > 0 and "
                         "--neurons > 0 (the patterns are fitted jointly with the neurons that use them)")
+    if faithful < 0 or (faithful > 0 and not joint_steps):
+        raise UserError("--faithful must be >= 0, and > 0 only with --joint-steps > 0 (the anchors are terms of the joint fit)")
     if prune_cuts < 1:
         raise UserError("--prune-cuts must be >= 1 (1: one cut straight to the kept sizes)")
     if prune_window is not None:
@@ -453,8 +456,10 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
         from .common import typical_ln_scale
 
         acts = reference_activations(oracle, windows)
+        ln_scale = typical_ln_scale(oracle, windows)
         draft.neurons = draft_neurons(oracle, acts, sample.tokens, [(hi, src, M) for hi, src, M, _ in masses],
-                                      typical_ln_scale(oracle, windows), n_neurons=n_neurons, min_count=min_count)
+                                      ln_scale, n_neurons=n_neurons, min_count=min_count)
+        neuron_var = acts[:, [nd.neuron for nd in draft.neurons]].var(0)  # the activation anchors' scale
         del acts
         by_head = {hi: (src, M) for hi, src, M, _ in masses}
         neuron_feats = []
@@ -561,8 +566,17 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
                         query=n_query > 0, neurons=draft.neurons, neuron_classes=neuron_classes, shared=shared)
         held_sample = TrainSample(oracle, held)
         ref_held = torch.from_numpy(held_sample.logp.reshape(*held.shape, V))
+        anchors = None
+        if faithful > 0:
+            from .anchors import anchor_targets
+            from .common import typical_ln_scale
+
+            anchors = anchor_targets(oracle, windows, heads, draft.outs, draft.neurons,
+                                     neuron_var if draft.neurons else np.zeros(0),
+                                     ln_scale if draft.neurons else typical_ln_scale(oracle, windows))
+            log(f"faithful fit: anchors read off the reference on {windows.size:,} training positions, λ = {faithful:g}")
         res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query,
-                         cuts=prune_cuts, window=prune_window, log=log)
+                         cuts=prune_cuts, window=prune_window, log=log, anchors=anchors, lam=faithful)
         qs, copy_cls, patterns[:] = read_back(net, bd, heads, draft.outs, copy_w, neurons=draft.neurons)
         for h, qq in zip(heads, qs):
             h.query = qq
@@ -572,7 +586,11 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
         best_kl = sample.kl(hm)
         draft.history.append({"stage": "joint fit", "train_kl": best_kl, "held_kl": engine_kl,
                               "held_kl_torch": torch_kl, "held_kl_start": res["held_kl_start"],
-                              "steps": joint_steps})
+                              "steps": joint_steps}
+                             | ({"faithful": faithful, "held_anchors_start": res["held_anchors_start"],
+                                 "held_anchors": res["held_anchors"]} if "held_anchors" in res else {}))
+        if "held_anchors" in res:
+            log(f"faithful fit: held-out anchor terms {res['held_anchors_start']} -> {res['held_anchors']}")
         log(f"joint fit: held-out KL {engine_kl:.4f} by the engine from the written files, {torch_kl:.4f} by the "
             f"torch model (numbers rounded to 3 decimals when written); training-sample KL {best_kl:.4f}")
     rules = hm.rules

@@ -53,6 +53,10 @@ class SuggestOptions:
     shared_size: int | tuple[int, int] = _opt(0, "Joint fit: tokens kept per shared pattern (fitted dense over the vocabulary, "
                                                  "then cut like the class entries); OUT:READ keeps OUT per output pattern and READ per read pattern.")
     shared_refs: int = _opt(0, "Joint fit: pattern references kept per neuron and kind (output patterns; read patterns over all heads).")
+    faithful: float = _opt(0.0, "Joint fit: weight λ of the faithfulness anchors (anchors.py): each [[head]] pulled toward its "
+                                "reference head's attention, each [[neuron]]'s activation and write toward its reference neuron's, "
+                                "each [[head_out]] row toward the head's OV output for its source, the prior toward the mean "
+                                "output (0: the plain fit, unchanged).")
     # Internal knobs (no flag; settable in the options file)
     att_positions: int = _opt(16_384, "Training positions of the attention fit.")
     att_steps: int = _opt(100, "Steps of the attention fit.")
