@@ -22,13 +22,14 @@ and mirrors one check:
   row writes (the readout's quantity, verify/claims/measure.py `_head_out`): squared error over ‖target‖²;
 * the prior → mean over positions of log p_ref − mean_v log p_ref (the prior readout's target): squared
   error over its variance. The target has mean 0 and a constant added to the dense prior changes no
-  distribution, so joint_fit centres the prior before its first anchored step (the readout's cosine is taken
-  on the uncentred logits: a written prior at mean −10 nats scored 0.164, the same prior centred 0.670).
+  distribution, so joint_fit centres the prior before its first anchored step (the readout now centres the
+  prior's logits too; before, a written prior at mean −10 nats scored 0.164, the same prior centred 0.670).
 
 Not anchored: bigram rows and copy rules (research/README.md, "Faithful fit"). The bigram check's
-intervention reads the current token's direct path (embedding -> LNf -> W_U), whose logits on a shipped
-token row's written tokens have a median RMS of 0.061 of the row's (200 rows; the MLP carries the rest of
-the bigram), and that check is being widened to the MLP's token-alone part; a copy rule's readout asks
+intervention read the current token's direct path (embedding -> LNf -> W_U), whose logits on a shipped
+token row's written tokens have a median RMS of 0.061 of the row's (200 rows); it now reads the token-alone
+path (direct + the MLP's current-token part), which still moves the shipped model little (the current
+token acts mostly through heads reading its own position: research/README.md); a copy rule's readout asks
 whether the head's OV output ranks each source token itself high, which no copy weight changes.
 Every target is read from the reference on TRAINING windows only.
 """
