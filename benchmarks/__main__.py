@@ -32,6 +32,9 @@ def _run_parser() -> argparse.ArgumentParser:
                    help="start section 6's cold numba compile (a minute or more, in its own process) before section 1, "
                         "alongside the other sections: hides its wall time in smoke runs (tests, CI), but every timing "
                         "then includes that contention")
+    p.add_argument("--no-cold-compile", action="store_true",
+                   help="skip section 6's cold numba compile probe (a whole compile in a fresh process; smoke tests); "
+                        "the warm probes still run")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--force", action="store_true",
                    help="run even when the load average exceeds the usable cores (the result is marked as measured under load)")
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         con.print(f"[bold red]WARNING[/]: {busy}; going on (--force), and the result says so.")
     over = {"tokens": args.tokens, "repeats": args.repeats, "skip_cold": args.skip_cold or None,
-            "paired_threads": args.threads, "overlap_compile": args.overlap_compile or None}
+            "paired_threads": args.threads, "overlap_compile": args.overlap_compile or None,
+            "cold_compile": False if args.no_cold_compile else None}
     if args.rule_scales:
         over["rule_scales"] = tuple(float(x) if "." in x else int(x) for x in args.rule_scales.split(","))
     cfg = Config.make(args.quick, **over)

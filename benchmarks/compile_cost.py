@@ -66,6 +66,16 @@ def run(w, cfg, log=print, cold: ColdProbe | None = None) -> Section:
     sec.add("load_rules_warm_s", "load_rules (parse cache warm)", "s", "lower", warm_parse)
     sec.add("load_rules_cold_s", "load_rules (parse cache empty)", "s", "lower", cold_parse)
 
+    if not cfg.cold_compile:  # --no-cold-compile: the warm probes only, on this checkout's numba cache
+        spec = {"kind": "compile", "checkpoint": str(w.ckpt), "rules": str(w.rules_dir), **w.files()}
+        warm = [run_probe(spec) for _ in range(cfg.compile_repeats)]
+        sec.add("numba_warm_first_calls_s", "first log-probs + KL call, numba cache warm (load)", "s", "lower",
+                [r["first_logp_s"] + r["first_kl_s"] for r, _ in warm])
+        sec.add("process_warm_s", "whole probe process, numba cache warm", "s", "lower", [c.wall for _, c in warm])
+        sec.details = {"cold": None, "warm": [r for r, _ in warm], "n_rules": len(w.rules.rule_ids)}
+        sec.notes.append("--no-cold-compile: the cold numba compile was not measured (warm probes on this checkout's "
+                         "numba cache only)")
+        return sec
     overlapped = cold is not None
     probe = cold or ColdProbe(w, log=log)
     try:

@@ -34,6 +34,7 @@ class Config:
     quick_eval_stories: int = 40  # --quick: verify on this many stories of the corpus
     quick_train_stories: int = 100  # --quick: baselines fitted on this many stories of the train text
     overlap_compile: bool = False  # start the cold numba compile probe before section 1 (smoke runs: hides its wall time)
+    cold_compile: bool = True  # False: no cold numba compile probe (smoke tests: it costs a whole compile)
 
     @classmethod
     def make(cls, quick: bool, **over) -> "Config":
@@ -86,7 +87,7 @@ def _run_sections(w, cfg, sections, info, timed, log) -> None:
     from . import compile_cost, inner_loop, memory, scaling, throughput
 
     cold = None
-    if cfg.overlap_compile:
+    if cfg.overlap_compile and cfg.cold_compile:
         log("[bold]6. compile cost[/]: the cold probe starts now, alongside sections 1-5 (--overlap-compile)")
         cold = compile_cost.ColdProbe(w, log=log)
     try:
