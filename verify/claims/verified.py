@@ -262,11 +262,16 @@ def verified_ledger(ev, rules_dir: Path, valid: Path | None, windows: int = DEFA
     rules, ref = ev.rules, ev.ref
     ctx_id: dict = {}
     if lookup is None:
-        if valid is None or not Path(valid).exists():
+        ctx = None
+        if valid is not None and Path(valid).exists():
+            try:
+                ctx = valid_contexts(ev.ckpt, Path(valid), windows)
+            except UserError:  # a text shorter than one window: no verdicts can exist for it
+                ctx = None
+        if ctx is None:
             lookup = VerdictLookup([], list(rules.rule_ids))
             status = "no contexts"
         else:
-            ctx = valid_contexts(ev.ckpt, Path(valid), windows)
             ctx_id = ctx.identity
             lookup = lookup_verdicts(ev.ckpt, rules, rules_dir, ctx, compute=False)
             status = lookup.status
@@ -289,8 +294,8 @@ def verified_ledger(ev, rules_dir: Path, valid: Path | None, windows: int = DEFA
             "partial": f"{n_miss} of {len(ver)} rules have no current verdict (edited or never checked) and count as "
                        f"unverified; `{cmd}` checks only those",
             "missing": f"no current component verdict for any rule: every rule counts as unverified; `{cmd}` computes them",
-            "no contexts": "component verdicts are about valid.txt windows and valid.txt was not found (pass --corpus "
-                           "valid.txt): every rule counts as unverified"}[status]
+            "no contexts": "component verdicts are about valid.txt windows and no valid.txt (of at least one window) "
+                           "was found (pass --corpus valid.txt): every rule counts as unverified"}[status]
     return VerifiedLedger(status, note, ctx_id, rows, rows[-1], kl0, kla,
                           (kl0 - klv) / (kl0 - kla) if kl0 > kla else None, counts(lookup.verdicts),
                           int(ver.sum()), int(len(ver)), lookup.missing,
