@@ -82,17 +82,26 @@ def _measure(checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int]
                     O.given(train_corpus, O.DEFAULT_TRAIN), log=log, **kw)
 
 
-def verified_section(ev: Evaluation, rules: Path, corpus: Path, sampled: Optional[int], windows: int,
-                     final_only: bool = False):
-    """The verified ledger from cached component verdicts. The verdicts are about windows of valid.txt: the eval
-    corpus when one is given (--corpus), else the default valid.txt (with --sampled too)."""
-    from verify.claims.verified import verified_ledger
-
+def verdict_source(rules: Path, checkpoint: Path, corpus: Path, sampled: Optional[int],
+                   windows: int = DEFAULT_WINDOWS) -> tuple[Optional[Path], str]:
+    """(the text whose windows the cached component verdicts are about, the check-components command that
+    computes them): the eval corpus when one is given (--corpus, never a training text), else the default
+    valid.txt (with --sampled too); None when there is none."""
     named = sampled is None and corpus is not None and Path(corpus).exists() and "train" not in Path(corpus).name
     valid = Path(corpus) if named else O.given(O.DEFAULT_CORPUS, O.DEFAULT_CORPUS)
     cmd = "handmodel check-components" + ("" if Path(rules) == O.DEFAULT_RULES else f" --rules {rules}") + \
+        ("" if Path(checkpoint) == O.DEFAULT_CHECKPOINT else f" --checkpoint {checkpoint}") + \
         ("" if valid is None or Path(valid).resolve() == O.DEFAULT_CORPUS.resolve() else f" --corpus {valid}") + \
         ("" if windows == DEFAULT_WINDOWS else f" --windows {windows}")
+    return valid, cmd
+
+
+def verified_section(ev: Evaluation, rules: Path, checkpoint: Path, corpus: Path, sampled: Optional[int], windows: int,
+                     final_only: bool = False):
+    """The verified ledger from cached component verdicts (verdict_source says which)."""
+    from verify.claims.verified import verified_ledger
+
+    valid, cmd = verdict_source(rules, checkpoint, corpus, sampled, windows)
     return verified_ledger(ev, Path(rules), valid, windows, final_only=final_only, check_cmd=cmd)
 
 
@@ -130,7 +139,7 @@ def verify_cmd(
                   ledger_rows=ledger_rows)
     if verified:
         t1 = time.perf_counter()
-        ev.verified = verified_section(ev, rules, corpus, sampled, windows, final_only=not ledger_rows)
+        ev.verified = verified_section(ev, rules, checkpoint, corpus, sampled, windows, final_only=not ledger_rows)
         ev.timings["verified"] = round(time.perf_counter() - t1, 3)
     res = ev.to_json()
     wall = _since_process_start()
@@ -188,15 +197,11 @@ def report_cmd(
 
 
 def _verdicts(ev: Evaluation, checkpoint: Path, rules: Path, corpus: Path, sampled: Optional[int]):
-    """The cached component verdicts (verify/reports/verdicts.py), read on valid.txt windows as check-components
-    reads them: --corpus when it is the eval set, else the default valid.txt when present."""
-    from verify.reports.verdicts import cached_verdicts, check_command
+    """The cached component verdicts per rule for the report and the catalog (verify/reports/verdicts.py)."""
+    from verify.reports.verdicts import cached_verdicts
 
-    valid = O.given(corpus, O.DEFAULT_CORPUS) if sampled is None else O.given(O.DEFAULT_CORPUS, O.DEFAULT_CORPUS)
-    cmd = check_command(None if Path(rules) == O.DEFAULT_RULES else rules,
-                        None if Path(checkpoint) == O.DEFAULT_CHECKPOINT else checkpoint,
-                        None if valid is None or Path(valid) == O.DEFAULT_CORPUS else valid)
-    return cached_verdicts(checkpoint, ev.rules, Path(rules), valid, cmd)
+    valid, cmd = verdict_source(rules, checkpoint, corpus, sampled)
+    return cached_verdicts(ev.ckpt, ev.rules, Path(rules), valid, cmd)
 
 
 def catalog_cmd(rules: Path = O.RULES,

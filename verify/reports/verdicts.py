@@ -32,12 +32,6 @@ class VerdictInfo:
         return sum(v == "pass" for v in self.state.values())
 
 
-def check_command(rules=None, checkpoint=None, corpus=None) -> str:
-    """The check-components command line for these options (None: left at its default, not printed)."""
-    opts = (("--rules", rules), ("--checkpoint", checkpoint), ("--corpus", corpus))
-    return " ".join(["handmodel check-components"] + [f"{o} {v}" for o, v in opts if v is not None])
-
-
 def from_verdicts(rule_ids, verdicts, status: str = "cached", command: str = "") -> VerdictInfo:
     """A VerdictInfo from ComponentVerdict records (None: every rule 'missing')."""
     if verdicts is None:
@@ -50,19 +44,17 @@ def from_verdicts(rule_ids, verdicts, status: str = "cached", command: str = "")
     return VerdictInfo(status, state, f"component verdicts ({status}): {n} of {len(state)} rules verified", command)
 
 
-def cached_verdicts(checkpoint: Path | None, rules, rules_dir: Path, valid: Path | None, command: str) -> VerdictInfo:
-    """The cached component verdicts for `rules` (read on `valid`'s windows, as check-components reads
-    them). Nothing cached, no valid text, or a text too short for a window: every rule 'missing', and the
-    note names `command`, which computes them."""
+def cached_verdicts(ckpt, rules, rules_dir: Path, valid: Path | None, command: str) -> VerdictInfo:
+    """The cached component verdicts for `rules` (read on `valid`'s windows, as check-components reads them;
+    `ckpt`: the evaluation's verify.ledger.data.Checkpoint). Nothing cached, no valid text, or a text too short
+    for a window: every rule 'missing', and the note names `command`, which computes them."""
     from verify.claims import verified as VF
-    from verify.ledger.data import checkpoint_info
 
     if valid is None or not Path(valid).exists():
         return from_verdicts(rules.rule_ids, None, command=command)
-    ckpt = checkpoint_info(checkpoint)
     try:
         ctx = VF.valid_contexts(ckpt, Path(valid), VF.DEFAULT_WINDOWS)
     except UserError:  # e.g. a text shorter than one window: no verdicts can exist for it
         return from_verdicts(rules.rule_ids, None, command=command)
-    verdicts, status = VF.get_verdicts(ckpt, rules, Path(rules_dir), ctx, compute=False)
-    return from_verdicts(rules.rule_ids, verdicts, status, command)
+    lk = VF.lookup_verdicts(ckpt, rules, Path(rules_dir), ctx, compute=False)
+    return from_verdicts(rules.rule_ids, lk.verdicts or None, lk.status, command)
