@@ -205,12 +205,6 @@ def lookup_verdicts(ckpt, rules, rules_dir: Path, contexts: "Contexts", compute:
     return VerdictLookup([found[i] for i in sorted(found)], [rules.rule_ids[i] for i in todo], computed)
 
 
-def get_verdicts(ckpt, rules, rules_dir: Path, contexts: "Contexts", compute: bool = True, log=None):
-    """(current verdicts or None when there are none, status: cached | partial | missing | computed)."""
-    lk = lookup_verdicts(ckpt, rules, rules_dir, contexts, compute, log)
-    return (lk.verdicts or None), lk.status
-
-
 def verified_mask(rules, verdicts) -> np.ndarray:
     """[n_rules] bool: on only for rules whose component check passes (no verdict: off)."""
     passed = {v.id for v in verdicts or [] if v.verdict == "pass"}
