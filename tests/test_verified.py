@@ -3,6 +3,7 @@ verified on read; unverified rules switched off; `verify` and `check-components`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,3 +198,30 @@ def test_train_text_is_refused(e2e):
     ckpt, _, _, train = e2e
     with pytest.raises(UserError, match="training text"):
         valid_contexts(checkpoint_info(ckpt), train, 4)
+
+
+def test_verdict_store_key_reads_the_check_sources(tmp_path, monkeypatch):
+    """The store key hashes every file that computes a verdict (a glob matching nothing once let a changed check
+    reuse old verdicts): each named source exists, and editing any of them, or the twin, changes the key."""
+    import shutil
+
+    from verify.claims import verified as VF
+
+    here = Path(VF.__file__).parent
+    root = here.parent.parent
+    sources = [here / n for n in VF.CHECK_SOURCES] + [root / "handmodel" / "twin.py", root / "reference" / "model.py"]
+    assert all(f.is_file() for f in sources)
+    base = VF._code_hash()
+    fake = tmp_path / "verify" / "claims"
+    shutil.copytree(here, fake)
+    shutil.copytree(root / "handmodel", tmp_path / "handmodel")
+    shutil.copytree(root / "reference", tmp_path / "reference")
+    monkeypatch.setattr(VF, "__file__", str(fake / "verified.py"))
+    assert VF._code_hash() == base
+    for f in [fake / n for n in VF.CHECK_SOURCES] + [tmp_path / "handmodel" / "twin.py"]:
+        old = f.read_bytes()
+        f.write_bytes(old + b"\n# changed\n")
+        assert VF._code_hash() != base, f.name
+        f.write_bytes(old)
+    (tmp_path / "handmodel" / "kernels.py").write_bytes(b"# a speed change\n")  # the engine is held to the twin by tests
+    assert VF._code_hash() == base

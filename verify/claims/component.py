@@ -2,8 +2,9 @@
 "Component checks (verified ledger)"; issue 20).
 
 For each rule kind a READOUT check (the rule's own quantity against the component's, on the same
-contexts) and an INTERVENTION check (switching the rule off moves the hand model's log-probs the way
-mean-ablating the component moves the reference's). Each check reduces to a ratio of sums over
+contexts) and an INTERVENTION check (taking the rule's logit write out of the reference's own distribution
+moves log p the way mean-ablating the component moves the reference's; both sides start from p_ref, so the
+verdict reads the rule and the reference, never the rest of the hand model). Each check reduces to a ratio of sums over
 contexts (windows); its verdict comes from a percentile bootstrap over windows: pass when the whole
 95% interval is at or above the kind's threshold, fail when it is wholly below, undecided otherwise
 (or when fewer than MIN_WINDOWS windows hold an example). A rule passes when all its checks pass,
@@ -171,8 +172,16 @@ def _seed(rule_id: str, check: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{rule_id}/{check}".encode()).digest()[:4], "little")
 
 
+def _centred(d: np.ndarray) -> np.ndarray:
+    """[k, V] centred over the vocabulary: a log-prob difference as a logit write (log Z drops out)."""
+    return d - d.mean(1, keepdims=True)
+
+
 def _dlogp(lp: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Change of log-probs [k, V] when logits lose the contribution d (the rule switched off)."""
+    """Change of log-probs [k, V] when logits lose the contribution d (the rule switched off). The interventions
+    pass the REFERENCE's log-probs as lp: log Z at a position is set by the whole distribution there, and on the
+    hand model's it is set by every other rule, so a true rule was judged by what the rest of the ruleset put on
+    its tokens (research/README.md, "The log Z confound")."""
     z = lp.astype(np.float64) - d
     m = z.max(1, keepdims=True)
     return z - (m + np.log(np.exp(z - m).sum(1, keepdims=True))) - lp

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import hand_side as H
 from .component import (COPY_Z, INTERVENTION, MIN_MASS, PER_WINDOW, READOUT_COPY_RATE, READOUT_CORR, READOUT_COSINE,
-                        READOUT_OVERLAP, ComponentVerdict, Target, _dlogp, _pair_sums, _pick, _seed, targets, verdict_of)
+                        READOUT_OVERLAP, ComponentVerdict, Target, _centred, _dlogp, _pair_sums, _pick, _seed, targets, verdict_of)
 
 # (check name) -> (statistic, threshold)
 CHECKS = {"prior": {"readout": ("cosine", READOUT_COSINE)},
@@ -45,8 +45,8 @@ class _Acc:
 def check_components(oracle, rules, checks: dict[str, dict], windows: np.ndarray, batch: int = 8,
                      log: Callable[[str], None] | None = None, only=None) -> list[ComponentVerdict]:
     """Verdicts for every rule (ledger order) on `windows` [n, T] (valid.txt or reference samples); `only`: a
-    set of rule indices to check (each rule's checks read only itself, what it reads and the hand model's
-    log-probs with every rule on, so checking a subset gives the same verdicts as checking all)."""
+    set of rule indices to check (each rule's checks read only itself, what it reads — a [[head]]: the rules
+    reading it — and the reference, so checking a subset gives the same verdicts as checking all)."""
     from handmodel.engine import HandModel
     from handmodel.errors import UserError
     from verify.claims import one_thread
@@ -223,7 +223,7 @@ def _bigram(acc, t: Target, c: SimpleCtx, vec, abl) -> None:
     d = H.contribution(vec, r, c.ws, pos)
     write = c.lp_ref[pos].astype(np.float64) - abl[pos]  # the component's logit write, up to a constant per position
     write -= write.mean(1, keepdims=True)  # ... centred over the vocabulary
-    dh = _dlogp(c.hand[pos], d - c.dbar)  # the rule mean-ablated on the hand side
+    dh = _dlogp(c.lp_ref[pos], d - c.dbar)  # the rule's write mean-ablated, on the reference's distribution
     dr = abl[pos].astype(np.float64) - c.lp_ref[pos]  # the component mean-ablated on the reference
     sx, si = np.zeros(6), np.zeros(3)
     for k, p in enumerate(pos):
@@ -242,7 +242,7 @@ def _head(acc, t: Target, c: SimpleCtx, vec, head_abl, hand_off) -> None:
     ov = np.minimum(a_hand, a_ref).sum(1)[1:]
     acc.add(t.index, "readout", c.w, np.array([len(ov), ov.sum()]), len(ov))
     ts = _pick(c.rng, np.arange(1, T), 2 * PER_WINDOW)
-    dh = _dlogp(hand_off[ts], -c.dbar) - (c.hand[ts] - hand_off[ts])  # the head mean-ablated, minus all on
+    dh = _dlogp(c.lp_ref[ts], _centred(c.hand[ts] - hand_off[ts]) - c.dbar)  # the head's write mean-ablated
     dr = head_abl[ts] - c.lp_ref[ts]
     # compared on the tokens the head's readers write at the position: where switching the head off changes
     # the logits by more than the common shift of log Z (a head whose readers write nothing here: skipped)
@@ -266,9 +266,10 @@ def _neuron(acc, t: Target, c: SimpleCtx, vec, model, means, table, written) -> 
     if not len(pos) or not written.any():
         return
     ts = _pick(c.rng, pos, PER_WINDOW)
-    dh = _dlogp(c.hand[ts], act[ts, None] * table - c.dbar)
+    dh = _dlogp(c.lp_ref[ts], act[ts, None] * table - c.dbar)
     abl = R.neuron_ablated(model, c.b, means, t.ref, np.full(len(ts), c.j), ts).numpy()
-    acc.add(t.index, "intervention", c.w, _pair_sums("concordance", dh[:, written], (abl - c.lp_ref[ts])[:, written]), len(ts))
+    dr = abl - c.lp_ref[ts]
+    acc.add(t.index, "intervention", c.w, _pair_sums("concordance", dh[:, written], dr[:, written]), len(ts))
 
 
 def _head_out(acc, t: Target, c: SimpleCtx, vec, model, means, table, written, W_Oc, gamma, W_U) -> None:
@@ -300,7 +301,7 @@ def _head_out(acc, t: Target, c: SimpleCtx, vec, model, means, table, written, W
         hit = np.sign(r.copy) * zs >= COPY_Z
         acc.add(t.index, "readout.copy", c.w, np.array([len(occ), hit.sum()], dtype=np.float64), len(occ))
     d = H.contribution(vec, r, c.ws, ts)
-    dh = _dlogp(c.hand[ts], d - c.dbar)
+    dh = _dlogp(c.lp_ref[ts], d - c.dbar)
     abl = R.source_path_ablated(model, c.b, means, t.ref, src[None].expand(c.b.idx.shape[0], -1), np.full(len(ts), c.j),
                                 ts).numpy()
     wr = (d != 0) | written[None]

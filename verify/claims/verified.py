@@ -6,9 +6,8 @@ Verdicts are cached **per rule**, in one JSON store per (checkpoint, contexts, c
 its compiled form (numbers, sets, head; not its doc or its place in the file), its `check` table, every token
 set, and — for a `[[head_out]]` or a `[[neuron]]` — the `[[head]]` rules whose attention it reads, for a
 `[[head]]` every rule that reads it. Editing one rule makes only its own verdict (and its head's) stale;
-`handmodel check-components` then checks only the rules without a current verdict. (The intervention
-compares log-probs, so the rest of the ruleset enters a verdict through the hand model's normalisation at
-the checked positions; a verdict is not recomputed when an unrelated rule changes that.) The store holds a
+`handmodel check-components` then checks only the rules without a current verdict. (An intervention takes
+the rule's write out of the reference's own distribution, so no other rule enters its verdict.) The store holds a
 sha256 of its entries; one that does not match on read is ignored as a whole. A rule with no current
 verdict, or one that is failing, undecided or names no component, counts as unverified: never guessed.
 """
@@ -35,13 +34,14 @@ CHECK_SOURCES = ("component.py", "measure.py", "hand_side.py", "ref_side.py", "r
 
 
 def _code_hash() -> str:
-    """The component checks' own source, the hand model's (its log-probs enter every intervention) and the
-    reference's forward pass: a changed check or engine never reuses old verdicts."""
-    from verify.ledger.core import _engine_sha
-
-    h = hashlib.sha256(_engine_sha().encode())
+    """The component checks' own source, the rule semantics (handmodel/twin.py, which hand_side.py vectorises;
+    a rule's compiled form is in its own key) and the reference's forward pass: a changed check never reuses
+    old verdicts. The engine's kernels are not hashed: they are held equal to the twin by the engine tests
+    (tests/test_handmodel_engine.py), and a speed change must not throw away 20 CPU-minutes of verdicts."""
     here = Path(__file__).parent
-    for f in [here / name for name in CHECK_SOURCES] + [here.parent.parent / "reference" / "model.py"]:
+    root = here.parent.parent
+    h = hashlib.sha256()
+    for f in [here / name for name in CHECK_SOURCES] + [root / "handmodel" / "twin.py", root / "reference" / "model.py"]:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
