@@ -1,17 +1,15 @@
-"""Would faithful attention make the head_out rows pass their intervention? (issue 21)
+"""Why do head_out rows fail their intervention? Attention, row size, or the base distribution? (issue 21)
 
 For every [[head_out]] rule with a `next` row, at the positions its intervention check reads (the current-token
 condition holds and the hand head puts ≥ 0.05 attention on the sources; up to 4 per window), compare the
 reference's Δlog p when the head's values at the source positions are mean-ablated (ref_side.source_path_ablated:
-the check's own reference side) with the hand model's Δlog p when the rule is switched off, computed three ways:
-- hand: the rule's contribution as the hand model computes it (hand attention mass on the sources × row);
-- ref-attn: the same row times the REFERENCE head's attention mass on the sources at that position;
-- ref-attn, best size: ref-attn with the row rescaled by the one factor per rule that maximises the concordance
-  (then concordance = cosine: only the row's direction is judged).
+the check's own reference side) with the Δlog p of taking the rule's write d out of a distribution:
+- base: the hand model's log-probs (the check until this stop) or the reference's (the check now);
+- attention: d as the hand model computes it (hand attention mass on the sources × row), or the same row times
+  the REFERENCE head's attention mass on the sources (what a faithful [[head]] would give);
+- best size: the row rescaled by the one factor per rule that maximises the concordance (= the cosine).
 Concordance 2Σxy/(Σx²+Σy²) pooled over the rule's positions, on the tokens the row writes (the check's statistic;
-the rule's mean contribution is not subtracted here, so the numbers are close to, not equal to, the check's);
-then the same with both Δlog p centred over the vocabulary first (which removes each side's log Z shift: a
-constant per position that the whole distribution, not the rule, sets).
+the rule's mean contribution is not subtracted here, so the numbers are close to, not equal to, the check's).
 Usage: python research/faithful/oracle_attention.py [rules_dir] [n_windows]
 """
 from __future__ import annotations
@@ -45,7 +43,8 @@ def main(rules_dir: str = "rules", n_windows: int = 24) -> None:
     torch.set_num_threads(1)
     means = R.context_means(model, [wins[i:i + 8] for i in range(0, len(wins), 8)])
     rng = np.random.default_rng(0)
-    sums = {t.index: np.zeros((4, 3)) for t in tg}  # per way: Σxy, Σx², Σy² (hand, ref-attn; then both centred)
+    ways = [(base, att) for base in ("hand", "ref") for att in ("hand", "ref")]
+    sums = {t.index: np.zeros((len(ways), 3)) for t in tg}  # per way: Σxy, Σx², Σy²
     with torch.inference_mode():
         for s in range(0, len(wins), 8):
             arr = wins[s:s + 8]
@@ -68,24 +67,19 @@ def main(rules_dir: str = "rules", n_windows: int = 24) -> None:
                     d_ref = d * (m_ref / np.maximum(m_hand, 1e-12))[:, None]
                     abl = R.source_path_ablated(model, b, means, t.ref, src[None].expand(b.idx.shape[0], -1),
                                                 np.full(len(ts), j), ts).numpy()
-                    yy = (abl - lp_ref[j, ts]).astype(np.float64)
-                    for k, dd in enumerate((d, d_ref)):
-                        xx = _dlogp(hand[j, ts], dd)
-                        for c, (x, y) in enumerate(((xx, yy), (xx - xx.mean(1, keepdims=True), yy - yy.mean(1, keepdims=True)))):
-                            x, y = x[:, written], y[:, written]
-                            sums[t.index][2 * c + k] += [(x * y).sum(), (x * x).sum(), (y * y).sum()]
+                    y = (abl - lp_ref[j, ts])[:, written].astype(np.float64)
+                    for k, (base, att) in enumerate(ways):
+                        x = _dlogp((hand if base == "hand" else lp_ref)[j, ts], d if att == "hand" else d_ref)[:, written]
+                        sums[t.index][k] += [(x * y).sum(), (x * x).sum(), (y * y).sum()]
     conc = lambda a: 2 * a[0] / max(a[1] + a[2], 1e-30)
     cos = lambda a: a[0] / max(np.sqrt(a[1] * a[2]), 1e-30)
-    rows = [(conc(v[0]), conc(v[1]), cos(v[1]), np.sqrt(v[1][1] / max(v[1][2], 1e-30)), conc(v[2]), conc(v[3]), cos(v[3]))
-            for v in sums.values() if v[0][2] > 0]
-    a = np.array(rows)
-    print(f"{len(a)} head_out rules with positions ({len(tg)} checked), {len(wins)} windows of valid.txt, rules {rules_dir}")
-    for name, col in (("hand attention: concordance", 0), ("reference attention: concordance", 1),
-                      ("reference attention, best size: cosine", 2), ("reference attention: |hand Δ| / |ref Δ|", 3),
-                      ("centred over V, hand attention: concordance", 4), ("centred, reference attention: concordance", 5),
-                      ("centred, reference attention, best size: cosine", 6)):
-        v = a[:, col]
-        print(f"{name:42s} median {np.median(v):.3f}  quartiles {np.quantile(v, .25):.3f}-{np.quantile(v, .75):.3f}  ≥0.5: {(v >= 0.5).sum()}")
+    ok = [v for v in sums.values() if v[0][2] > 0]
+    print(f"{len(ok)} head_out rules with positions ({len(tg)} checked), {len(wins)} windows of valid.txt, rules {rules_dir}")
+    for k, (base, att) in enumerate(ways):
+        for name, f in (("concordance", conc), ("best size: cosine", cos)):
+            v = np.array([f(x[k]) for x in ok])
+            print(f"base {base:4s} attention {att:4s} {name:18s} median {np.median(v):.3f}  quartiles "
+                  f"{np.quantile(v, .25):.3f}-{np.quantile(v, .75):.3f}  ≥ 0.5: {(v >= 0.5).sum()}")
 
 
 if __name__ == "__main__":
