@@ -6,6 +6,7 @@ can switch it off at run time without recompiling.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import rulecache
 from .errors import UserError
 from .resolve import Rule, TokenSets, count_weighted_sets, resolve_entry
 from .rulefile import NOT_RULES, Entry, read_rule_file
@@ -40,6 +42,13 @@ class CompiledRules:
     groups: list[str]
     rule_numbers: np.ndarray
     arrays: SimpleNamespace
+    _digests: list[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def rule_digests(self) -> list[bytes]:
+        """rule_digest of every rule (from the compiled-ruleset cache when it had them)."""
+        if self._digests is None or len(self._digests) != len(self.rules):
+            self._digests = [rule_digest(r) for r in self.rules]
+        return self._digests
 
     def mask_of(self, mask) -> np.ndarray:
         """Normalise a user mask (None = all rules on) to bool [n_rules]."""
@@ -84,13 +93,63 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
                             "ids must be unique across all rule files, classes and weighted sets: rename one")
         first[e.id] = e
 
-    sets = TokenSets(vocab)
-    sets.define_classes([e for e in entries if e.kind == "class"], [e for e in entries if e.kind == "weights"])
+    set_entries = [e for e in entries if e.kind == "class"] + [e for e in entries if e.kind == "weights"]
     head_entries = [e for e in entries if e.kind == "head"]
     heads = {e.id: i for i, e in enumerate(head_entries)}
-    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind not in NOT_RULES]
-    count_weighted_sets(rules, sets)
+    rule_entries = [e for e in entries if e.kind not in NOT_RULES]
+    fresh = [{"doc": e.body["doc"].strip(), "file": str(e.file.path), "line": e.line,
+              "group": e.body.get("group", e.file.group)} for e in rule_entries]
+    class_docs = ["every token"] + [e.body["doc"] for e in set_entries]
+    keys = rulecache.keys_of(vocab, entries, set_entries, list(heads), rule_entries)
+    hit = rulecache.load(keys.full, vocab, fresh, class_docs)
+    if hit is not None:
+        rules, sets, arrays, digests = hit.rules, hit.sets, hit.arrays, hit.digests
+    else:
+        rules, numbers0, digests, sets = _resolve(keys, vocab, set_entries, heads, rule_entries, fresh)
+        arrays = build_arrays(rules, sets, len(heads))
+        rulecache.store(keys, rules, numbers0, digests, sets, arrays)
+    sets.class_docs = class_docs
+    out = _compiled(vocab, rules, sets, len(heads), arrays)
+    out._digests = digests
+    return out
 
+
+def rule_digest(r: Rule) -> bytes:
+    """sha256 of what a rule computes: its resolved form without doc, file, line and group (so a comment, a
+    doc or a rule moved down a line changes nothing). The ledger's row keys and the verdict keys use it."""
+    return hashlib.sha256(repr(dataclasses.replace(r, doc="", file="", line=0, group="")).encode()).digest()
+
+
+def _resolve(keys, vocab, set_entries, heads, rule_entries, fresh):
+    """-> (rules, their numbers before count_weighted_sets, their rule_digest, sets). Rules whose entry is
+    unchanged since the last ruleset compiled with the same token sets and heads are taken from that
+    cache entry (an edit to one rule resolves that rule alone)."""
+    old = rulecache.context_entry(keys.context)
+    prev = rulecache.load(old, vocab, None, None) if old is not None else None
+    if prev is not None and prev.context == keys.context:
+        sets = prev.sets
+        by_key = {k: (r, n0, d) for k, r, n0, d in zip(prev.rule_keys, prev.rules, prev.numbers0, prev.digests)}
+    else:
+        sets = TokenSets(vocab)
+        sets.define_classes([e for e in set_entries if e.kind == "class"], [e for e in set_entries if e.kind == "weights"])
+        by_key = {}
+    rules, numbers0, reused = [], [], []
+    for e, k, f in zip(rule_entries, keys.rule_keys, fresh):
+        got = by_key.get(k)
+        if got is not None and got[0].id == e.id:
+            r = dataclasses.replace(got[0], numbers=got[1], **f)
+        else:
+            r = resolve_entry(e, sets, heads, e.file.group)
+        rules.append(r)
+        numbers0.append(r.numbers)
+        reused.append(got is not None and got[0].id == e.id)
+    count_weighted_sets(rules, sets)
+    digests = [by_key[k][2] if ok and r.numbers == by_key[k][0].numbers else rule_digest(r)
+               for r, k, ok in zip(rules, keys.rule_keys, reused)]
+    return rules, numbers0, digests, sets
+
+
+def _compiled(vocab: list[str], rules: list[Rule], sets: TokenSets, n_heads: int, arrays: SimpleNamespace) -> CompiledRules:
     groups: list[str] = []
     gidx: dict[str, int] = {}
     for r in rules:
@@ -98,12 +157,12 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
             gidx[r.group] = len(groups)
             groups.append(r.group)
     return CompiledRules(
-        vocab=vocab, vocab_size=len(vocab), rules=rules, sets=sets, n_heads=len(heads),
+        vocab=vocab, vocab_size=len(vocab), rules=rules, sets=sets, n_heads=n_heads,
         rule_ids=[r.id for r in rules], rule_docs=[r.doc for r in rules], rule_kinds=[r.kind for r in rules],
         rule_files=[r.file for r in rules], rule_lines=[r.line for r in rules],
         rule_group=np.array([gidx[r.group] for r in rules], dtype=np.int64), groups=groups,
         rule_numbers=np.array([r.numbers for r in rules], dtype=np.int64),
-        arrays=build_arrays(rules, sets, len(heads)),
+        arrays=arrays,
     )
 
 

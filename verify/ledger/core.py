@@ -91,16 +91,17 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
 
 def rule_digests(rules) -> list[bytes]:
     """sha256 per rule of what it computes: its compiled form without its doc, file, line and group (so a
-    comment, a doc or a rule moved down a line changes nothing). Kept on the rules object: the ledger, the
-    verified ledger and the verdict keys all ask."""
-    import dataclasses
-    import hashlib
+    comment, a doc or a rule moved down a line changes nothing): handmodel.compiled.rule_digest, kept on
+    the rules object (and in the compiled-ruleset cache): the ledger, the verified ledger and the verdict
+    keys all ask."""
+    if hasattr(rules, "rule_digests"):
+        return rules.rule_digests()
+    from handmodel.compiled import rule_digest
 
     got = getattr(rules, "_rule_digests", None)
     if got is None or len(got) != len(rules.rules):
-        got = [hashlib.sha256(repr(dataclasses.replace(r, doc="", file="", line=0, group="")).encode()).digest()
-               for r in rules.rules]
-        rules._rule_digests = got  # a derived cache, not a field: CompiledRules stays what load_rules built
+        got = [rule_digest(r) for r in rules.rules]
+        rules._rule_digests = got  # a derived cache on a stand-in rules object
     return got
 
 
@@ -120,8 +121,16 @@ def sets_digest(rules) -> str:
 _ENGINE_SHA: str | None = None
 
 
+# What the hand model's numbers depend on, given the resolved rules and token sets (which row keys hash
+# themselves): the kernels, the engine, and compiled.py from this marker on (build_arrays: resolved rules ->
+# the kernels' arrays). Reading, resolving and caching rule files (compiled.load_rules, resolve.py,
+# rulefile.py, rulecache.py) and the twin/explain/writer modules are left out: editing them keeps the rows.
+ENGINE_SOURCES = ("engine.py", "kernels.py", "compiled.py")
+ARRAYS_MARKER = b"# Flat arrays"
+
+
 def _engine_sha() -> str:
-    """The hand model's source (semantics live there): a changed engine never reuses old rows."""
+    """The hand model's numerical source (ENGINE_SOURCES): a changed engine never reuses old rows."""
     global _ENGINE_SHA
     if _ENGINE_SHA is None:
         import hashlib
@@ -130,8 +139,11 @@ def _engine_sha() -> str:
         import handmodel
 
         h = hashlib.sha256()
-        for f in sorted(Path(handmodel.__file__).parent.glob("*.py")):
-            h.update(f.read_bytes())
+        for name in ENGINE_SOURCES:
+            src = (Path(handmodel.__file__).parent / name).read_bytes()
+            if name == "compiled.py" and ARRAYS_MARKER in src:
+                src = src[src.index(ARRAYS_MARKER):]
+            h.update(name.encode() + b":" + src)
         _ENGINE_SHA = h.hexdigest()[:16]
     return _ENGINE_SHA
 
