@@ -172,7 +172,8 @@ def _compiled(vocab: list[str], rules: list[Rule], sets: TokenSets, n_heads: int
 def _csr(keys: np.ndarray, n_keys: int, *vals: np.ndarray) -> tuple[np.ndarray, ...]:
     """Group values by key: (ptr[n_keys+1], vals sorted by key (stable)...)."""
     keys = np.asarray(keys, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
+    # a stable sort is one permutation whatever the algorithm: 16-bit keys take numpy's radix sort (O(n))
+    order = np.argsort(keys.astype(np.uint16) if n_keys <= 1 << 16 else keys, kind="stable")
     ptr = np.zeros(n_keys + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=n_keys), out=ptr[1:])
     return (ptr,) + tuple(np.ascontiguousarray(np.asarray(v)[order]) for v in vals)
@@ -217,14 +218,39 @@ def _expand(sets: TokenSets, sids: list[int], *vals) -> tuple[np.ndarray, ...]:
     """Repeat each entry once per member token of its sid: (tokens, vals...)."""
     if not sids:
         return (np.zeros(0, np.int64),) + tuple(np.zeros(0, np.asarray(v).dtype) for v in vals)
-    toks = [sets.members(s) for s in sids]
-    n = np.array([len(t) for t in toks])
-    return (np.concatenate(toks).astype(np.int64),) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+    toks, n = _members_of(sets, sids)
+    return (toks,) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+
+
+def _members_of(sets: TokenSets, sids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the member tokens of each sid, concatenated, int64; the count per sid): a token sid is itself."""
+    V = sets.V
+    s = np.asarray(sids, dtype=np.int64)
+    cls = np.flatnonzero(s >= V)
+    n = np.ones(len(s), dtype=np.int64)
+    n[cls] = [len(sets.class_members[k]) for k in s[cls] - V]
+    if len(cls) == 0:
+        return s.copy(), n
+    start = np.cumsum(n) - n
+    toks = np.empty(int(n.sum()), dtype=np.int64)
+    tok = np.flatnonzero(s < V)
+    toks[start[tok]] = s[tok]
+    for i in cls:
+        toks[start[i]:start[i] + n[i]] = sets.class_members[s[i] - V]
+    return toks, n
 
 
 def _member_weights(sets: TokenSets, sids: list[int]) -> np.ndarray:
     """The set weight of each token _expand lists for these sids (1 unless a weighted set)."""
-    return np.concatenate([sets.weights_of(s) for s in sids]) if sids else np.zeros(0)
+    if not sids:
+        return np.zeros(0)
+    _, n = _members_of(sets, sids)
+    out = np.ones(int(n.sum()))
+    start = np.cumsum(n) - n
+    for i, s in enumerate(sids):
+        if s >= sets.V and sets.class_weights[s - sets.V] is not None:
+            out[start[i]:start[i] + n[i]] = sets.class_weights[s - sets.V]
+    return out
 
 
 def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:

@@ -43,10 +43,10 @@ next = { "." = 0.7 }
 '''
 ADDED = '''
 [[bigram]]
-id = "rare.cream"
-doc = "After ' cream' comes '.'."
-now = " cream"
-next = { "." = 1.2 }
+id = "rare.ice.stop"
+doc = "After ' ice', not '.'."
+now = " ice"
+next = { "." = -1.2 }
 '''
 # (file, old text, new text): one number of one rule, a rule added, a rule deleted
 EDITS = {
@@ -73,7 +73,7 @@ def _write(d: Path, edit=None) -> Path:
     return d
 
 
-def _ref(tmp: Path, seed: int = 0) -> SimpleNamespace:
+def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
     """A random eval set where ' ice' and ' dog' are rare late in a sequence (so spans are partial)."""
     rng = np.random.default_rng(seed)
     seqs = []
@@ -87,8 +87,8 @@ def _ref(tmp: Path, seed: int = 0) -> SimpleNamespace:
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
     x = rng.normal(size=(len(tokens), len(VOCAB))) * 2
     logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(np.float16)
-    (tmp / "ref").mkdir()
-    return SimpleNamespace(dir=tmp / "ref", meta={"key": "test"}, tokens=tokens, offsets=offsets, logp=logp,
+    (tmp / name).mkdir()
+    return SimpleNamespace(dir=tmp / name, meta={"key": "test"}, tokens=tokens, offsets=offsets, logp=logp,
                            seqs=[tokens[offsets[i]:offsets[i + 1]] for i in range(len(seqs))])
 
 
@@ -100,11 +100,11 @@ class _Counting(handmodel.HandModel):
         return super().stream_metrics_rows(seqs, ref_logp, masks)
 
 
-def _ledger(d: Path, ref, cache: bool = True):
+def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
     rules = handmodel.load_rules(d, VOCAB)
     hm = _Counting(rules)
     masks = L.group_masks(rules)
-    labels = ["all:" + label for label, _ in masks]
+    labels = ["all:" + label for label, _ in masks] if lineage else None
     return hm, L.cached_metrics(hm, rules, ref, [m for _, m in masks], cache=cache, labels=labels)
 
 
@@ -114,15 +114,23 @@ def _same(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("kind", list(EDITS))
 def test_spliced_rows_equal_a_full_recompute(tmp_path, kind):
-    ref = _ref(tmp_path)
-    _ledger(_write(tmp_path / "before"), ref)  # every row computed and stored
-    after = _write(tmp_path / "after", EDITS[kind])
+    """Bit for bit against the same rows computed by a full pass (the rows missing after the edit, in one
+    stream_metrics_rows call, as without lineage). Rows fused into one engine pass with other rows differ
+    from rows computed alone by float64 rounding (~1e-15 in kl): against the whole ledger recomputed in one
+    call, the spliced rows agree to 1e-12."""
+    ref, ref_full = _ref(tmp_path), _ref(tmp_path, name="ref_full")
+    before, after = _write(tmp_path / "before"), _write(tmp_path / "after", EDITS[kind])
+    _ledger(before, ref)  # every row computed and stored
+    _ledger(before, ref_full)
     hm, got = _ledger(after, ref)
-    _, full = _ledger(after, ref, cache=False)
+    _, full = _ledger(after, ref_full, lineage=False)
     N = len(ref.tokens)
     assert len(got) == len(full)
     for g, f in zip(got, full):
         assert _same(g, f)
+    _, whole = _ledger(after, ref, cache=False)
+    for g, f in zip(got, whole):
+        assert np.allclose(g["kl"], f["kl"], rtol=0, atol=1e-12) and np.array_equal(g["agree"], f["agree"])
     if kind == "neuron":  # spans everything: one full pass
         assert hm.positions == [N]
     else:
@@ -144,12 +152,17 @@ def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
     assert hm.positions == [want]
 
 
-def test_a_changed_context_or_a_damaged_predecessor_means_a_full_pass(tmp_path):
+@pytest.mark.parametrize("case", ["class", "damaged"])
+def test_a_changed_context_or_a_damaged_predecessor_means_a_full_pass(tmp_path, case):
     ref = _ref(tmp_path)
     _ledger(_write(tmp_path / "before"), ref)
-    for f in (ref.dir / "ledger").glob("*.npz"):  # every stored row damaged
-        f.write_bytes(f.read_bytes()[:-7])
-    hm, got = _ledger(_write(tmp_path / "after", EDITS["bigram"]), ref)
+    if case == "class":  # every row's token sets change: no predecessor is in the same context
+        edit = ("00_classes.toml", 'tokens = [" cat", " dog"]', 'tokens = [" cat", " dog", " cream"]')
+    else:  # a bigram edit, but every stored row is damaged
+        edit = EDITS["bigram"]
+        for f in (ref.dir / "ledger").glob("*.npz"):
+            f.write_bytes(f.read_bytes()[:-7])
+    hm, got = _ledger(_write(tmp_path / "after", edit), ref)
     assert hm.positions == [len(ref.tokens)]
     _, full = _ledger(tmp_path / "after", ref, cache=False)
     assert all(_same(a, b) for a, b in zip(got, full))
