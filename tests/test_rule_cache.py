@@ -144,12 +144,20 @@ def test_a_doc_or_comment_edit_reuses_the_arrays_with_the_new_text(tmp_path, mon
     _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))  # lines moved down by two, too
 
 
-@pytest.mark.parametrize("what", ["npz", "json"])
+@pytest.mark.parametrize("what", ["npz", "swapped", "json"])
 def test_a_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, monkeypatch, capsys, what):
     d = _folder(tmp_path)
     first = handmodel.load_rules(d, VOCAB)
     [npz] = rulecache.cache_root().glob("*.npz")
-    if what == "npz":  # one byte of the arrays flipped
+    if what == "swapped":  # another entry's arrays: a valid zip (its own CRCs pass), not this entry's
+        (tmp_path / "other").mkdir()
+        other = _folder(tmp_path / "other")
+        f = other / "30_extra.toml"
+        f.write_text(f.read_text().replace('" dog" = 0.6', '" dog" = 0.65'))
+        handmodel.load_rules(other, VOCAB)
+        [b] = [p for p in rulecache.cache_root().glob("*.npz") if p != npz]
+        npz.write_bytes(b.read_bytes())
+    elif what == "npz":  # one byte of the arrays flipped
         b = bytearray(npz.read_bytes())
         b[len(b) // 2] ^= 0xFF
         npz.write_bytes(bytes(b))
@@ -178,3 +186,43 @@ def test_entry_digest_sees_every_number_and_string_but_not_docs(tmp_path):
         f.write_text(EXTRA.replace(old, new))
         got = [rulecache.entry_digest(e) for e in read_rule_file(f)[1]]
         assert (got == base) == same, (old, new)
+
+
+def _big(tmp: Path) -> Path:
+    """A rules folder whose one file is over the parse cache's 20,000-character floor."""
+    d = tmp / "big"
+    d.mkdir()
+    rows = "\n".join(f'[[bigram]]\nid = "b{i}"\ndoc = "row {i} # not a comment"\nnow = " the"\n'
+                     f'next = {{ " cat" = {i / 7:.6f}, " dog" = -{i / 9:.6f} }}  # a comment\n' for i in range(300))
+    (d / "a.toml").write_text('vocab = "9:10557a0e"\n\n' + rows)
+    return d
+
+
+def test_a_comment_keeps_the_parse_and_finds_the_new_lines(tmp_path, monkeypatch):
+    import tomllib
+
+    from handmodel import rulefile
+
+    d = _big(tmp_path)
+    first = handmodel.load_rules(d, VOCAB)
+    f = d / "a.toml"
+    f.write_text("# a new comment line\n\n" + f.read_text().replace("  # a comment", "  # another comment") + "\n# end\n")
+    with monkeypatch.context() as m:
+        m.setattr(rulefile.tomllib, "loads", lambda *a: (_ for _ in ()).throw(AssertionError("parsed again")))
+        got = handmodel.load_rules(d, VOCAB)
+    assert got.rule_lines == [n + 2 for n in first.rule_lines]  # the id lines, found in the new text
+    _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
+    # '#' inside a string is content: editing after it is an edit, and it shows
+    f.write_text(f.read_text().replace('doc = "row 5 # not a comment"', 'doc = "row 5 # edited"'))
+    got = handmodel.load_rules(d, VOCAB)
+    assert got.rule_docs[5] == "row 5 # edited"
+    assert tomllib  # the real parser was used for that
+
+
+def test_semantic_text_drops_only_comments_and_blank_lines():
+    from handmodel.rulefile import _semantic_text
+
+    text = 'a = "x # y"  # c\n\n  # only a comment\nb = \'#\' # c2\r\nc = [1,\n  2] \n'
+    assert _semantic_text(text) == 'a = "x # y"\nb = \'#\'\nc = [1,\n  2]'
+    assert _semantic_text('a = """x\n\n# y"""\n') is None  # multi-line strings: the text is the key
+    assert _semantic_text("a = 1 # bad \x01 control\n") is None  # TOML rejects it: never served from a cache
