@@ -256,8 +256,11 @@ def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
         return _parse(path, text)
     root = Path(os.environ.get("HANDMODEL_CACHE", Path.home() / ".cache" / "handmodel")) / "parsed"
     text_sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    same = _PARSED.get(text_sha)  # read twice in one process (load_rules, then the claims' check tables): parsed once
+    if same is not None:
+        return same[0], same[1]
     key = parse_cache_key(text)
-    got = _PARSED.get(key)  # read twice in one process (load_rules, then the claims' check tables): parsed once
+    got = _PARSED.get(key)
     f = root / f"{key}.json"
     if got is None:
         got = _read_parse_cache(f, key)
@@ -265,9 +268,12 @@ def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
             _remember(key, got)
     if got is not None:
         data, ids, sha = got
-        return data, (ids if sha == text_sha else _id_lines(text))
+        out = (data, ids if sha == text_sha else _id_lines(text))
+        _remember(text_sha, out + (text_sha,))
+        return out
     out = _parse(path, text)
     _remember(key, out + (text_sha,))
+    _remember(text_sha, out + (text_sha,))
     if _plain(out[0]):
         try:
             root.mkdir(parents=True, exist_ok=True)
