@@ -3,6 +3,9 @@
 Array layout (all CSR: `X_ptr[k]:X_ptr[k+1]` slices the entries of key k). Keys written `h*V + tok`
 index per-head, per-token lists. Every entry carries the rule index it came from so a per-rule mask
 can switch it off at run time without recompiling.
+
+Over 400 lines: load_rules (with its cache lookups, rulecache.py) and build_arrays share the Rule and array
+layout described here; build_arrays is one long function on purpose (one section per kernel table).
 """
 from __future__ import annotations
 

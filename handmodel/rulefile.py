@@ -4,6 +4,8 @@ tomllib parses (fast, strict); it forgets line numbers, so we recover them by sc
 each rule's `id = "..."` line. That scan also gives the order of rules inside a file (tomllib groups
 `[[bigram]]` and `[[head]]` tables by kind, losing their interleaving). Finer locations (the line of
 a bad token) are searched for only when an error is raised, so the happy path stays fast.
+
+Over 400 lines: the parse cache (JSON, keyed by the text without comments) sits beside the parser it stands in for.
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The KL ledger: rule groups added cumulatively, ablations, and where the remaining gap sits.
 
 Everything here returns plain dicts/lists (what `--json` prints); verify/reports/render.py draws them.
+Over 400 lines: the row cache (keys, checked load/store) lives with the ledger that reads it (incremental
+rows: incremental.py).
+
 Definitions (also printed by `handmodel verify --help`):
 - KL = mean over eval positions of KL(p_ref || p_hand) = sum_v p_ref(v) (log p_ref(v) - log p_hand(v)),
   reference first, nats/token, from log-softmax outputs. All positions count, including each

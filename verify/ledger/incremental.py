@@ -7,7 +7,10 @@ changes log-probs only inside its span (core.touched_spans: a bigram row up to t
 current token; a head_out up to the last `now` token at or after the first `src` token; a skip strictly
 after its first `earlier`; priors, heads and neurons everywhere). So the new row is the old row with the
 union of the changed rules' spans recomputed (the engine is causal: a prefix alone gives the same numbers)
-and spliced in. Each stored row carries what that needs: per rule of its ruleset its digest (core.
+and spliced in: bit for bit what one full pass over the same rows gives when the old row was computed in the
+same engine pass grouping (HandModel.row_passes fuses consecutive rows; rows fused differently differ by
+float64 rounding, ~1e-15 nats in kl, and so do spliced rows whose positions outside the spans came from such a
+pass). Each stored row carries what that needs: per rule of its ruleset its digest (core.
 rule_digests) and the sets its span depends on, and the context (engine, eval set, token sets) it was
 computed in; a changed context, a changed rule spanning everything, too many changed rules or spans
 covering over MAX_SHARE of the positions mean a full pass instead.
