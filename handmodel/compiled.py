@@ -3,9 +3,13 @@
 Array layout (all CSR: `X_ptr[k]:X_ptr[k+1]` slices the entries of key k). Keys written `h*V + tok`
 index per-head, per-token lists. Every entry carries the rule index it came from so a per-rule mask
 can switch it off at run time without recompiling.
+
+Over 400 lines: load_rules (with its cache lookups, rulecache.py) and build_arrays share the Rule and array
+layout described here; build_arrays is one long function on purpose (one section per kernel table).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from . import rulecache
 from .errors import UserError
 from .resolve import Rule, TokenSets, count_weighted_sets, resolve_entry
 from .rulefile import NOT_RULES, Entry, read_rule_file
@@ -40,6 +45,13 @@ class CompiledRules:
     groups: list[str]
     rule_numbers: np.ndarray
     arrays: SimpleNamespace
+    _digests: list[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def rule_digests(self) -> list[bytes]:
+        """rule_digest of every rule (from the compiled-ruleset cache when it had them)."""
+        if self._digests is None or len(self._digests) != len(self.rules):
+            self._digests = [rule_digest(r) for r in self.rules]
+        return self._digests
 
     def mask_of(self, mask) -> np.ndarray:
         """Normalise a user mask (None = all rules on) to bool [n_rules]."""
@@ -84,13 +96,63 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
                             "ids must be unique across all rule files, classes and weighted sets: rename one")
         first[e.id] = e
 
-    sets = TokenSets(vocab)
-    sets.define_classes([e for e in entries if e.kind == "class"], [e for e in entries if e.kind == "weights"])
+    set_entries = [e for e in entries if e.kind == "class"] + [e for e in entries if e.kind == "weights"]
     head_entries = [e for e in entries if e.kind == "head"]
     heads = {e.id: i for i, e in enumerate(head_entries)}
-    rules = [resolve_entry(e, sets, heads, e.file.group) for e in entries if e.kind not in NOT_RULES]
-    count_weighted_sets(rules, sets)
+    rule_entries = [e for e in entries if e.kind not in NOT_RULES]
+    fresh = [{"doc": e.body["doc"].strip(), "file": str(e.file.path), "line": e.line,
+              "group": e.body.get("group", e.file.group)} for e in rule_entries]
+    class_docs = ["every token"] + [e.body["doc"] for e in set_entries]
+    keys = rulecache.keys_of(vocab, entries, set_entries, list(heads), rule_entries)
+    hit = rulecache.load(keys.full, vocab, fresh, class_docs)
+    if hit is not None:
+        rules, sets, arrays, digests = hit.rules, hit.sets, hit.arrays, hit.digests
+    else:
+        rules, numbers0, digests, sets = _resolve(keys, vocab, set_entries, heads, rule_entries, fresh)
+        arrays = build_arrays(rules, sets, len(heads))
+        rulecache.store(keys, rules, numbers0, digests, sets, arrays)
+    sets.class_docs = class_docs
+    out = _compiled(vocab, rules, sets, len(heads), arrays)
+    out._digests = digests
+    return out
 
+
+def rule_digest(r: Rule) -> bytes:
+    """sha256 of what a rule computes: its resolved form without doc, file, line and group (so a comment, a
+    doc or a rule moved down a line changes nothing). The ledger's row keys and the verdict keys use it."""
+    return hashlib.sha256(repr(dataclasses.replace(r, doc="", file="", line=0, group="")).encode()).digest()
+
+
+def _resolve(keys, vocab, set_entries, heads, rule_entries, fresh):
+    """-> (rules, their numbers before count_weighted_sets, their rule_digest, sets). Rules whose entry is
+    unchanged since the last ruleset compiled with the same token sets and heads are taken from that
+    cache entry (an edit to one rule resolves that rule alone)."""
+    old = rulecache.context_entry(keys.context)
+    prev = rulecache.load(old, vocab, None, None) if old is not None else None
+    if prev is not None and prev.context == keys.context:
+        sets = prev.sets
+        by_key = {k: (r, n0, d) for k, r, n0, d in zip(prev.rule_keys, prev.rules, prev.numbers0, prev.digests)}
+    else:
+        sets = TokenSets(vocab)
+        sets.define_classes([e for e in set_entries if e.kind == "class"], [e for e in set_entries if e.kind == "weights"])
+        by_key = {}
+    rules, numbers0, reused = [], [], []
+    for e, k, f in zip(rule_entries, keys.rule_keys, fresh):
+        got = by_key.get(k)
+        if got is not None and got[0].id == e.id:
+            r = dataclasses.replace(got[0], numbers=got[1], **f)
+        else:
+            r = resolve_entry(e, sets, heads, e.file.group)
+        rules.append(r)
+        numbers0.append(r.numbers)
+        reused.append(got is not None and got[0].id == e.id)
+    count_weighted_sets(rules, sets)
+    digests = [by_key[k][2] if ok and r.numbers == by_key[k][0].numbers else rule_digest(r)
+               for r, k, ok in zip(rules, keys.rule_keys, reused)]
+    return rules, numbers0, digests, sets
+
+
+def _compiled(vocab: list[str], rules: list[Rule], sets: TokenSets, n_heads: int, arrays: SimpleNamespace) -> CompiledRules:
     groups: list[str] = []
     gidx: dict[str, int] = {}
     for r in rules:
@@ -98,12 +160,12 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
             gidx[r.group] = len(groups)
             groups.append(r.group)
     return CompiledRules(
-        vocab=vocab, vocab_size=len(vocab), rules=rules, sets=sets, n_heads=len(heads),
+        vocab=vocab, vocab_size=len(vocab), rules=rules, sets=sets, n_heads=n_heads,
         rule_ids=[r.id for r in rules], rule_docs=[r.doc for r in rules], rule_kinds=[r.kind for r in rules],
         rule_files=[r.file for r in rules], rule_lines=[r.line for r in rules],
         rule_group=np.array([gidx[r.group] for r in rules], dtype=np.int64), groups=groups,
         rule_numbers=np.array([r.numbers for r in rules], dtype=np.int64),
-        arrays=build_arrays(rules, sets, len(heads)),
+        arrays=arrays,
     )
 
 
@@ -113,7 +175,8 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
 def _csr(keys: np.ndarray, n_keys: int, *vals: np.ndarray) -> tuple[np.ndarray, ...]:
     """Group values by key: (ptr[n_keys+1], vals sorted by key (stable)...)."""
     keys = np.asarray(keys, dtype=np.int64)
-    order = np.argsort(keys, kind="stable")
+    # a stable sort is one permutation whatever the algorithm: 16-bit keys take numpy's radix sort (O(n))
+    order = np.argsort(keys.astype(np.uint16) if n_keys <= 1 << 16 else keys, kind="stable")
     ptr = np.zeros(n_keys + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=n_keys), out=ptr[1:])
     return (ptr,) + tuple(np.ascontiguousarray(np.asarray(v)[order]) for v in vals)
@@ -158,14 +221,39 @@ def _expand(sets: TokenSets, sids: list[int], *vals) -> tuple[np.ndarray, ...]:
     """Repeat each entry once per member token of its sid: (tokens, vals...)."""
     if not sids:
         return (np.zeros(0, np.int64),) + tuple(np.zeros(0, np.asarray(v).dtype) for v in vals)
-    toks = [sets.members(s) for s in sids]
-    n = np.array([len(t) for t in toks])
-    return (np.concatenate(toks).astype(np.int64),) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+    toks, n = _members_of(sets, sids)
+    return (toks,) + tuple(np.repeat(np.asarray(v), n) for v in vals)
+
+
+def _members_of(sets: TokenSets, sids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(the member tokens of each sid, concatenated, int64; the count per sid): a token sid is itself."""
+    V = sets.V
+    s = np.asarray(sids, dtype=np.int64)
+    cls = np.flatnonzero(s >= V)
+    n = np.ones(len(s), dtype=np.int64)
+    n[cls] = [len(sets.class_members[k]) for k in s[cls] - V]
+    if len(cls) == 0:
+        return s.copy(), n
+    start = np.cumsum(n) - n
+    toks = np.empty(int(n.sum()), dtype=np.int64)
+    tok = np.flatnonzero(s < V)
+    toks[start[tok]] = s[tok]
+    for i in cls:
+        toks[start[i]:start[i] + n[i]] = sets.class_members[s[i] - V]
+    return toks, n
 
 
 def _member_weights(sets: TokenSets, sids: list[int]) -> np.ndarray:
     """The set weight of each token _expand lists for these sids (1 unless a weighted set)."""
-    return np.concatenate([sets.weights_of(s) for s in sids]) if sids else np.zeros(0)
+    if not sids:
+        return np.zeros(0)
+    _, n = _members_of(sets, sids)
+    out = np.ones(int(n.sum()))
+    start = np.cumsum(n) - n
+    for i, s in enumerate(sids):
+        if s >= sets.V and sets.class_weights[s - sets.V] is not None:
+            out[start[i]:start[i] + n[i]] = sets.class_weights[s - sets.V]
+    return out
 
 
 def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:

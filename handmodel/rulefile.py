@@ -4,6 +4,8 @@ tomllib parses (fast, strict); it forgets line numbers, so we recover them by sc
 each rule's `id = "..."` line. That scan also gives the order of rules inside a file (tomllib groups
 `[[bigram]]` and `[[head]]` tables by kind, losing their interleaving). Finer locations (the line of
 a bad token) are searched for only when an error is raised, so the happy path stays fast.
+
+Over 400 lines: the parse cache (JSON, keyed by the text without comments) sits beside the parser it stands in for.
 """
 from __future__ import annotations
 
@@ -136,6 +138,10 @@ def _parse(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
                         "(strings in double quotes, one key per line, [[kind]] headers)") from None
     except RecursionError:
         raise UserError(f"{path}:1: arrays/tables nested too deep; a rule file never needs that") from None
+    return data, _id_lines(text)
+
+
+def _id_lines(text: str) -> dict[str, list[int]]:
     id_lines: dict[str, list[int]] = {}
     line, last = 1, 0
     for m in _id_keys(text):
@@ -150,7 +156,7 @@ def _parse(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
         else:
             val = m.group(2)
         id_lines.setdefault(val, []).append(line)
-    return data, id_lines
+    return id_lines
 
 
 def _id_keys(text: str):
@@ -171,7 +177,31 @@ def _id_keys(text: str):
 
 
 _ID_CANDIDATE = re.compile(r"""\bid["']?[ \t]*=""")
-PARSE_CACHE_VERSION = 2  # 1 was a pickle: never read again (unpickling runs code a cache writer chose)
+PARSE_CACHE_VERSION = 3  # 1 was a pickle: never read again (unpickling runs code a cache writer chose); 3: keyed
+# by the text without comments and blank lines (_semantic_text), id lines recomputed when the text differs
+_LINE_SCAN = re.compile(r'''"(?:[^"\\\n]|\\.)*"|'[^'\n]*'|(\#.*)''')
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _semantic_text(text: str) -> str | None:
+    """The text without comments, trailing blanks and blank lines: what tomllib reads from it, so a comment
+    added anywhere still finds the parse. None when a line-by-line view is not safe: multi-line strings (a
+    blank line or '#' inside one is content), or a comment TOML would reject (control characters)."""
+    if '"""' in text or "'''" in text:
+        return None
+    out = []
+    for line in text.split("\n"):
+        if "#" in line:
+            for m in _LINE_SCAN.finditer(line):
+                if m.group(1) is not None:
+                    if _CONTROL.search(m.group(1).rstrip("\r")):
+                        return None
+                    line = line[:m.start()]
+                    break
+        line = line.rstrip(" \t\r")  # TOML whitespace (and CRLF), nothing else
+        if line.strip(" \t"):
+            out.append(line)
+    return "\n".join(out)
 
 
 def _plain(x, depth: int = 0) -> bool:
@@ -186,21 +216,22 @@ def _plain(x, depth: int = 0) -> bool:
 
 
 def _read_parse_cache(f: Path, key: str):
-    """(data, id_lines) from a JSON cache entry, or None when absent or not exactly what we wrote."""
+    """(data, id_lines, text sha256) from a JSON cache entry, or None when absent or not exactly what we wrote."""
     try:
         blob = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     if not (isinstance(blob, dict) and blob.get("version") == PARSE_CACHE_VERSION and blob.get("key") == key
-            and isinstance(blob.get("data"), dict) and isinstance(blob.get("id_lines"), dict)):
+            and isinstance(blob.get("data"), dict) and isinstance(blob.get("id_lines"), dict)
+            and isinstance(blob.get("text"), str)):
         return None
     ids = blob["id_lines"]
     if not all(isinstance(v, list) and all(type(n) is int for n in v) for v in ids.values()):
         return None
-    return blob["data"], ids
+    return blob["data"], ids, blob["text"]
 
 
-_PARSED: dict[str, tuple[dict, dict[str, list[int]]]] = {}  # content sha256 -> parsed; nothing mutates a parse
+_PARSED: dict[str, tuple[dict, dict[str, list[int]], str]] = {}  # key -> parsed; nothing mutates a parse
 
 
 def _remember(key: str, parsed) -> None:
@@ -209,29 +240,48 @@ def _remember(key: str, parsed) -> None:
     _PARSED[key] = parsed
 
 
+def parse_cache_key(text: str) -> str:
+    """The parse cache's key for a file's text: "s" + sha256 of _semantic_text, else sha256 of the text."""
+    sem = _semantic_text(text)
+    if sem is None:
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return "s" + hashlib.sha256(sem.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
     """tomllib is pure Python (~0.5 s for 100k numbers); big tables rarely change, so parsed files are
-    kept on disk by content hash ($HANDMODEL_CACHE, default ~/.cache/handmodel) as plain JSON (data only:
-    reading it can never run code). Any cache trouble just means parsing again."""
+    kept on disk ($HANDMODEL_CACHE, default ~/.cache/handmodel) as plain JSON (data only: reading it can
+    never run code), keyed by the text without its comments and blank lines (a comment added to a big
+    file finds the parse; the `id` lines are found again in the new text). Any cache trouble just means
+    parsing again."""
     if len(text) <= 20_000:  # small files parse faster than a cache round trip
         return _parse(path, text)
     root = Path(os.environ.get("HANDMODEL_CACHE", Path.home() / ".cache" / "handmodel")) / "parsed"
-    key = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if key in _PARSED:  # read twice in one process (load_rules, then the claims' check tables): parsed once
-        return _PARSED[key]
+    text_sha = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    same = _PARSED.get(text_sha)  # read twice in one process (load_rules, then the claims' check tables): parsed once
+    if same is not None:
+        return same[0], same[1]
+    key = parse_cache_key(text)
+    got = _PARSED.get(key)
     f = root / f"{key}.json"
-    got = _read_parse_cache(f, key)
+    if got is None:
+        got = _read_parse_cache(f, key)
+        if got is not None:
+            _remember(key, got)
     if got is not None:
-        _remember(key, got)
-        return got
+        data, ids, sha = got
+        out = (data, ids if sha == text_sha else _id_lines(text))
+        _remember(text_sha, out + (text_sha,))
+        return out
     out = _parse(path, text)
-    _remember(key, out)
+    _remember(key, out + (text_sha,))
+    _remember(text_sha, out + (text_sha,))
     if _plain(out[0]):
         try:
             root.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"version": PARSE_CACHE_VERSION, "key": key, "data": out[0], "id_lines": out[1]}),
-                           encoding="utf-8")
+            tmp.write_text(json.dumps({"version": PARSE_CACHE_VERSION, "key": key, "text": text_sha, "data": out[0],
+                                       "id_lines": out[1]}), encoding="utf-8")
             os.replace(tmp, f)
         except (OSError, ValueError):
             pass

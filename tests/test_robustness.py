@@ -5,7 +5,6 @@ Over 400 lines on purpose: one file for the issue, because its items share the r
 tiny-world helpers, and the fuzz tests at the end throw all of them at load_rules and verify."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -50,7 +49,9 @@ def test_parse_cache_is_json_and_a_planted_pickle_never_runs(tmp_path, monkeypat
     monkeypatch.setenv("HANDMODEL_CACHE", str(cache))
     text = big_rules()
     rules = write(tmp_path / "r", {"a.toml": text})
-    key = hashlib.sha256(text.encode()).hexdigest()
+    from handmodel.rulefile import parse_cache_key
+
+    key = parse_cache_key(text)
     marker = tmp_path / "pwned"
 
     class Evil:

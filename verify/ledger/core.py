@@ -1,6 +1,9 @@
 """The KL ledger: rule groups added cumulatively, ablations, and where the remaining gap sits.
 
 Everything here returns plain dicts/lists (what `--json` prints); verify/reports/render.py draws them.
+Over 400 lines: the row cache (keys, checked load/store) lives with the ledger that reads it (incremental
+rows: incremental.py).
+
 Definitions (also printed by `handmodel verify --help`):
 - KL = mean over eval positions of KL(p_ref || p_hand) = sum_v p_ref(v) (log p_ref(v) - log p_hand(v)),
   reference first, nats/token, from log-softmax outputs. All positions count, including each
@@ -66,7 +69,8 @@ def group_masks(rules) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-ROW_CACHE_VERSION = 3  # 2: keyed by what load_rules compiled (not file bytes); 3: not by docs or lines
+ROW_CACHE_VERSION = 4  # 2: keyed by what load_rules compiled (not file bytes); 3: not by docs or lines;
+# 4: rows carry their rules' span records (verify/ledger/incremental.py)
 
 
 def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
@@ -78,8 +82,7 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     import hashlib
 
     per_rule = rule_digests(rules)
-    head = repr((ROW_CACHE_VERSION, _engine_sha(), ref.meta.get("key"), len(rules.vocab), rules.n_heads,
-                 sets_digest(rules)))
+    head = _row_context(rules, ref)
     keys = []
     for m in masks:
         hk = hashlib.sha256(head.encode())
@@ -89,18 +92,25 @@ def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
     return keys
 
 
+def _row_context(rules, ref) -> str:
+    """What every row key hashes besides its rules: engine, eval set, vocabulary, heads, token sets."""
+    return repr((ROW_CACHE_VERSION, _engine_sha(), ref.meta.get("key"), len(rules.vocab), rules.n_heads,
+                 sets_digest(rules)))
+
+
 def rule_digests(rules) -> list[bytes]:
     """sha256 per rule of what it computes: its compiled form without its doc, file, line and group (so a
-    comment, a doc or a rule moved down a line changes nothing). Kept on the rules object: the ledger, the
-    verified ledger and the verdict keys all ask."""
-    import dataclasses
-    import hashlib
+    comment, a doc or a rule moved down a line changes nothing): handmodel.compiled.rule_digest, kept on
+    the rules object (and in the compiled-ruleset cache): the ledger, the verified ledger and the verdict
+    keys all ask."""
+    if hasattr(rules, "rule_digests"):
+        return rules.rule_digests()
+    from handmodel.compiled import rule_digest
 
     got = getattr(rules, "_rule_digests", None)
     if got is None or len(got) != len(rules.rules):
-        got = [hashlib.sha256(repr(dataclasses.replace(r, doc="", file="", line=0, group="")).encode()).digest()
-               for r in rules.rules]
-        rules._rule_digests = got  # a derived cache, not a field: CompiledRules stays what load_rules built
+        got = [rule_digest(r) for r in rules.rules]
+        rules._rule_digests = got  # a derived cache on a stand-in rules object
     return got
 
 
@@ -120,8 +130,16 @@ def sets_digest(rules) -> str:
 _ENGINE_SHA: str | None = None
 
 
+# What the hand model's numbers depend on, given the resolved rules and token sets (which row keys hash
+# themselves): the kernels, the engine, and compiled.py from this marker on (build_arrays: resolved rules ->
+# the kernels' arrays). Reading, resolving and caching rule files (compiled.load_rules, resolve.py,
+# rulefile.py, rulecache.py) and the twin/explain/writer modules are left out: editing them keeps the rows.
+ENGINE_SOURCES = ("engine.py", "kernels.py", "compiled.py")
+ARRAYS_MARKER = b"# Flat arrays"
+
+
 def _engine_sha() -> str:
-    """The hand model's source (semantics live there): a changed engine never reuses old rows."""
+    """The hand model's numerical source (ENGINE_SOURCES): a changed engine never reuses old rows."""
     global _ENGINE_SHA
     if _ENGINE_SHA is None:
         import hashlib
@@ -130,8 +148,11 @@ def _engine_sha() -> str:
         import handmodel
 
         h = hashlib.sha256()
-        for f in sorted(Path(handmodel.__file__).parent.glob("*.py")):
-            h.update(f.read_bytes())
+        for name in ENGINE_SOURCES:
+            src = (Path(handmodel.__file__).parent / name).read_bytes()
+            if name == "compiled.py" and ARRAYS_MARKER in src:
+                src = src[src.index(ARRAYS_MARKER):]
+            h.update(name.encode() + b":" + src)
         _ENGINE_SHA = h.hexdigest()[:16]
     return _ENGINE_SHA
 
@@ -139,20 +160,21 @@ def _engine_sha() -> str:
 ROW_FIELDS = ("kl", "ce", "agree")
 
 
-def _row_sha(m: dict) -> str:
+def _row_sha(m: dict, extra: tuple[str, ...] = ()) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for k in ROW_FIELDS:
+    for k in ROW_FIELDS + tuple(sorted(extra)):
         a = np.ascontiguousarray(m[k])
         h.update(f"{k}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
 
 
-def _load_row(ref, key: str | None) -> dict | None:
+def _load_row(ref, key: str | None, extras: bool = False):
     """A cached row, checked: it must name this key, cover this eval set's positions and match its
-    checksum. Anything else (swapped, truncated, garbage) is reported, deleted and recomputed."""
+    checksum. Anything else (swapped, truncated, garbage) is reported, deleted and recomputed.
+    `extras`: (row, its span records (incremental.Specs arrays, may be empty)) instead of the row."""
     from verify.ledger.integrity import damaged
 
     f = ref.dir / "ledger" / f"{key}.npz" if key else None
@@ -162,40 +184,48 @@ def _load_row(ref, key: str | None) -> dict | None:
     try:
         with np.load(f, allow_pickle=False) as z:
             m = {k: z[k] for k in ROW_FIELDS}
+            ex = {k: z[k] for k in z.files if k.startswith("sp_")}
             stored_key, sha = str(z["key"]), str(z["sha"])
         if stored_key != key:
             why = f"it holds the row of key {stored_key[:24]!r}"
         elif any(m[k].shape != (n,) for k in ROW_FIELDS):
             why = f"shape {m['kl'].shape}, the eval set has {n} positions"
-        elif sha != _row_sha(m):
+        elif sha != _row_sha({**m, **ex}, tuple(ex)):
             why = "checksum mismatch"
         else:
-            return m
+            return (m, ex) if extras else m
     except Exception as e:  # noqa: BLE001 -- any unreadable entry is rebuilt, never used
         why = f"unreadable: {type(e).__name__}: {str(e)[:80]}"
     damaged(f, why)
     return None
 
 
-def _store_row(ref, key: str | None, m: dict) -> None:
+def _store_row(ref, key: str | None, m: dict, extra: dict[str, np.ndarray] | None = None) -> None:
+    """`extra`: span records (names starting sp_) stored with the row and covered by its checksum."""
     import os
 
     if key is None:
         return
     f = ref.dir / "ledger" / f"{key}.npz"
+    extra = extra or {}
     try:
         f.parent.mkdir(exist_ok=True)
         tmp = f.with_name(f".{key}.tmp{os.getpid()}.npz")  # per process: concurrent runs never share a temp
-        np.savez(tmp, key=np.array(key), sha=np.array(_row_sha(m)), **{k: m[k] for k in ROW_FIELDS})
+        np.savez(tmp, key=np.array(key), sha=np.array(_row_sha({**m, **extra}, tuple(extra))),
+                 **{k: m[k] for k in ROW_FIELDS}, **extra)
         tmp.replace(f)
     except OSError:
         pass
 
 
-def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True) -> list[dict]:
+def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
+                   labels: list[str] | None = None) -> list[dict]:
     """Per-position metrics under each mask: rows whose rules did not change since the last run on this eval
-    set come from the row cache (row_keys); the others are computed together (HandModel.stream_metrics_rows:
-    one engine pass for all rows that share the bigram rules)."""
+    set come from the row cache (row_keys). `labels` name each row's lineage (the same row of the ledger
+    across edits): a missing row whose last predecessor differs from it only in rules with limited spans
+    is that row with those spans recomputed (verify/ledger/incremental.py: exact). The others are computed
+    together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
+    from verify.ledger import incremental as I
     from verify.ledger.integrity import clean_stale
 
     for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
@@ -203,10 +233,29 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True) 
     keys = row_keys(rules, masks, ref) if cache else [None] * len(masks)
     got = [_load_row(ref, k) for k in keys]
     todo = [i for i, m in enumerate(got) if m is None]
+    labels = labels if cache and labels is not None else None
     if todo:
-        for i, m in zip(todo, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in todo])):
-            got[i] = m
-            _store_row(ref, keys[i], m)
+        head = I.context_digest(_row_context(rules, ref)) if cache else None
+        specs = I.specs_of(rules, rule_digests(rules)) if cache else None
+        bases = []
+        if labels is not None:
+            pos = I._Positions(rules.sets, ref.tokens, ref.offsets)
+            load = lambda k: _load_row(ref, k, extras=True)  # noqa: E731
+            bases = [b for i in todo
+                     if (b := I.find_base(ref, rules.sets, i, labels[i], keys[i], head, specs, masks[i], pos, load))]
+        spliced = I.splice(hm, ref, masks, bases, ROW_FIELDS) if bases else None
+        if spliced is not None:
+            for b, m in zip(bases, spliced):
+                got[b.row] = m
+        rest = [i for i in todo if got[i] is None]
+        if rest:
+            for i, m in zip(rest, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in rest])):
+                got[i] = m
+        for i in todo:
+            _store_row(ref, keys[i], got[i], None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head})
+    if labels is not None:
+        for label, k in zip(labels, keys):
+            I.write_lineage(ref, label, k)
     return got
 
 
@@ -219,7 +268,8 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
         masks = masks[-1:]
     if within is not None:
         masks = [(label, m & within) for label, m in masks]
-    got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache)
+    lineage = [("verified:" if within is not None else "all:") + label for label, _ in masks]
+    got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache, labels=lineage)
     numbers = np.asarray(rules.rule_numbers)
     rows = [summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum()))
             for (label, mask), m in zip(masks, got)]

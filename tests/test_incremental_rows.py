@@ -1,0 +1,181 @@
+"""Incremental ledger rows (verify/ledger/incremental.py): after an edit, a row spliced from its predecessor
+with only the changed rules' spans recomputed equals a full recompute of that row, bit for bit, for a
+bigram edit, a head_out edit, an added rule and a deleted rule; a neuron edit falls back to a full pass."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import handmodel
+from verify.ledger import core as L
+from verify.ledger import incremental as I
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rules_doc_example"
+VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]  # docs/rules.md
+EXTRA = '''vocab = "9:10557a0e"
+group = "extra"
+
+[[bigram]]
+id = "rare.ice"
+doc = "After ' ice' comes ' cream'."
+now = " ice"
+next = { " cream" = 3.0 }
+
+[[head_out]]
+id = "dog.after.ice"
+doc = "After a dog, an ice looked at suggests '.'."
+head = "head.prev"
+src = " ice"
+now = " dog"
+next = { "." = 1.0 }
+'''
+TAIL = '''vocab = "9:10557a0e"
+group = "tail"
+
+[[bigram]]
+id = "tail.cream"
+doc = "After ' cream', a full stop."
+now = " cream"
+next = { "." = 0.7 }
+'''
+ADDED = '''
+[[bigram]]
+id = "rare.ice.stop"
+doc = "After ' ice', not '.'."
+now = " ice"
+next = { "." = -1.2 }
+'''
+# (file, old text, new text): one number of one rule, a rule added, a rule deleted
+EDITS = {
+    "bigram": ("30_extra.toml", 'next = { " cream" = 3.0 }', 'next = { " cream" = 2.25 }'),
+    "head_out": ("30_extra.toml", 'next = { "." = 1.0 }', 'next = { "." = -0.75 }'),
+    "added": ("30_extra.toml", "", ADDED),
+    "deleted": ("30_extra.toml", EXTRA[EXTRA.index("[[head_out]]"):], ""),
+    "neuron": ("20_attention.toml", "threshold = 1.0", "threshold = 0.5"),
+}
+
+
+def _write(d: Path, edit=None) -> Path:
+    d.mkdir(exist_ok=True)
+    for f in FIXTURE.glob("*.toml"):
+        (d / f.name).write_text(f.read_text())
+    (d / "30_extra.toml").write_text(EXTRA)
+    (d / "40_tail.toml").write_text(TAIL)
+    if edit is not None:
+        name, old, new = edit
+        f = d / name
+        text = f.read_text()
+        assert old in text
+        f.write_text(text + new if old == "" else text.replace(old, new))
+    return d
+
+
+def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
+    """A random eval set where ' ice' and ' dog' are rare late in a sequence (so spans are partial)."""
+    rng = np.random.default_rng(seed)
+    seqs = []
+    for _ in range(40):
+        n = int(rng.integers(5, 40))
+        s = rng.choice([0, 1, 2, 3, 5, 6, 7, 8], size=n, p=[.05, .22, .22, .03, .1, .18, .1, .1])
+        if rng.random() < 0.5:
+            s[rng.integers(0, max(1, n // 3))] = 4  # an ' ice' early on
+        seqs.append(s.astype(np.int32))
+    tokens = np.concatenate(seqs)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+    x = rng.normal(size=(len(tokens), len(VOCAB))) * 2
+    logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(np.float16)
+    (tmp / name).mkdir()
+    return SimpleNamespace(dir=tmp / name, meta={"key": "test"}, tokens=tokens, offsets=offsets, logp=logp,
+                           seqs=[tokens[offsets[i]:offsets[i + 1]] for i in range(len(seqs))])
+
+
+class _Counting(handmodel.HandModel):
+    """Records how many positions each engine call covered."""
+
+    def stream_metrics_rows(self, seqs, ref_logp, masks):
+        self.positions = getattr(self, "positions", []) + [sum(len(s) for s in seqs)]
+        return super().stream_metrics_rows(seqs, ref_logp, masks)
+
+
+def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
+    rules = handmodel.load_rules(d, VOCAB)
+    hm = _Counting(rules)
+    masks = L.group_masks(rules)
+    labels = ["all:" + label for label, _ in masks] if lineage else None
+    return hm, L.cached_metrics(hm, rules, ref, [m for _, m in masks], cache=cache, labels=labels)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(np.array_equal(a[k], b[k], equal_nan=True) and a[k].dtype == b[k].dtype for k in L.ROW_FIELDS)
+
+
+@pytest.mark.parametrize("kind", list(EDITS))
+def test_spliced_rows_equal_a_full_recompute(tmp_path, kind):
+    """Bit for bit against the same rows computed by a full pass (the rows missing after the edit, in one
+    stream_metrics_rows call, as without lineage). Rows fused into one engine pass with other rows differ
+    from rows computed alone by float64 rounding (~1e-15 in kl): against the whole ledger recomputed in one
+    call, the spliced rows agree to 1e-12."""
+    ref, ref_full = _ref(tmp_path), _ref(tmp_path, name="ref_full")
+    before, after = _write(tmp_path / "before"), _write(tmp_path / "after", EDITS[kind])
+    _ledger(before, ref)  # every row computed and stored
+    _ledger(before, ref_full)
+    hm, got = _ledger(after, ref)
+    _, full = _ledger(after, ref_full, lineage=False)
+    N = len(ref.tokens)
+    assert len(got) == len(full)
+    for g, f in zip(got, full):
+        assert _same(g, f)
+    _, whole = _ledger(after, ref, cache=False)
+    for g, f in zip(got, whole):
+        assert np.allclose(g["kl"], f["kl"], rtol=0, atol=1e-12) and np.array_equal(g["agree"], f["agree"])
+    if kind == "neuron":  # spans everything: one full pass
+        assert hm.positions == [N]
+    else:
+        assert len(hm.positions) == 1 and 0 < hm.positions[0] < N, hm.positions
+    # and the new rows are stored: a second run computes nothing
+    hm2, again = _ledger(after, ref)
+    assert not hasattr(hm2, "positions") and all(_same(a, b) for a, b in zip(again, got))
+
+
+def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
+    """The recomputed prefixes are the changed rule's span (+1 position for the next token), and only the
+    rows that hold the edited rule were missing."""
+    ref = _ref(tmp_path)
+    _ledger(_write(tmp_path / "before"), ref)
+    hm, _ = _ledger(_write(tmp_path / "after", EDITS["bigram"]), ref)
+    lens = np.diff(ref.offsets)
+    last_ice = [max((t for t, x in enumerate(s) if x == 4), default=-1) for s in ref.seqs]
+    want = sum(min(e + 2, n) for e, n in zip(last_ice, lens) if e >= 0)
+    assert hm.positions == [want]
+
+
+@pytest.mark.parametrize("case", ["class", "damaged"])
+def test_a_changed_context_or_a_damaged_predecessor_means_a_full_pass(tmp_path, case):
+    ref = _ref(tmp_path)
+    _ledger(_write(tmp_path / "before"), ref)
+    if case == "class":  # every row's token sets change: no predecessor is in the same context
+        edit = ("00_classes.toml", 'tokens = [" cat", " dog"]', 'tokens = [" cat", " dog", " cream"]')
+    else:  # a bigram edit, but every stored row is damaged
+        edit = EDITS["bigram"]
+        for f in (ref.dir / "ledger").glob("*.npz"):
+            f.write_bytes(f.read_bytes()[:-7])
+    hm, got = _ledger(_write(tmp_path / "after", edit), ref)
+    assert hm.positions == [len(ref.tokens)]
+    _, full = _ledger(tmp_path / "after", ref, cache=False)
+    assert all(_same(a, b) for a, b in zip(got, full))
+
+
+def test_spans_match_touched_spans(tmp_path):
+    """incremental's per-set span (from stored records) and core.touched_spans (from the rules) agree."""
+    ref = _ref(tmp_path)
+    rules = handmodel.load_rules(_write(tmp_path / "r"), VOCAB)
+    specs = I.specs_of(rules, L.rule_digests(rules))
+    pos = I._Positions(rules.sets, ref.tokens, ref.offsets)
+    for i, (idx, end) in enumerate(L.touched_spans(rules, ref.seqs)):
+        want = np.zeros(len(ref.seqs), np.int64)
+        want[idx] = end
+        if specs.kind[i] != I.SPAN_ALL:
+            assert np.array_equal(pos.span(specs, i), want), rules.rule_ids[i]

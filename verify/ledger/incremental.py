@@ -1,0 +1,207 @@
+"""Incremental ledger rows: after an edit, recompute only the sequence prefixes the changed rules can touch.
+
+A ledger row is a pure function of the rules it switches on (verify/ledger/core.row_keys). When a row's
+key misses, the last row stored under the same label (its *lineage*: "all:+ neurons", "verified:+ copying")
+usually differs from it by one edited rule: the old version off, the new one on. Switching a rule on or off
+changes log-probs only inside its span (core.touched_spans: a bigram row up to the last occurrence of its
+current token; a head_out up to the last `now` token at or after the first `src` token; a skip strictly
+after its first `earlier`; priors, heads and neurons everywhere). So the new row is the old row with the
+union of the changed rules' spans recomputed (the engine is causal: a prefix alone gives the same numbers)
+and spliced in: bit for bit what one full pass over the same rows gives when the old row was computed in the
+same engine pass grouping (HandModel.row_passes fuses consecutive rows; rows fused differently differ by
+float64 rounding, ~1e-15 nats in kl, and so do spliced rows whose positions outside the spans came from such a
+pass). Each stored row carries what that needs: per rule of its ruleset its digest (core.
+rule_digests) and the sets its span depends on, and the context (engine, eval set, token sets) it was
+computed in; a changed context, a changed rule spanning everything, too many changed rules or spans
+covering over MAX_SHARE of the positions mean a full pass instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPAN_ALL, SPAN_BIGRAM, SPAN_HEAD_OUT, SPAN_SKIP = 0, 1, 2, 3
+_KIND = {"bigram": SPAN_BIGRAM, "head_out": SPAN_HEAD_OUT, "skip": SPAN_SKIP}
+MAX_CHANGED = 64  # changed rules per row: beyond this the spans' union is nearly everything anyway
+MAX_SHARE = 0.5  # recomputed share of the eval positions above which one full pass is as cheap
+
+
+@dataclass
+class Specs:
+    """Per rule of a ruleset: its digest and what its span depends on (sids of the same token sets)."""
+    digest: np.ndarray  # [n, 32] uint8
+    kind: np.ndarray  # [n] int8, SPAN_*
+    src: np.ndarray  # [n] int64: head_out src / skip earlier (-1 otherwise)
+    now_ptr: np.ndarray  # [n + 1] int64: now_ptr[i]:now_ptr[i+1] slices `now`
+    now: np.ndarray  # int64: a bigram's row sids; a head_out's or skip's `now`
+
+    def to_arrays(self, on: np.ndarray) -> dict[str, np.ndarray]:
+        return {"sp_digest": self.digest, "sp_kind": self.kind, "sp_src": self.src, "sp_now_ptr": self.now_ptr,
+                "sp_now": self.now, "sp_on": np.asarray(on, np.bool_)}
+
+    @staticmethod
+    def from_arrays(z: dict) -> tuple["Specs", np.ndarray]:
+        s = Specs(z["sp_digest"], z["sp_kind"], z["sp_src"], z["sp_now_ptr"], z["sp_now"])
+        n = len(s.kind)
+        if s.digest.shape != (n, 32) or s.src.shape != (n,) or s.now_ptr.shape != (n + 1,) or z["sp_on"].shape != (n,) \
+                or s.now_ptr[-1] != len(s.now):
+            raise ValueError("span records of inconsistent shapes")
+        return s, z["sp_on"]
+
+    def keys(self, on: np.ndarray) -> dict[bytes, int]:
+        return {self.digest[i].tobytes(): int(i) for i in np.flatnonzero(on)}
+
+
+def specs_of(rules, digests: list[bytes]) -> Specs:
+    kind, src, ptr, now = [], [], [0], []
+    for r in rules.rules:
+        k = _KIND.get(r.kind, SPAN_ALL)
+        kind.append(k)
+        src.append(r.src if k in (SPAN_HEAD_OUT, SPAN_SKIP) else -1)
+        now.extend([s for s, _ in r.rows] if k == SPAN_BIGRAM else [r.now] if k != SPAN_ALL else [])
+        ptr.append(len(now))
+    dig = np.frombuffer(b"".join(digests), np.uint8).reshape(len(digests), 32) if digests else np.zeros((0, 32), np.uint8)
+    return Specs(dig, np.array(kind, np.int8), np.array(src, np.int64), np.array(ptr, np.int64), np.array(now, np.int64))
+
+
+def context_digest(head: str) -> np.ndarray:
+    """The row key's context (engine, eval set, vocabulary, heads, token sets) as stored with a row."""
+    return np.frombuffer(hashlib.sha256(head.encode()).digest(), np.uint8).copy()
+
+
+# -- lineage pointers: label -> the key of the last row stored or read under it ---------------------
+def _lineage_file(ref, label: str) -> Path:
+    return ref.dir / "ledger" / f"lineage-{hashlib.sha256(label.encode()).hexdigest()[:16]}.txt"
+
+
+def read_lineage(ref, label: str) -> str | None:
+    try:
+        key = _lineage_file(ref, label).read_text().strip()
+        return key if key.isalnum() else None
+    except OSError:
+        return None
+
+
+def write_lineage(ref, label: str, key: str) -> None:
+    if read_lineage(ref, label) == key:
+        return
+    f = _lineage_file(ref, label)
+    try:
+        f.parent.mkdir(exist_ok=True)
+        tmp = f.with_name(f".{f.stem}.tmp{os.getpid()}")
+        tmp.write_text(key)
+        tmp.replace(f)
+    except OSError:
+        pass
+
+
+# -- spans -------------------------------------------------------------------------------------------
+class _Positions:
+    """Where each token set first and last occurs in each eval sequence."""
+
+    def __init__(self, sets, tokens: np.ndarray, offsets: np.ndarray):
+        self.sets = sets
+        self.tok = np.asarray(tokens, np.int64)
+        self.lens = np.diff(offsets).astype(np.int64)
+        self.seq = np.repeat(np.arange(len(self.lens)), self.lens)
+        self.pos = np.arange(len(self.tok)) - np.repeat(np.asarray(offsets[:-1], np.int64), self.lens)
+
+    def _hits(self, sids) -> np.ndarray:
+        inset = np.zeros(self.sets.V, np.bool_)
+        for s in sids:
+            inset[self.sets.members(int(s))] = True
+        return inset[self.tok]
+
+    def last(self, sids) -> np.ndarray:
+        if any(int(s) == self.sets.ALL for s in sids):
+            return self.lens - 1
+        out = np.full(len(self.lens), -1, np.int64)
+        hit = self._hits(sids)
+        np.maximum.at(out, self.seq[hit], self.pos[hit])
+        return out
+
+    def first(self, sid: int) -> np.ndarray:
+        if int(sid) == self.sets.ALL:
+            return np.zeros(len(self.lens), np.int64)
+        out = np.full(len(self.lens), np.iinfo(np.int64).max, np.int64)
+        hit = self._hits([sid])
+        np.minimum.at(out, self.seq[hit], self.pos[hit])
+        return out
+
+    def span(self, s: Specs, i: int) -> np.ndarray:
+        """[n_seqs] prefix length outside which rule i of `s` cannot change a log-prob (0: nowhere)."""
+        nows = s.now[s.now_ptr[i]:s.now_ptr[i + 1]]
+        end = self.last(nows)
+        if s.kind[i] == SPAN_BIGRAM:
+            ok = end >= 0
+        else:
+            f = self.first(s.src[i])
+            ok = (end > f) if s.kind[i] == SPAN_SKIP else (end >= f)
+            ok &= end >= 0
+        return np.where(ok, end + 1, 0)
+
+
+@dataclass
+class Base:
+    """An old row to splice into: its per-position arrays and the prefix lengths to recompute."""
+    row: int  # index into the masks being computed
+    old: dict
+    ends: np.ndarray  # [n_seqs]
+
+
+def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: Specs, on: np.ndarray,
+              pos: _Positions, load) -> Base | None:
+    """The last row under `label`, if it was computed in this context and differs from `on` only in rules
+    with limited spans: with the union of those spans (old versions' and new versions')."""
+    old_key = read_lineage(ref, label)
+    if old_key is None or old_key == key:
+        return None
+    got = load(old_key)
+    if got is None:
+        return None
+    m, ex = got
+    if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head):
+        return None
+    try:
+        old, old_on = Specs.from_arrays(ex)
+    except (KeyError, ValueError):
+        return None
+    ok, nk = old.keys(old_on), cur.keys(on)
+    changed = [(old, i) for d, i in ok.items() if d not in nk] + [(cur, i) for d, i in nk.items() if d not in ok]
+    if len(changed) > MAX_CHANGED or any(s.kind[i] == SPAN_ALL for s, i in changed):
+        return None
+    ends = np.zeros(len(pos.lens), np.int64)
+    for s, i in changed:
+        ends = np.maximum(ends, pos.span(s, i))
+    return Base(row, m, ends)
+
+
+def splice(hm, ref, masks: list[np.ndarray], bases: list[Base], fields: tuple[str, ...]) -> list[dict] | None:
+    """The rows of `bases` (masks[b.row]) with the union of their spans recomputed in one engine pass
+    (stream_metrics_rows over the prefixes: the same row fusion as a full pass over these masks) and
+    spliced into the old rows. None when the union covers more than MAX_SHARE of the positions."""
+    ends = np.max([b.ends for b in bases], axis=0)
+    lens = np.diff(ref.offsets).astype(np.int64)
+    if ends.sum() > MAX_SHARE * lens.sum():
+        return None
+    out = [{k: np.array(b.old[k]) for k in fields} for b in bases]
+    idx = np.flatnonzero(ends)
+    if len(idx):
+        # each prefix runs one token past its span (when there is one) so the span's last position sees its
+        # true next token (ce); that extra position is computed but not spliced
+        run = np.minimum(ends[idx] + 1, lens[idx])
+        starts = np.asarray(ref.offsets[:-1], np.int64)[idx]
+        rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, run)])
+        sub_ptr = np.concatenate([[0], np.cumsum(run)[:-1]])
+        dst = np.concatenate([np.arange(a, a + e) for a, e in zip(starts, ends[idx])])
+        src = np.concatenate([np.arange(a, a + e) for a, e in zip(sub_ptr, ends[idx])])
+        seqs = [ref.seqs[q][:n] for q, n in zip(idx, run)]
+        new = hm.stream_metrics_rows(seqs, ref.logp[rows], [masks[b.row] for b in bases])
+        for o, m in zip(out, new):
+            for k in fields:
+                o[k][dst] = m[k][src]
+    return out
