@@ -9,6 +9,12 @@
 Tables are fitted on the training text (never the eval text) and cached under
 cache_dir()/baselines/<checkpoint hash>-<train text sha>/; their eval-set numbers are cached beside the
 reference cache entry (ref/<key>/baseline-<...>.npz).
+
+Without a training text the tables are fitted on FALLBACK_SAMPLED stories sampled from the reference: about
+a minute on two cores, most of a fresh clone's first run. For the shipped checkpoint its metrics on the
+default sampled eval set ship beside it (SHIPPED_METRICS, written by `python -m verify.ledger.baselines
+--ship`); they are used only when that eval set's tokens and cached log-probs are byte for byte the ones
+they were computed on (then this machine's sampler drew the same stories, and so the same fitting stories).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ FALLBACK_SAMPLED = 256  # stories sampled from the reference when there is no tr
 FALLBACK_SEED = 1_000_003
 TABLE_FILES = ("log_unigram.npy", "log_bigram.npy", "counts.npy")
 TABLES_VERSION = 2  # 2: meta.json records each file's dtype, shape and checksum
+SHIPPED_METRICS = "baselines-sampled.npz"  # in the checkpoint folder: the sampled fallback's metrics
+NAMES = ("uniform", "unigram", "oracle bigram")
 
 
 @dataclass
@@ -140,7 +148,7 @@ def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 20
     """Per-position KL (all positions), CE (positions with a next token, NaN elsewhere) and top-1 hit
     for uniform / unigram / oracle bigram on the eval set. Cached beside the reference cache."""
     f = ref.dir / f"baseline-{tables.dir.name}.npz"
-    names = ("uniform", "unigram", "oracle bigram")
+    names = NAMES
     N, V = ref.logp.shape
     if f.exists():
         got = _read_metrics(f, tables.dir.name, names, N)
@@ -187,6 +195,57 @@ def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 20
     return out
 
 
+def _eval_fingerprint(ref: RefCache) -> str:
+    """sha256 of the eval set as the metrics read it: its tokens, next tokens and cached log-probs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (ref.tokens, ref.next_tokens, ref.logp):
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}:{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _shipped_key(ckpt: Checkpoint, ref: RefCache) -> str:
+    ident = _train_identity(None)
+    return f"{ckpt.hash}-sampled{ident['n']}s{ident['seed']}-v{TABLES_VERSION}|{_eval_fingerprint(ref)}"
+
+
+def shipped_metrics(ckpt: Checkpoint, ref: RefCache) -> dict[str, dict] | None:
+    """The sampled fallback's baseline metrics shipped beside the checkpoint, when they are this eval set's:
+    the file must name this checkpoint, the fallback's tables and the eval set's exact bytes (tokens, next
+    tokens, float16 log-probs), and match its checksum. None otherwise (the caller fits the tables). A damaged
+    file is reported, never used; it is not deleted (it is part of the checkpoint)."""
+    f = ckpt.path / SHIPPED_METRICS
+    if not f.exists():
+        return None
+    key = _shipped_key(ckpt, ref)
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None  # another eval set, machine or checkpoint: fit as usual
+    except Exception:  # noqa: BLE001 -- unreadable: _read_metrics below reports it
+        pass
+    import sys
+
+    def report(f, why):
+        print(f"{f}: the shipped baseline metrics are damaged ({why}); fitting the baselines instead (restore the "
+              f"file from the repository, or re-make it: python -m verify.ledger.baselines --ship)", file=sys.stderr)
+
+    return _read_metrics(f, key, NAMES, len(ref.tokens), report=report)
+
+
+def ship_metrics(ckpt: Checkpoint, ref: RefCache, metrics: dict[str, dict]) -> Path:
+    """Write SHIPPED_METRICS beside the checkpoint for this eval set (atomic)."""
+    arrays = {f"{n}|{k}": np.asarray(v) for n, d in metrics.items() for k, v in d.items()}
+    f = ckpt.path / SHIPPED_METRICS
+    tmp = f.with_name(f".{f.name}.tmp{os.getpid()}.npz")
+    np.savez_compressed(tmp, key=np.array(_shipped_key(ckpt, ref)), sha=np.array(_metrics_sha(arrays)), **arrays)
+    tmp.replace(f)
+    return f
+
+
 def _metrics_sha(arrays: dict) -> str:
     import hashlib
 
@@ -198,10 +257,12 @@ def _metrics_sha(arrays: dict) -> str:
     return h.hexdigest()
 
 
-def _read_metrics(f: Path, key: str, names, n: int) -> dict | None:
-    """Cached baseline metrics if intact (this key, n positions each, checksum); else reported, None."""
+def _read_metrics(f: Path, key: str, names, n: int, report=None) -> dict | None:
+    """Cached baseline metrics if intact (this key, n positions each, checksum); else reported (by `report`,
+    default: integrity.damaged), None."""
     from verify.ledger.integrity import damaged
 
+    report = report or damaged
     try:
         with np.load(f, allow_pickle=False) as z:
             arrays = {f"{m}|{k}": z[f"{m}|{k}"] for m in names for k in ("kl", "ce", "agree")}
@@ -216,5 +277,26 @@ def _read_metrics(f: Path, key: str, names, n: int) -> dict | None:
             return {m: {k: arrays[f"{m}|{k}"] for k in ("kl", "ce", "agree")} for m in names}
     except Exception as e:  # noqa: BLE001 -- any unreadable entry is recomputed, never used
         why = f"unreadable: {type(e).__name__}: {str(e)[:80]}"
-    damaged(f, why)
+    report(f, why)
     return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m verify.ledger.baselines --ship`: compute the shipped checkpoint's sampled-fallback baseline
+    metrics on the default sampled eval set (fitting the tables if they are not cached) and write them beside it."""
+    import argparse
+
+    from .data import EvalSpec, checkpoint_info, get_ref_cache
+
+    ap = argparse.ArgumentParser(prog="python -m verify.ledger.baselines")
+    ap.add_argument("--ship", action="store_true", required=True)
+    ap.add_argument("--checkpoint", default=None)
+    a = ap.parse_args(argv)
+    ckpt = checkpoint_info(a.checkpoint)
+    ref = get_ref_cache(ckpt, EvalSpec())
+    f = ship_metrics(ckpt, ref, baseline_metrics(ref, get_tables(ckpt, None)))
+    print(f"wrote {f} ({f.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()
