@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from handmodel.explain import Explainer
 from verify.ledger.evaluate import Evaluation
 from verify.reports.verdicts import VerdictInfo, from_verdicts
 
@@ -159,23 +160,54 @@ def _table(rows: list[dict], ledger: bool, tid: str) -> str:
 RULES_SHOWN = 8  # per token on the page: the heads plus the largest acts (keeps the page a few MB)
 
 
-def _shown(rules, acted) -> list[tuple[str, str]]:
-    """The heads' patterns and the RULES_SHOWN largest logit changes, in rule order, then a count of the rest."""
-    keep = sorted(sorted(acted, key=lambda f: -f.size)[:RULES_SHOWN], key=lambda f: f.rule)
-    heads = [f for f in acted if rules.rule_kinds[f.rule] == "head" and f not in keep]
-    out = [(str(rules.rule_ids[f.rule]), str(f.desc)) for f in sorted(keep + heads, key=lambda f: f.rule)]
-    if len(acted) > len(out):
-        out.append(("…", f"{len(acted) - len(out)} more rules changed the logits less"))
+def _shown(rules, ex, n: int, is_head: np.ndarray) -> list[tuple[str, str]]:
+    """At position n of ex (handmodel.explain.Explained): the heads' patterns and the RULES_SHOWN largest
+    logit changes, in rule order, then a count of the rest. Only these are described (a few of ~650 acts)."""
+    idx = ex.rules_at(n)  # rule order
+    keep = np.argsort(-ex.size[n, idx], kind="stable")[:RULES_SHOWN]  # stable: equal sizes keep rule order
+    show = np.union1d(idx[keep], idx[is_head[idx]])
+    out = [(str(rules.rule_ids[i]), str(ex.fired(n, i).desc)) for i in show.tolist()]
+    if len(idx) > len(out):
+        out.append(("…", f"{len(idx) - len(out)} more rules changed the logits less"))
     return out
+
+
+def top5(m: np.ndarray) -> np.ndarray:
+    """[N, 5]: np.argsort(-row)[:5] of each row of m, without sorting whole rows: when the six largest (found
+    by argpartition) are distinct they decide it; a row with a tie among them is sorted in full, so ties
+    keep the full sort's order."""
+    neg = -np.asarray(m)
+    if neg.shape[1] <= 6:
+        return np.argsort(neg, axis=1)[:, :5]
+    part = np.argpartition(neg, 5, axis=1)[:, :6]
+    vals = np.take_along_axis(neg, part, 1)
+    o = np.argsort(vals, axis=1, kind="stable")
+    part, vals = np.take_along_axis(part, o, 1), np.take_along_axis(vals, o, 1)
+    out = part[:, :5].copy()
+    for r in np.flatnonzero(~(np.diff(vals, axis=1) > 0).all(1)):
+        out[r] = np.argsort(neg[r])[:5]
+    return out
+
+
+def _top_pairs(logp: np.ndarray) -> list[list[list]]:
+    """Per row of float32 log-probs: [[token, p rounded to 4 places]] for its top 5."""
+    top = top5(logp)
+    p = np.exp(np.take_along_axis(logp, top, 1))
+    return [[[v, round(x, 4)] for v, x in zip(tr, pr)] for tr, pr in zip(top.tolist(), p.tolist())]
 
 
 # a verdict state -> the class suffix of the rule's element (v-pass, v-fail, ...; CSS above)
 VERDICT_CLASS = {"pass": "pass", "fail": "fail", "undecided": "undecided", "no component": "nocomp", "missing": "missing"}
 
 
-def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = None) -> tuple[dict, int]:
+def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = None,
+               timings: dict | None = None) -> tuple[dict, int]:
     """The page's JSON: tokens, per position the top-5s and rules fired, and `ver`: each rule shown -> its
-    verdict class (once per rule, not per position)."""
+    verdict class (once per rule, not per position). `timings`: seconds per stage are added to it."""
+    import time
+
+    tm = timings if timings is not None else {}
+    t0 = time.perf_counter()
     ref, hm, rules, vocab, last = ev.ref, ev.hand, ev.rules, ev.vocab, ev.last
     kl = np.asarray(last["kl"], np.float64)
     seqs = []
@@ -186,20 +218,25 @@ def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = N
         seqs.append(s)
         n += len(s)
     hand = hm.log_probs_batch(seqs)
-    acted = hm.explain_batch(seqs)  # engine speed: one probe pass for every position (handmodel/explain.py)
+    tm["hand log-probs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # engine speed: one probe pass, attention matrices; described below only for the rules shown
+    ex = Explainer(rules).acts(seqs, rules.mask_of(None))
+    tm["explain"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     nxt = ref.next_tokens
+    refs = _top_pairs(np.asarray(ref.logp[:n], np.float32))
+    hands = _top_pairs(np.concatenate(hand) if hand else np.zeros((0, len(vocab)), np.float32))
+    is_head = np.array([k == "head" for k in rules.rule_kinds], np.bool_)
+    kls = kl[:n].tolist()
     pos = []
     i = 0
-    for s, hl in zip(seqs, hand):
-        for t in range(len(s)):
-            r = np.asarray(ref.logp[i], np.float32)
-            rt = np.argsort(-r)[:5]
-            ht = np.argsort(-hl[t])[:5]
-            fired = _shown(rules, acted[i])
-            pos.append({"tok": int(s[t]), "t": t, "next": int(nxt[i]), "kl": round(float(kl[i]), 5),
-                        "ref": [[int(v), round(float(np.exp(r[v])), 4)] for v in rt],
-                        "hand": [[int(v), round(float(np.exp(hl[t, v])), 4)] for v in ht], "rules": fired})
+    for s in seqs:
+        for t, tok in enumerate(np.asarray(s).tolist()):
+            pos.append({"tok": tok, "t": t, "next": int(nxt[i]), "kl": round(kls[i], 5),
+                        "ref": refs[i], "hand": hands[i], "rules": _shown(rules, ex, i, is_head)})
             i += 1
+    tm["per-position records"] = time.perf_counter() - t0
     scale = float(np.percentile(kl[:n], 95)) if n else 1.0
     vi = verdicts if verdicts is not None else from_verdicts(rules.rule_ids, None, command="handmodel check-components")
     shown_ids = {rid for p in pos for rid, _ in p["rules"]} & set(rules.rule_ids)
@@ -218,11 +255,13 @@ def verdict_line(vi: VerdictInfo) -> str:
             f'no component or missing verdict); <code>{html.escape(vi.command)}</code> recomputes them.</div>')
 
 
-def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000, verdicts: VerdictInfo | None = None) -> int:
-    """`verdicts`: the cached component verdicts (verify/reports/verdicts.cached_verdicts); None: none cached."""
+def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000, verdicts: VerdictInfo | None = None,
+                 data: tuple[dict, int] | None = None) -> int:
+    """`verdicts`: the cached component verdicts (verify/reports/verdicts.cached_verdicts); None: none cached.
+    `data`: token_data's answer when the caller has it already (benchmarks/report_time.py times it apart)."""
     if verdicts is None:
         verdicts = from_verdicts(ev.rules.rule_ids, None, command="handmodel check-components")
-    data, n = token_data(ev, max_tokens, verdicts)
+    data, n = data if data is not None else token_data(ev, max_tokens, verdicts)
     res = ev.to_json()
     h = res["header"]
     meta_rows = [("eval set", h["eval_set"]), ("tokens", f"{h['n_tokens']:,} in {h['n_sequences']} sequences"
