@@ -68,18 +68,43 @@ def probe_amounts(rules: CompiledRules, seqs: list[np.ndarray], idx: list[int], 
     return out
 
 
-def attention_matrix(rules: CompiledRules, r, seq: np.ndarray) -> np.ndarray:
+def score_factors(r) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Head r's score entries as (distinct now sids [Kn], distinct src sids [Ks], weights [Kn, Ks]): entries
+    with the same (now, src) add up. ~60 x ~200 for a fitted head's ~1,300 entries."""
+    now, src, w = twin._score_arrays(r)
+    un, i = np.unique(now, return_inverse=True)
+    us, j = np.unique(src, return_inverse=True)
+    m = np.zeros((len(un), len(us)))
+    np.add.at(m, (i.reshape(-1), j.reshape(-1)), w)
+    return un, us, m
+
+
+def attention_matrix(rules: CompiledRules, r, seq: np.ndarray, factors=None) -> np.ndarray:
     """[T, T] head r's attention row at every t of seq (row t over s <= t, 0 beyond): twin.attention for
-    all t at once. The score entries are summed over the sequence's distinct tokens, then expanded."""
+    all t at once. The score entries are summed over the sequence's distinct tokens (factors: r's
+    score_factors, when the caller keeps them), then expanded."""
     T = len(seq)
     d = np.arange(T)[:, None] - np.arange(T)[None, :]
     score = twin.position_score(r.position, r.pos_default, np.arange(T))[np.maximum(d, 0)]
     if r.scores:
-        now, src, w = twin._score_arrays(r)
+        un, us, m = score_factors(r) if factors is None else factors
         uniq, inv = np.unique(seq, return_inverse=True)
-        pair = (twin._in_sets(rules, now, uniq) * w[:, None]).T @ twin._in_sets(rules, src, uniq)  # [U, U]
+        pair = twin._in_sets(rules, un, uniq).T @ (m @ twin._in_sets(rules, us, uniq))  # [U, U]
         score = score + pair[inv][:, inv]
     return twin.softmax_attention(np.where(d >= 0, score, -np.inf))
+
+
+def _distinct_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows of m, in first-seen order; for each row of m, the index of its distinct row)."""
+    first: dict[bytes, int] = {}
+    rows: list[int] = []
+    which = np.empty(len(m), np.int64)
+    for k, row in enumerate(m):
+        j = first.setdefault(row.tobytes(), len(rows))
+        if j == len(rows):
+            rows.append(k)
+        which[k] = j
+    return m[rows], which
 
 
 class Explained:
@@ -130,6 +155,10 @@ class Explainer:
         self.next_max = np.array([float(np.abs(w).max()) if len(w) else 0.0 for w in self.next_w])
         self._bigram: dict[tuple[int, int], tuple[np.ndarray, str]] = {}
         self._row_now: dict[int, np.ndarray] = {}
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._bigram_descs: dict[tuple[int, int], str] = {}
+        self._ho: dict[int, tuple] = {}
+        self._fac: dict[int, tuple] = {}
         self._in_cache: dict[int, np.ndarray] = {}
 
     def _in(self, sid: int) -> np.ndarray:
@@ -139,6 +168,12 @@ class Explainer:
             m[self.sets.members(sid)] = True
             self._in_cache[sid] = m
         return m
+
+    def _factors(self, i: int) -> tuple:
+        got = self._fac.get(i)
+        if got is None:
+            got = self._fac[i] = score_factors(self.rules.rules[i])
+        return got
 
     def _in_many(self, sids) -> np.ndarray:
         """[len(sids), V] bool: _in of each."""
@@ -163,14 +198,31 @@ class Explainer:
             r = self.rules.rules[i]
             if i not in self._row_now:
                 self._row_now[i] = self._in_many([now for now, _ in r.rows])  # [rows, V]: row k holds v
-            rows = [r.rows[k] for k in np.flatnonzero(self._row_now[i][:, c])]
+            ks = np.flatnonzero(self._row_now[i][:, c])
             d = np.zeros(self.rules.vocab_size)
-            for _, row in rows:
-                for sid, w in row:
-                    d[self.sets.members(sid)] += w * self.sets.weights_of(sid)
-            hit = (d, "row " + ", ".join(self.sets.name(now) for now, _ in rows))
+            if len(ks):
+                tok, w = zip(*(self._row_vec(i, k) for k in ks))
+                np.add.at(d, np.concatenate(tok), np.concatenate(w))  # in row then entry order, as the twin adds
+            hit = (d, "row " + ", ".join(self.sets.name(r.rows[k][0]) for k in ks))
             self._bigram[key] = hit
         return hit
+
+    def _row_vec(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row k of bigram rule i expanded: (tokens, weights) in entry order (a token may repeat)."""
+        got = self._rows.get((i, k))
+        if got is None:
+            row = self.rules.rules[i].rows[k][1]
+            got = (np.concatenate([self.sets.members(sid) for sid, _ in row]) if row else np.zeros(0, np.int64),
+                   np.concatenate([w * self.sets.weights_of(sid) for sid, w in row]) if row else np.zeros(0))
+            self._rows[(i, k)] = got
+        return got
+
+    def _bigram_desc(self, i: int, c: int) -> str:
+        got = self._bigram_descs.get((i, c))
+        if got is None:
+            d, desc = self._bigram_row(i, c)
+            got = self._bigram_descs[(i, c)] = desc + self._top(d)
+        return got
 
     def _copy_delta(self, i: int, seq: np.ndarray, t: int, a_row: np.ndarray, mass: float) -> np.ndarray:
         """[V] copying head_out i at t: copy x attention on each src position, added to its token, + mass x next."""
@@ -188,8 +240,7 @@ class Explainer:
         if k == "prior":
             return "prior" + self._suffix(i, 1.0)
         if k == "bigram":
-            d, desc = self._bigram_row(i, int(seq[t]))
-            return desc + self._top(d)
+            return self._bigram_desc(i, int(seq[t]))
         if k == "head":
             a = att[r.head][t, : t + 1]
             top = np.argsort(-a, kind="stable")[:3]
@@ -241,7 +292,7 @@ class Explainer:
         att: list[dict[int, np.ndarray]] = []
         n0 = 0
         for seq in seqs:
-            a = {h: attention_matrix(rules, rules.rules[i], seq) for h, i in heads.items()}
+            a = {h: attention_matrix(rules, rules.rules[i], seq, self._factors(i)) for h, i in heads.items()}
             att.append(a)
             self._head_out_acts(seq, a, by["head_out"], slice(n0, n0 + len(seq)), acted, amount, size)
             n0 += len(seq)
@@ -266,42 +317,52 @@ class Explainer:
         amount[:, big] = np.where(s >= 0, 1.0, 0.0)
         size[:, big] = np.maximum(s, 0.0)
 
+    def _head_outs(self, h: int, hos: list[int]) -> tuple:
+        """head h's head_outs among hos: (indices, src [J, V] bool, now [J, V] bool, copy [J] (nan: none))."""
+        got = self._ho.get(h)
+        if got is None or got[0] != hos:
+            rs = self.rules.rules
+            mine = np.array([i for i in hos if rs[i].head == h], np.int64)
+            got = (hos, mine, self._in_many([rs[i].src for i in mine]), self._in_many([rs[i].now for i in mine]),
+                   np.array([np.nan if rs[i].copy is None else rs[i].copy for i in mine]))
+            self._ho[h] = got
+        return got[1:]
+
     def _head_out_acts(self, seq: np.ndarray, att: dict[int, np.ndarray], hos: list[int], rows: slice,
                        acted, amount, size) -> None:
         """head_outs (of heads switched on) whose `now` holds the current token: amount = attention mass on
-        `src`; a copying one also adds copy x attention to each src position's token."""
-        rules = self.rules
+        `src`; a copying one also adds copy x attention to each src position's token. Computed per distinct
+        `src` pattern over the sequence's tokens (a few dozen of the ~200 head_outs of a head)."""
+        T = len(seq)
+        uniq, inv = np.unique(seq, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        starts = np.searchsorted(inv[order], np.arange(len(uniq)))
         for h, A in att.items():
-            mine = [i for i in hos if rules.rules[i].head == h]
-            if not mine:
+            mine, src_m, now_m, copy = self._head_outs(h, hos)
+            if not len(mine):
                 continue
-            src = self._in_many([rules.rules[i].src for i in mine])[:, seq].T  # [T, J]: position s in src
-            now = self._in_many([rules.rules[i].now for i in mine])[:, seq].T  # [T, J]: current token in now
-            mass = A @ src.astype(np.float64)  # [T, J]
-            plain = np.array([rules.rules[i].copy is None for i in mine])
-            ok = now & (mass != 0) & (self.next_max[mine] != 0)
-            cols = np.array(mine)[plain]
-            acted[rows, cols] = ok[:, plain]
-            amount[rows, cols] = np.where(ok[:, plain], mass[:, plain], 0.0)
-            size[rows, cols] = np.where(ok[:, plain], np.abs(mass[:, plain]) * self.next_max[cols], 0.0)
-            if plain.all():
-                continue
-            uniq, inv = np.unique(seq, return_inverse=True)
-            onehot = np.zeros((len(seq), len(uniq)))
-            onehot[np.arange(len(seq)), inv] = 1.0
-            agg = A @ onehot  # [T, U]: attention on each distinct token
-            for j in np.flatnonzero(~plain):
-                i = mine[j]
-                on_src = self._in(rules.rules[i].src)[uniq]
-                d = rules.rules[i].copy * agg[:, on_src]  # [T, tokens of src in seq]
+            agg = np.add.reduceat(A[:, order], starts, axis=1)  # [T, U]: attention on each distinct token
+            pat, which = _distinct_rows(src_m[:, uniq])  # [P, U] src patterns over this sequence; rule -> pattern
+            mass = (agg @ pat.T.astype(np.float64))[:, which]  # [T, J]
+            top = np.stack([agg[:, p].max(1) if p.any() else np.zeros(T) for p in pat], 1)[:, which]  # [T, J]
+            elig = now_m[:, seq].T  # [T, J]: the current token is in `now`
+            plain = np.isnan(copy)
+            nmax = self.next_max[mine]
+            # plain: amount x next; copying with no `next`: |copy| x the largest attention on one src token
+            sz = np.where(plain, np.abs(mass) * nmax, np.abs(np.nan_to_num(copy)) * top)
+            ok = elig & np.where(plain, (mass != 0) & (nmax != 0), sz != 0)
+            ok &= plain | np.array([len(self.next_tok[i]) == 0 for i in mine])
+            acted[rows, mine] = ok
+            amount[rows, mine] = np.where(ok, mass, 0.0)
+            size[rows, mine] = np.where(ok, sz, 0.0)
+            for j in np.flatnonzero(~plain & np.array([len(self.next_tok[i]) > 0 for i in mine])):
+                i, on_src = mine[j], pat[which[j]]
                 tk = self.next_tok[i]
-                if len(tk):
-                    keys = np.union1d(uniq[on_src], tk)
-                    full = np.zeros((len(seq), len(keys)))
-                    full[:, np.searchsorted(keys, uniq[on_src])] += d
-                    full[:, np.searchsorted(keys, tk)] += mass[:, [j]] * self.next_w[i]
-                    d = full
-                a = now[:, j] & (d != 0).any(1)
+                keys = np.union1d(uniq[on_src], tk)  # the tokens it writes: copied ones and its `next`
+                d = np.zeros((T, len(keys)))
+                d[:, np.searchsorted(keys, uniq[on_src])] += copy[j] * agg[:, on_src]
+                d[:, np.searchsorted(keys, tk)] += mass[:, [j]] * self.next_w[i]
+                a = elig[:, j] & (d != 0).any(1)
                 acted[rows, i] = a
                 amount[rows, i] = np.where(a, mass[:, j], 0.0)
-                size[rows, i] = np.where(a, np.abs(d).max(1) if d.shape[1] else 0.0, 0.0)
+                size[rows, i] = np.where(a, np.abs(d).max(1), 0.0)
