@@ -270,7 +270,8 @@ class Explainer:
         seqs = [np.asarray(s, np.int64) for s in seqs]
         N, R = sum(len(s) for s in seqs), len(kinds)
         tok = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
-        acted, amount, size = np.zeros((N, R), np.bool_), np.zeros((N, R)), np.zeros((N, R))
+        # column-major: filled a rule (column) at a time
+        acted, amount, size = (np.zeros((N, R), dt, order="F") for dt in (np.bool_, np.float64, np.float64))
         on = [i for i in range(R) if mask[i]]
         by = {k: [i for i in on if kinds[i] == k] for k in ("prior", "head", "bigram", "head_out", "skip", "neuron")}
         nmax = self.next_max

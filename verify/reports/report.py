@@ -173,19 +173,26 @@ def _shown(rules, ex, n: int, is_head: np.ndarray) -> list[tuple[str, str]]:
 
 
 def top5(m: np.ndarray) -> np.ndarray:
-    """[N, 5]: np.argsort(-row)[:5] of each row of m, without sorting whole rows: when the six largest (found
-    by argpartition) are distinct they decide it; a row with a tie among them is sorted in full, so ties
-    keep the full sort's order."""
+    """[N, 5]: np.argsort(-row)[:5] of each row of m, without sorting whole rows. A row whose six largest
+    values (at or above its 6th largest, found by np.partition) are exactly six distinct values has one
+    answer, read off them; any other row (a tie among them) is sorted in full, so ties keep the full sort's
+    order."""
     neg = -np.asarray(m)
-    if neg.shape[1] <= 6:
+    N = len(neg)
+    if neg.shape[1] <= 6 or N == 0:
         return np.argsort(neg, axis=1)[:, :5]
-    part = np.argpartition(neg, 5, axis=1)[:, :6]
-    vals = np.take_along_axis(neg, part, 1)
+    r, c = np.nonzero(neg <= np.partition(neg, 5, axis=1)[:, 5:6])
+    six = np.bincount(r, minlength=N) == 6
+    rows = np.flatnonzero(six)
+    cols = c[six[r]].reshape(-1, 6)  # np.nonzero is row-major: each such row's six columns together
+    vals = neg[rows[:, None], cols]
     o = np.argsort(vals, axis=1, kind="stable")
-    part, vals = np.take_along_axis(part, o, 1), np.take_along_axis(vals, o, 1)
-    out = part[:, :5].copy()
-    for r in np.flatnonzero(~(np.diff(vals, axis=1) > 0).all(1)):
-        out[r] = np.argsort(neg[r])[:5]
+    cols, vals = np.take_along_axis(cols, o, 1), np.take_along_axis(vals, o, 1)
+    distinct = (np.diff(vals, axis=1) > 0).all(1)
+    out = np.empty((N, 5), np.int64)
+    out[rows[distinct]] = cols[distinct, :5]
+    for k in np.concatenate([np.flatnonzero(~six), rows[~distinct]]):
+        out[k] = np.argsort(neg[k])[:5]
     return out
 
 
