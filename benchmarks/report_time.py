@@ -24,6 +24,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=3000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/report_time.html"))
+    ap.add_argument("--corpus", type=Path, default=Path("../shared/corpus/tinystories/valid.txt"),
+                    help="as spelled on the command line: the reference cache is keyed by the path as given")
     a = ap.parse_args(argv)
 
     from verify.cli import options as O
@@ -35,10 +37,10 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
         t = {}
         t0 = time.perf_counter()
-        ev = _measure(O.DEFAULT_CHECKPOINT, O.DEFAULT_RULES, O.DEFAULT_CORPUS, None, 0, O.DEFAULT_TRAIN, quiet)
+        ev = _measure(O.DEFAULT_CHECKPOINT, O.DEFAULT_RULES, a.corpus, None, 0, O.DEFAULT_TRAIN, quiet)
         t["evaluate (cached rows)"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        vi = _verdicts(ev, O.DEFAULT_CHECKPOINT, O.DEFAULT_RULES, O.DEFAULT_CORPUS, None)
+        vi = _verdicts(ev, O.DEFAULT_CHECKPOINT, O.DEFAULT_RULES, a.corpus, None)
         t["verdicts"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         data, n = R.token_data(ev, a.max_tokens, vi, timings=t)
