@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from handmodel.explain import Explainer
 from verify.ledger.evaluate import Evaluation
 from verify.reports.verdicts import VerdictInfo, from_verdicts
 
@@ -159,23 +160,78 @@ def _table(rows: list[dict], ledger: bool, tid: str) -> str:
 RULES_SHOWN = 8  # per token on the page: the heads plus the largest acts (keeps the page a few MB)
 
 
-def _shown(rules, acted) -> list[tuple[str, str]]:
-    """The heads' patterns and the RULES_SHOWN largest logit changes, in rule order, then a count of the rest."""
-    keep = sorted(sorted(acted, key=lambda f: -f.size)[:RULES_SHOWN], key=lambda f: f.rule)
-    heads = [f for f in acted if rules.rule_kinds[f.rule] == "head" and f not in keep]
-    out = [(str(rules.rule_ids[f.rule]), str(f.desc)) for f in sorted(keep + heads, key=lambda f: f.rule)]
-    if len(acted) > len(out):
-        out.append(("…", f"{len(acted) - len(out)} more rules changed the logits less"))
+def _shown(rules, ex, n: int, is_head: np.ndarray) -> list[list[str]]:
+    """At position n of ex (handmodel.explain.Explained): [rule id, what it did] of the heads and of the
+    RULES_SHOWN largest logit changes, in rule order, then a count of the rest. Only these are described (a
+    few of ~650 acts). Lists, not tuples: what the page cache's JSON gives back is equal to what is computed."""
+    idx = ex.rules_at(n)  # rule order
+    keep = np.argsort(-ex.size[n, idx], kind="stable")[:RULES_SHOWN]  # stable: equal sizes keep rule order
+    show = np.union1d(idx[keep], idx[is_head[idx]])
+    out = [[str(rules.rule_ids[i]), str(ex.fired(n, i).desc)] for i in show.tolist()]
+    if len(idx) > len(out):
+        out.append(["…", f"{len(idx) - len(out)} more rules changed the logits less"])
     return out
+
+
+def top5(m: np.ndarray) -> np.ndarray:
+    """[N, 5]: np.argsort(-row)[:5] of each row of m, without sorting whole rows. A row whose six largest
+    values (at or above its 6th largest, found by np.partition) are exactly six distinct values has one
+    answer, read off them; any other row (a tie among them) is sorted in full, so ties keep the full sort's
+    order."""
+    neg = -np.asarray(m)
+    N = len(neg)
+    if neg.shape[1] <= 6 or N == 0:
+        return np.argsort(neg, axis=1)[:, :5]
+    r, c = np.nonzero(neg <= np.partition(neg, 5, axis=1)[:, 5:6])
+    six = np.bincount(r, minlength=N) == 6
+    rows = np.flatnonzero(six)
+    cols = c[six[r]].reshape(-1, 6)  # np.nonzero is row-major: each such row's six columns together
+    vals = neg[rows[:, None], cols]
+    o = np.argsort(vals, axis=1, kind="stable")
+    cols, vals = np.take_along_axis(cols, o, 1), np.take_along_axis(vals, o, 1)
+    distinct = (np.diff(vals, axis=1) > 0).all(1)
+    out = np.empty((N, 5), np.int64)
+    out[rows[distinct]] = cols[distinct, :5]
+    for k in np.concatenate([np.flatnonzero(~six), rows[~distinct]]):
+        out[k] = np.argsort(neg[k])[:5]
+    return out
+
+
+def _top_pairs(logp: np.ndarray) -> list[list[list]]:
+    """Per row of float32 log-probs: [[token, p rounded to 4 places]] for its top 5."""
+    top = top5(logp)
+    p = np.exp(np.take_along_axis(logp, top, 1))
+    return [[[v, round(x, 4)] for v, x in zip(tr, pr)] for tr, pr in zip(top.tolist(), p.tolist())]
 
 
 # a verdict state -> the class suffix of the rule's element (v-pass, v-fail, ...; CSS above)
 VERDICT_CLASS = {"pass": "pass", "fail": "fail", "undecided": "undecided", "no component": "nocomp", "missing": "missing"}
 
 
-def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = None) -> tuple[dict, int]:
+def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = None,
+               timings: dict | None = None, cache: bool = False) -> tuple[dict, int]:
     """The page's JSON: tokens, per position the top-5s and rules fired, and `ver`: each rule shown -> its
-    verdict class (once per rule, not per position)."""
+    verdict class (once per rule, not per position). `timings`: seconds per stage are added to it.
+    cache: the positions come from / go to the page cache (page_key), when the evaluation has a cache folder."""
+    key = page_key(ev, max_tokens) if cache and getattr(ev.ref, "dir", None) is not None else None
+    got = _load_page(ev.ref.dir, key) if key else None
+    if got is None:
+        got = _positions(ev, max_tokens, timings if timings is not None else {})
+        if key:
+            _store_page(ev.ref.dir, key, got)
+    pos, scale, n = got["pos"], got["scale"], got["n"]
+    rules = ev.rules
+    vi = verdicts if verdicts is not None else from_verdicts(rules.rule_ids, None, command="handmodel check-components")
+    shown_ids = {rid for p in pos for rid, _ in p["rules"]} & set(rules.rule_ids)
+    ver = {rid: VERDICT_CLASS[vi.of(rid)] for rid in sorted(shown_ids)}
+    return {"toks": ev.vocab, "pos": pos, "scale": scale, "ver": ver}, n
+
+
+def _positions(ev: Evaluation, max_tokens: int, tm: dict) -> dict:
+    """{"pos": per position the token, KL, top-5s and rules shown; "scale": colour scale; "n": tokens}."""
+    import time
+
+    t0 = time.perf_counter()
     ref, hm, rules, vocab, last = ev.ref, ev.hand, ev.rules, ev.vocab, ev.last
     kl = np.asarray(last["kl"], np.float64)
     seqs = []
@@ -186,25 +242,101 @@ def token_data(ev: Evaluation, max_tokens: int, verdicts: VerdictInfo | None = N
         seqs.append(s)
         n += len(s)
     hand = hm.log_probs_batch(seqs)
-    acted = hm.explain_batch(seqs)  # engine speed: one probe pass for every position (handmodel/explain.py)
+    tm["hand log-probs"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # engine speed: one probe pass, attention matrices; described below only for the rules shown
+    ex = Explainer(rules).acts(seqs, rules.mask_of(None))
+    tm["explain"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     nxt = ref.next_tokens
+    refs = _top_pairs(np.asarray(ref.logp[:n], np.float32))
+    hands = _top_pairs(np.concatenate(hand) if hand else np.zeros((0, len(vocab)), np.float32))
+    is_head = np.array([k == "head" for k in rules.rule_kinds], np.bool_)
+    kls = kl[:n].tolist()
     pos = []
     i = 0
-    for s, hl in zip(seqs, hand):
-        for t in range(len(s)):
-            r = np.asarray(ref.logp[i], np.float32)
-            rt = np.argsort(-r)[:5]
-            ht = np.argsort(-hl[t])[:5]
-            fired = _shown(rules, acted[i])
-            pos.append({"tok": int(s[t]), "t": t, "next": int(nxt[i]), "kl": round(float(kl[i]), 5),
-                        "ref": [[int(v), round(float(np.exp(r[v])), 4)] for v in rt],
-                        "hand": [[int(v), round(float(np.exp(hl[t, v])), 4)] for v in ht], "rules": fired})
+    for s in seqs:
+        for t, tok in enumerate(np.asarray(s).tolist()):
+            pos.append({"tok": tok, "t": t, "next": int(nxt[i]), "kl": round(kls[i], 5),
+                        "ref": refs[i], "hand": hands[i], "rules": _shown(rules, ex, i, is_head)})
             i += 1
-    scale = float(np.percentile(kl[:n], 95)) if n else 1.0
-    vi = verdicts if verdicts is not None else from_verdicts(rules.rule_ids, None, command="handmodel check-components")
-    shown_ids = {rid for p in pos for rid, _ in p["rules"]} & set(rules.rule_ids)
-    ver = {rid: VERDICT_CLASS[vi.of(rid)] for rid in sorted(shown_ids)}
-    return {"toks": vocab, "pos": pos, "scale": scale, "ver": ver}, n
+    tm["per-position records"] = time.perf_counter() - t0
+    return {"pos": pos, "scale": float(np.percentile(kl[:n], 95)) if n else 1.0, "n": n}
+
+
+# -- the page cache: the positions of the last report on this eval set, keyed by everything they are made of --
+PAGE_CACHE_VERSION = 1
+PAGES_KEPT = 4  # per eval set
+
+
+def page_key(ev: Evaluation, max_tokens: int) -> str:
+    """The all-rules ledger row's key (the hand model's code, the eval set and its reference log-probs, every
+    rule and token set: verify.ledger.core.row_keys), the token texts, --max-tokens and this file's code.
+    The verdict marks are not in it: they are read afresh on every run."""
+    import hashlib
+
+    from verify.ledger.core import row_keys
+
+    row = row_keys(ev.rules, [ev.rules.mask_of(None)], ev.ref)[0]
+    h = hashlib.sha256(repr((PAGE_CACHE_VERSION, row, int(max_tokens), RULES_SHOWN)).encode())
+    h.update(json.dumps(list(ev.vocab), ensure_ascii=False).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def _page_file(folder: Path, key: str) -> Path:
+    return Path(folder) / "report" / f"{key}.json"
+
+
+def _load_page(folder: Path, key: str) -> dict | None:
+    """The cached positions, checked: a header line {key, sha256 of the rest}, then the JSON. A file that
+    names another key, fails its checksum or does not parse is reported, deleted and rebuilt."""
+    import hashlib
+
+    from verify.ledger.integrity import damaged
+
+    f = _page_file(folder, key)
+    if not f.exists():
+        return None
+    try:
+        head, body = f.read_bytes().split(b"\n", 1)
+        h = json.loads(head)
+        if h.get("key") != key:
+            why = f"it holds the page of key {str(h.get('key'))[:24]!r}"
+        elif h.get("sha256") != hashlib.sha256(body).hexdigest():
+            why = "checksum mismatch"
+        else:
+            got = json.loads(body)
+            if isinstance(got, dict) and {"pos", "scale", "n"} <= got.keys() and len(got["pos"]) == got["n"]:
+                return got
+            why = "not a page's positions"
+    except Exception as e:  # noqa: BLE001 -- any unreadable entry is rebuilt, never used
+        why = f"unreadable: {type(e).__name__}: {str(e)[:80]}"
+    damaged(f, why)
+    f.unlink(missing_ok=True)
+    return None
+
+
+def _store_page(folder: Path, key: str, got: dict) -> None:
+    """Atomic: written to a per-process temporary, then renamed over the entry (a reader sees all or nothing)."""
+    import hashlib
+    import os
+
+    from verify.ledger.integrity import clean_stale
+
+    f = _page_file(folder, key)
+    body = json.dumps(got, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        f.parent.mkdir(exist_ok=True)
+        clean_stale(f.parent)  # temporaries of killed runs
+        tmp = f.with_name(f".{key}.tmp{os.getpid()}")
+        tmp.write_bytes(json.dumps({"key": key, "sha256": hashlib.sha256(body).hexdigest()}).encode() + b"\n" + body)
+        tmp.replace(f)
+        old = sorted(f.parent.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)[:-PAGES_KEPT]
+        for p in old:  # a few MB each: only the latest pages stay
+            p.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only cache: the next run computes the page again
 
 
 def verdict_line(vi: VerdictInfo) -> str:
@@ -218,11 +350,13 @@ def verdict_line(vi: VerdictInfo) -> str:
             f'no component or missing verdict); <code>{html.escape(vi.command)}</code> recomputes them.</div>')
 
 
-def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000, verdicts: VerdictInfo | None = None) -> int:
-    """`verdicts`: the cached component verdicts (verify/reports/verdicts.cached_verdicts); None: none cached."""
+def write_report(out: Path, ev: Evaluation, max_tokens: int = 3000, verdicts: VerdictInfo | None = None,
+                 data: tuple[dict, int] | None = None) -> int:
+    """`verdicts`: the cached component verdicts (verify/reports/verdicts.cached_verdicts); None: none cached.
+    `data`: token_data's answer when the caller has it already (benchmarks/report_time.py times it apart)."""
     if verdicts is None:
         verdicts = from_verdicts(ev.rules.rule_ids, None, command="handmodel check-components")
-    data, n = token_data(ev, max_tokens, verdicts)
+    data, n = data if data is not None else token_data(ev, max_tokens, verdicts, cache=True)
     res = ev.to_json()
     h = res["header"]
     meta_rows = [("eval set", h["eval_set"]), ("tokens", f"{h['n_tokens']:,} in {h['n_sequences']} sequences"
