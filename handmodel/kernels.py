@@ -20,8 +20,12 @@ import numpy as np
 from numba import njit, prange
 from numba.core.compiler import CompilerBase, DefaultPassBuilder
 from numba.core.compiler_machinery import FunctionPass, register_pass
-from numba.core.ir_utils import simplify
 from numba.core.typed_passes import NopythonRewrites
+
+try:
+    from numba.core.ir_utils import simplify
+except ImportError:  # older numba kept it with the parfors
+    from numba.parfors.parfor import simplify
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
