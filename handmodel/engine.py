@@ -33,7 +33,7 @@ MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow wi
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
 
 
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and their number
 
 
 def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
@@ -41,7 +41,7 @@ def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
     Python threads (the kernel releases the GIL). Chunks are balanced by positions, not sequence count; each
     writes only its own positions' output entries, so no merge is needed. The kernel itself is serial: a
     parallel=True kernel of this size costs minutes of numba's parfor analysis at its cold compile
-    (benchmarks/README.md, "numba cold compile")."""
+    (benchmarks/README.md, "Issue 22 item 4")."""
     global _POOL
     n_seq = len(ptr) - 1
     n = max(1, min(numba.get_num_threads(), n_seq))
@@ -50,9 +50,11 @@ def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
         return
     cuts = np.searchsorted(ptr, np.linspace(0, ptr[-1], n + 1)[1:-1], side="left")
     bounds = np.unique(np.concatenate([[0], cuts, [n_seq]]).astype(np.int64))
-    if _POOL is None or _POOL._max_workers < n:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="run_seqs")
-    futs = [_POOL.submit(kernels.run_seqs, bounds[k], bounds[k + 1], *args) for k in range(len(bounds) - 1)]
+    if _POOL is None or _POOL[1] < n:
+        if _POOL is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="run_seqs"), n)
+    futs = [_POOL[0].submit(kernels.run_seqs, bounds[k], bounds[k + 1], *args) for k in range(len(bounds) - 1)]
     for f in futs:
         f.result()
 

@@ -333,7 +333,7 @@ class _CopyPropagate(FunctionPass):
     """numba's IR copy propagation + dead code removal (ir_utils.simplify), which parallel=True runs on a
     prange body and a plain @njit does not: without it every inline="always" helper call keeps its array
     parameters as copies of the caller's arrays, and each copy costs an NRT incref/decref pair in the
-    inner loops (benchmarks/README.md, "cold compile")."""
+    inner loops: 2.8x slower passes (benchmarks/README.md, "Issue 22 item 4")."""
 
     _name = "handmodel_copy_propagate"
 
