@@ -22,15 +22,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt")
     ap.add_argument("--train-corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seqs", type=int, default=0, help="only the first SEQS sequences (0: all)")
     a = ap.parse_args(argv)
+    import os
+    import resource
+
+    import numba
+
     from verify.ledger.evaluate import evaluate
 
     ev = evaluate(None, a.rules, a.corpus, 0, 0, a.train_corpus, log=lambda m: None, ledger_rows=False)
     mask = np.ones(len(ev.rules.rule_ids), bool)
+    seqs, logp = ev.ref.seqs, ev.ref.logp
+    if a.seqs:
+        seqs = seqs[:a.seqs]
+        logp = logp[:sum(len(s) for s in seqs)]
+    n = sum(len(s) for s in seqs)
     for i in range(a.repeats):
+        load = os.getloadavg()[0]
+        ru = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
-        list(ev.hand.stream_metrics_rows(ev.ref.seqs, ev.ref.logp, [mask]))
-        print(f"pass {i}: {time.perf_counter() - t:.2f} s for {len(ev.ref.tokens):,} positions", flush=True)
+        list(ev.hand.stream_metrics_rows(seqs, logp, [mask]))
+        ru2 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = ru2.ru_utime + ru2.ru_stime - ru.ru_utime - ru.ru_stime
+        print(f"pass {i}: {time.perf_counter() - t:.2f} s wall, {cpu:.2f} s CPU for {n:,} positions "
+              f"({numba.get_num_threads()} numba threads; load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
     return 0
 
 

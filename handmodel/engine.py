@@ -1,6 +1,9 @@
 """HandModel: next-token log-probs and streaming metrics from CompiledRules (orchestrates kernels.py)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 
 from . import kernels
@@ -28,6 +31,32 @@ _BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
+
+
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and their number
+
+
+def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
+    """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), run on
+    Python threads (the kernel releases the GIL). Chunks are balanced by positions, not sequence count; each
+    writes only its own positions' output entries, so no merge is needed. The kernel itself is serial: a
+    parallel=True kernel of this size costs minutes of numba's parfor analysis at its cold compile
+    (benchmarks/README.md, "Issue 22 item 4")."""
+    global _POOL
+    n_seq = len(ptr) - 1
+    n = max(1, min(numba.get_num_threads(), n_seq))
+    if n == 1:
+        kernels.run_seqs(np.int64(0), np.int64(n_seq), *args)
+        return
+    cuts = np.searchsorted(ptr, np.linspace(0, ptr[-1], n + 1)[1:-1], side="left")
+    bounds = np.unique(np.concatenate([[0], cuts, [n_seq]]).astype(np.int64))
+    if _POOL is None or _POOL[1] < n:
+        if _POOL is not None:
+            _POOL[0].shutdown(wait=False)
+        _POOL = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="run_seqs"), n)
+    futs = [_POOL[0].submit(kernels.run_seqs, bounds[k], bounds[k + 1], *args) for k in range(len(bounds) - 1)]
+    for f in futs:
+        f.result()
 
 
 def kernels_cold() -> bool:
@@ -240,9 +269,10 @@ class HandModel:
             S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
-        kernels.run_seqs(tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
-                         self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                         want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
+        args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
+                self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
+                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
+        _run_chunks(ptr, args)
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 

@@ -18,6 +18,14 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.core.compiler import CompilerBase, DefaultPassBuilder
+from numba.core.compiler_machinery import FunctionPass, register_pass
+from numba.core.typed_passes import NopythonRewrites
+
+try:
+    from numba.core.ir_utils import simplify
+except ImportError:  # older numba kept it with the parfors
+    from numba.parfors.parfor import simplify
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
@@ -320,11 +328,38 @@ def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, 
         _note(k, wr_flag, wr_list, wr_cnt)
 
 
-@njit(cache=True, parallel=True)
-def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
+@register_pass(mutates_CFG=True, analysis_only=False)
+class _CopyPropagate(FunctionPass):
+    """numba's IR copy propagation + dead code removal (ir_utils.simplify), which parallel=True runs on a
+    prange body and a plain @njit does not: without it every inline="always" helper call keeps its array
+    parameters as copies of the caller's arrays, and each copy costs an NRT incref/decref pair in the
+    inner loops: 2.8x slower passes (benchmarks/README.md, "Issue 22 item 4")."""
+
+    _name = "handmodel_copy_propagate"
+
+    def __init__(self):
+        FunctionPass.__init__(self)
+
+    def run_pass(self, state):
+        simplify(state.func_ir, state.typemap, state.calltypes, state.metadata)
+        return True
+
+
+class _SerialPipeline(CompilerBase):
+    """numba's nopython pipeline plus _CopyPropagate after the typed rewrites."""
+
+    def define_pipelines(self):
+        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+        pm.add_pass_after(_CopyPropagate, NopythonRewrites)
+        pm.finalize()
+        return [pm]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
              out_agree, out_lse, out_argmax, dense_min):
-    """Every position of every sequence: base row + sparse rule deltas -> log Z, CE, argmax, and either the
+    """Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
     Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
@@ -365,7 +400,7 @@ def run_seqs(tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, 
     n_cb = len(cb_rep)
     n_sl = len(sl_kind)
     RV = R * V
-    for q in prange(len(seq_ptr) - 1):
+    for q in range(q0, q1):
         lo = seq_ptr[q]
         T = seq_ptr[q + 1] - lo
         delta = np.zeros(RV)  # keyed row x V + token
