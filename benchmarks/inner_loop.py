@@ -109,7 +109,7 @@ def run(w, cfg, log=print) -> tuple[Section, dict]:
             "warm_wall_seconds_reported_by_verify": [rep.get("wall_seconds") for rep in warm_reps],
             "final_kl": cold_rep["final"]["kl"],
         }
-        sec.notes.append(f"warm: {len(walls)} runs, each after appending a comment to {touched.name} (the largest "
+        sec.notes.append(f"warm: {len(walls)} runs, each after editing one number of {touched.name} (the largest "
                          f"rule file) of a copy of the rules; verify's own breakdown (median): "
                          + ", ".join(f"{k} {v:.2f} s" for k, v in sec.details["warm_timings_median_s"].items()))
         peaks = {"verify_warm": max(r.maxrss_bytes for r in warm)}
