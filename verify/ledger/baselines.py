@@ -196,15 +196,12 @@ def baseline_metrics(ref: RefCache, tables: BaselineTables, chunk_rows: int = 20
 
 
 def _eval_fingerprint(ref: RefCache) -> str:
-    """sha256 of the eval set as the metrics read it: its tokens, next tokens and cached log-probs."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for a in (ref.tokens, ref.next_tokens, ref.logp):
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}:{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
+    """The eval set as the metrics read it: its tokens, sequence offsets and float16 log-probs, by the records
+    (dtype, shape, bytes, CRC-32) the reference cache keeps in meta.json and checks on every load
+    (integrity.check_entry): nothing is hashed again here."""
+    files = ref.meta.get("files") or {}
+    recs = [files.get(n) for n in ("tokens.npy", "offsets.npy", "logp16.npy")]
+    return json.dumps(recs, sort_keys=True, separators=(",", ":")) if all(recs) else "unrecorded"
 
 
 def _shipped_key(ckpt: Checkpoint, ref: RefCache) -> str:
@@ -214,8 +211,8 @@ def _shipped_key(ckpt: Checkpoint, ref: RefCache) -> str:
 
 def shipped_metrics(ckpt: Checkpoint, ref: RefCache) -> dict[str, dict] | None:
     """The sampled fallback's baseline metrics shipped beside the checkpoint, when they are this eval set's:
-    the file must name this checkpoint, the fallback's tables and the eval set's exact bytes (tokens, next
-    tokens, float16 log-probs), and match its checksum. None otherwise (the caller fits the tables). A damaged
+    the file must name this checkpoint, the fallback's tables and the eval set's exact bytes (tokens, offsets,
+    float16 log-probs: _eval_fingerprint), and match its checksum. None otherwise (the caller fits the tables). A damaged
     file is reported, never used; it is not deleted (it is part of the checkpoint)."""
     f = ckpt.path / SHIPPED_METRICS
     if not f.exists():
