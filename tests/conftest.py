@@ -13,6 +13,9 @@ SHIPPED = ROOT / "reference" / "default"
 # the small hand-written ruleset of tests/fixtures and the vocabulary it is written for
 SMALL_RULES = ROOT / "tests" / "fixtures" / "rules_small"
 SMALL_VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", ".", " cake", "@"]
+# the worked example of docs/rules.md and the vocabulary it is written for
+DOC_RULES = ROOT / "tests" / "fixtures" / "rules_doc_example"
+DOC_VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]
 
 
 def require(ok: bool, reason: str) -> None:

@@ -12,8 +12,7 @@ from hypothesis import given, settings, strategies as st
 import handmodel
 from verify.ledger import core as L
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rules_doc_example"
-VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]  # docs/rules.md
+from conftest import DOC_RULES as FIXTURE, DOC_VOCAB as VOCAB  # docs/rules.md's worked example
 EXTRA = '''vocab = "9:10557a0e"
 group = "extra"
 

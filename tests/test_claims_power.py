@@ -3,16 +3,11 @@ what they say, and the checks have power — true rules read off a reference wit
 the same rules paired with the wrong component fail at least 95% of the time (docs/claims.md)."""
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMALL_RULES, SMALL_VOCAB
-
-DOC_RULES = ROOT / "tests" / "fixtures" / "rules_doc_example"
-DOC_VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]
+from conftest import DOC_RULES, DOC_VOCAB, SMALL_RULES, SMALL_VOCAB
 
 
 @pytest.mark.parametrize("folder,vocab", [(DOC_RULES, DOC_VOCAB), (SMALL_RULES, SMALL_VOCAB)])

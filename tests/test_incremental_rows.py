@@ -13,8 +13,7 @@ import handmodel
 from verify.ledger import core as L
 from verify.ledger import incremental as I
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "rules_doc_example"
-VOCAB = ["<|endoftext|>", " the", " cat", " dog", " ice", " cream", " sat", " ran", "."]  # docs/rules.md
+from conftest import DOC_RULES as FIXTURE, DOC_VOCAB as VOCAB  # docs/rules.md's worked example
 EXTRA = '''vocab = "9:10557a0e"
 group = "extra"
 
