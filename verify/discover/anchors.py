@@ -25,12 +25,16 @@ and mirrors one check:
   distribution, so joint_fit centres the prior before its first anchored step (the readout now centres the
   prior's logits too; before, a written prior at mean −10 nats scored 0.164, the same prior centred 0.670).
 
-Not anchored: bigram rows and copy rules (research/README.md, "Faithful fit"). The bigram check's
-intervention read the current token's direct path (embedding -> LNf -> W_U), whose logits on a shipped
-token row's written tokens have a median RMS of 0.061 of the row's (200 rows); it now reads the token-alone
-path (direct + the MLP's current-token part), which still moves the shipped model little (the current
-token acts mostly through heads reading its own position: research/README.md); a copy rule's readout asks
-whether the head's OV output ranks each source token itself high, which no copy weight changes.
+* bigram rows (class and token rows) → the current token's token-alone write (the bigram check's component:
+  log p_ref − log p_ref with E[tok] mean-ablated in the residual the direct path and the MLP read, heads held;
+  verify/claims/ref_side.py `token_alone_ablated`), centred over the vocabulary, averaged over the training
+  positions where the row acts (a token row: its token; a class row: its class's tokens), on the row's
+  tokens: squared error over ‖target‖², mean over rows. The write is small (0.2 nats rms on valid.txt against
+  a row's several nats: research/README.md, "What the current token writes"), so this term starts far above 1
+  for a row fitted to the output, and a large λ hands the bigram to the head paths that carry it.
+
+Not anchored: copy rules (a copy rule's readout asks whether the head's OV output ranks each source token
+itself high, which no copy weight changes).
 Every target is read from the reference on TRAINING windows only.
 """
 from __future__ import annotations
@@ -52,6 +56,8 @@ class AnchorTargets:
     neuron_next: np.ndarray  # [n, V] centred logit effect of the neuron per unit of activation
     ho_target: list[np.ndarray]  # per hand head: target of every head_out entry, in the net's ho_v layout
     ho_weight: list[np.ndarray]  # per hand head: entry weight 1 / (‖row target‖² · rows with a target), 0: none
+    bigram_target: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.float32), np.zeros(0, np.float32))  # cr_v, tr_v layout
+    bigram_weight: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.float32), np.zeros(0, np.float32))  # as ho_weight
 
 
 @dataclass
@@ -62,10 +68,11 @@ class AnchorTerms:
     next: float
     head_out: float
     prior: float
+    bigram: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.attention + self.activation + self.next + self.head_out + self.prior
+        return self.attention + self.activation + self.next + self.head_out + self.prior + self.bigram
 
     def __str__(self) -> str:
         return ", ".join(f"{k} {float(v):.3f}" for k, v in self.__dict__.items())
@@ -127,17 +134,66 @@ def head_out_targets(oracle, windows: np.ndarray, head_refs: list[int], outs, ba
     return targets, weights
 
 
+def bigram_targets(oracle, windows: np.ndarray, bd, batch: int = 8):
+    """(targets, weights), each a (class rows, token rows) pair in jointfit's cr_v / tr_v layout (rows in
+    bd.class_rows order, then sorted token-row order, each on its support): the token-alone write averaged over
+    the windows' positions where the row acts (verify/claims/measure.py `_bigram`'s component)."""
+    import torch
+
+    from verify.claims import ref_side as R
+
+    model = oracle.model
+    V = oracle.cfg.vocab_size
+    K = len(bd.class_rows)
+    toks = sorted(bd.token_rows)
+    lab = np.where(bd.label < 0, K, bd.label).astype(np.int64) if bd.label is not None else np.full(V, K, np.int64)
+    rowid = np.full(V, len(toks), np.int64)
+    rowid[toks] = np.arange(len(toks))
+    S = [torch.zeros(K + 1, V, dtype=torch.float64), torch.zeros(len(toks) + 1, V, dtype=torch.float64)]
+    cnt = [torch.zeros(K + 1, dtype=torch.float64), torch.zeros(len(toks) + 1, dtype=torch.float64)]
+    batches = [windows[s:s + batch] for s in range(0, len(windows), batch)]
+    with torch.inference_mode():
+        means = R.context_means(model, batches)
+        for arr in batches:
+            b = R.run_batch(model, arr)
+            w = (b.lp.double() - R.token_alone_ablated(model, b, means).double()).reshape(-1, V)
+            w = w - w.mean(1, keepdim=True)
+            tok = b.idx.reshape(-1).numpy()
+            for k, idx in enumerate((lab[tok], rowid[tok])):
+                ix = torch.from_numpy(idx)
+                S[k].index_add_(0, ix, w)
+                cnt[k].index_add_(0, ix, torch.ones(len(ix), dtype=torch.float64))
+    rows = [bd.class_rows, [bd.token_rows[c] for c in toks]]
+    ok = [[len(r_.support) > 0 and float(cnt[k][i]) >= MIN_POSITIONS for i, r_ in enumerate(rows[k])] for k in range(2)]
+    n_ok = max(sum(map(sum, ok)), 1)
+    targets, weights = [], []
+    for k in range(2):
+        tg, wt = [np.zeros(0)], [np.zeros(0)]
+        for i, r_ in enumerate(rows[k]):
+            t = (S[k][i] / cnt[k][i].clamp_min(1)).numpy()[r_.support]
+            norm = float((t ** 2).sum())
+            tg.append(t)
+            wt.append(np.full(len(t), 1.0 / (norm * n_ok) if ok[k][i] and norm > 0 else 0.0))
+        targets.append(np.concatenate(tg).astype(np.float32))
+        weights.append(np.concatenate(wt).astype(np.float32))
+    return tuple(targets), tuple(weights)
+
+
 def anchor_targets(oracle, windows: np.ndarray, heads, outs, neurons, neuron_var: np.ndarray,
-                   ln_scale: float) -> AnchorTargets:
-    """Everything the anchors compare with, from the reference on the (training) drafting windows."""
+                   ln_scale: float, bd=None) -> AnchorTargets:
+    """Everything the anchors compare with, from the reference on the (training) drafting windows; with `bd`
+    (the bigram draft) its class and token rows are anchored too."""
     from .neurons import output_effects
 
     head_refs = [int(h.ref_head) for h in heads]
     ids = np.array([nd.neuron for nd in neurons], np.int64)
     eff = output_effects(oracle, ln_scale)[ids] if len(ids) else np.zeros((0, oracle.cfg.vocab_size))
     tg, wt = head_out_targets(oracle, windows, head_refs, outs)
-    return AnchorTargets(np.array(head_refs, np.int64), ids, np.maximum(np.asarray(neuron_var, np.float64), 1e-8),
-                         eff.astype(np.float32), tg, wt)
+    out = AnchorTargets(np.array(head_refs, np.int64), ids, np.maximum(np.asarray(neuron_var, np.float64), 1e-8),
+                        eff.astype(np.float32), tg, wt)
+    if bd is not None:
+        out.bigram_target, out.bigram_weight = bigram_targets(oracle, windows, bd)
+    return out
 
 
 def reference_run(model, X):
@@ -181,5 +237,9 @@ def anchor_loss(net, ref_lp, cache: dict, tg: AnchorTargets):
             ho = ho + (torch.from_numpy(tg.ho_weight[hi]) * d ** 2).sum() / net.H
     y = (ref_lp - ref_lp.mean(-1, keepdim=True)).reshape(-1, ref_lp.shape[-1]).mean(0)
     prior = ((net.prior - y) ** 2).mean() / y.var().clamp_min(1e-12)
-    terms = AnchorTerms(*(float(x.detach()) for x in (att, act, nxt, ho, prior)))
-    return att + act + nxt + ho + prior, terms
+    big = zero
+    for v, t, w in zip((net.cr_v, net.tr_v), tg.bigram_target, tg.bigram_weight):
+        if len(t):
+            big = big + (torch.from_numpy(w) * (v - torch.from_numpy(t)) ** 2).sum()
+    terms = AnchorTerms(*(float(x.detach()) for x in (att, act, nxt, ho, prior, big)))
+    return att + act + nxt + ho + prior + big, terms

@@ -305,7 +305,7 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
             return net_kl(net, held, ref_h, batch)
         X = torch.from_numpy(held.astype(np.int64))
         kl = 0.0
-        sums = np.zeros(5)
+        sums = 0.0
         net.trace = True
         with torch.no_grad():
             for s in range(0, len(X), batch):
@@ -313,10 +313,10 @@ def joint_fit(oracle, net, train: np.ndarray, held: np.ndarray, ref_h, steps: in
                 n = len(lp_ref)
                 kl += float(_kl(lp_ref, net(X[s:s + batch]))) * n
                 _, t = anchor_loss(net, lp_ref, cache, anchors)
-                sums += n * np.array([t.attention, t.activation, t.next, t.head_out, t.prior])
+                sums = sums + n * np.array(list(t.__dict__.values()))  # every term, in AnchorTerms' field order
         net.trace = False
         net.last = {}
-        held_terms[:] = [AnchorTerms(*(sums / len(X)))]
+        held_terms[:] = [AnchorTerms(*(float(x) for x in sums / len(X)))]
         held_kls[:] = [kl / len(X)]
         return kl / len(X) + lam * held_terms[0].total
 

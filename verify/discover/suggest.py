@@ -573,7 +573,7 @@ def _draft(oracle, out_dir: Path, train_corpus: Path, opts: SuggestOptions, log)
 
             anchors = anchor_targets(oracle, windows, heads, draft.outs, draft.neurons,
                                      neuron_var if draft.neurons else np.zeros(0),
-                                     ln_scale if draft.neurons else typical_ln_scale(oracle, windows))
+                                     ln_scale if draft.neurons else typical_ln_scale(oracle, windows), bd=bd)
             log(f"faithful fit: anchors read off the reference on {windows.size:,} training positions, λ = {faithful:g}")
         res = joint_fit(oracle, net, train_w, held, ref_held, joint_steps, lr=joint_lr, n_query=n_query,
                          cuts=prune_cuts, window=prune_window, log=log, anchors=anchors, lam=faithful)

@@ -55,8 +55,8 @@ class SuggestOptions:
     shared_refs: int = _opt(0, "Joint fit: pattern references kept per neuron and kind (output patterns; read patterns over all heads).")
     faithful: float = _opt(0.0, "Joint fit: weight λ of the faithfulness anchors (anchors.py): each [[head]] pulled toward its "
                                 "reference head's attention, each [[neuron]]'s activation and write toward its reference neuron's, "
-                                "each [[head_out]] row toward the head's OV output for its source, the prior toward the mean "
-                                "output (0: the plain fit, unchanged).")
+                                "each [[head_out]] row toward the head's OV output for its source, each bigram row toward the "
+                                "current token's token-alone write, the prior toward the mean output (0: the plain fit, unchanged).")
     # Internal knobs (no flag; settable in the options file)
     att_positions: int = _opt(16_384, "Training positions of the attention fit.")
     att_steps: int = _opt(100, "Steps of the attention fit.")
