@@ -229,9 +229,11 @@ class HandModel:
                             "tokenize with the tokenizer the rules were compiled against")
         return tok, ptr
 
-    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1):
+    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None):
         """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
-        base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N])."""
+        base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N]).
+        `at` (bool [N], N the positions of `seqs`): only those positions are finished, `ref` holds their rows
+        only and every output has one entry per such position (kernels.run_seqs, `fin`)."""
         rules = self.rules
         V = rules.vocab_size
         if row is None:
@@ -241,8 +243,18 @@ class HandModel:
             m = row >= 0
         R = n_rows
         tok, ptr = self._tokens(seqs)
-        N = len(tok)
-        pool = self._base(np.unique(tok), m)
+        fin = np.zeros(0, np.int64)
+        tok_out = tok
+        if at is not None:
+            at = np.asarray(at, np.bool_)
+            if at.shape != tok.shape:
+                raise UserError(f"`at` has shape {at.shape}, expected ({len(tok)},): one flag per position of the "
+                                "concatenated sequences")
+            fin = np.full(len(tok), -1, np.int64)
+            fin[at] = np.arange(int(at.sum()))
+            tok_out = tok[at]  # base rows and reference statistics only where positions finish
+        N = len(tok_out)
+        pool = self._base(np.unique(tok_out), m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -253,7 +265,7 @@ class HandModel:
             ref = np.asarray(ref)
             if ref.ndim != 2 or ref.shape != (N, V):
                 raise UserError(f"ref_logp has shape {ref.shape}, expected ({N}, {V}): one row of reference "
-                                "log-probs per position of the concatenated sequences")
+                                "log-probs per position of the concatenated sequences (per position of `at`)")
             if ref.dtype == np.float16:
                 ref16 = np.ascontiguousarray(ref).view(np.uint16)
                 use16 = True
@@ -266,12 +278,12 @@ class HandModel:
         hand_lse = np.empty((R, N))
         argmax = np.empty((R, N), dtype=np.int64)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok_out, pool, m)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                 self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
+                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
         _run_chunks(ptr, args)
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
@@ -391,16 +403,23 @@ class HandModel:
             out.extend([(run, row)] if ok else [([k], None) for k in run])
         return out
 
-    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list) -> list[dict]:
+    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None) -> list[dict]:
         """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
-        row_passes allows: a fused pass computes the attention and neurons once for all its rows."""
+        row_passes allows: a fused pass computes the attention and neurons once for all its rows.
+
+        `at` (bool, one per position of the concatenated sequences): the metrics at those positions only, each
+        exactly what the same call without `at` gives there; `ref_logp` then holds the reference rows of those
+        positions only. The other positions cost the attention's running sums (and, before a position in `at`,
+        its heads and neurons), not their distributions: a prefix that leads up to a few positions is cheap."""
         seqs = list(seqs)
         out: list[dict | None] = [None] * len(masks)
         for run, row in self.row_passes(masks):
             if row is None:
-                out[run[0]] = self.stream_metrics(seqs, ref_logp, masks[run[0]])
+                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at)
+                self._check_finite(m["kl"], ref_logp)
+                out[run[0]] = m
                 continue
-            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run))
+            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at)
             self._check_finite(m["kl"], ref_logp)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}
