@@ -92,11 +92,13 @@ def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
 
 
 class _Counting(handmodel.HandModel):
-    """Records how many positions each engine call covered."""
+    """Records how many positions each engine call covered and how many it finished (`at`)."""
 
-    def stream_metrics_rows(self, seqs, ref_logp, masks):
-        self.positions = getattr(self, "positions", []) + [sum(len(s) for s in seqs)]
-        return super().stream_metrics_rows(seqs, ref_logp, masks)
+    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None):
+        n = sum(len(s) for s in seqs)
+        self.positions = getattr(self, "positions", []) + [n]
+        self.finished = getattr(self, "finished", []) + [n if at is None else int(np.sum(at))]
+        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at)
 
 
 def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
@@ -140,8 +142,9 @@ def test_spliced_rows_equal_a_full_recompute(tmp_path, kind):
 
 
 def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
-    """The recomputed prefixes are the changed rule's span (+1 position for the next token), and only the
-    rows that hold the edited rule were missing."""
+    """The prefixes run are the changed rule's span (+1 position for the next token), the positions finished
+    are those where it acts (its current token; for a head_out also at or after its first `src`), and only
+    the rows that hold the edited rule were missing."""
     ref = _ref(tmp_path)
     _ledger(_write(tmp_path / "before"), ref)
     hm, _ = _ledger(_write(tmp_path / "after", EDITS["bigram"]), ref)
@@ -149,6 +152,12 @@ def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
     last_ice = [max((t for t, x in enumerate(s) if x == 4), default=-1) for s in ref.seqs]
     want = sum(min(e + 2, n) for e, n in zip(last_ice, lens) if e >= 0)
     assert hm.positions == [want]
+    assert hm.finished == [int(np.sum(ref.tokens == 4))]
+    ref = _ref(tmp_path, name="ref2")  # its own row cache: the predecessors are the rows before any edit
+    _ledger(tmp_path / "before", ref)
+    hm, _ = _ledger(_write(tmp_path / "after2", EDITS["head_out"]), ref)  # ' dog' at or after the first ' ice'
+    first_ice = [min((t for t, x in enumerate(s) if x == 4), default=len(s)) for s in ref.seqs]
+    assert hm.finished == [sum(int(np.sum(s[f:] == 3)) for s, f in zip(ref.seqs, first_ice))]
 
 
 @pytest.mark.parametrize("case", ["class", "damaged"])
