@@ -148,13 +148,14 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     sl_kind, sl_id = [], []
     ho_slot = np.zeros(len(ho_head), dtype=np.int64)
     wr_slot = np.zeros(len(a.wr_head), dtype=np.int64)
-    neu_slot = {}
+    na_neu = np.asarray(a.na_neu, dtype=np.int64)
+    n_nr = len(a.nr_rule)
+    neu_slot = np.full(H * n_nr, -1, dtype=np.int64)  # (head, neuron) -> slot
     for h in range(H):
         hos = np.flatnonzero((ho_head == h) & ~ho_uncond & has_next)
         ho_slot[hos] = np.arange(len(hos))
-        neus = np.unique(np.asarray(a.na_neu)[na_head == h])
-        for j, n in enumerate(neus):
-            neu_slot[(h, int(n))] = len(hos) + j
+        neus = np.unique(na_neu[na_head == h])
+        neu_slot[h * n_nr + neus] = len(hos) + np.arange(len(neus))
         wrs = np.flatnonzero(a.wr_head == h)
         wr_slot[wrs] = len(hos) + len(neus) + np.arange(len(wrs))
         sl_kind += [0] * len(hos) + [1] * len(neus) + [2] * len(wrs)
@@ -168,7 +169,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     mem = np.concatenate([np.arange(a.ws_ptr[j], a.ws_ptr[j + 1]) for j in a.wr_set]) if len(n_mem) else np.zeros(0, np.int64)
     keys = np.concatenate([hos_keys, na_keys, np.repeat(a.wr_head * V, n_mem) + a.ws_tok[mem]])
     slots = np.concatenate([ho_slot[hos_id],
-                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64),
+                            neu_slot[na_head * n_nr + na_neu],
                             np.repeat(wr_slot, n_mem)])
     ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64), a.ws_w[mem]])
     order = np.argsort(keys, kind="stable")
@@ -188,11 +189,12 @@ class HandModel:
         used[a.ho_head] = True
         self._neuron_heads: list[set[int]] = [set() for _ in range(len(a.nr_rule))]  # heads each neuron attends to
         na_head = np.repeat(np.arange(H, dtype=np.int64), np.diff(a.na_ptr[::V]))
-        pairs = np.stack([np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]),
-                          np.concatenate([a.na_neu, a.wrn_neu])], 1).astype(np.int64)
-        for h, n in np.unique(pairs, axis=0):
+        n_nr = max(len(a.nr_rule), 1)
+        pairs = np.unique(np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]).astype(np.int64) * n_nr
+                          + np.concatenate([a.na_neu, a.wrn_neu]).astype(np.int64))  # (head, neuron) as one key
+        for h, n in zip((pairs // n_nr).tolist(), (pairs % n_nr).tolist()):
             used[h] = True  # heads nobody reads need no attention computed
-            self._neuron_heads[n].add(int(h))
+            self._neuron_heads[n].add(h)
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
@@ -201,7 +203,7 @@ class HandModel:
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._explainer = None
-        self._A = _attention_arrays(a, V, H, self._ho_uncond)
+        self._attention = None  # _attention_arrays, built on the first pass (a cached ledger never needs them)
         self._n_atoms = len(a.am_ptr) - 1
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
@@ -282,11 +284,17 @@ class HandModel:
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
-                self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
+                self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
                 want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
         _run_chunks(ptr, args)
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
+
+    def _attention_state(self) -> tuple:
+        if self._attention is None:
+            self._attention = _attention_arrays(self.rules.arrays, self.rules.vocab_size, self.rules.n_heads,
+                                                self._ho_uncond)
+        return self._attention
 
     def _uncond(self, row: np.ndarray) -> tuple:
         a = self.rules.arrays
