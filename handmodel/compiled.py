@@ -107,6 +107,7 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
     hit = rulecache.load(keys.full, vocab, fresh, class_docs)
     if hit is not None:
         rules, sets, arrays, digests = hit.rules, hit.sets, hit.arrays, hit.digests
+        rulecache.note_context(keys.context, keys.full)
     else:
         rules, numbers0, digests, sets, prev = _resolve(keys, vocab, set_entries, heads, rule_entries, fresh)
         arrays = _patched_arrays(prev, keys, rules, sets)

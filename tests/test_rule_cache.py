@@ -150,6 +150,26 @@ def test_an_edited_number_patches_the_arrays_as_a_build_would(tmp_path, monkeypa
     _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
 
 
+def test_an_edit_starts_from_the_ruleset_loaded_last(tmp_path, monkeypatch):
+    """Load A, build B (a token added), load A again (a cache hit), edit a number of A: the patch starts from
+    A, the entry read last, not from B, the entry built last (which differs in two rules)."""
+    d = _folder(tmp_path)
+    f = d / "10_base.toml"
+    a_text = f.read_text()
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text.replace('" ice" = { " cream" = 3.0 }', '" ice" = { " cream" = 3.0, "." = 1.0 }'))
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text)
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text.replace('" dog" = { " ran" = 0.5 }', '" dog" = { " ran" = 0.25 }'))
+    built = []
+    real = compiled.build_arrays
+    monkeypatch.setattr(compiled, "build_arrays", lambda *a: built.append(1) or real(*a))
+    got = handmodel.load_rules(d, VOCAB)
+    assert built == []
+    _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
+
+
 def test_an_edited_class_resolves_everything(tmp_path, monkeypatch):
     d = _folder(tmp_path)
     handmodel.load_rules(d, VOCAB)
