@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
-from . import kernels
 from .compiled import CompiledRules
 from .errors import UserError
 
@@ -36,13 +34,24 @@ DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the voc
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and their number
 
 
+def _kernels():
+    """handmodel.kernels, imported on first use: importing numba costs ~0.3 s, and a `verify` whose ledger rows
+    all come from the row cache never runs a kernel."""
+    from . import kernels
+
+    return kernels
+
+
 def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
     """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), run on
     Python threads (the kernel releases the GIL). Chunks are balanced by positions, not sequence count; each
     writes only its own positions' output entries, so no merge is needed. The kernel itself is serial: a
     parallel=True kernel of this size costs minutes of numba's parfor analysis at its cold compile
     (benchmarks/README.md, "Issue 22 item 4")."""
+    import numba
+
     global _POOL
+    kernels = _kernels()
     n_seq = len(ptr) - 1
     n = max(1, min(numba.get_num_threads(), n_seq))
     if n == 1:
@@ -64,6 +73,7 @@ def kernels_cold() -> bool:
     kernels.py: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
     import os
 
+    kernels = _kernels()
     try:
         idx = kernels.run_seqs._cache._cache_file._index_path
         return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
@@ -78,7 +88,7 @@ class _BasePool:
     def __init__(self, V: int, n_atoms: int):
         self.V = V
         self.n_atoms = n_atoms
-        self.ka = kernels.atom_top_k(n_atoms)
+        self.ka = _kernels().atom_top_k(n_atoms)
         self.slot = np.full(V, -1, dtype=np.int64)  # token -> row, -1 = not built
         self.reset()
 
@@ -203,6 +213,7 @@ class HandModel:
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._explainer = None
+        self.before_first_pass = None  # called (then dropped) before the first engine pass: verify's compile notice
         self._attention = None  # _attention_arrays, built on the first pass (a cached ledger never needs them)
         self._n_atoms = len(a.am_ptr) - 1
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
@@ -238,6 +249,9 @@ class HandModel:
         only and every output has one entry per such position (kernels.run_seqs, `fin`)."""
         rules = self.rules
         V = rules.vocab_size
+        if self.before_first_pass is not None:
+            hook, self.before_first_pass = self.before_first_pass, None
+            hook()
         if row is None:
             m = rules.mask_of(mask)
             row = np.where(m, 0, -1).astype(np.int64)
@@ -300,7 +314,7 @@ class HandModel:
         a = self.rules.arrays
         key = row[a.ho_rule].tobytes()  # copy rules are head_outs too
         if self._uo_cache is None or self._uo_cache[0] != key:
-            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
+            out = _kernels().build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
                                        a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
                                        a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
             self._uo_cache = (key, out)
@@ -331,7 +345,7 @@ class HandModel:
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            pool.add(need, *kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
+            pool.add(need, *_kernels().build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
                                                a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka)))
         return pool
 
@@ -342,6 +356,7 @@ class HandModel:
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
+            kernels = _kernels()
             stats = kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
             if len(self.rules.arrays.ncl_cls):
                 R = kernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, np.int64(self._n_atoms))
@@ -353,7 +368,7 @@ class HandModel:
         B = dots.get(dkey)
         if B is None:
             dots.clear()
-            B = kernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
+            B = _kernels().base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
             dots[dkey] = B
         return S, A, arg, B, R
 
