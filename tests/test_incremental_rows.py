@@ -157,7 +157,56 @@ def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
     _ledger(tmp_path / "before", ref)
     hm, _ = _ledger(_write(tmp_path / "after2", EDITS["head_out"]), ref)  # ' dog' at or after the first ' ice'
     first_ice = [min((t for t, x in enumerate(s) if x == 4), default=len(s)) for s in ref.seqs]
-    assert hm.finished == [sum(int(np.sum(s[f:] == 3)) for s, f in zip(ref.seqs, first_ice))]
+    acts = [(s == 3) & (np.arange(len(s)) >= f) for s, f in zip(ref.seqs, first_ice)]
+    # and the position after each (its write count decides how that one stores its outputs)
+    assert hm.finished == [sum(int(np.sum(a | np.concatenate([[False], a[:-1]]))) for a in acts)]
+
+
+WIDE = '''vocab = "9:10557a0e"
+group = "wide"
+
+[[bigram]]
+id = "sat.stop"
+doc = "A bigram of its own: this last row never fuses with the one before (its base rows differ)."
+now = " sat"
+next = { "." = 0.25 }
+
+[[neuron]]
+id = "always"
+doc = "Fires everywhere, writes one token (fewer than dense_min = 4)."
+threshold = -1.0
+next = { "." = 0.917 }
+
+[[head_out]]
+id = "wide.ran"
+doc = "A ' ran' with an ice before: five tokens, so the next position stores its outputs densely."
+head = "head.prev"
+src = " ice"
+now = " ran"
+next = { " the" = 0.5, " cat" = 0.25, " cream" = -0.5, " ran" = 0.75, "." = 0.125 }
+'''
+
+
+@pytest.mark.parametrize("edit", ["deleted", "number"])
+def test_splice_after_a_position_whose_write_count_changed(tmp_path, edit):
+    """Deleting a head_out that writes five tokens changes, at the position after each of its positions, how
+    that position stores its outputs (dense or not: its float64 rounding), though the head_out never acts
+    there: the splice recomputes those positions too and still equals a full recompute bit for bit (a number
+    edit leaves the counts alone). The group is the last row and computed alone, before and after: the same
+    engine pass grouping."""
+    ref, ref_full = _ref(tmp_path), _ref(tmp_path, name="ref_full")
+    before = _write(tmp_path / "before")
+    (before / "50_wide.toml").write_text(WIDE)
+    after = _write(tmp_path / "after")
+    (after / "50_wide.toml").write_text(WIDE[:WIDE.index("[[head_out]]")] if edit == "deleted"
+                                        else WIDE.replace('" ran" = 0.75', '" ran" = -0.375'))
+    _ledger(before, ref)
+    _ledger(before, ref_full)  # so that the full recompute computes the same rows in one pass (same fusion)
+    hm, got = _ledger(after, ref)
+    assert len(hm.positions) == 1 and hm.finished[0] < len(ref.tokens)
+    _, full = _ledger(after, ref_full, lineage=False)
+    for g, f in zip(got, full):
+        assert _same(g, f)
 
 
 @pytest.mark.parametrize("case", ["class", "damaged"])

@@ -141,11 +141,17 @@ class _Positions:
         return self._hits(sids)
 
     def at(self, s: Specs, i: int) -> np.ndarray:
-        """[N] bool: the positions where rule i of `s` can change a log-prob (its span: up to the last of them)."""
+        """[N] bool: the positions where rule i of `s` can change a log-prob (its span: up to the last of them).
+        A head_out or skip also writes there, and a position's write count decides how the next position stores
+        its outputs (kernels.run_seqs, dense_pos), which changes that position's float64 rounding: so the
+        position after each of its positions counts too (a bigram row writes nothing: its base rows change)."""
         hit = self._inset(s.now[s.now_ptr[i]:s.now_ptr[i + 1]])
         if s.kind[i] != SPAN_BIGRAM:
             f = self.first(s.src[i])[self.seq]
             hit &= (self.pos > f) if s.kind[i] == SPAN_SKIP else (self.pos >= f)
+            after = np.zeros_like(hit)
+            after[1:] = hit[:-1]
+            hit |= after & (self.pos > 0)
         return hit
 
     def span(self, s: Specs, i: int) -> np.ndarray:
