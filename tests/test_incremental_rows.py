@@ -226,13 +226,20 @@ def test_a_changed_context_or_a_damaged_predecessor_means_a_full_pass(tmp_path, 
 
 
 def test_spans_match_touched_spans(tmp_path):
-    """incremental's per-set span (from stored records) and core.touched_spans (from the rules) agree."""
+    """incremental's per-set span (from stored records) and core.touched_spans (from the rules) agree, and a
+    rule's positions end where its span ends (a head_out or skip: one position later, for the write count)."""
     ref = _ref(tmp_path)
     rules = handmodel.load_rules(_write(tmp_path / "r"), VOCAB)
     specs = I.specs_of(rules, L.rule_digests(rules))
     pos = I._Positions(rules.sets, ref.tokens, ref.offsets)
+    lens = np.diff(ref.offsets)
     for i, (idx, end) in enumerate(L.touched_spans(rules, ref.seqs)):
         want = np.zeros(len(ref.seqs), np.int64)
         want[idx] = end
         if specs.kind[i] != I.SPAN_ALL:
             assert np.array_equal(pos.span(specs, i), want), rules.rule_ids[i]
+            at = pos.at(specs, i)
+            last = np.zeros(len(ref.seqs), np.int64)  # one past the last position in `at`, per sequence
+            np.maximum.at(last, pos.seq[at], pos.pos[at] + 1)
+            extra = 0 if specs.kind[i] == I.SPAN_BIGRAM else 1
+            assert np.array_equal(last, np.where(want > 0, np.minimum(want + extra, lens), 0)), rules.rule_ids[i]
