@@ -454,8 +454,10 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         srow = np.zeros(R, dtype=np.bool_)
         cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
         # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
-        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
-        # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
+        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before (its
+        # write count nw: outputs come from the heads and neurons, which change slowly along a sequence). Both ways
+        # are exact. nw counts every output entry once however it was stored, so the prediction never depends on
+        # how the position before stored its own: a position finishes without the ones before it (fin).
         dense_pos = False
         nofin = len(fin) == 0
         no_flags = np.ones(RV, dtype=np.bool_)
