@@ -107,9 +107,12 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
     hit = rulecache.load(keys.full, vocab, fresh, class_docs)
     if hit is not None:
         rules, sets, arrays, digests = hit.rules, hit.sets, hit.arrays, hit.digests
+        rulecache.note_context(keys.context, keys.full)
     else:
-        rules, numbers0, digests, sets = _resolve(keys, vocab, set_entries, heads, rule_entries, fresh)
-        arrays = build_arrays(rules, sets, len(heads))
+        rules, numbers0, digests, sets, prev = _resolve(keys, vocab, set_entries, heads, rule_entries, fresh)
+        arrays = _patched_arrays(prev, keys, rules, sets)
+        if arrays is None:
+            arrays = build_arrays(rules, sets, len(heads))
         rulecache.store(keys, rules, numbers0, digests, sets, arrays)
     sets.class_docs = class_docs
     out = _compiled(vocab, rules, sets, len(heads), arrays)
@@ -124,12 +127,14 @@ def rule_digest(r: Rule) -> bytes:
 
 
 def _resolve(keys, vocab, set_entries, heads, rule_entries, fresh):
-    """-> (rules, their numbers before count_weighted_sets, their rule_digest, sets). Rules whose entry is
-    unchanged since the last ruleset compiled with the same token sets and heads are taken from that
-    cache entry (an edit to one rule resolves that rule alone)."""
+    """-> (rules, their numbers before count_weighted_sets, their rule_digest, sets, that last entry or None).
+    Rules whose entry is unchanged since the last ruleset compiled with the same token sets and heads are
+    taken from that cache entry (an edit to one rule resolves that rule alone)."""
     old = rulecache.context_entry(keys.context)
     prev = rulecache.load(old, vocab, None, None) if old is not None else None
-    if prev is not None and prev.context == keys.context:
+    if prev is not None and prev.context != keys.context:
+        prev = None
+    if prev is not None:
         sets = prev.sets
         by_key = {k: (r, n0, d) for k, r, n0, d in zip(prev.rule_keys, prev.rules, prev.numbers0, prev.digests)}
     else:
@@ -149,7 +154,69 @@ def _resolve(keys, vocab, set_entries, heads, rule_entries, fresh):
     count_weighted_sets(rules, sets)
     digests = [by_key[k][2] if ok and r.numbers == by_key[k][0].numbers else rule_digest(r)
                for r, k, ok in zip(rules, keys.rule_keys, reused)]
-    return rules, numbers0, digests, sets
+    return rules, numbers0, digests, sets, prev
+
+
+# Rule kinds whose numbers land in build_arrays' output one for one (their `next`/`rows` tables and `copy`),
+# so an edit that changes only such numbers patches the last entry's arrays instead of rebuilding them.
+_PATCHABLE = ("prior", "bigram", "head_out", "skip")
+MAX_PATCHED = 16  # changed rules beyond which one build is as cheap
+
+
+def _skeleton(r: Rule) -> Rule:
+    """The rule with every number of its tables, `copy` and the fresh text fields blanked: equal skeletons
+    and kinds in _PATCHABLE mean build_arrays lays both rules out alike (same tokens, same order)."""
+    zero = lambda items: [(s, 0.0) for s, _ in items]  # noqa: E731
+    return dataclasses.replace(r, next=zero(r.next), rows=[(now, zero(row)) for now, row in r.rows],
+                               copy=None if r.copy is None else 0.0, numbers=0, doc="", file="", line=0, group="")
+
+
+def _patched_arrays(prev, keys, rules: list[Rule], sets: TokenSets) -> SimpleNamespace | None:
+    """build_arrays(rules, sets, H) from the last entry's arrays when `rules` differ from its rules only in
+    numbers of _PATCHABLE rules (the same rules, token sets and heads otherwise): those rules' weight
+    segments recomputed by the code build_arrays uses (_Targets.add), so the result is equal to a build,
+    array for array (tests/test_rule_cache.py). None when that does not apply."""
+    if prev is None or len(prev.rule_keys) != len(keys.rule_keys):
+        return None
+    changed = [i for i, (x, y) in enumerate(zip(prev.rule_keys, keys.rule_keys)) if x != y]
+    if not changed or len(changed) > MAX_PATCHED:
+        return None
+    for i in changed:
+        old, new = prev.rules[i], rules[i]
+        if new.kind not in _PATCHABLE or old.kind != new.kind or old.id != new.id or _skeleton(old) != _skeleton(new):
+            return None
+    a = SimpleNamespace(**vars(prev.arrays))
+    for name in ("blk_w", "ho_w", "cp_w", "sk_w"):
+        setattr(a, name, getattr(a, name).copy())  # the entry's own arrays stay as read
+
+    def put(ptr, tok, w, k, items) -> bool:
+        ts = _Targets(sets)
+        ts.add(items)
+        _, t, x = ts.arrays()
+        lo, hi = ptr[k], ptr[k + 1]
+        if hi - lo != len(t) or not np.array_equal(tok[lo:hi], t):
+            return False
+        w[lo:hi] = x
+        return True
+
+    for i in changed:
+        r = rules[i]
+        if r.kind in ("prior", "bigram"):
+            blocks = np.flatnonzero(a.blk_rule == i)
+            tables = [r.next] if r.kind == "prior" else [row for _, row in r.rows]
+            if len(blocks) != len(tables) or not all(put(a.blk_ptr, a.blk_tok, a.blk_w, b, t) for b, t in zip(blocks, tables)):
+                return None
+        elif r.kind == "head_out":
+            k = np.flatnonzero(a.ho_rule == i)
+            c = np.flatnonzero(a.cp_rule == i)
+            if len(k) != 1 or len(c) != (r.copy is not None) or not put(a.ho_ptr, a.ho_tok, a.ho_w, k[0], r.next):
+                return None
+            a.cp_w[c] = r.copy
+        else:
+            k = np.flatnonzero(a.sk_rule == i)
+            if len(k) != 1 or not put(a.sk_ptr, a.sk_tok, a.sk_w, k[0], r.next):
+                return None
+    return a
 
 
 def _compiled(vocab: list[str], rules: list[Rule], sets: TokenSets, n_heads: int, arrays: SimpleNamespace) -> CompiledRules:

@@ -3,10 +3,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 
-from . import kernels
 from .compiled import CompiledRules
 from .errors import UserError
 
@@ -36,13 +34,24 @@ DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the voc
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and their number
 
 
+def _kernels():
+    """handmodel.kernels, imported on first use: importing numba costs ~0.3 s, and a `verify` whose ledger rows
+    all come from the row cache never runs a kernel."""
+    from . import kernels
+
+    return kernels
+
+
 def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
     """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), run on
     Python threads (the kernel releases the GIL). Chunks are balanced by positions, not sequence count; each
     writes only its own positions' output entries, so no merge is needed. The kernel itself is serial: a
     parallel=True kernel of this size costs minutes of numba's parfor analysis at its cold compile
     (benchmarks/README.md, "Issue 22 item 4")."""
+    import numba
+
     global _POOL
+    kernels = _kernels()
     n_seq = len(ptr) - 1
     n = max(1, min(numba.get_num_threads(), n_seq))
     if n == 1:
@@ -64,6 +73,7 @@ def kernels_cold() -> bool:
     kernels.py: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
     import os
 
+    kernels = _kernels()
     try:
         idx = kernels.run_seqs._cache._cache_file._index_path
         return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
@@ -78,7 +88,7 @@ class _BasePool:
     def __init__(self, V: int, n_atoms: int):
         self.V = V
         self.n_atoms = n_atoms
-        self.ka = kernels.atom_top_k(n_atoms)
+        self.ka = _kernels().atom_top_k(n_atoms)
         self.slot = np.full(V, -1, dtype=np.int64)  # token -> row, -1 = not built
         self.reset()
 
@@ -148,13 +158,14 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     sl_kind, sl_id = [], []
     ho_slot = np.zeros(len(ho_head), dtype=np.int64)
     wr_slot = np.zeros(len(a.wr_head), dtype=np.int64)
-    neu_slot = {}
+    na_neu = np.asarray(a.na_neu, dtype=np.int64)
+    n_nr = len(a.nr_rule)
+    neu_slot = np.full(H * n_nr, -1, dtype=np.int64)  # (head, neuron) -> slot
     for h in range(H):
         hos = np.flatnonzero((ho_head == h) & ~ho_uncond & has_next)
         ho_slot[hos] = np.arange(len(hos))
-        neus = np.unique(np.asarray(a.na_neu)[na_head == h])
-        for j, n in enumerate(neus):
-            neu_slot[(h, int(n))] = len(hos) + j
+        neus = np.unique(na_neu[na_head == h])
+        neu_slot[h * n_nr + neus] = len(hos) + np.arange(len(neus))
         wrs = np.flatnonzero(a.wr_head == h)
         wr_slot[wrs] = len(hos) + len(neus) + np.arange(len(wrs))
         sl_kind += [0] * len(hos) + [1] * len(neus) + [2] * len(wrs)
@@ -168,7 +179,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     mem = np.concatenate([np.arange(a.ws_ptr[j], a.ws_ptr[j + 1]) for j in a.wr_set]) if len(n_mem) else np.zeros(0, np.int64)
     keys = np.concatenate([hos_keys, na_keys, np.repeat(a.wr_head * V, n_mem) + a.ws_tok[mem]])
     slots = np.concatenate([ho_slot[hos_id],
-                            np.array([neu_slot[(int(h), int(n))] for h, n in zip(na_head, a.na_neu)], dtype=np.int64),
+                            neu_slot[na_head * n_nr + na_neu],
                             np.repeat(wr_slot, n_mem)])
     ws = np.concatenate([np.ones(len(hos_keys)), np.asarray(a.na_w, dtype=np.float64), a.ws_w[mem]])
     order = np.argsort(keys, kind="stable")
@@ -188,11 +199,12 @@ class HandModel:
         used[a.ho_head] = True
         self._neuron_heads: list[set[int]] = [set() for _ in range(len(a.nr_rule))]  # heads each neuron attends to
         na_head = np.repeat(np.arange(H, dtype=np.int64), np.diff(a.na_ptr[::V]))
-        pairs = np.stack([np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]),
-                          np.concatenate([a.na_neu, a.wrn_neu])], 1).astype(np.int64)
-        for h, n in np.unique(pairs, axis=0):
+        n_nr = max(len(a.nr_rule), 1)
+        pairs = np.unique(np.concatenate([na_head, np.repeat(a.wr_head, np.diff(a.wrn_ptr))]).astype(np.int64) * n_nr
+                          + np.concatenate([a.na_neu, a.wrn_neu]).astype(np.int64))  # (head, neuron) as one key
+        for h, n in zip((pairs // n_nr).tolist(), (pairs % n_nr).tolist()):
             used[h] = True  # heads nobody reads need no attention computed
-            self._neuron_heads[n].add(int(h))
+            self._neuron_heads[n].add(h)
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
         self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
         self._ref_cache = None
@@ -201,7 +213,8 @@ class HandModel:
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
         self._uo_cache = None
         self._explainer = None
-        self._A = _attention_arrays(a, V, H, self._ho_uncond)
+        self.before_first_pass = None  # called (then dropped) before the first engine pass: verify's compile notice
+        self._attention = None  # _attention_arrays, built on the first pass (a cached ledger never needs them)
         self._n_atoms = len(a.am_ptr) - 1
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
@@ -229,11 +242,16 @@ class HandModel:
                             "tokenize with the tokenizer the rules were compiled against")
         return tok, ptr
 
-    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1):
+    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None):
         """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
-        base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N])."""
+        base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N]).
+        `at` (bool [N], N the positions of `seqs`): only those positions are finished, `ref` holds their rows
+        only and every output has one entry per such position (kernels.run_seqs, `fin`)."""
         rules = self.rules
         V = rules.vocab_size
+        if self.before_first_pass is not None:
+            hook, self.before_first_pass = self.before_first_pass, None
+            hook()
         if row is None:
             m = rules.mask_of(mask)
             row = np.where(m, 0, -1).astype(np.int64)
@@ -241,8 +259,18 @@ class HandModel:
             m = row >= 0
         R = n_rows
         tok, ptr = self._tokens(seqs)
-        N = len(tok)
-        pool = self._base(np.unique(tok), m)
+        fin = np.zeros(0, np.int64)
+        tok_out = tok
+        if at is not None:
+            at = np.asarray(at, np.bool_)
+            if at.shape != tok.shape:
+                raise UserError(f"`at` has shape {at.shape}, expected ({len(tok)},): one flag per position of the "
+                                "concatenated sequences")
+            fin = np.full(len(tok), -1, np.int64)
+            fin[at] = np.arange(int(at.sum()))
+            tok_out = tok[at]  # base rows and reference statistics only where positions finish
+        N = len(tok_out)
+        pool = self._base(np.unique(tok_out), m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -253,7 +281,7 @@ class HandModel:
             ref = np.asarray(ref)
             if ref.ndim != 2 or ref.shape != (N, V):
                 raise UserError(f"ref_logp has shape {ref.shape}, expected ({N}, {V}): one row of reference "
-                                "log-probs per position of the concatenated sequences")
+                                "log-probs per position of the concatenated sequences (per position of `at`)")
             if ref.dtype == np.float16:
                 ref16 = np.ascontiguousarray(ref).view(np.uint16)
                 use16 = True
@@ -266,21 +294,27 @@ class HandModel:
         hand_lse = np.empty((R, N))
         argmax = np.empty((R, N), dtype=np.int64)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok, pool, m)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok_out, pool, m)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
-                self._P, self._A, self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min))
+                self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
+                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
         _run_chunks(ptr, args)
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
+
+    def _attention_state(self) -> tuple:
+        if self._attention is None:
+            self._attention = _attention_arrays(self.rules.arrays, self.rules.vocab_size, self.rules.n_heads,
+                                                self._ho_uncond)
+        return self._attention
 
     def _uncond(self, row: np.ndarray) -> tuple:
         a = self.rules.arrays
         key = row[a.ho_rule].tobytes()  # copy rules are head_outs too
         if self._uo_cache is None or self._uo_cache[0] != key:
-            out = kernels.build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
+            out = _kernels().build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
                                        a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
                                        a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
             self._uo_cache = (key, out)
@@ -311,7 +345,7 @@ class HandModel:
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            pool.add(need, *kernels.build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
+            pool.add(need, *_kernels().build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
                                                a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka)))
         return pool
 
@@ -322,6 +356,7 @@ class HandModel:
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
+            kernels = _kernels()
             stats = kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
             if len(self.rules.arrays.ncl_cls):
                 R = kernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, np.int64(self._n_atoms))
@@ -333,7 +368,7 @@ class HandModel:
         B = dots.get(dkey)
         if B is None:
             dots.clear()
-            B = kernels.base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
+            B = _kernels().base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
             dots[dkey] = B
         return S, A, arg, B, R
 
@@ -391,16 +426,23 @@ class HandModel:
             out.extend([(run, row)] if ok else [([k], None) for k in run])
         return out
 
-    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list) -> list[dict]:
+    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None) -> list[dict]:
         """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
-        row_passes allows: a fused pass computes the attention and neurons once for all its rows."""
+        row_passes allows: a fused pass computes the attention and neurons once for all its rows.
+
+        `at` (bool, one per position of the concatenated sequences): the metrics at those positions only, each
+        exactly what the same call without `at` gives there; `ref_logp` then holds the reference rows of those
+        positions only. The other positions cost the attention's running sums (and, before a position in `at`,
+        its heads and neurons), not their distributions: a prefix that leads up to a few positions is cheap."""
         seqs = list(seqs)
         out: list[dict | None] = [None] * len(masks)
         for run, row in self.row_passes(masks):
             if row is None:
-                out[run[0]] = self.stream_metrics(seqs, ref_logp, masks[run[0]])
+                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at)
+                self._check_finite(m["kl"], ref_logp)
+                out[run[0]] = m
                 continue
-            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run))
+            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at)
             self._check_finite(m["kl"], ref_logp)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}

@@ -358,7 +358,7 @@ class _SerialPipeline(CompilerBase):
 @njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
-             out_agree, out_lse, out_argmax, dense_min):
+             out_agree, out_lse, out_argmax, dense_min, fin):
     """Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
@@ -366,6 +366,13 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r
     (out_*[r, i]). Exact when each rule's contribution does not depend on which later rules are on, which
     the caller ensures (engine.HandModel.stream_metrics_rows). One row (R = 1): a plain mask.
+
+    Output positions: `fin` empty, every position i finishes into out_*[:, i] against reference row i; else
+    position i finishes into out_*[:, fin[i]] against reference row fin[i], and a position with fin[i] = -1 is
+    not finished. Such a position still folds into the attention sums and arms skips and presence inputs (state
+    that later positions read), but computes no heads or neurons, unless the next position finishes: then its
+    outputs are summed (and dropped) for their write count, which decides how the next position writes (below).
+    So a finished position computes exactly what a full pass computes there (verify/ledger/incremental.py).
 
     Attention is incremental: a position at distance >= D (the head's position-table length) from t has
     score default + srcscore(token), the same for every later t, so it is folded once into running sums
@@ -447,9 +454,12 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         srow = np.zeros(R, dtype=np.bool_)
         cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
         # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
-        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before:
-        # outputs come from the heads and neurons, which change slowly along a sequence. Both ways are exact.
+        # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before (its
+        # write count nw: outputs come from the heads and neurons, which change slowly along a sequence). Both ways
+        # are exact. nw counts every output entry once however it was stored, so the prediction never depends on
+        # how the position before stored its own: a position finishes without the ones before it (fin).
         dense_pos = False
+        nofin = len(fin) == 0
         no_flags = np.ones(RV, dtype=np.bool_)
         sflag = np.zeros(R * n_ws, dtype=np.bool_)
         slist = np.empty(R * n_ws, dtype=np.int64)
@@ -481,6 +491,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             if not head_used[h] or row[head_rule[h]] < 0:
                 continue
             for t in range(T):
+                if not (nofin or fin[lo + t] >= 0 or (t + 1 < T and fin[lo + t + 1] >= 0)):
+                    continue  # no heads computed at t (fin)
                 g = cb_ptr[h] + cb_of[h * V + tok[lo + t]]
                 if act_of[g] < 0:
                     act_of[g] = n_act
@@ -529,6 +541,11 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         for t in range(T):
             i = lo + t
             c = tok[i]
+            ir = i if nofin else fin[i]  # this position's output and reference row; -1: not finished
+            need = ir >= 0 or (t + 1 < T and fin[i + 1] >= 0)  # heads and neurons computed at t
+            if ir < 0:
+                dense_pos = False  # its writes are only counted: the flagged lists clear them cheaply
+            nw = 0  # writes at t (each output entry once; whichever way they are stored): decides dense_pos
             if dense_pos:
                 dl = sd
                 df = no_flags
@@ -562,8 +579,9 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                             live_idx[n] = -1
             for j in range(skn_ptr[c], skn_ptr[c + 1]):
                 k = skn_id[j]
-                if row[sk_rule[k]] >= 0 and sk_first[k] < t:
+                if need and row[sk_rule[k]] >= 0 and sk_first[k] < t:
                     _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
+                    nw += sk_ptr[k + 1] - sk_ptr[k]
             # attention heads
             for h in range(H):
                 if not head_used[h] or row[head_rule[h]] < 0:
@@ -625,6 +643,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                             W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
                         if mx >= 0:
                             M[m_off[a] + mx] += ex
+                if not need:
+                    continue
                 a = act_of[cb_ptr[h] + cb_of[h * V + c]]
                 g0 = hg_ptr[h * V + c]
                 g1 = hg_ptr[h * V + c + 1]
@@ -655,6 +675,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                     key = h * V + tok[i - d]
                     for j in range(uo_ptr[key], uo_ptr[key + 1]):
                         _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
+                    nw += uo_ptr[key + 1] - uo_ptr[key]
                     for j in range(re_ptr[key], re_ptr[key + 1]):
                         sl = re_slot[j]
                         _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
@@ -675,6 +696,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                                 k = capp[u]
                                 if _member(cp_src[k], xs, V, class_member):
                                     _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
+                                    nw += 1
                         if ef > 0.0:
                             mo = m_off[a]
                             for u in range(mcnt[h]):
@@ -684,19 +706,24 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                                     if _member(cp_src[k], xs, V, class_member):
                                         _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
                                              touched, dcnt)
+                                        nw += 1
                 if ef > 0.0:
                     wo = w_off[a]
                     for u in range(wcnt[h]):
                         _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
+                    nw += wcnt[h]
                     go = g_off[a]
                     for u in range(sl_cnt[h]):
                         sl = sl_list[s0 + u]
                         _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
                                class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
                                wr_mass, wr_flag, wr_list, wr_cnt)
+            if not need:
+                continue  # nothing written at t
             for j in range(ocnt[0]):
                 k = ov_list[j]
                 _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
+                nw += ho_ptr[k + 1] - ho_ptr[k]
                 ov_acc[k] = 0.0
                 ov_flag[k] = False
             ocnt[0] = 0
@@ -722,6 +749,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 if act > 0.0 and row[nr_rule[n]] >= 0:
                     rn = row[nr_rule[n]]
                     _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
+                    nw += nr_ptr[n + 1] - nr_ptr[n]
                     for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
                         k = rn * n_cls + ncl_cls[j2]
                         _note(k, cflag, clist, ccnt)
@@ -741,6 +769,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 o = rk * V
                 for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
                     sd[o + ws_tok[j2]] += val * ws_w[j2]
+                nw += ws_ptr[k + 1] - ws_ptr[k]
                 srow[rk] = True
                 sacc[key] = 0.0
                 sflag[key] = False
@@ -759,6 +788,21 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             ccnt[0] = 0
             nk = dcnt[0]
             nak = acnt[0]
+            if ir < 0:  # counted only (the next position finishes): drop the writes
+                for j in range(nk):
+                    delta[touched[j]] = 0.0
+                    dflag[touched[j]] = False
+                dcnt[0] = 0
+                for rr in range(R):
+                    if srow[rr]:
+                        sd[rr * V:(rr + 1) * V] = 0.0
+                        srow[rr] = False
+                for j in range(nak):
+                    aacc[alist[j]] = 0.0
+                    aflag[alist[j]] = False
+                acnt[0] = 0
+                dense_pos = nw >= dense_min
+                continue
             r = row_of[c]
             lb = base_lse[r]
             if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
@@ -805,13 +849,12 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
             zrel = 1.0
             hi = -np.inf
-            B = ref_B[i] if not want_logp else 0.0
+            B = ref_B[ir] if not want_logp else 0.0
             # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
             # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
             # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
             dense = False
             sused = False
-            nz = 0  # flagless outputs (sd entries) at this position: with nk, whether the next one is dense
             for rr in range(R):
                 if R == 1:
                     fresh = True
@@ -820,18 +863,18 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                     if sused and not want_logp:
                         for v in range(V):
                             if sd[v] != 0.0:
-                                B += _p_ref(i, v, use16, lut_p, ref16, ref32) * sd[v]
+                                B += _p_ref(ir, v, use16, lut_p, ref16, ref32) * sd[v]
                     for j in range(na):
                         aexp[alist[j]] = math.exp(aacc[alist[j]])
                     if not want_logp:
                         for j in range(na):
-                            B += aacc[alist[j]] * ref_R[i, alist[j]]
+                            B += aacc[alist[j]] * ref_R[ir, alist[j]]
                         if use16:
-                            rrow = ref16[i]
+                            rrow = ref16[ir]
                             for j in range(nt):
                                 B += lut_p[rrow[touched[j]]] * delta[touched[j]]
                         else:
-                            frow = ref32[i]
+                            frow = ref32[ir]
                             for j in range(nt):
                                 B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
                 else:
@@ -842,12 +885,11 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                         for v in range(V):
                             x = sd[o + v]
                             if x != 0.0:
-                                nz += 1
                                 sd[o + v] = 0.0
-                                B, zrel, hi = _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                                B, zrel, hi = _row_entry(v, x, ir, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
                                                          cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
                     for j in range(b0, bptr[rr]):
-                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], i, r, fresh, want_logp, use16, lut_p,
+                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], ir, r, fresh, want_logp, use16, lut_p,
                                                  ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
                                                  B, zrel, hi)
                     b0 = bptr[rr]
@@ -857,7 +899,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                         cuma[ak] += aacc[akey[j]]
                         aexp[ak] = math.exp(cuma[ak])
                         if not want_logp:
-                            B += aacc[akey[j]] * ref_R[i, ak]
+                            B += aacc[akey[j]] * ref_R[ir, ak]
                     a0 = aptr[rr]
                     nt = tcnt[0]
                     na = tacnt[0]
@@ -887,12 +929,12 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                     else:
                         lse = lb + math.log(zrel)
                         best = -2  # argmax below
-                out_lse[rr, i] = lse
+                out_lse[rr, ir] = lse
                 if t + 1 < T:
                     nx = tok[i + 1]
-                    out_ce[rr, i] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
+                    out_ce[rr, ir] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
                 else:
-                    out_ce[rr, i] = np.nan
+                    out_ce[rr, ir] = np.nan
                 # hand argmax (unless a dense pass found it): per atom its best member without a token delta
                 # (the atom's top list, else a scan of its members), then every touched token; ties go to the
                 # lower token id
@@ -926,9 +968,9 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                         if best < 0 or y > bv or (y == bv and v < best):
                             best = v
                             bv = y
-                out_argmax[rr, i] = best
+                out_argmax[rr, ir] = best
                 if want_logp:
-                    orow = out_logp[i]
+                    orow = out_logp[ir]
                     brow = base[r]
                     if dense:
                         for v in range(V):
@@ -946,10 +988,10 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 else:
                     # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
                     # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-                    S = ref_S[i]
-                    kl = (ref_A[i] - B) / S - math.log(S) + lse
-                    out_kl[rr, i] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-                    out_agree[rr, i] = ref_arg[i] == best
+                    S = ref_S[ir]
+                    kl = (ref_A[ir] - B) / S - math.log(S) + lse
+                    out_kl[rr, ir] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
+                    out_agree[rr, ir] = ref_arg[ir] == best
             for j in range(nk):
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
@@ -957,10 +999,9 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
                 for v in range(V):
                     if sd[v] != 0.0:
-                        nz += 1
                         sd[v] = 0.0
                 srow[0] = False
-            dense_pos = nk + nz >= dense_min
+            dense_pos = nw >= dense_min
             for j in range(nak):
                 aacc[alist[j]] = 0.0
                 aflag[alist[j]] = False

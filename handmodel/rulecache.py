@@ -13,9 +13,9 @@ lines and groups always come fresh from the parsed files.
 An entry is `<full>.npz` (the arrays, the token sets' members and weights) plus `<full>.json` (the resolved
 rules, the set names, the npz's size and CRC-32, and a sha256 of its own payload), written through temp
 files and os.replace, the .json last. A read checks everything; anything off is reported on stderr,
-deleted and rebuilt. `ctx-<context>.json` names the last entry built in that context: after an edit to
-one rule, the other rules' resolved forms are taken from it (only the edited rule is resolved again;
-the arrays are rebuilt). Nothing is unpickled (np.load(allow_pickle=False), JSON): a bad writer can only
+deleted and rebuilt. `ctx-<context>.json` names the last entry built or read in that context: after an
+edit to one rule, the other rules' resolved forms are taken from it (only the edited rule is resolved
+again; an edit of numbers only patches its arrays, compiled._patched_arrays, else they are rebuilt). Nothing is unpickled (np.load(allow_pickle=False), JSON): a bad writer can only
 cause a rebuild or, at worst, wrong numbers, never run code.
 """
 from __future__ import annotations
@@ -350,6 +350,20 @@ def _build(meta: dict, blob: bytes, vocab: list[str], fresh: list[dict] | None, 
     rules = _rules_from(arrs, meta["scalars"], fresh)
     return Cached(rules=rules, numbers0=list(meta["numbers0"]), rule_keys=list(meta["rule_keys"]),
                   digests=[bytes.fromhex(d) for d in meta["digests"]], context=meta["context"], sets=sets, arrays=arrays)
+
+
+def note_context(context: str, key: str) -> None:
+    """Point the context at `key` (an entry just read): the next edit then starts from the ruleset that was
+    loaded last, not from the one built last (best effort, like store)."""
+    if context_entry(context) == key:
+        return
+    root = cache_root()
+    try:
+        ctx = root / f".ctx-{context}.tmp{os.getpid()}"
+        ctx.write_text(json.dumps({"key": key}))
+        os.replace(ctx, root / f"ctx-{context}.json")
+    except OSError:
+        pass
 
 
 def context_entry(context: str) -> str | None:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handmodel import HandModel, load_rules, twin
+from handmodel.errors import UserError
 
 SETTINGS = settings(deadline=None, derandomize=True, max_examples=60, suppress_health_check=list(HealthCheck))
 
@@ -286,6 +287,77 @@ def _check_rows(case, n_rows, finish):
         clear = (srt[:, -1] - srt[:, -2] > 1e-6) if len(vocab) > 1 else np.ones(N, bool)
         assert (got[k]["agree"][clear] == want["agree"][clear]).all()
         assert (got[k]["hand_argmax"][clear] == want["hand_argmax"][clear]).all()
+
+
+@SETTINGS
+@given(cases(), st.integers(1, 3), FINISH, st.floats(0.05, 0.6))
+def test_metrics_at_chosen_positions_equal_the_full_pass_there(case, n_rows, finish, share):
+    """stream_metrics_rows(..., at=positions) (verify/ledger/incremental.py's splices) == the same call without
+    `at`, at those positions, bit for bit: whatever the rows, the finish, and the positions skipped before them
+    (their attention sums, armed skips and presence inputs, and the write count that decides how the next
+    position stores its outputs, all as in the full pass)."""
+    vocab, files, seqs, seed = case
+    rules = compile_text(vocab, files)
+    rng = np.random.default_rng(seed)
+    first = rng.integers(0, n_rows, len(rules.rule_ids))
+    first[np.isin(np.asarray(rules.rule_kinds), ["prior", "bigram"])] = 0
+    masks = [first <= k for k in range(n_rows)]
+    N = sum(len(s) for s in seqs)
+    z = rng.normal(0, 2, size=(N, len(vocab)))
+    ref = (z - logsumexp(z)[:, None]).astype(np.float16)
+    full = _model(rules, finish).stream_metrics_rows(seqs, ref, masks)
+    at = rng.random(N) < share
+    hm = _model(rules, finish)
+    got = hm.stream_metrics_rows(seqs, ref[at], masks, at=at)
+    for g, f in zip(got, full):
+        for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+            assert np.array_equal(g[key], f[key][at], equal_nan=True), key
+    again = hm.stream_metrics_rows(seqs, ref[at], masks, at=at)  # base rows and reference statistics cached
+    assert all(np.array_equal(a["kl"], g["kl"]) for a, g in zip(again, got))
+
+
+@pytest.mark.parametrize("n_rows", [1, 2])
+def test_metrics_at_chosen_positions_after_positions_that_write_much(n_rows):
+    """The same bit for bit equality where it is delicate: neurons write about dense_min tokens per position, so
+    whether a position stores its outputs densely (decided by the previous position's write count) flips along
+    each sequence and changes the float64 rounding of its KL; a position finished after one that is not must
+    still store its outputs as the full pass does."""
+    rng = np.random.default_rng(7)
+    V = 48
+    vocab = [f"t{k}" for k in range(V)]
+
+    def table(n):
+        ks = rng.choice(V, n, replace=False)
+        return "{ " + ", ".join(f'"t{k}" = {rng.normal():.6f}' for k in ks) + " }"
+
+    text = '[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 0.5, 1 = 1.0, default = -0.5 }\n'
+    for n in range(10):
+        text += (f'\n[[neuron]]\nid = "n{n}"\ndoc = "d"\nthreshold = 0.2\nnow = {table(14)}\n'
+                 + (f'attend = {{ h = {table(8)} }}\n' if n % 3 == 0 else "") + f"next = {table(int(rng.integers(6, 16)))}\n")
+    rules = compile_text(vocab, {"00_r.toml": text})
+    seqs = [rng.integers(0, V, int(rng.integers(20, 80))).astype(np.int32) for _ in range(12)]
+    N = sum(len(x) for x in seqs)
+    z = rng.normal(0, 2, size=(N, V))
+    ref = (z - logsumexp(z)[:, None]).astype(np.float16)
+    first = np.arange(len(rules.rule_ids)) % n_rows
+    first[np.asarray(rules.rule_kinds) == "head"] = 0
+    masks = [first <= k for k in range(n_rows)]
+    full = HandModel(rules).stream_metrics_rows(seqs, ref, masks)
+    for share in (0.1, 0.3):
+        at = rng.random(N) < share
+        got = HandModel(rules).stream_metrics_rows(seqs, ref[at], masks, at=at)
+        for g, f in zip(got, full):
+            for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+                assert np.array_equal(g[key], f[key][at], equal_nan=True), key
+
+
+def test_metrics_at_positions_checks_its_mask():
+    rules = compile_text(["a", "b"], {"00_r.toml": '[[bigram]]\nid = "x"\ndoc = "d"\nnow = "a"\nnext = { "b" = 1.0 }\n'})
+    hm = HandModel(rules)
+    with pytest.raises(UserError, match="`at` has shape"):
+        hm.stream_metrics_rows([np.array([0, 1, 0])], np.zeros((1, 2), np.float32), [None], at=np.array([True, False]))
+    with pytest.raises(UserError, match="per position of `at`"):
+        hm.stream_metrics_rows([np.array([0, 1, 0])], np.zeros((3, 2), np.float32), [None], at=np.array([True, False, False]))
 
 
 def test_long_row_runs_are_split_into_passes_of_at_most_max_fused_rows():

@@ -92,11 +92,13 @@ def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
 
 
 class _Counting(handmodel.HandModel):
-    """Records how many positions each engine call covered."""
+    """Records how many positions each engine call covered and how many it finished (`at`)."""
 
-    def stream_metrics_rows(self, seqs, ref_logp, masks):
-        self.positions = getattr(self, "positions", []) + [sum(len(s) for s in seqs)]
-        return super().stream_metrics_rows(seqs, ref_logp, masks)
+    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None):
+        n = sum(len(s) for s in seqs)
+        self.positions = getattr(self, "positions", []) + [n]
+        self.finished = getattr(self, "finished", []) + [n if at is None else int(np.sum(at))]
+        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at)
 
 
 def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
@@ -140,8 +142,9 @@ def test_spliced_rows_equal_a_full_recompute(tmp_path, kind):
 
 
 def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
-    """The recomputed prefixes are the changed rule's span (+1 position for the next token), and only the
-    rows that hold the edited rule were missing."""
+    """The prefixes run are the changed rule's span (+1 position for the next token), the positions finished
+    are those where it acts (its current token; for a head_out also at or after its first `src`), and only
+    the rows that hold the edited rule were missing."""
     ref = _ref(tmp_path)
     _ledger(_write(tmp_path / "before"), ref)
     hm, _ = _ledger(_write(tmp_path / "after", EDITS["bigram"]), ref)
@@ -149,6 +152,61 @@ def test_splice_recomputes_exactly_the_changed_spans(tmp_path):
     last_ice = [max((t for t, x in enumerate(s) if x == 4), default=-1) for s in ref.seqs]
     want = sum(min(e + 2, n) for e, n in zip(last_ice, lens) if e >= 0)
     assert hm.positions == [want]
+    assert hm.finished == [int(np.sum(ref.tokens == 4))]
+    ref = _ref(tmp_path, name="ref2")  # its own row cache: the predecessors are the rows before any edit
+    _ledger(tmp_path / "before", ref)
+    hm, _ = _ledger(_write(tmp_path / "after2", EDITS["head_out"]), ref)  # ' dog' at or after the first ' ice'
+    first_ice = [min((t for t, x in enumerate(s) if x == 4), default=len(s)) for s in ref.seqs]
+    acts = [(s == 3) & (np.arange(len(s)) >= f) for s, f in zip(ref.seqs, first_ice)]
+    # and the position after each (its write count decides how that one stores its outputs)
+    assert hm.finished == [sum(int(np.sum(a | np.concatenate([[False], a[:-1]]))) for a in acts)]
+
+
+WIDE = '''vocab = "9:10557a0e"
+group = "wide"
+
+[[bigram]]
+id = "sat.stop"
+doc = "A bigram of its own: this last row never fuses with the one before (its base rows differ)."
+now = " sat"
+next = { "." = 0.25 }
+
+[[neuron]]
+id = "always"
+doc = "Fires everywhere, writes one token (fewer than dense_min = 4)."
+threshold = -1.0
+next = { "." = 0.917 }
+
+[[head_out]]
+id = "wide.ran"
+doc = "A ' ran' with an ice before: five tokens, so the next position stores its outputs densely."
+head = "head.prev"
+src = " ice"
+now = " ran"
+next = { " the" = 0.5, " cat" = 0.25, " cream" = -0.5, " ran" = 0.75, "." = 0.125 }
+'''
+
+
+@pytest.mark.parametrize("edit", ["deleted", "number"])
+def test_splice_after_a_position_whose_write_count_changed(tmp_path, edit):
+    """Deleting a head_out that writes five tokens changes, at the position after each of its positions, how
+    that position stores its outputs (dense or not: its float64 rounding), though the head_out never acts
+    there: the splice recomputes those positions too and still equals a full recompute bit for bit (a number
+    edit leaves the counts alone). The group is the last row and computed alone, before and after: the same
+    engine pass grouping."""
+    ref, ref_full = _ref(tmp_path), _ref(tmp_path, name="ref_full")
+    before = _write(tmp_path / "before")
+    (before / "50_wide.toml").write_text(WIDE)
+    after = _write(tmp_path / "after")
+    (after / "50_wide.toml").write_text(WIDE[:WIDE.index("[[head_out]]")] if edit == "deleted"
+                                        else WIDE.replace('" ran" = 0.75', '" ran" = -0.375'))
+    _ledger(before, ref)
+    _ledger(before, ref_full)  # so that the full recompute computes the same rows in one pass (same fusion)
+    hm, got = _ledger(after, ref)
+    assert len(hm.positions) == 1 and hm.finished[0] < len(ref.tokens)
+    _, full = _ledger(after, ref_full, lineage=False)
+    for g, f in zip(got, full):
+        assert _same(g, f)
 
 
 @pytest.mark.parametrize("case", ["class", "damaged"])
@@ -168,13 +226,20 @@ def test_a_changed_context_or_a_damaged_predecessor_means_a_full_pass(tmp_path, 
 
 
 def test_spans_match_touched_spans(tmp_path):
-    """incremental's per-set span (from stored records) and core.touched_spans (from the rules) agree."""
+    """incremental's per-set span (from stored records) and core.touched_spans (from the rules) agree, and a
+    rule's positions end where its span ends (a head_out or skip: one position later, for the write count)."""
     ref = _ref(tmp_path)
     rules = handmodel.load_rules(_write(tmp_path / "r"), VOCAB)
     specs = I.specs_of(rules, L.rule_digests(rules))
     pos = I._Positions(rules.sets, ref.tokens, ref.offsets)
+    lens = np.diff(ref.offsets)
     for i, (idx, end) in enumerate(L.touched_spans(rules, ref.seqs)):
         want = np.zeros(len(ref.seqs), np.int64)
         want[idx] = end
         if specs.kind[i] != I.SPAN_ALL:
             assert np.array_equal(pos.span(specs, i), want), rules.rule_ids[i]
+            at = pos.at(specs, i)
+            last = np.zeros(len(ref.seqs), np.int64)  # one past the last position in `at`, per sequence
+            np.maximum.at(last, pos.seq[at], pos.pos[at] + 1)
+            extra = 0 if specs.kind[i] == I.SPAN_BIGRAM else 1
+            assert np.array_equal(last, np.where(want > 0, np.minimum(want + extra, lens), 0)), rules.rule_ids[i]

@@ -116,6 +116,60 @@ def test_an_edited_number_is_recompiled_and_only_its_rule_resolved(tmp_path, mon
     _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
 
 
+# (file, old, new): numbers only of a prior, a bigram row of a class, a head_out's next, a copy, a skip, and
+# two rules at once; then edits that change what build_arrays lays out (a token added, a neuron number)
+NUMBER_EDITS = {
+    "prior": ("10_base.toml", '"@food" = -1.0', '"@food" = -0.25'),
+    "bigram rows": ("10_base.toml", '"@animal" = { " sat" = 1.0, " ran" = 1.0 }', '"@animal" = { " sat" = 1.5, " ran" = -1.0 }'),
+    "head_out": ("20_attention.toml", 'next = { " sat" = 2.0 }', 'next = { " sat" = -0.5 }'),
+    "copy": ("30_extra.toml", "copy = 2.0", "copy = 0.75"),
+    "skip": ("20_attention.toml", 'next = { " ran" = 1.5 }', 'next = { " ran" = 0.5 }'),
+    "two rules": ("10_base.toml", '" ice" = { " cream" = 3.0 }\n" dog" = { " ran" = 0.5 }', '" ice" = { " cream" = 1.0 }\n" dog" = { " ran" = 0.5 }'),
+}
+LAYOUT_EDITS = {
+    "token added": ("10_base.toml", '" ice" = { " cream" = 3.0 }', '" ice" = { " cream" = 3.0, "." = 1.0 }'),
+    "neuron number": ("20_attention.toml", 'next = { " ran" = 1.0, "." = -0.5 }', 'next = { " ran" = 1.0, "." = -0.25 }'),
+}
+
+
+@pytest.mark.parametrize("kind", list(NUMBER_EDITS) + list(LAYOUT_EDITS))
+def test_an_edited_number_patches_the_arrays_as_a_build_would(tmp_path, monkeypatch, kind):
+    """After an edit of numbers only (prior, bigram, head_out, skip), the last entry's arrays are patched, not
+    rebuilt: equal, array for array, to a fresh compile. Any other edit is built as before."""
+    d = _folder(tmp_path)
+    handmodel.load_rules(d, VOCAB)
+    name, old, new = {**NUMBER_EDITS, **LAYOUT_EDITS}[kind]
+    f = d / name
+    assert f.read_text().count(old) == 1
+    f.write_text(f.read_text().replace(old, new))
+    built = []
+    real = compiled.build_arrays
+    monkeypatch.setattr(compiled, "build_arrays", lambda *a: built.append(1) or real(*a))
+    got = handmodel.load_rules(d, VOCAB)
+    assert built == ([] if kind in NUMBER_EDITS else [1])
+    _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
+
+
+def test_an_edit_starts_from_the_ruleset_loaded_last(tmp_path, monkeypatch):
+    """Load A, build B (a token added), load A again (a cache hit), edit a number of A: the patch starts from
+    A, the entry read last, not from B, the entry built last (which differs in two rules)."""
+    d = _folder(tmp_path)
+    f = d / "10_base.toml"
+    a_text = f.read_text()
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text.replace('" ice" = { " cream" = 3.0 }', '" ice" = { " cream" = 3.0, "." = 1.0 }'))
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text)
+    handmodel.load_rules(d, VOCAB)
+    f.write_text(a_text.replace('" dog" = { " ran" = 0.5 }', '" dog" = { " ran" = 0.25 }'))
+    built = []
+    real = compiled.build_arrays
+    monkeypatch.setattr(compiled, "build_arrays", lambda *a: built.append(1) or real(*a))
+    got = handmodel.load_rules(d, VOCAB)
+    assert built == []
+    _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
+
+
 def test_an_edited_class_resolves_everything(tmp_path, monkeypatch):
     d = _folder(tmp_path)
     handmodel.load_rules(d, VOCAB)

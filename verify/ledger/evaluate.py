@@ -93,8 +93,11 @@ def evaluate(checkpoint: Optional[Path], rules_dir: Path, corpus: Optional[Path]
     timings["load rules"] = time.perf_counter() - t1
     from handmodel.engine import kernels_cold
 
-    if kernels_cold():
-        log("compiling the hand model's numba kernels (first run in this checkout: about a minute; cached after)")
+    def notice() -> None:  # only when a pass runs: a fully cached ledger never imports numba
+        if kernels_cold():
+            log("compiling the hand model's numba kernels (first run in this checkout: about a minute; cached after)")
+
+    hm.before_first_pass = notice
 
     weights = L.boot_weights(len(ref.offsets) - 1)
     kl_uni = float(np.mean(base["unigram"]["kl"]))

@@ -1,16 +1,18 @@
-"""Incremental ledger rows: after an edit, recompute only the sequence prefixes the changed rules can touch.
+"""Incremental ledger rows: after an edit, recompute only the positions the changed rules can touch.
 
 A ledger row is a pure function of the rules it switches on (verify/ledger/core.row_keys). When a row's
 key misses, the last row stored under the same label (its *lineage*: "all:+ neurons", "verified:+ copying")
 usually differs from it by one edited rule: the old version off, the new one on. Switching a rule on or off
-changes log-probs only inside its span (core.touched_spans: a bigram row up to the last occurrence of its
-current token; a head_out up to the last `now` token at or after the first `src` token; a skip strictly
-after its first `earlier`; priors, heads and neurons everywhere). So the new row is the old row with the
-union of the changed rules' spans recomputed (the engine is causal: a prefix alone gives the same numbers)
-and spliced in: bit for bit what one full pass over the same rows gives when the old row was computed in the
-same engine pass grouping (HandModel.row_passes fuses consecutive rows; rows fused differently differ by
-float64 rounding, ~1e-15 nats in kl, and so do spliced rows whose positions outside the spans came from such a
-pass). Each stored row carries what that needs: per rule of its ruleset its digest (core.
+changes log-probs only at the positions it acts on (_Positions.at: a bigram row where the current token is
+in its rows; a head_out where the current token is in its `now`, at or after the first `src` token of the
+sequence; a skip where it is in its `now`, strictly after its first `earlier`; priors, heads and neurons
+everywhere). So the new row is the old row with those positions (the union over the changed rules)
+recomputed and spliced in. The engine computes them from the sequence prefixes that lead up to them
+(HandModel.stream_metrics_rows with `at`: attention sums over the whole prefix, distributions only at those
+positions), exactly as a full pass does there: bit for bit what one full pass over the same rows gives when
+the old row was computed in the same engine pass grouping (HandModel.row_passes fuses consecutive rows; rows
+fused differently differ by float64 rounding, ~1e-15 nats in kl, and so do spliced rows whose other positions
+came from such a pass). Each stored row carries what that needs: per rule of its ruleset its digest (core.
 rule_digests) and the sets its span depends on, and the context (engine, eval set, token sets) it was
 computed in; a changed context, a changed rule spanning everything, too many changed rules or spans
 covering over MAX_SHARE of the positions mean a full pass instead.
@@ -132,6 +134,26 @@ class _Positions:
         np.minimum.at(out, self.seq[hit], self.pos[hit])
         return out
 
+    def _inset(self, sids) -> np.ndarray:
+        """[N] bool: the eval token at each position is in one of the sets `sids`."""
+        if any(int(s) == self.sets.ALL for s in sids):
+            return np.ones(len(self.tok), np.bool_)
+        return self._hits(sids)
+
+    def at(self, s: Specs, i: int) -> np.ndarray:
+        """[N] bool: the positions where rule i of `s` can change a log-prob (its span: up to the last of them).
+        A head_out or skip also writes there, and a position's write count decides how the next position stores
+        its outputs (kernels.run_seqs, dense_pos), which changes that position's float64 rounding: so the
+        position after each of its positions counts too (a bigram row writes nothing: its base rows change)."""
+        hit = self._inset(s.now[s.now_ptr[i]:s.now_ptr[i + 1]])
+        if s.kind[i] != SPAN_BIGRAM:
+            f = self.first(s.src[i])[self.seq]
+            hit &= (self.pos > f) if s.kind[i] == SPAN_SKIP else (self.pos >= f)
+            after = np.zeros_like(hit)
+            after[1:] = hit[:-1]
+            hit |= after & (self.pos > 0)
+        return hit
+
     def span(self, s: Specs, i: int) -> np.ndarray:
         """[n_seqs] prefix length outside which rule i of `s` cannot change a log-prob (0: nowhere)."""
         nows = s.now[s.now_ptr[i]:s.now_ptr[i + 1]]
@@ -147,16 +169,16 @@ class _Positions:
 
 @dataclass
 class Base:
-    """An old row to splice into: its per-position arrays and the prefix lengths to recompute."""
+    """An old row to splice into: its per-position arrays and the positions to recompute."""
     row: int  # index into the masks being computed
     old: dict
-    ends: np.ndarray  # [n_seqs]
+    at: np.ndarray  # [N] bool
 
 
 def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: Specs, on: np.ndarray,
               pos: _Positions, load) -> Base | None:
     """The last row under `label`, if it was computed in this context and differs from `on` only in rules
-    with limited spans: with the union of those spans (old versions' and new versions')."""
+    with limited spans: with the union of their positions (old versions' and new versions')."""
     old_key = read_lineage(ref, label)
     if old_key is None or old_key == key:
         return None
@@ -174,34 +196,37 @@ def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: 
     changed = [(old, i) for d, i in ok.items() if d not in nk] + [(cur, i) for d, i in nk.items() if d not in ok]
     if len(changed) > MAX_CHANGED or any(s.kind[i] == SPAN_ALL for s, i in changed):
         return None
-    ends = np.zeros(len(pos.lens), np.int64)
+    at = np.zeros(len(pos.tok), np.bool_)
     for s, i in changed:
-        ends = np.maximum(ends, pos.span(s, i))
-    return Base(row, m, ends)
+        at |= pos.at(s, i)
+    return Base(row, m, at)
 
 
 def splice(hm, ref, masks: list[np.ndarray], bases: list[Base], fields: tuple[str, ...]) -> list[dict] | None:
-    """The rows of `bases` (masks[b.row]) with the union of their spans recomputed in one engine pass
-    (stream_metrics_rows over the prefixes: the same row fusion as a full pass over these masks) and
-    spliced into the old rows. None when the union covers more than MAX_SHARE of the positions."""
-    ends = np.max([b.ends for b in bases], axis=0)
-    lens = np.diff(ref.offsets).astype(np.int64)
-    if ends.sum() > MAX_SHARE * lens.sum():
+    """The rows of `bases` (masks[b.row]) with the union of their positions recomputed in one engine pass
+    (stream_metrics_rows at those positions of the prefixes leading to them: the same row fusion as a full pass
+    over these masks) and spliced into the old rows. None when the union covers more than MAX_SHARE of the
+    positions."""
+    at = np.logical_or.reduce([b.at for b in bases])
+    n_at = int(at.sum())
+    if n_at > MAX_SHARE * len(at):
         return None
     out = [{k: np.array(b.old[k]) for k in fields} for b in bases]
-    idx = np.flatnonzero(ends)
-    if len(idx):
-        # each prefix runs one token past its span (when there is one) so the span's last position sees its
-        # true next token (ce); that extra position is computed but not spliced
+    if n_at:
+        starts = np.asarray(ref.offsets[:-1], np.int64)
+        lens = np.diff(ref.offsets).astype(np.int64)
+        seq = np.repeat(np.arange(len(lens)), lens)
+        ends = np.zeros(len(lens), np.int64)  # per sequence: one past its last position to recompute
+        where = np.flatnonzero(at)
+        np.maximum.at(ends, seq[where], where - starts[seq[where]] + 1)
+        idx = np.flatnonzero(ends)
+        # each prefix runs one token past its last such position (when there is one) so that position sees its
+        # true next token (ce); that extra position is read, not finished
         run = np.minimum(ends[idx] + 1, lens[idx])
-        starts = np.asarray(ref.offsets[:-1], np.int64)[idx]
-        rows = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, run)])
-        sub_ptr = np.concatenate([[0], np.cumsum(run)[:-1]])
-        dst = np.concatenate([np.arange(a, a + e) for a, e in zip(starts, ends[idx])])
-        src = np.concatenate([np.arange(a, a + e) for a, e in zip(sub_ptr, ends[idx])])
+        sub = np.concatenate([at[a:a + n] for a, n in zip(starts[idx], run)])
         seqs = [ref.seqs[q][:n] for q, n in zip(idx, run)]
-        new = hm.stream_metrics_rows(seqs, ref.logp[rows], [masks[b.row] for b in bases])
+        new = hm.stream_metrics_rows(seqs, ref.logp[where], [masks[b.row] for b in bases], at=sub)
         for o, m in zip(out, new):
             for k in fields:
-                o[k][dst] = m[k][src]
+                o[k][where] = m[k]
     return out
