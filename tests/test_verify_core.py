@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +111,12 @@ def test_cache_contents_and_invalidation(tiny_world, tmp_path):
     assert a.meta["float16_precision"]["kl_err_vs_tempered"] < 1e-3
     # warm: same entry, not rebuilt
     assert not D.get_ref_cache(ck, spec, log=lambda m: None).built
+    # the same file spelled another way (relative, absolute, a copy elsewhere): the same entry
+    copy = tmp_path / "elsewhere" / evalf.name
+    copy.parent.mkdir()
+    shutil.copyfile(evalf, copy)
+    for other_spelling in (Path(os.path.relpath(evalf)), evalf.resolve(), copy):
+        assert not D.get_ref_cache(ck, D.EvalSpec(corpus=other_spelling), log=lambda m: None).built
     # text changes -> new entry
     ev2 = write_corpus(tmp_path / "eval2.txt", make_stories(12, 2)[:-1])
     assert D.get_ref_cache(ck, D.EvalSpec(corpus=ev2), log=lambda m: None).built

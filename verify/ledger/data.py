@@ -100,7 +100,9 @@ class EvalSpec:
     def identity(self) -> dict:
         if self.corpus is not None:
             files = corpus_files(self.corpus)
-            return {"kind": "corpus", "path": str(self.corpus), "text_sha": file_sha(files)}
+            # the text (and file names) name the eval set, not the path as typed: `../shared/…/valid.txt` and its
+            # absolute spelling share one cache entry
+            return {"kind": "corpus", "path": Path(self.corpus).name, "text_sha": file_sha(files)}
         return {"kind": "sampled", "n": int(self.sampled), "seed": int(self.seed), "max_len": SAMPLE_MAX_LEN}
 
     def describe(self, ident: dict) -> str:
