@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .compiled import CompiledRules
+from .passargs import AttentionArrays, RuleArrays, UncondOutputs
 from .errors import UserError
 
 
@@ -120,7 +121,7 @@ class _BasePool:
         self.n = n + k
 
 
-def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
+def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> AttentionArrays:
     """Arrays for the incremental attention in kernels.run_seqs.
 
     Score combinations: the current token c selects a set of score groups of head h (hg_ptr/hg_grp);
@@ -185,8 +186,10 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> tuple:
     order = np.argsort(keys, kind="stable")
     re_ptr = np.zeros(H * V + 1, dtype=np.int64)
     np.cumsum(np.bincount(keys, minlength=H * V), out=re_ptr[1:])
-    return (cb_of, cb_ptr, cb_rep, sl_ptr, np.array(sl_kind, dtype=np.int64), np.array(sl_id, dtype=np.int64),
-            re_ptr, np.ascontiguousarray(slots[order]), np.ascontiguousarray(ws[order]))
+    return AttentionArrays(cb_of=cb_of, cb_ptr=cb_ptr, cb_rep=cb_rep, sl_ptr=sl_ptr,
+                           sl_kind=np.array(sl_kind, dtype=np.int64), sl_id=np.array(sl_id, dtype=np.int64),
+                           re_ptr=re_ptr, re_slot=np.ascontiguousarray(slots[order]),
+                           re_w=np.ascontiguousarray(ws[order]))
 
 
 class HandModel:
@@ -219,16 +222,7 @@ class HandModel:
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
         self.dense_min = max(1, V // DENSE_SHARE)
-        self._P = (np.int64(V), a.class_member, a.head_rule, used, a.pos_ptr, a.pos_val, a.pos_default,
-                   a.src_score, a.hg_ptr, a.hg_grp,
-                   a.ho_rule, a.ho_now, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
-                   a.sk_rule, a.sk_ptr, a.sk_tok, a.sk_w, a.skn_ptr, a.skn_id, a.ske_ptr, a.ske_id,
-                   a.nr_rule, a.nr_thr, a.nr_always, a.nr_ptr, a.nr_tok, a.nr_w, a.ncl_ptr, a.ncl_cls, a.ncl_w,
-                   a.atom_of, a.ca_ptr, a.ca_atom, a.am_ptr, a.am_tok,
-                   a.nn_ptr, a.nn_neu, a.nn_w,
-                   a.npe_neu, a.npe_w, a.np_ptr, a.np_ent, a.na_ptr, a.na_neu, a.na_w,
-                   a.cp_rule, a.cp_src, a.cp_w, a.cp_cond, a.cpn_ptr, a.cpn_id,
-                   a.nws_ptr, a.nws_set, a.nws_w, a.ws_ptr, a.ws_tok, a.ws_w, a.wrn_ptr, a.wrn_neu, a.wrn_w)
+        self._P = RuleArrays.of(a, V, used)
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -304,20 +298,20 @@ class HandModel:
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 
-    def _attention_state(self) -> tuple:
+    def _attention_state(self) -> AttentionArrays:
         if self._attention is None:
             self._attention = _attention_arrays(self.rules.arrays, self.rules.vocab_size, self.rules.n_heads,
                                                 self._ho_uncond)
         return self._attention
 
-    def _uncond(self, row: np.ndarray) -> tuple:
+    def _uncond(self, row: np.ndarray) -> UncondOutputs:
         a = self.rules.arrays
         key = row[a.ho_rule].tobytes()  # copy rules are head_outs too
         if self._uo_cache is None or self._uo_cache[0] != key:
-            out = _kernels().build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size), row, a.ho_rule,
-                                       a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id, self._ho_uncond,
-                                       a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
-            self._uo_cache = (key, out)
+            ptr, tok, w, cap = _kernels().build_uncond(np.int64(self.rules.n_heads), np.int64(self.rules.vocab_size),
+                                                       row, a.ho_rule, a.ho_ptr, a.ho_tok, a.ho_w, a.hos_ptr, a.hos_id,
+                                                       self._ho_uncond, a.cp_rule, a.cp_w, a.cps_ptr, a.cps_id)
+            self._uo_cache = (key, UncondOutputs(uo_ptr=ptr, uo_tok=tok, uo_w=w, ucap=cap))
         return self._uo_cache[1]
 
     def _base_key(self, mask: np.ndarray) -> bytes:

@@ -359,7 +359,9 @@ class _SerialPipeline(CompilerBase):
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
              out_agree, out_lse, out_argmax, dense_min, fin):
-    """Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
+    """P, A, U: handmodel.passargs' RuleArrays, AttentionArrays, UncondOutputs, unpacked below in their field order.
+
+    Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
     Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import DOC_RULES, DOC_VOCAB
 from handmodel import HandModel, load_rules, twin
 from handmodel.errors import UserError
 
@@ -612,3 +613,32 @@ def test_weighted_set_hand_computed():
     np.testing.assert_allclose(HandModel(rules).log_probs(seq), want - logsumexp(want)[:, None], atol=1e-6)
     assert rules.sets.name(rules.rules[0].rows[0][1][0][0]) == "@w"
     assert list(rules.rule_numbers) == [1 + 3, 0, 5]  # the bigram, first user, carries the set's 3 entries
+
+
+def test_run_seqs_unpacks_its_arrays_in_their_field_order():
+    """The kernel unpacks P, A and U by position (numba sees a NamedTuple as a tuple), the engine builds them by
+    name: each unpacking must name handmodel.passargs' fields, all of them, in order. A field moved on one side
+    only would shift every array after it into the wrong variable with no error."""
+    import ast
+    import inspect
+
+    from handmodel import kernels, passargs
+
+    src = inspect.getsource(kernels.run_seqs.py_func)
+    fn = ast.parse(src).body[0]
+    unpacked = {st.value.id: [e.id for e in st.targets[0].elts] for st in fn.body
+                if isinstance(st, ast.Assign) and isinstance(st.value, ast.Name) and isinstance(st.targets[0], ast.Tuple)}
+    assert unpacked == {"P": list(passargs.RuleArrays._fields), "A": list(passargs.AttentionArrays._fields),
+                        "U": list(passargs.UncondOutputs._fields)}
+
+
+def test_rule_arrays_are_taken_by_name_from_the_compiled_namespace():
+    """RuleArrays.of reads each field from compiled.build_arrays' namespace by its own name."""
+    from handmodel import passargs
+
+    rules = load_rules(DOC_RULES, DOC_VOCAB)
+    got = passargs.RuleArrays.of(rules.arrays, rules.vocab_size, np.ones(rules.n_heads, np.bool_))
+    for f in passargs.RuleArrays._fields:
+        if f not in ("V", "head_used"):
+            assert getattr(got, f) is getattr(rules.arrays, f), f
+    assert got.V == rules.vocab_size and got.V.dtype == np.int64
