@@ -132,9 +132,10 @@ _ENGINE_SHA: str | None = None
 
 # What the hand model's numbers depend on, given the resolved rules and token sets (which row keys hash
 # themselves): the kernels, the engine, and compiled.py from this marker on (build_arrays: resolved rules ->
-# the kernels' arrays). Reading, resolving and caching rule files (compiled.load_rules, resolve.py,
-# rulefile.py, rulecache.py) and the twin/explain/writer modules are left out: editing them keeps the rows.
-ENGINE_SOURCES = ("engine.py", "kernels.py", "compiled.py")
+# the kernels' arrays), and passargs.py (the order the kernels receive those arrays in). Reading, resolving and
+# caching rule files (compiled.load_rules, resolve.py, rulefile.py, rulecache.py) and the twin/explain/writer
+# modules are left out: editing them keeps the rows.
+ENGINE_SOURCES = ("engine.py", "kernels.py", "compiled.py", "passargs.py")
 ARRAYS_MARKER = b"# Flat arrays"
 
 
