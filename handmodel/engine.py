@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .compiled import CompiledRules
-from .passargs import AttentionArrays, RuleArrays, UncondOutputs
 from .errors import UserError
+from .passargs import AttentionArrays, RuleArrays, UncondOutputs
 
 
 def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
