@@ -116,7 +116,8 @@ def test_cache_contents_and_invalidation(tiny_world, tmp_path):
     copy.parent.mkdir()
     shutil.copyfile(evalf, copy)
     for other_spelling in (Path(os.path.relpath(evalf)), evalf.resolve(), copy):
-        assert not D.get_ref_cache(ck, D.EvalSpec(corpus=other_spelling), log=lambda m: None).built
+        again = D.get_ref_cache(ck, D.EvalSpec(corpus=other_spelling), log=lambda m: None)
+        assert not again.built and again.meta["eval"]["path"] == str(other_spelling)
     # text changes -> new entry
     ev2 = write_corpus(tmp_path / "eval2.txt", make_stories(12, 2)[:-1])
     assert D.get_ref_cache(ck, D.EvalSpec(corpus=ev2), log=lambda m: None).built

@@ -100,9 +100,7 @@ class EvalSpec:
     def identity(self) -> dict:
         if self.corpus is not None:
             files = corpus_files(self.corpus)
-            # the text (and file names) name the eval set, not the path as typed: `../shared/…/valid.txt` and its
-            # absolute spelling share one cache entry
-            return {"kind": "corpus", "path": Path(self.corpus).name, "text_sha": file_sha(files)}
+            return {"kind": "corpus", "path": str(self.corpus), "text_sha": file_sha(files)}
         return {"kind": "sampled", "n": int(self.sampled), "seed": int(self.seed), "max_len": SAMPLE_MAX_LEN}
 
     def describe(self, ident: dict) -> str:
@@ -178,6 +176,9 @@ class RefCache:
 
 
 def cache_key(ckpt: Checkpoint, ident: dict) -> str:
+    # the eval set is its text (file_sha hashes the file names too), not the path as typed: `../shared/…/valid.txt`
+    # and its absolute spelling share one entry
+    ident = {k: v for k, v in ident.items() if k != "path"}
     blob = json.dumps({"v": CACHE_VERSION, "ckpt": ckpt.hash, "tok": ckpt.tokenizer_hash, "eval": ident}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -257,6 +258,7 @@ def get_ref_cache(ckpt: Checkpoint, spec: EvalSpec, log=print, cache_root: Path 
     if d.exists():
         rc = _load_entry(d, key)
         if rc is not None:
+            rc.meta["eval"] = ident  # the same text as when built; reports name it as this call spelled it
             return rc
     log(f"reference cache cold: computing the reference's log-probs for this eval set (once) -> {d}")
     t0 = time.perf_counter()
