@@ -20,29 +20,17 @@ import torch
 
 from verify.claims import ref_side as R
 from verify.claims.verified import valid_contexts
-from verify.discover.common import sample_windows
-from verify.ledger.data import checkpoint_info, load_oracle
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faithful"))
 from compare import own_position_ablated  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared" / "corpus" / "tinystories"
-
-
-def centred(x: torch.Tensor) -> np.ndarray:
-    x = x.double()
-    return (x - x.mean(-1, keepdim=True)).numpy()
+from tables import SHARED, centred, shipped  # noqa: E402
 
 
 @torch.inference_mode()
 def main(n_train: int = 512, n_valid: int = 64) -> None:
-    torch.set_num_threads(1)
-    ckpt = checkpoint_info(None)
-    oracle = load_oracle(ckpt)
+    ckpt, oracle, train = shipped(n_train)
     model, V = oracle.model, oracle.cfg.vocab_size
-    T = 128
-    train = sample_windows(oracle, SHARED / "train.txt", n_train * T, window=T, max_chars=n_train * T * 8)[:n_train]
     means = R.context_means(model, [train[i:i + 8] for i in range(0, len(train), 8)])
     tabs = {k: np.zeros((V, V)) for k in ("narrow", "wide", "oracle")}
     cnt = np.zeros(V)
@@ -50,13 +38,13 @@ def main(n_train: int = 512, n_valid: int = 64) -> None:
     for s in range(0, len(train), 8):
         arr = train[s:s + 8]
         b = R.run_batch(model, arr)
-        lp = centred(b.lp)
+        lp = centred(b.lp).numpy()
         tok = arr.ravel()
         np.add.at(cnt, tok, 1)
         prior += lp.reshape(-1, V).sum(0)
         np.add.at(tabs["oracle"], tok, lp.reshape(-1, V))
         for name, abl in (("narrow", R.token_alone_ablated(model, b, means)), ("wide", own_position_ablated(model, b, means))):
-            np.add.at(tabs[name], tok, (lp - centred(abl)).reshape(-1, V))
+            np.add.at(tabs[name], tok, (lp - centred(abl).numpy()).reshape(-1, V))
     prior /= cnt.sum()
     seen = cnt > 0
     for k in tabs:

@@ -24,19 +24,15 @@ import torch
 
 from verify.claims import ref_side as R
 from verify.claims.verified import valid_contexts
-from verify.ledger.data import checkpoint_info, load_oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "faithful"))
-from tables import SHARED, centred, head_rows, top_k, training_windows, value_stats  # noqa: E402
+from tables import SHARED, centred, head_rows, shipped, top_k, value_stats  # noqa: E402
 
 
 @torch.inference_mode()
 def main(n_train: int = 512, n_valid: int = 64, *ks: int) -> None:
-    torch.set_num_threads(1)
-    ckpt = checkpoint_info(None)
-    oracle = load_oracle(ckpt)
+    ckpt, oracle, train = shipped(n_train)
     model, V, H = oracle.model, oracle.cfg.vocab_size, oracle.cfg.n_heads
-    train = training_windows(oracle, n_train)
     means = R.context_means(model, [train[i:i + 8] for i in range(0, len(train), 8)])
     narrow = torch.zeros(V, V, dtype=torch.float64)
     prior = torch.zeros(V, dtype=torch.float64)

@@ -24,10 +24,9 @@ import torch
 from handmodel import vocab_fingerprint
 from handmodel.writer import inline_table, name_part, q
 from verify.claims import ref_side as R
-from verify.ledger.data import checkpoint_info, load_oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tables import centred, top_k, training_windows, value_stats  # noqa: E402
+from tables import centred, shipped, top_k, value_stats  # noqa: E402
 
 CHECK = 'check = { expect = "none", why = "its claim is the component check: what the current token writes at its own position" }\n'
 
@@ -41,11 +40,8 @@ def _desc(vocab, support, w, n=4) -> tuple[str, str]:
 
 @torch.inference_mode()
 def main(out: str, n_train: int = 512, k: int = 32, min_count: int = 20) -> None:
-    torch.set_num_threads(1)
-    ckpt = checkpoint_info(None)
-    oracle = load_oracle(ckpt)
+    ckpt, oracle, train = shipped(n_train)
     model, V, vocab = oracle.model, oracle.cfg.vocab_size, oracle.vocab
-    train = training_windows(oracle, n_train)
     means = R.context_means(model, [train[i:i + 8] for i in range(0, len(train), 8)])
     write = torch.zeros(V, V, dtype=torch.float64)
     prior = torch.zeros(V, dtype=torch.float64)  # summed p_ref

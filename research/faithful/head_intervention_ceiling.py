@@ -26,20 +26,17 @@ from verify.claims import hand_side as HS
 from verify.claims import ref_side as R
 from verify.claims.component import _dlogp
 from verify.claims.verified import valid_contexts
-from verify.ledger.data import checkpoint_info, load_oracle
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tables import SHARED, T, centred, head_rows, training_windows, value_stats  # noqa: E402
+from tables import SHARED, T, centred, head_rows, shipped, value_stats  # noqa: E402
 
 
 @torch.inference_mode()
 def main(n_train: int = 256, n_valid: int = 32, per_window: int = 8) -> None:
-    torch.set_num_threads(1)
-    ckpt = checkpoint_info(None)
-    oracle = load_oracle(ckpt)
+    ckpt, oracle, train = shipped(n_train)
     model, V, H = oracle.model, oracle.cfg.vocab_size, oracle.cfg.n_heads
-    st = value_stats(oracle, training_windows(oracle, n_train))
+    st = value_stats(oracle, train)
     gamma, W_U = model.ln_final.weight.double(), model.W_U.double()
     rows = head_rows(model, st)
     rules = load_rules(ROOT / "rules", oracle.vocab)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
 from verify.claims import ref_side as R
 from verify.discover.common import sample_windows
+from verify.ledger.data import checkpoint_info, load_oracle
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "tinystories"
 T = 128  # window length, as the component checks
@@ -50,6 +51,21 @@ class ValueStats:
 def training_windows(oracle, n: int) -> np.ndarray:
     """[n, T] windows from the start of train.txt."""
     return sample_windows(oracle, SHARED / "train.txt", n * T, window=T, max_chars=n * T * 8)[:n]
+
+
+class Shipped(NamedTuple):
+    ckpt: object  # verify.ledger.data.Checkpoint
+    oracle: object  # reference.oracle.Oracle
+    train: np.ndarray  # [n_train, T] training_windows
+
+
+def shipped(n_train: int) -> Shipped:
+    """The shipped reference and its first n_train training windows; torch on one thread (the scripts run beside
+    other work)."""
+    torch.set_num_threads(1)
+    ckpt = checkpoint_info(None)
+    oracle = load_oracle(ckpt)
+    return Shipped(ckpt, oracle, training_windows(oracle, n_train))
 
 
 @torch.inference_mode()
