@@ -64,17 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n:,} positions ({len(seqs)} sequences), {rules.vocab_size} tokens, {numba.get_num_threads()} numba "
           f"threads, best of {a.repeats} steady passes; load {load0:.2f}")
     print(f"{'KL path, groups on':<34} {'µs/pos':>8} {'increment':>10}")
+    rows = group_masks(rules)
     prev = 0.0
-    for label, mask in group_masks(rules):
+    for label, mask in rows:
         t = best_of(lambda: hm.stream_metrics(seqs, logp, mask), a.repeats) * us
         print(f"{label:<34} {t:8.2f} {t - prev:+10.2f}", flush=True)
         prev = t
-    first = group_masks(rules)[0][1]
+    first_label, first = rows[0]
     full_all = best_of(lambda: hm.log_probs_batch(seqs), a.repeats) * us
     full_prior = best_of(lambda: hm.log_probs_batch(seqs, first), a.repeats) * us
     floor = best_of(floor_pass(n, rules.vocab_size), a.repeats) * us
     print(f"{'full distribution, every rule':<34} {full_all:8.2f}")
-    print(f"{'full distribution, ' + group_masks(rules)[0][0]:<34} {full_prior:8.2f}")
+    print(f"{'full distribution, ' + first_label:<34} {full_prior:8.2f}")
     print(f"{'floor (exp + write per token)':<34} {floor:8.2f}   hand full / floor {full_all / floor:.1f}x")
     print(f"load {load0:.2f} -> {os.getloadavg()[0]:.2f}")
     return 0
