@@ -1,6 +1,7 @@
 """HandModel: next-token log-probs and streaming metrics from CompiledRules (orchestrates kernels.py)."""
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,9 +39,28 @@ _POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and 
 def _kernels():
     """handmodel.kernels, imported on first use: importing numba costs ~0.3 s, and a `verify` whose ledger rows
     all come from the row cache never runs a kernel."""
+    if "handmodel.kernels" not in sys.modules:
+        _skip_blas_probe()
     from . import kernels
 
     return kernels
+
+
+def _skip_blas_probe() -> None:
+    """numba's first kernel call imports numba.np.arraymath, whose BLAS probe imports scipy.linalg when scipy is
+    installed: ~0.5 s, as much as the rest of numba's set-up and a quarter of the inner loop's 2 s. The
+    kernels use no BLAS (no np.dot, @ or np.linalg), so when scipy.linalg is not loaded yet the probe is answered
+    "no BLAS": numba.np.arraymath is imported with scipy.linalg blocked, which is then unblocked, so a later
+    import of scipy.linalg in this process works as usual. A kernel that used BLAS would fail to compile, saying
+    that scipy is required (tests/test_handmodel_engine.py holds both)."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # importing it, or a submodule of it, now raises ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
 
 
 def _run_chunks(ptr: np.ndarray, args: tuple) -> None:

@@ -642,3 +642,47 @@ def test_rule_arrays_are_taken_by_name_from_the_compiled_namespace():
         if f not in ("V", "head_used"):
             assert getattr(got, f) is getattr(rules.arrays, f), f
     assert got.V == rules.vocab_size and got.V.dtype == np.int64
+
+
+def test_the_kernels_load_without_scipy_linalg_and_leave_it_importable(tmp_path):
+    """engine._kernels answers numba's BLAS probe "none" (it would import scipy.linalg: ~0.5 s of every edit's
+    verify), so in a fresh process the kernels run without scipy.linalg loaded, and importing it afterwards
+    still works when scipy is installed."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import importlib.util, sys
+import numpy as np
+from conftest import DOC_RULES, DOC_VOCAB
+from handmodel import HandModel, load_rules, twin
+rules = load_rules(DOC_RULES, DOC_VOCAB)
+seq = np.arange(min(6, len(DOC_VOCAB)), dtype=np.int32)
+got = HandModel(rules).log_probs(seq)
+assert np.allclose(got, twin.log_probs(rules, seq, None), atol=1e-6)
+assert "scipy.linalg" not in sys.modules, "the BLAS probe imported scipy.linalg"
+if importlib.util.find_spec("scipy") is not None:
+    import scipy.linalg
+    assert scipy.linalg.norm(np.ones(4)) == 2.0
+print("ok")
+"""
+    env = {**os.environ, "HANDMODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).parent, capture_output=True,
+                       text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_the_kernels_use_no_blas():
+    """What lets engine._skip_blas_probe answer "no BLAS": no kernel calls np.dot, np.linalg, np.matmul, np.vdot,
+    np.inner, np.outer, np.tensordot or uses the @ operator."""
+    import ast
+
+    from handmodel import kernels
+
+    tree = ast.parse(Path(kernels.__file__).read_text())
+    blas = {"dot", "vdot", "inner", "outer", "matmul", "tensordot", "linalg", "einsum"}
+    bad = [n.lineno for n in ast.walk(tree)
+           if (isinstance(n, ast.Attribute) and n.attr in blas)
+           or (isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult))]
+    assert not bad, f"handmodel/kernels.py uses BLAS at lines {bad}: drop engine._skip_blas_probe"
