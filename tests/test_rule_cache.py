@@ -91,6 +91,7 @@ def _no_compile(monkeypatch):
 def test_cached_load_equals_fresh_compile(tmp_path, monkeypatch):
     d = _folder(tmp_path)
     first = handmodel.load_rules(d, VOCAB)
+    rulecache.flush()  # the entry is written on a thread
     assert len(list(rulecache.cache_root().glob("*.npz"))) == 1
     _no_compile(monkeypatch)  # the second load must come from the cache
     again = handmodel.load_rules(d, VOCAB)
@@ -201,6 +202,7 @@ def test_a_doc_or_comment_edit_reuses_the_arrays_with_the_new_text(tmp_path, mon
 def test_a_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, monkeypatch, capsys, what):
     d = _folder(tmp_path)
     first = handmodel.load_rules(d, VOCAB)
+    rulecache.flush()
     [npz] = rulecache.cache_root().glob("*.npz")
     if what == "swapped":  # another entry's arrays: a valid zip (its own CRCs pass), not this entry's
         (tmp_path / "other").mkdir()
@@ -208,6 +210,7 @@ def test_a_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, monkeypatch, 
         f = other / "30_extra.toml"
         f.write_text(f.read_text().replace('" dog" = 0.6', '" dog" = 0.65'))
         handmodel.load_rules(other, VOCAB)
+        rulecache.flush()
         [b] = [p for p in rulecache.cache_root().glob("*.npz") if p != npz]
         npz.write_bytes(b.read_bytes())
     elif what == "npz":  # one byte of the arrays flipped
@@ -225,6 +228,46 @@ def test_a_damaged_entry_is_reported_deleted_and_rebuilt(tmp_path, monkeypatch, 
     _no_compile(monkeypatch)  # rebuilt: the next load is a clean hit
     _assert_same(handmodel.load_rules(d, VOCAB), first)
     assert "damaged" not in capsys.readouterr().err
+
+
+def test_the_entry_written_on_a_thread_is_complete_when_the_process_exits(tmp_path):
+    """store writes on a non-daemon thread: a process that loads and exits at once still leaves a whole entry
+    (the next process gets a hit, not a damaged entry), and what it holds is the ruleset as loaded."""
+    import os
+    import subprocess
+    import sys
+
+    d = _folder(tmp_path)
+    env = {**os.environ, "HANDMODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = (f"import handmodel; from conftest import DOC_VOCAB; handmodel.load_rules({str(d)!r}, DOC_VOCAB)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=Path(__file__).parent)
+    root = tmp_path / "cache" / "compiled"
+    assert len(list(root.glob("*.npz"))) == 1 and len(list(root.glob("*.json"))) == 2  # the entry + its ctx pointer
+    assert not list(root.glob(".*tmp*"))
+
+
+def test_a_stored_entry_is_the_ruleset_as_loaded_not_as_later_changed(tmp_path, monkeypatch):
+    """store snapshots what it writes: an array replaced on the loaded ruleset before the thread runs does not
+    reach the entry."""
+    import threading
+
+    d = _folder(tmp_path)
+    gate = threading.Event()
+    real = rulecache._write_entry
+    monkeypatch.setattr(rulecache, "_write_entry", lambda *a: (gate.wait(10), real(*a)))
+    first = handmodel.load_rules(d, VOCAB)
+    want = {k: np.array(v, copy=True) for k, v in vars(first.arrays).items()}
+    first.arrays.extra_later = np.zeros(3)  # what a later step might add or swap on the namespace
+    k0 = next(iter(want))
+    setattr(first.arrays, k0, np.full_like(want[k0], 7) if want[k0].size else want[k0])
+    gate.set()
+    rulecache.flush()
+    monkeypatch.setattr(rulecache, "_write_entry", real)
+    _no_compile(monkeypatch)
+    again = handmodel.load_rules(d, VOCAB)
+    assert vars(again.arrays).keys() == want.keys()
+    for k, v in want.items():
+        assert np.array_equal(getattr(again.arrays, k), v), k
 
 
 def test_entry_digest_sees_every_number_and_string_but_not_docs(tmp_path):
