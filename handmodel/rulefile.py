@@ -19,6 +19,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import tomlblocks
 from .errors import UserError
 
 # Rule kinds, the keys each may have, and the keys it must have. `class` and `weights` (a weighted token
@@ -273,7 +274,12 @@ def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
         out = (data, ids if sha == text_sha else _id_lines(text))
         _remember(text_sha, out + (text_sha,))
         return out
-    out = _parse(path, text)
+    blocks = tomlblocks.split(text)
+    data = _parse_blocks(root, path, blocks) if blocks is not None else None
+    if data is None:
+        out, blocks = _parse(path, text), None
+    else:
+        out = (data, _id_lines(text))
     _remember(key, out + (text_sha,))
     _remember(text_sha, out + (text_sha,))
     if _plain(out[0]):
@@ -281,11 +287,62 @@ def _parse_cached(path: Path, text: str) -> tuple[dict, dict[str, list[int]]]:
             root.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"version": PARSE_CACHE_VERSION, "key": key, "text": text_sha, "data": out[0],
-                                       "id_lines": out[1]}), encoding="utf-8")
+                                       "id_lines": out[1],
+                                       "blocks": [[b.sha, b.kind] for b in blocks] if blocks else None}),
+                           encoding="utf-8")
             os.replace(tmp, f)
+            if blocks:
+                at = root / f"at-{_path_key(path)}.json"  # this file's last parse: its blocks serve the next edit
+                tmp = at.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"key": key}), encoding="utf-8")
+                os.replace(tmp, at)
         except (OSError, ValueError):
             pass
     return out
+
+
+def _path_key(path: Path) -> str:
+    return hashlib.sha256(str(Path(path).resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _parse_blocks(root: Path, path: Path, blocks: list) -> dict | None:
+    """The file's parse from its blocks (handmodel/tomlblocks.py): those unchanged since this path's last parse
+    are taken from it, the others parsed alone. None when the file must be parsed whole."""
+    old = _old_blocks(root, path)
+    parsed = []
+    for b in blocks:
+        d = old.get(b.sha)
+        if d is None:
+            try:
+                d = tomllib.loads(b.text)
+            except (tomllib.TOMLDecodeError, RecursionError):
+                return None  # the whole file's parse reports it, with its line in the file
+            if not tomlblocks.check(b, d):
+                return None
+        parsed.append(d)
+    return tomlblocks.merge(blocks, parsed)
+
+
+def _old_blocks(root: Path, path: Path) -> dict[str, dict]:
+    """sha256 of a block's text -> its parse, from the last parse cached for this path ({} when none)."""
+    try:
+        key = json.loads((root / f"at-{_path_key(path)}.json").read_text(encoding="utf-8"))["key"]
+        blob = json.loads((root / f"{key}.json").read_text(encoding="utf-8"))
+        data, stored = blob["data"], blob["blocks"]
+        if blob.get("version") != PARSE_CACHE_VERSION or blob.get("key") != key or not isinstance(data, dict) \
+                or not isinstance(stored, list):
+            return {}
+        blocks = [tomlblocks.Block(kind, "", sha, 0) for sha, kind in stored]
+        if not all(isinstance(b.sha, str) and (b.kind is None) == (k == 0) for k, b in enumerate(blocks)):
+            return {}
+        counts: dict[str, int] = {}
+        for b in blocks[1:]:
+            counts[b.kind] = counts.get(b.kind, 0) + 1
+        if any(not isinstance(data.get(k), list) or len(data[k]) != n for k, n in counts.items()):
+            return {}
+        return {b.sha: d for b, d in zip(blocks, tomlblocks.unmerge(blocks, data))}
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
 
 
 def read_rule_file(path: Path) -> tuple[RuleFile, list[Entry]]:
