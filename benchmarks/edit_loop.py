@@ -1,6 +1,6 @@
 """The inner loop (issue 22, item 3): `verify` on valid.txt after nothing, a comment, and one edited number.
 
-    python -m benchmarks.edit_loop [--corpus ../shared/corpus/tinystories/valid.txt] [--rules rules]
+    python -m benchmarks.edit_loop [--corpus ../shared/corpus/tinystories/valid.txt] [--rules rules] [--watch]
 
 Copies the rules to a temporary folder and runs `python -m verify.cli verify --corpus ... --rules COPY`
 (all-rules and verified ledgers, this checkout's code) once per step, in order: a warm-up, nothing
@@ -8,6 +8,10 @@ touched, a comment appended to the largest rule file, one number of a bigram row
 head_out, a neuron's threshold. Prints per step the CLI's `wall time` footer, the process's wall, user
 and system seconds, and the load average before and after (the machine is shared: compare steps run
 in the same minutes only). The edits are real: each step's rows and compiled ruleset are new.
+
+--watch: the same edits under one `verify --watch` process (verify/cli/watch.py), each timed from just before
+the file is written until the process prints that it is watching again: the save-to-ledger latency a user
+sees, its polling (<= 0.25 s) included.
 """
 from __future__ import annotations
 
@@ -63,10 +67,56 @@ def run(rules: Path, corpus: str, step: str) -> dict:
             "footer": footer.group(0) if footer else p.stderr[-300:], "final": final.group(0) if final else ""}
 
 
+def watched(rules: Path, corpus: str, steps: list) -> None:
+    """The steps' edits under one `verify --watch` process: seconds from each write to the next prompt."""
+    import threading
+
+    p = subprocess.Popen([sys.executable, "-m", "verify.cli", "verify", "--corpus", corpus, "--rules", str(rules),
+                          "--watch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, "COLUMNS": "200"})
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: [lines.append((time.perf_counter(), ln)) for ln in p.stdout], daemon=True).start()
+
+    def until_prompt(k: int) -> int:
+        t_end = time.perf_counter() + 600
+        while time.perf_counter() < t_end:
+            while k < len(lines):
+                k += 1
+                if lines[k - 1][1].startswith("watching"):
+                    return k
+            if p.poll() is not None:
+                raise SystemExit("verify --watch ended:\n" + "".join(ln for _, ln in lines[-30:]))
+            time.sleep(0.01)
+        raise SystemExit("verify --watch did not answer in 600 s:\n" + "".join(ln for _, ln in lines[-30:]))
+
+    t0 = time.perf_counter()
+    k = until_prompt(0)
+    print(f"verify --watch started: first ledger after {lines[k - 1][0] - t0:.2f} s", flush=True)
+    try:
+        for step, change in steps:
+            if change is None:
+                continue
+            load0 = os.getloadavg()[0]
+            time.sleep(0.5)  # the watcher's stamp of the previous write is settled
+            t0 = time.perf_counter()
+            change()
+            k0, k = k, until_prompt(k)
+            text = " ".join(" ".join(ln.split()) for _, ln in lines[k0:k])
+            footer = re.search(r"wall time [^;]*\)", text)
+            final = re.search(r"final KL [^%]*%[^%]*%[^%]*%", text)
+            print(f"{step}: {lines[k - 1][0] - t0:.2f} s from the write to the prompt, load {load0:.2f} -> "
+                  f"{os.getloadavg()[0]:.2f}\n    {footer.group(0) if footer else text[-300:]}\n    "
+                  f"{final.group(0) if final else ''}", flush=True)
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--corpus", default="../shared/corpus/tinystories/valid.txt")
     ap.add_argument("--rules", default="rules")
+    ap.add_argument("--watch", action="store_true", help="time the edits under one `verify --watch` process")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="inner_loop"))
     rules = tmp / "rules"
@@ -78,6 +128,10 @@ def main() -> None:
     delta = 0.1 + random.SystemRandom().randrange(1, 10**6) / 1e7
     for step, f, rid in EDITS:
         steps.append((step, lambda f=f, rid=rid: print("   ", edit_number(rules / f, rid, delta))))
+    if a.watch:
+        watched(rules, a.corpus, steps)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     for step, change in steps:
         if change is not None:
             change()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 from verify.cli.watch import changed_names, stamp, watch
 
@@ -124,3 +123,14 @@ def test_watch_refuses_json_output(tiny_world, tmp_path):
         rc = main(["verify", "--checkpoint", str(ckpt), "--rules", str(rules), "--corpus", str(evalf), "--watch",
                    "--json"])
     assert rc != 0 and "--watch" in err.getvalue()
+
+
+def test_a_save_made_before_the_watch_starts_is_not_missed(tmp_path):
+    """verify --watch stamps the folder before its first run and warm-up: a save made meanwhile still counts."""
+    f = tmp_path / "a.toml"
+    f.write_text("x = 1\n")
+    since = stamp(tmp_path)
+    f.write_text("x = 333\n")  # while the first run was busy
+    runs: list[list[str]] = []
+    watch(tmp_path, runs.append, poll=0.05, stop=lambda: bool(runs), since=since)
+    assert runs == [["a.toml"]]

@@ -38,11 +38,12 @@ def changed_names(old: tuple[FileStamp, ...], new: tuple[FileStamp, ...]) -> lis
 
 
 def watch(folder: Path, run: Callable[[list[str]], None], poll: float = 0.2,
-          stop: Callable[[], bool] = lambda: False) -> None:
+          stop: Callable[[], bool] = lambda: False, since: tuple[FileStamp, ...] | None = None) -> None:
     """Call run(names of the changed files) after each settled change to the folder's rule files, until
     stop() (or Ctrl-C, which the caller handles). `run` reports its own errors: a bad edit must not end the
-    watch."""
-    last = stamp(folder)
+    watch. `since`: the stamp the caller's last read of the files started from (default: now), so that a save
+    made while the caller was busy is not missed."""
+    last = stamp(folder) if since is None else since
     while not stop():
         time.sleep(poll)
         now = stamp(folder)
