@@ -356,6 +356,224 @@ class _SerialPipeline(CompilerBase):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, touched, nk, aacc, alist, nak):
+    """One position's distribution from its summed outputs, per ledger row: log Z, CE (nx: the next token, -1
+    at a sequence's end), the hand argmax and either the full log-prob row (want_logp) or KL against reference
+    row ir (outputs in O at column ir). r: the position's base row. delta/touched (nk keys) and aacc/alist (nak
+    atom keys) hold this position's outputs keyed by row (R > 1) or by token (R = 1); sd/srow (in K) its
+    flagless dense outputs. Leaves K's scratch clear; the caller clears delta and aacc.
+    K: scratch, S: base rows, B: reference rows, F: atoms, O: outputs (tuples unpacked below)."""
+    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp) = K
+    (base, base_p, base_lse, base_pat, base_atop) = S
+    (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R) = B
+    (atom_of, am_ptr, am_tok) = F
+    (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax) = O
+    n_atoms = len(am_ptr) - 1
+    KA = base_atop.shape[2]
+    lb = base_lse[r]
+    if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
+        cum_ = delta
+        cflg_ = dflag
+        ctl_ = touched
+        cuma_ = aacc
+        cal_ = alist
+        cums_ = sd
+        nt = nk
+        na = nak
+    else:  # bucket the touched token and atom keys by row (stable), then each row in turn
+        cum_ = cum
+        cflg_ = cflg
+        ctl_ = ctl
+        cuma_ = cuma
+        cal_ = cal
+        cums_ = cums
+        nt = 0
+        na = 0
+        tcnt[0] = 0
+        tacnt[0] = 0
+        bptr[:] = 0
+        aptr[:] = 0
+        for j in range(nk):
+            bptr[touched[j] // V + 1] += 1
+        for j in range(nak):
+            aptr[alist[j] // n_atoms + 1] += 1
+        for rr in range(R):
+            bptr[rr + 1] += bptr[rr]
+            aptr[rr + 1] += aptr[rr]
+        for j in range(nk):
+            rr = touched[j] // V
+            bkey[bptr[rr]] = touched[j]
+            bptr[rr] += 1
+        for j in range(nak):
+            rr = alist[j] // n_atoms
+            akey[aptr[rr]] = alist[j]
+            aptr[rr] += 1
+    b0 = 0
+    a0 = 0
+    # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
+    # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
+    # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
+    zrel = 1.0
+    hi = -np.inf
+    B = ref_B[ir] if not want_logp else 0.0
+    # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
+    # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
+    # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
+    dense = False
+    sused = False
+    for rr in range(R):
+        if R == 1:
+            fresh = True
+            dense = nk >= dense_min or srow[0]
+            sused = srow[0]
+            if sused and not want_logp:
+                for v in range(V):
+                    if sd[v] != 0.0:
+                        B += _p_ref(ir, v, use16, lut_p, ref16, ref32) * sd[v]
+            for j in range(na):
+                aexp[alist[j]] = math.exp(aacc[alist[j]])
+            if not want_logp:
+                for j in range(na):
+                    B += aacc[alist[j]] * ref_R[ir, alist[j]]
+                if use16:
+                    rrow = ref16[ir]
+                    for j in range(nt):
+                        B += lut_p[rrow[touched[j]]] * delta[touched[j]]
+                else:
+                    frow = ref32[ir]
+                    for j in range(nt):
+                        B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
+        else:
+            fresh = aptr[rr] > a0
+            if srow[rr]:  # this row's flagless outputs join its touched tokens
+                srow[rr] = False
+                o = rr * V
+                for v in range(V):
+                    x = sd[o + v]
+                    if x != 0.0:
+                        sd[o + v] = 0.0
+                        B, zrel, hi = _row_entry(v, x, ir, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                                                 cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+            for j in range(b0, bptr[rr]):
+                B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], ir, r, fresh, want_logp, use16, lut_p,
+                                         ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
+                                         B, zrel, hi)
+            b0 = bptr[rr]
+            for j in range(a0, aptr[rr]):
+                ak = akey[j] - rr * n_atoms
+                _note(ak, caflg, cal, tacnt)
+                cuma[ak] += aacc[akey[j]]
+                aexp[ak] = math.exp(cuma[ak])
+                if not want_logp:
+                    B += aacc[akey[j]] * ref_R[ir, ak]
+            a0 = aptr[rr]
+            nt = tcnt[0]
+            na = tacnt[0]
+            dense = fresh and nt >= dense_min
+        if dense:
+            lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+            zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
+            hi = lse  # >= every logit: keeps the overflow guard
+        elif fresh:
+            zrel = 1.0
+            hi = -np.inf
+            for j in range(na):
+                ak = cal_[j]
+                zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
+                y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
+                if y > hi:
+                    hi = y
+            for j in range(nt):
+                v = ctl_[j]
+                ak = atom_of[v]
+                if base[r, v] + cum_[v] + cuma_[ak] > hi:
+                    hi = base[r, v] + cum_[v] + cuma_[ak]
+                zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
+        if not dense:
+            if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
+                lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+            else:
+                lse = lb + math.log(zrel)
+                best = -2  # argmax below
+        out_lse[rr, ir] = lse
+        if nx >= 0:
+            out_ce[rr, ir] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
+        else:
+            out_ce[rr, ir] = np.nan
+        # hand argmax (unless a dense pass found it): per atom its best member without a token delta
+        # (the atom's top list, else a scan of its members), then every touched token; ties go to the
+        # lower token id
+        if best == -2:
+            best = -1
+            bv = -np.inf
+            for ak in range(n_atoms):
+                cand = -1
+                for k in range(KA):
+                    v = base_atop[r, ak, k]
+                    if v < 0:
+                        break
+                    if not cflg_[v]:
+                        cand = v
+                        break
+                if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
+                    cv = -np.inf
+                    for j in range(am_ptr[ak], am_ptr[ak + 1]):
+                        v = am_tok[j]
+                        if not cflg_[v] and (cand < 0 or base[r, v] > cv):
+                            cand = v
+                            cv = base[r, v]
+                if cand >= 0:
+                    y = np.float64(base[r, cand]) + cuma_[ak]
+                    if best < 0 or y > bv or (y == bv and cand < best):
+                        best = cand
+                        bv = y
+            for j in range(nt):
+                v = ctl_[j]
+                y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
+                if best < 0 or y > bv or (y == bv and v < best):
+                    best = v
+                    bv = y
+        out_argmax[rr, ir] = best
+        if want_logp:
+            orow = out_logp[ir]
+            brow = base[r]
+            if dense:
+                for v in range(V):
+                    orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
+            else:
+                if na > 0:
+                    for v in range(V):
+                        orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                else:
+                    for v in range(V):
+                        orow[v] = brow[v] - lse
+                for j in range(nt):
+                    v = ctl_[j]
+                    orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
+        else:
+            # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
+            # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
+            S = ref_S[ir]
+            kl = (ref_A[ir] - B) / S - math.log(S) + lse
+            out_kl[rr, ir] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
+            out_agree[rr, ir] = ref_arg[ir] == best
+    if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
+        for v in range(V):
+            if sd[v] != 0.0:
+                sd[v] = 0.0
+        srow[0] = False
+    if R > 1:
+        for j in range(nt):
+            cum[ctl[j]] = 0.0
+            cflg[ctl[j]] = False
+        for j in range(na):
+            ak = cal[j]
+            cuma[ak] = 0.0
+            aexp[ak] = 1.0
+            caflg[ak] = False
+
+
+@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
              out_agree, out_lse, out_argmax, dense_min, fin):
@@ -433,7 +651,6 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         clist = np.empty(R * n_cls, dtype=np.int64)
         ccnt = np.zeros(1, dtype=np.int64)
         n_atoms = len(am_ptr) - 1
-        KA = base_atop.shape[2]
         aacc = np.zeros(R * n_atoms)  # per (row, atom): summed class outputs at t
         aflag = np.zeros(R * n_atoms, dtype=np.bool_)
         alist = np.empty(R * n_atoms, dtype=np.int64)
@@ -806,215 +1023,21 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 dense_pos = nw >= dense_min
                 continue
             r = row_of[c]
-            lb = base_lse[r]
-            if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
-                cum_ = delta
-                cflg_ = dflag
-                ctl_ = touched
-                cuma_ = aacc
-                cal_ = alist
-                cums_ = sd
-                nt = nk
-                na = nak
-            else:  # bucket the touched token and atom keys by row (stable), then each row in turn
-                cum_ = cum
-                cflg_ = cflg
-                ctl_ = ctl
-                cuma_ = cuma
-                cal_ = cal
-                cums_ = cums
-                nt = 0
-                na = 0
-                tcnt[0] = 0
-                tacnt[0] = 0
-                bptr[:] = 0
-                aptr[:] = 0
-                for j in range(nk):
-                    bptr[touched[j] // V + 1] += 1
-                for j in range(nak):
-                    aptr[alist[j] // n_atoms + 1] += 1
-                for rr in range(R):
-                    bptr[rr + 1] += bptr[rr]
-                    aptr[rr + 1] += aptr[rr]
-                for j in range(nk):
-                    rr = touched[j] // V
-                    bkey[bptr[rr]] = touched[j]
-                    bptr[rr] += 1
-                for j in range(nak):
-                    rr = alist[j] // n_atoms
-                    akey[aptr[rr]] = alist[j]
-                    aptr[rr] += 1
-            b0 = 0
-            a0 = 0
-            # log Z = base lse + log(zrel), zrel = 1 + sum over changed entries of (new - old) probability
-            # mass. Row by row, zrel (and p_ref . logits, B) gain only the entries that row changes; a row
-            # changing atoms rescales every touched token's term, so it recomputes zrel from scratch.
-            zrel = 1.0
-            hi = -np.inf
-            B = ref_B[ir] if not want_logp else 0.0
-            # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
-            # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
-            # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
-            dense = False
-            sused = False
-            for rr in range(R):
-                if R == 1:
-                    fresh = True
-                    dense = nk >= dense_min or srow[0]
-                    sused = srow[0]
-                    if sused and not want_logp:
-                        for v in range(V):
-                            if sd[v] != 0.0:
-                                B += _p_ref(ir, v, use16, lut_p, ref16, ref32) * sd[v]
-                    for j in range(na):
-                        aexp[alist[j]] = math.exp(aacc[alist[j]])
-                    if not want_logp:
-                        for j in range(na):
-                            B += aacc[alist[j]] * ref_R[ir, alist[j]]
-                        if use16:
-                            rrow = ref16[ir]
-                            for j in range(nt):
-                                B += lut_p[rrow[touched[j]]] * delta[touched[j]]
-                        else:
-                            frow = ref32[ir]
-                            for j in range(nt):
-                                B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
-                else:
-                    fresh = aptr[rr] > a0
-                    if srow[rr]:  # this row's flagless outputs join its touched tokens
-                        srow[rr] = False
-                        o = rr * V
-                        for v in range(V):
-                            x = sd[o + v]
-                            if x != 0.0:
-                                sd[o + v] = 0.0
-                                B, zrel, hi = _row_entry(v, x, ir, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
-                                                         cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
-                    for j in range(b0, bptr[rr]):
-                        B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], ir, r, fresh, want_logp, use16, lut_p,
-                                                 ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
-                                                 B, zrel, hi)
-                    b0 = bptr[rr]
-                    for j in range(a0, aptr[rr]):
-                        ak = akey[j] - rr * n_atoms
-                        _note(ak, caflg, cal, tacnt)
-                        cuma[ak] += aacc[akey[j]]
-                        aexp[ak] = math.exp(cuma[ak])
-                        if not want_logp:
-                            B += aacc[akey[j]] * ref_R[ir, ak]
-                    a0 = aptr[rr]
-                    nt = tcnt[0]
-                    na = tacnt[0]
-                    dense = fresh and nt >= dense_min
-                if dense:
-                    lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
-                    zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
-                    hi = lse  # >= every logit: keeps the overflow guard
-                elif fresh:
-                    zrel = 1.0
-                    hi = -np.inf
-                    for j in range(na):
-                        ak = cal_[j]
-                        zrel += base_pat[r, ak] * (aexp[ak] - 1.0)
-                        y = base[r, base_atop[r, ak, 0]] + cuma_[ak] if base_atop[r, ak, 0] >= 0 else -np.inf
-                        if y > hi:
-                            hi = y
-                    for j in range(nt):
-                        v = ctl_[j]
-                        ak = atom_of[v]
-                        if base[r, v] + cum_[v] + cuma_[ak] > hi:
-                            hi = base[r, v] + cum_[v] + cuma_[ak]
-                        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
-                if not dense:
-                    if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                        lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
-                    else:
-                        lse = lb + math.log(zrel)
-                        best = -2  # argmax below
-                out_lse[rr, ir] = lse
-                if t + 1 < T:
-                    nx = tok[i + 1]
-                    out_ce[rr, ir] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
-                else:
-                    out_ce[rr, ir] = np.nan
-                # hand argmax (unless a dense pass found it): per atom its best member without a token delta
-                # (the atom's top list, else a scan of its members), then every touched token; ties go to the
-                # lower token id
-                if best == -2:
-                    best = -1
-                    bv = -np.inf
-                    for ak in range(n_atoms):
-                        cand = -1
-                        for k in range(KA):
-                            v = base_atop[r, ak, k]
-                            if v < 0:
-                                break
-                            if not cflg_[v]:
-                                cand = v
-                                break
-                        if cand < 0 and am_ptr[ak + 1] - am_ptr[ak] > KA:  # top list used up by touched tokens
-                            cv = -np.inf
-                            for j in range(am_ptr[ak], am_ptr[ak + 1]):
-                                v = am_tok[j]
-                                if not cflg_[v] and (cand < 0 or base[r, v] > cv):
-                                    cand = v
-                                    cv = base[r, v]
-                        if cand >= 0:
-                            y = np.float64(base[r, cand]) + cuma_[ak]
-                            if best < 0 or y > bv or (y == bv and cand < best):
-                                best = cand
-                                bv = y
-                    for j in range(nt):
-                        v = ctl_[j]
-                        y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
-                        if best < 0 or y > bv or (y == bv and v < best):
-                            best = v
-                            bv = y
-                out_argmax[rr, ir] = best
-                if want_logp:
-                    orow = out_logp[ir]
-                    brow = base[r]
-                    if dense:
-                        for v in range(V):
-                            orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
-                    else:
-                        if na > 0:
-                            for v in range(V):
-                                orow[v] = brow[v] + cuma_[atom_of[v]] - lse
-                        else:
-                            for v in range(V):
-                                orow[v] = brow[v] - lse
-                        for j in range(nt):
-                            v = ctl_[j]
-                            orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
-                else:
-                    # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
-                    # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
-                    S = ref_S[ir]
-                    kl = (ref_A[ir] - B) / S - math.log(S) + lse
-                    out_kl[rr, ir] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
-                    out_agree[rr, ir] = ref_arg[ir] == best
+            nx = tok[i + 1] if t + 1 < T else -1
+            _finish(ir, r, nx, R, V, want_logp, dense_min,
+                    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp),
+                    (base, base_p, base_lse, base_pat, base_atop),
+                    (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R),
+                    (atom_of, am_ptr, am_tok),
+                    (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax),
+                    delta, dflag, touched, nk, aacc, alist, nak)
             for j in range(nk):
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
             dcnt[0] = 0
-            if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
-                for v in range(V):
-                    if sd[v] != 0.0:
-                        sd[v] = 0.0
-                srow[0] = False
             dense_pos = nw >= dense_min
             for j in range(nak):
                 aacc[alist[j]] = 0.0
                 aflag[alist[j]] = False
                 aexp[alist[j] % n_atoms] = 1.0
             acnt[0] = 0
-            if R > 1:
-                for j in range(nt):
-                    cum[ctl[j]] = 0.0
-                    cflg[ctl[j]] = False
-                for j in range(na):
-                    ak = cal[j]
-                    cuma[ak] = 0.0
-                    aexp[ak] = 1.0
-                    caflg[ak] = False
