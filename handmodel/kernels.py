@@ -356,6 +356,103 @@ class _SerialPipeline(CompilerBase):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched, dcnt):
+    """Output accumulation for the head_outs the heads read at this position: each writes its `next` row
+    scaled by its summed attention mass (ov_acc, over the ov_list entries) into dl/df (keyed row x V +
+    token). Returns the entries written. HO: (ho_rule, ho_ptr, ho_tok, ho_w)."""
+    (ho_rule, ho_ptr, ho_tok, ho_w) = HO
+    nw = 0
+    for j in range(ocnt[0]):
+        k = ov_list[j]
+        _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
+        nw += ho_ptr[k + 1] - ho_ptr[k]
+        ov_acc[k] = 0.0
+        ov_flag[k] = False
+    ocnt[0] = 0
+    return nw
+
+
+@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, touched, dcnt):
+    """Neuron activations and their outputs at this position (current token c). Pre-activations: what the heads
+    routed to pre (attention inputs), weighted-set masses read through heads (wr_*), the token-alone inputs
+    (nn_*); candidates are those plus the `live` neurons (presence inputs over the threshold: they fire with no
+    other input). A firing neuron (act = pre + presence - threshold > 0, its rule on) writes its token pattern
+    into dl/df, sums its weighted-set outputs per (row, set) into the dense rows sd (srow flags a written row)
+    and its class outputs per (row, class), spread to atoms in aacc/alist. Returns the entries written.
+    NR: the neuron rule arrays, WS: the weighted sets, CA: class -> atoms, Q: the per-sequence scratch."""
+    (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w,
+     nn_ptr, nn_neu, nn_w, wrn_ptr, wrn_neu, wrn_w) = NR
+    (ws_ptr, ws_tok, ws_w) = WS
+    (ca_ptr, ca_atom) = CA
+    (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt,
+     sacc, sflag, slist, scnt, aacc, aflag, alist, acnt, sd, srow) = Q
+    n_cls = len(ca_ptr) - 1
+    n_ws = len(ws_ptr) - 1
+    nw = 0
+    for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
+        k = wr_list[j]
+        for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
+            n = wrn_neu[j2]
+            pre[n] += wrn_w[j2] * wr_mass[k]
+            _note(n, pflag, plist, pcnt)
+        wr_mass[k] = 0.0
+        wr_flag[k] = False
+    wr_cnt[0] = 0
+    # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
+    for j in range(nn_ptr[c], nn_ptr[c + 1]):
+        n = nn_neu[j]
+        pre[n] += nn_w[j]
+        _note(n, pflag, plist, pcnt)
+    for j in range(n_live):
+        _note(live[j], pflag, plist, pcnt)
+    for j in range(pcnt[0]):
+        n = plist[j]
+        act = pre[n] + pres_sum[n] - nr_thr[n]
+        if act > 0.0 and row[nr_rule[n]] >= 0:
+            rn = row[nr_rule[n]]
+            _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
+            nw += nr_ptr[n + 1] - nr_ptr[n]
+            for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
+                k = rn * n_cls + ncl_cls[j2]
+                _note(k, cflag, clist, ccnt)
+                cacc[k] += act * ncl_w[j2]
+            for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
+                k = rn * n_ws + nws_set[j2]
+                _note(k, sflag, slist, scnt)
+                sacc[k] += act * nws_w[j2]
+        pre[n] = 0.0
+        pflag[n] = False
+    pcnt[0] = 0
+    for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
+        key = slist[j]
+        rk = key // n_ws
+        k = key - rk * n_ws
+        val = sacc[key]
+        o = rk * V
+        for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
+            sd[o + ws_tok[j2]] += val * ws_w[j2]
+        nw += ws_ptr[k + 1] - ws_ptr[k]
+        srow[rk] = True
+        sacc[key] = 0.0
+        sflag[key] = False
+    scnt[0] = 0
+    for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
+        key = clist[j]
+        val = cacc[key]
+        rk = key // n_cls
+        k = key - rk * n_cls
+        for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
+            ak = rk * n_atoms + ca_atom[j2]
+            _note(ak, aflag, alist, acnt)
+            aacc[ak] += val
+        cacc[key] = 0.0
+        cflag[key] = False
+    ccnt[0] = 0
+    return nw
+
+
+@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
 def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, touched, nk, aacc, alist, nak):
     """One position's distribution from its summed outputs, per ledger row: log Z, CE (nx: the next token, -1
     at a sequence's end), the hand argmax and either the full log-prob row (want_logp) or KL against reference
@@ -939,72 +1036,15 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                                wr_mass, wr_flag, wr_list, wr_cnt)
             if not need:
                 continue  # nothing written at t
-            for j in range(ocnt[0]):
-                k = ov_list[j]
-                _write(k, ov_acc[k], row[ho_rule[k]] * V, ho_ptr, ho_tok, ho_w, dl, df, touched, dcnt)
-                nw += ho_ptr[k + 1] - ho_ptr[k]
-                ov_acc[k] = 0.0
-                ov_flag[k] = False
-            ocnt[0] = 0
-            for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
-                k = wr_list[j]
-                for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
-                    n = wrn_neu[j2]
-                    pre[n] += wrn_w[j2] * wr_mass[k]
-                    _note(n, pflag, plist, pcnt)
-                wr_mass[k] = 0.0
-                wr_flag[k] = False
-            wr_cnt[0] = 0
-            # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
-            for j in range(nn_ptr[c], nn_ptr[c + 1]):
-                n = nn_neu[j]
-                pre[n] += nn_w[j]
-                _note(n, pflag, plist, pcnt)
-            for j in range(n_live):
-                _note(live[j], pflag, plist, pcnt)
-            for j in range(pcnt[0]):
-                n = plist[j]
-                act = pre[n] + pres_sum[n] - nr_thr[n]
-                if act > 0.0 and row[nr_rule[n]] >= 0:
-                    rn = row[nr_rule[n]]
-                    _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
-                    nw += nr_ptr[n + 1] - nr_ptr[n]
-                    for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
-                        k = rn * n_cls + ncl_cls[j2]
-                        _note(k, cflag, clist, ccnt)
-                        cacc[k] += act * ncl_w[j2]
-                    for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
-                        k = rn * n_ws + nws_set[j2]
-                        _note(k, sflag, slist, scnt)
-                        sacc[k] += act * nws_w[j2]
-                pre[n] = 0.0
-                pflag[n] = False
-            pcnt[0] = 0
-            for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
-                key = slist[j]
-                rk = key // n_ws
-                k = key - rk * n_ws
-                val = sacc[key]
-                o = rk * V
-                for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
-                    sd[o + ws_tok[j2]] += val * ws_w[j2]
-                nw += ws_ptr[k + 1] - ws_ptr[k]
-                srow[rk] = True
-                sacc[key] = 0.0
-                sflag[key] = False
-            scnt[0] = 0
-            for j in range(ccnt[0]):  # each touched (row, class) once, however many neurons wrote to it
-                key = clist[j]
-                val = cacc[key]
-                rk = key // n_cls
-                k = key - rk * n_cls
-                for j2 in range(ca_ptr[k], ca_ptr[k + 1]):
-                    ak = rk * n_atoms + ca_atom[j2]
-                    _note(ak, aflag, alist, acnt)
-                    aacc[ak] += val
-                cacc[key] = 0.0
-                cflag[key] = False
-            ccnt[0] = 0
+            nw += _head_out_writes(V, row, (ho_rule, ho_ptr, ho_tok, ho_w), ov_acc, ov_flag, ov_list, ocnt, dl, df,
+                                   touched, dcnt)
+            nw += _neurons(V, c, row, n_atoms,
+                           (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w,
+                            nn_ptr, nn_neu, nn_w, wrn_ptr, wrn_neu, wrn_w),
+                           (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), live, n_live, pres_sum,
+                           (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt,
+                            sacc, sflag, slist, scnt, aacc, aflag, alist, acnt, sd, srow),
+                           dl, df, touched, dcnt)
             nk = dcnt[0]
             nak = acnt[0]
             if ir < 0:  # counted only (the next position finishes): drop the writes
