@@ -356,6 +356,163 @@ class _SerialPipeline(CompilerBase):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, df, touched, dcnt):
+    """The attention heads at position t (sequence offset lo, eval position i, current token c; RV: output keys,
+    rows x V). For each head, position t - D leaves its position table and is folded into the running sums of
+    every active score combination (F, G, W, M in ST); then, when the position is computed (need), the softmax
+    over the near window and the far sums, whose weights route each attended token's reader slots (head_outs,
+    attending neurons, weighted sets: RD) and write its unconditional outputs (U) and copies (CP) into dl/df.
+    Returns the entries written. HD: the head rules, A: AttentionArrays, U: UncondOutputs, CP: the copy rules,
+    HOR: (ho_rule, ho_now), ST: the running attention state of the sequence, RD: the reader accumulators."""
+    (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member) = HD
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (uo_ptr, uo_tok, uo_w, ucap) = U
+    (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = CP
+    (ho_rule, ho_now) = HOR
+    (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb, act_last, act_lo,
+     sl_on, sl_list, sl_cnt, att, capp) = ST
+    (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt) = RD
+    H = len(head_rule)
+    nw = 0
+    for h in range(H):
+        if not head_used[h] or row[head_rule[h]] < 0:
+            continue
+        p0 = pos_ptr[h]
+        D = pos_ptr[h + 1] - p0
+        s0 = sl_ptr[h]
+        # position t - D leaves the position table: fold it into the running sums of every combination
+        sf = t - D
+        if sf >= 0:
+            x = tok[lo + sf]
+            e0 = re_ptr[h * V + x]
+            e1 = re_ptr[h * V + x + 1]
+            for j in range(e0, e1):
+                sl = re_slot[j]
+                if not sl_on[s0 + sl]:
+                    sl_on[s0 + sl] = True
+                    sl_list[s0 + sl_cnt[h]] = sl
+                    sl_cnt[h] += 1
+            u0 = uo_ptr[h * V + x]
+            u1 = uo_ptr[h * V + x + 1]
+            for j in range(u0, u1):
+                v = uo_tok[j]
+                if wix[h * RV + v] < 0:
+                    wix[h * RV + v] = wcnt[h]
+                    wsup[h * RV + wcnt[h]] = v
+                    wcnt[h] += 1
+            mx = -1
+            if cp_cond[h]:
+                if mix[h * V + x] < 0:
+                    mix[h * V + x] = mcnt[h]
+                    msup[h * V + mcnt[h]] = x
+                    mcnt[h] += 1
+                mx = mix[h * V + x]
+            for a in range(act_lo[h], act_lo[h + 1]):
+                if act_last[a] < t:
+                    continue  # no position from t on reads this combination's sums
+                r0 = cb_rep[act_cb[a]]
+                sc = 0.0
+                for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
+                    sc += src_score[hg_grp[g], x]
+                if sc > fref[a]:
+                    if F[a] > 0.0:
+                        scale = math.exp(fref[a] - sc)
+                        F[a] *= scale
+                        for u in range(sl_cnt[h]):
+                            G[g_off[a] + sl_list[s0 + u]] *= scale
+                        for u in range(wcnt[h]):
+                            W[w_off[a] + u] *= scale
+                        if mx >= 0:
+                            for u in range(mcnt[h]):
+                                M[m_off[a] + u] *= scale
+                    fref[a] = sc
+                ex = math.exp(sc - fref[a])
+                F[a] += ex
+                for j in range(e0, e1):
+                    G[g_off[a] + re_slot[j]] += re_w[j] * ex
+                for j in range(u0, u1):
+                    W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
+                if mx >= 0:
+                    M[m_off[a] + mx] += ex
+        if not need:
+            continue
+        a = act_of[cb_ptr[h] + cb_of[h * V + c]]
+        g0 = hg_ptr[h * V + c]
+        g1 = hg_ptr[h * V + c + 1]
+        m = -np.inf
+        nd = D if D <= t + 1 else t + 1
+        for d in range(nd):
+            xs = tok[i - d]
+            sc = pos_val[p0 + d]
+            for g in range(g0, g1):
+                sc += src_score[hg_grp[g], xs]
+            att[d] = sc
+            if sc > m:
+                m = sc
+        far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
+        if far > m:
+            m = far
+        z = 0.0
+        for d in range(nd):
+            att[d] = math.exp(att[d] - m)
+            z += att[d]
+        ef = 0.0
+        if F[a] > 0.0:
+            ef = math.exp(far - m)
+            z += F[a] * ef
+            ef /= z
+        for d in range(nd):
+            w = att[d] / z
+            key = h * V + tok[i - d]
+            for j in range(uo_ptr[key], uo_ptr[key + 1]):
+                _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
+            nw += uo_ptr[key + 1] - uo_ptr[key]
+            for j in range(re_ptr[key], re_ptr[key + 1]):
+                sl = re_slot[j]
+                _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                       class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                       wr_mass, wr_flag, wr_list, wr_cnt)
+        if cp_cond[h]:
+            # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
+            napp = 0
+            for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
+                k = cpn_id[j]
+                if row[cp_rule[k]] >= 0:
+                    capp[napp] = k
+                    napp += 1
+            if napp > 0:
+                for d in range(nd):
+                    xs = tok[i - d]
+                    for u in range(napp):
+                        k = capp[u]
+                        if _member(cp_src[k], xs, V, class_member):
+                            _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
+                            nw += 1
+                if ef > 0.0:
+                    mo = m_off[a]
+                    for u in range(mcnt[h]):
+                        xs = msup[h * V + u]
+                        for uu in range(napp):
+                            k = capp[uu]
+                            if _member(cp_src[k], xs, V, class_member):
+                                _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
+                                     touched, dcnt)
+                                nw += 1
+        if ef > 0.0:
+            wo = w_off[a]
+            for u in range(wcnt[h]):
+                _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
+            nw += wcnt[h]
+            go = g_off[a]
+            for u in range(sl_cnt[h]):
+                sl = sl_list[s0 + u]
+                _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                       class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
+                       wr_mass, wr_flag, wr_list, wr_cnt)
+    return nw
+
+
+@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
 def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched, dcnt):
     """Output accumulation for the head_outs the heads read at this position: each writes its `next` row
     scaled by its summed attention mass (ov_acc, over the ov_list entries) into dl/df (keyed row x V +
@@ -899,141 +1056,13 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                     _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
                     nw += sk_ptr[k + 1] - sk_ptr[k]
             # attention heads
-            for h in range(H):
-                if not head_used[h] or row[head_rule[h]] < 0:
-                    continue
-                p0 = pos_ptr[h]
-                D = pos_ptr[h + 1] - p0
-                s0 = sl_ptr[h]
-                # position t - D leaves the position table: fold it into the running sums of every combination
-                sf = t - D
-                if sf >= 0:
-                    x = tok[lo + sf]
-                    e0 = re_ptr[h * V + x]
-                    e1 = re_ptr[h * V + x + 1]
-                    for j in range(e0, e1):
-                        sl = re_slot[j]
-                        if not sl_on[s0 + sl]:
-                            sl_on[s0 + sl] = True
-                            sl_list[s0 + sl_cnt[h]] = sl
-                            sl_cnt[h] += 1
-                    u0 = uo_ptr[h * V + x]
-                    u1 = uo_ptr[h * V + x + 1]
-                    for j in range(u0, u1):
-                        v = uo_tok[j]
-                        if wix[h * RV + v] < 0:
-                            wix[h * RV + v] = wcnt[h]
-                            wsup[h * RV + wcnt[h]] = v
-                            wcnt[h] += 1
-                    mx = -1
-                    if cp_cond[h]:
-                        if mix[h * V + x] < 0:
-                            mix[h * V + x] = mcnt[h]
-                            msup[h * V + mcnt[h]] = x
-                            mcnt[h] += 1
-                        mx = mix[h * V + x]
-                    for a in range(act_lo[h], act_lo[h + 1]):
-                        if act_last[a] < t:
-                            continue  # no position from t on reads this combination's sums
-                        r0 = cb_rep[act_cb[a]]
-                        sc = 0.0
-                        for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
-                            sc += src_score[hg_grp[g], x]
-                        if sc > fref[a]:
-                            if F[a] > 0.0:
-                                scale = math.exp(fref[a] - sc)
-                                F[a] *= scale
-                                for u in range(sl_cnt[h]):
-                                    G[g_off[a] + sl_list[s0 + u]] *= scale
-                                for u in range(wcnt[h]):
-                                    W[w_off[a] + u] *= scale
-                                if mx >= 0:
-                                    for u in range(mcnt[h]):
-                                        M[m_off[a] + u] *= scale
-                            fref[a] = sc
-                        ex = math.exp(sc - fref[a])
-                        F[a] += ex
-                        for j in range(e0, e1):
-                            G[g_off[a] + re_slot[j]] += re_w[j] * ex
-                        for j in range(u0, u1):
-                            W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
-                        if mx >= 0:
-                            M[m_off[a] + mx] += ex
-                if not need:
-                    continue
-                a = act_of[cb_ptr[h] + cb_of[h * V + c]]
-                g0 = hg_ptr[h * V + c]
-                g1 = hg_ptr[h * V + c + 1]
-                m = -np.inf
-                nd = D if D <= t + 1 else t + 1
-                for d in range(nd):
-                    xs = tok[i - d]
-                    sc = pos_val[p0 + d]
-                    for g in range(g0, g1):
-                        sc += src_score[hg_grp[g], xs]
-                    att[d] = sc
-                    if sc > m:
-                        m = sc
-                far = pos_default[h] + fref[a] if F[a] > 0.0 else -np.inf
-                if far > m:
-                    m = far
-                z = 0.0
-                for d in range(nd):
-                    att[d] = math.exp(att[d] - m)
-                    z += att[d]
-                ef = 0.0
-                if F[a] > 0.0:
-                    ef = math.exp(far - m)
-                    z += F[a] * ef
-                    ef /= z
-                for d in range(nd):
-                    w = att[d] / z
-                    key = h * V + tok[i - d]
-                    for j in range(uo_ptr[key], uo_ptr[key + 1]):
-                        _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
-                    nw += uo_ptr[key + 1] - uo_ptr[key]
-                    for j in range(re_ptr[key], re_ptr[key + 1]):
-                        sl = re_slot[j]
-                        _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
-                               wr_mass, wr_flag, wr_list, wr_cnt)
-                if cp_cond[h]:
-                    # conditional copy rules whose `now` holds c: w x attention goes to the attended token itself
-                    napp = 0
-                    for j in range(cpn_ptr[h * V + c], cpn_ptr[h * V + c + 1]):
-                        k = cpn_id[j]
-                        if row[cp_rule[k]] >= 0:
-                            capp[napp] = k
-                            napp += 1
-                    if napp > 0:
-                        for d in range(nd):
-                            xs = tok[i - d]
-                            for u in range(napp):
-                                k = capp[u]
-                                if _member(cp_src[k], xs, V, class_member):
-                                    _add(row[cp_rule[k]] * V + xs, cp_w[k] * (att[d] / z), dl, df, touched, dcnt)
-                                    nw += 1
-                        if ef > 0.0:
-                            mo = m_off[a]
-                            for u in range(mcnt[h]):
-                                xs = msup[h * V + u]
-                                for uu in range(napp):
-                                    k = capp[uu]
-                                    if _member(cp_src[k], xs, V, class_member):
-                                        _add(row[cp_rule[k]] * V + xs, cp_w[k] * (M[mo + u] * ef), dl, df,
-                                             touched, dcnt)
-                                        nw += 1
-                if ef > 0.0:
-                    wo = w_off[a]
-                    for u in range(wcnt[h]):
-                        _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
-                    nw += wcnt[h]
-                    go = g_off[a]
-                    for u in range(sl_cnt[h]):
-                        sl = sl_list[s0 + u]
-                        _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
-                               class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
-                               wr_mass, wr_flag, wr_list, wr_cnt)
+            nw += _attend(t, i, lo, c, need, V, RV, row, tok,
+                          (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member),
+                          A, U, (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id), (ho_rule, ho_now),
+                          (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb,
+                           act_last, act_lo, sl_on, sl_list, sl_cnt, att, capp),
+                          (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt),
+                          dl, df, touched, dcnt)
             if not need:
                 continue  # nothing written at t
             nw += _head_out_writes(V, row, (ho_rule, ho_ptr, ho_tok, ho_w), ov_acc, ov_flag, ov_list, ocnt, dl, df,
