@@ -836,6 +836,13 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
     full log-prob row (want_logp) or KL against the reference row (ref_B = p_ref . base, precomputed).
 
+    The driver, per position t: arm skip-trigrams and presence inputs from the token before t, write the skips
+    that fire, then the phase kernels in the model's order: _attend (every head: its attention and what it
+    writes itself), _head_out_writes, _neurons, _finish (log Z, CE, argmax, KL or the log-prob row, per ledger
+    row). Each phase is its own @njit function with the copy-propagating pipeline below, called once per position
+    (a call per written entry costs 4x a pass; benchmarks/README.md); the per-sequence state they share is
+    allocated here and bound into tuples once per sequence.
+
     Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
     goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r
     (out_*[r, i]). Exact when each rule's contribution does not depend on which later rules are on, which
@@ -1011,6 +1018,21 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             if pos_ptr[h + 1] - pos_ptr[h] > maxD:
                 maxD = pos_ptr[h + 1] - pos_ptr[h]
         att = np.empty(maxD)
+        # what each phase kernel reads and updates, bound once per sequence (arrays: updated in place)
+        heads = (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member)
+        copies = (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id)
+        attention = (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb, act_last,
+                     act_lo, sl_on, sl_list, sl_cnt, att, capp)
+        readers = (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt)
+        neurons = (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w, nn_ptr, nn_neu,
+                   nn_w, wrn_ptr, wrn_neu, wrn_w)
+        spread = (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt, sacc, sflag,
+                  slist, scnt, aacc, aflag, alist, acnt, sd, srow)
+        finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp)
+        bases = (base, base_p, base_lse, base_pat, base_atop)
+        refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R)
+        atoms = (atom_of, am_ptr, am_tok)
+        outs = (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax)
         for t in range(T):
             i = lo + t
             c = tok[i]
@@ -1055,25 +1077,15 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 if need and row[sk_rule[k]] >= 0 and sk_first[k] < t:
                     _write(k, 1.0, row[sk_rule[k]] * V, sk_ptr, sk_tok, sk_w, dl, df, touched, dcnt)
                     nw += sk_ptr[k + 1] - sk_ptr[k]
-            # attention heads
-            nw += _attend(t, i, lo, c, need, V, RV, row, tok,
-                          (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member),
-                          A, U, (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id), (ho_rule, ho_now),
-                          (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb,
-                           act_last, act_lo, sl_on, sl_list, sl_cnt, att, capp),
-                          (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt),
-                          dl, df, touched, dcnt)
+            # the phases: attention (and the outputs it writes itself), head_out outputs, neurons, then the finish
+            nw += _attend(t, i, lo, c, need, V, RV, row, tok, heads, A, U, copies, (ho_rule, ho_now), attention,
+                          readers, dl, df, touched, dcnt)
             if not need:
                 continue  # nothing written at t
             nw += _head_out_writes(V, row, (ho_rule, ho_ptr, ho_tok, ho_w), ov_acc, ov_flag, ov_list, ocnt, dl, df,
                                    touched, dcnt)
-            nw += _neurons(V, c, row, n_atoms,
-                           (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w,
-                            nn_ptr, nn_neu, nn_w, wrn_ptr, wrn_neu, wrn_w),
-                           (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), live, n_live, pres_sum,
-                           (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt,
-                            sacc, sflag, slist, scnt, aacc, aflag, alist, acnt, sd, srow),
-                           dl, df, touched, dcnt)
+            nw += _neurons(V, c, row, n_atoms, neurons, (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), live, n_live,
+                           pres_sum, spread, dl, df, touched, dcnt)
             nk = dcnt[0]
             nak = acnt[0]
             if ir < 0:  # counted only (the next position finishes): drop the writes
@@ -1093,13 +1105,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 continue
             r = row_of[c]
             nx = tok[i + 1] if t + 1 < T else -1
-            _finish(ir, r, nx, R, V, want_logp, dense_min,
-                    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp),
-                    (base, base_p, base_lse, base_pat, base_atop),
-                    (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R),
-                    (atom_of, am_ptr, am_tok),
-                    (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax),
-                    delta, dflag, touched, nk, aacc, alist, nak)
+            _finish(ir, r, nx, R, V, want_logp, dense_min, finish, bases, refs, atoms, outs, delta, dflag, touched, nk,
+                    aacc, alist, nak)
             for j in range(nk):
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
