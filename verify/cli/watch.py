@@ -21,12 +21,17 @@ class FileStamp(NamedTuple):
 
 
 def stamp(folder: Path) -> tuple[FileStamp, ...]:
-    """What a save changes: name, size and modification time of each rule file in the folder."""
+    """What a save changes: name, size and modification time of each rule file in the folder (the files
+    load_rules reads: *.toml, a link followed, a dangling one skipped like an editor's lock file)."""
     out = []
-    for p in sorted(Path(folder).glob("*.toml")):
+    try:
+        names = sorted(p for p in Path(folder).iterdir() if p.suffix == ".toml")
+    except OSError:  # the folder itself gone or unreadable for a moment: nothing to compare yet
+        return ()
+    for p in names:
         try:
             st = p.stat()
-        except OSError:  # removed between the listing and the stat: the next poll sees it gone
+        except OSError:  # removed between the listing and the stat, or a dangling link
             continue
         out.append(FileStamp(p.name, st.st_size, st.st_mtime_ns))
     return tuple(out)
