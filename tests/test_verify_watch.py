@@ -10,6 +10,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from verify.cli.watch import changed_names, stamp, watch
 
 PRIOR = '[[prior]]\nid = "pets"\ndoc = "names are likely"\nnext = {{ " Lily" = {x}, "." = 1.0 }}\n'
@@ -73,7 +75,8 @@ class _Output:
         raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n" + "".join(self.lines[-40:]))
 
 
-def test_verify_watch_measures_each_save_reports_a_bad_one_and_ends_on_ctrl_c(tiny_world, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_verify_watch_measures_each_save_reports_a_bad_one_and_ends_on_a_signal(tiny_world, tmp_path, stop):
     ckpt, evalf, train = tiny_world
     rules = tmp_path / "r"
     rules.mkdir()
@@ -82,7 +85,9 @@ def test_verify_watch_measures_each_save_reports_a_bad_one_and_ends_on_ctrl_c(ti
            "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "verify.cli", "verify", "--checkpoint", str(ckpt), "--rules",
                              str(rules), "--corpus", str(evalf), "--train-corpus", str(train), "--no-verified",
-                             "--watch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                             "--watch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            # Ctrl-C as in a terminal: a test run started in the background inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = _Output(proc)
     try:
         first = out.until(r"^final KL")
@@ -99,9 +104,13 @@ def test_verify_watch_measures_each_save_reports_a_bad_one_and_ends_on_ctrl_c(ti
         (rules / "20_prior.toml").write_text(PRIOR.format(x="3.0"))
         third = out.until(r"^final KL")
         assert third == first  # back to the first numbers
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        proc.send_signal(stop)
+        try:
+            rc = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("verify --watch did not end:\n" + "".join(out.lines[-20:])) from None
         out.reader.join(10)
+        assert rc == 0 and "watch ended" in "".join(out.lines[-3:]), "".join(out.lines[-20:])
         assert "Traceback" not in "".join(out.lines)
     finally:
         if proc.poll() is None:

@@ -192,6 +192,15 @@ def verify_cmd(
         console.print(f"[dim]watching {rules} (Ctrl-C ends)[/dim]")
 
     console.print(f"[dim]watching {rules} (Ctrl-C ends)[/dim]")
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:  # `kill` ends the watch like Ctrl-C (a watch started in the background ignores SIGINT)
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: Ctrl-C only
+        pass
     try:
         _warm_kernels(ev)
         watch_folder(Path(rules), again, since=since)
