@@ -164,6 +164,16 @@ app.command("check-components")(check_components_cmd)
 
 def main(argv: list[str] | None = None) -> int:
     try:
+        return _main(argv)
+    finally:
+        # the compiled-ruleset cache writes on a thread while the command goes on: done before main returns, so
+        # an in-process caller (a test, a notebook) finds the cache whole; a process would wait at exit anyway
+        if "handmodel.rulecache" in sys.modules:
+            sys.modules["handmodel.rulecache"].flush()
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
         rc = app(args=argv, standalone_mode=False)  # click returns typer.Exit's code here instead of exiting
     except UserError as e:
         typer.secho(f"error: {e}", err=True, fg="red")
