@@ -355,7 +355,7 @@ class _SerialPipeline(CompilerBase):
         return [pm]
 
 
-@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+@njit(cache=True, inline="always")
 def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, df, touched, dcnt):
     """The attention heads at position t (sequence offset lo, eval position i, current token c; RV: output keys,
     rows x V). For each head, position t - D leaves its position table and is folded into the running sums of
@@ -512,7 +512,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
     return nw
 
 
-@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+@njit(cache=True, inline="always")
 def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched, dcnt):
     """Output accumulation for the head_outs the heads read at this position: each writes its `next` row
     scaled by its summed attention mass (ov_acc, over the ov_list entries) into dl/df (keyed row x V +
@@ -529,7 +529,7 @@ def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched
     return nw
 
 
-@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+@njit(cache=True, inline="always")
 def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, touched, dcnt):
     """Neuron activations and their outputs at this position (current token c). Pre-activations: what the heads
     routed to pre (attention inputs), weighted-set masses read through heads (wr_*), the token-alone inputs
@@ -609,7 +609,7 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
     return nw
 
 
-@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+@njit(cache=True, inline="always")
 def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, touched, nk, aacc, alist, nak):
     """One position's distribution from its summed outputs, per ledger row: log Z, CE (nx: the next token, -1
     at a sequence's end), the hand argmax and either the full log-prob row (want_logp) or KL against reference
