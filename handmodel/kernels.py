@@ -839,9 +839,10 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     The driver, per position t: arm skip-trigrams and presence inputs from the token before t, write the skips
     that fire, then the phase kernels in the model's order: _attend (every head: its attention and what it
     writes itself), _head_out_writes, _neurons, _finish (log Z, CE, argmax, KL or the log-prob row, per ledger
-    row). Each phase is its own @njit function with the copy-propagating pipeline below, called once per position
-    (a call per written entry costs 4x a pass; benchmarks/README.md); the per-sequence state they share is
-    allocated here and bound into tuples once per sequence.
+    row). Each phase is its own function, inlined into this one (inline="always": numba's IR inliner, then the
+    copy-propagating pipeline below); the per-sequence state they share is allocated here and bound into tuples
+    once per sequence. As separately compiled callees they compiled ~10 s faster at the same speed, but a CI run
+    aborted once inside this kernel at a cold cache (benchmarks/README.md, "Phase kernels").
 
     Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
     goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r
