@@ -1086,7 +1086,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             nw += _head_out_writes(V, row, (ho_rule, ho_ptr, ho_tok, ho_w), ov_acc, ov_flag, ov_list, ocnt, dl, df,
                                    touched, dcnt)
             nw += _neurons(V, c, row, n_atoms, neurons, (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), live,
-                           np.int64(n_live), pres_sum, spread, dl, df, touched, dcnt)  # int64: one specialisation
+                           np.int64(n_live), pres_sum, spread, dl, df, touched, dcnt)  # not a literal 0: typed once
             nk = dcnt[0]
             nak = acnt[0]
             if ir < 0:  # counted only (the next position finishes): drop the writes

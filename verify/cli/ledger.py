@@ -172,40 +172,18 @@ def verify_cmd(
             console.print(f"[bold red]FAIL[/bold red]: final KL {final:.4f} > --fail-above {fail_above}")
         return ev, res["failed"]
 
-    from .watch import stamp
-    from .watch import watch as watch_folder
+    if watch:
+        from .watch import stamp
 
-    since = stamp(Path(rules)) if watch else None  # before the first read: a save during the first run counts
+        since = stamp(Path(rules))  # before the first read: a save during the first run counts
     age = _since_process_start()
     ev, failed = once(age if age is not None else time.perf_counter() - t_cmd)
-    if not watch:
-        if failed:
-            raise typer.Exit(1)
-        return
+    if watch:
+        from .watch import serve
 
-    def again(names: list[str]) -> None:
-        console.rule(f"[dim]{', '.join(names)} changed: verifying again[/dim]")
-        try:
-            once(0.0)
-        except UserError as e:  # a bad edit is reported; the watch goes on
-            console.print(f"[bold red]error[/bold red]: {e}", soft_wrap=True)
-        console.print(f"[dim]watching {rules} (Ctrl-C ends)[/dim]")
-
-    console.print(f"[dim]watching {rules} (Ctrl-C ends)[/dim]")
-    import signal
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    try:  # `kill` ends the watch like Ctrl-C (a watch started in the background ignores SIGINT)
-        signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread: Ctrl-C only
-        pass
-    try:
-        _warm_kernels(ev)
-        watch_folder(Path(rules), again, since=since)
-    except KeyboardInterrupt:
-        console.print("[dim]watch ended[/dim]")
+        serve(Path(rules), lambda: once(0.0), console, since, warm=lambda: _warm_kernels(ev))
+    elif failed:
+        raise typer.Exit(1)
 
 
 verify_cmd.__doc__ = DEFINITIONS

@@ -5,13 +5,16 @@ the CLI (~0.4 s), importing numba and setting up its target (~0.6 s). A process 
 once; every later run re-reads only the files whose text changed (and of those only the changed tables,
 handmodel/tomlblocks.py), patches the compiled arrays and recomputes only the positions the edit reaches.
 The folder is polled (stat of each *.toml, no extra dependency); a change is acted on once two polls agree,
-so an editor's save in several writes is read once, whole.
+so an editor's save in several writes is read once, whole. `serve` is the loop verify_cmd hands its rerun to.
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
+
+from handmodel.errors import UserError
 
 
 class FileStamp(NamedTuple):
@@ -59,3 +62,31 @@ def watch(folder: Path, run: Callable[[list[str]], None], poll: float = 0.2,
             continue
         names, last = changed_names(last, now), now
         run(names)
+
+
+def serve(folder: Path, rerun: Callable[[], object], console, since: tuple[FileStamp, ...],
+          warm: Callable[[], None] = lambda: None) -> None:
+    """verify --watch after its first run: warm(), then rerun() after each settled save until Ctrl-C or SIGTERM
+    (a watch started in the background ignores SIGINT), which end it cleanly. A UserError (a bad edit) is
+    printed as one line and the watch goes on."""
+    def again(names: list[str]) -> None:
+        console.rule(f"[dim]{', '.join(names)} changed: verifying again[/dim]")
+        try:
+            rerun()
+        except UserError as e:
+            console.print(f"[bold red]error[/bold red]: {e}", soft_wrap=True)
+        console.print(f"[dim]watching {folder} (Ctrl-C ends)[/dim]")
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    console.print(f"[dim]watching {folder} (Ctrl-C ends)[/dim]")
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: Ctrl-C only
+        pass
+    try:
+        warm()
+        watch(Path(folder), again, since=since)
+    except KeyboardInterrupt:
+        console.print("[dim]watch ended[/dim]")
