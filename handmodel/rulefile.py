@@ -216,8 +216,8 @@ def _plain(x, depth: int = 0) -> bool:
     return isinstance(x, (str, int, float, bool))
 
 
-def _read_parse_cache(f: Path, key: str):
-    """(data, id_lines, text sha256) from a JSON cache entry, or None when absent or not exactly what we wrote."""
+def _read_parse_blob(f: Path, key: str) -> dict | None:
+    """A JSON parse-cache entry, or None when absent or not exactly what we wrote."""
     try:
         blob = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -226,10 +226,15 @@ def _read_parse_cache(f: Path, key: str):
             and isinstance(blob.get("data"), dict) and isinstance(blob.get("id_lines"), dict)
             and isinstance(blob.get("text"), str)):
         return None
-    ids = blob["id_lines"]
-    if not all(isinstance(v, list) and all(type(n) is int for n in v) for v in ids.values()):
+    if not all(isinstance(v, list) and all(type(n) is int for n in v) for v in blob["id_lines"].values()):
         return None
-    return blob["data"], ids, blob["text"]
+    return blob
+
+
+def _read_parse_cache(f: Path, key: str):
+    """(data, id_lines, text sha256) from a JSON cache entry, or None (_read_parse_blob)."""
+    blob = _read_parse_blob(f, key)
+    return None if blob is None else (blob["data"], blob["id_lines"], blob["text"])
 
 
 _PARSED: dict[str, tuple[dict, dict[str, list[int]], str]] = {}  # key -> parsed; nothing mutates a parse
@@ -327,11 +332,10 @@ def _old_blocks(root: Path, path: Path) -> dict[str, dict]:
     """sha256 of a block's text -> its parse, from the last parse cached for this path ({} when none)."""
     try:
         key = json.loads((root / f"at-{_path_key(path)}.json").read_text(encoding="utf-8"))["key"]
-        blob = json.loads((root / f"{key}.json").read_text(encoding="utf-8"))
-        data, stored = blob["data"], blob["blocks"]
-        if blob.get("version") != PARSE_CACHE_VERSION or blob.get("key") != key or not isinstance(data, dict) \
-                or not isinstance(stored, list):
+        blob = _read_parse_blob(root / f"{key}.json", str(key))
+        if blob is None or not isinstance(blob.get("blocks"), list):
             return {}
+        data, stored = blob["data"], blob["blocks"]
         blocks = [tomlblocks.Block(kind, "", sha, 0) for sha, kind in stored]
         if not all(isinstance(b.sha, str) and (b.kind is None) == (k == 0) for k, b in enumerate(blocks)):
             return {}
