@@ -60,11 +60,17 @@ def run(rules: Path, corpus: str, step: str) -> dict:
     wall = time.perf_counter() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = " ".join(p.stdout.split())
-    footer = re.search(r"wall time [^;]*\)", out)
-    final = re.search(r"final KL [^%]*%[^%]*%[^%]*%", out)
+    footer, final = _summary(out)
     return {"step": step, "rc": p.returncode, "wall": wall, "user": r1.ru_utime - r0.ru_utime,
             "sys": r1.ru_stime - r0.ru_stime, "load": (load0, os.getloadavg()[0]),
-            "footer": footer.group(0) if footer else p.stderr[-300:], "final": final.group(0) if final else ""}
+            "footer": footer or p.stderr[-300:], "final": final}
+
+
+def _summary(text: str) -> tuple[str | None, str]:
+    """verify's `wall time` footer (None when absent) and its final-KL line ("" when absent), from its output."""
+    footer = re.search(r"wall time [^;]*\)", text)
+    final = re.search(r"final KL [^%]*%[^%]*%[^%]*%", text)
+    return footer.group(0) if footer else None, final.group(0) if final else ""
 
 
 def watched(rules: Path, corpus: str, steps: list) -> None:
@@ -102,11 +108,9 @@ def watched(rules: Path, corpus: str, steps: list) -> None:
             change()
             k0, k = k, until_prompt(k)
             text = " ".join(" ".join(ln.split()) for _, ln in lines[k0:k])
-            footer = re.search(r"wall time [^;]*\)", text)
-            final = re.search(r"final KL [^%]*%[^%]*%[^%]*%", text)
+            footer, final = _summary(text)
             print(f"{step}: {lines[k - 1][0] - t0:.2f} s from the write to the prompt, load {load0:.2f} -> "
-                  f"{os.getloadavg()[0]:.2f}\n    {footer.group(0) if footer else text[-300:]}\n    "
-                  f"{final.group(0) if final else ''}", flush=True)
+                  f"{os.getloadavg()[0]:.2f}\n    {footer or text[-300:]}\n    {final}", flush=True)
     finally:
         p.terminate()
         p.wait(30)
