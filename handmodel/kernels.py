@@ -18,17 +18,16 @@ import math
 
 import numpy as np
 from numba import njit, prange
-from numba.core.compiler import CompilerBase, DefaultPassBuilder
-from numba.core.compiler_machinery import FunctionPass, register_pass
-from numba.core.typed_passes import NopythonRewrites
-
-try:
-    from numba.core.ir_utils import simplify
-except ImportError:  # older numba kept it with the parfors
-    from numba.parfors.parfor import simplify
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
+
+# run_seqs' helpers and phase functions. Each is compiled once, on its own, and LLVM inlines it into run_seqs
+# (forceinline: `alwaysinline`), so none is cached apart from run_seqs' entry and none stays a call. numba's IR
+# inliner (inline="always") typed and lowered every call site again: half of a 55 s cold compile. _nrt=False:
+# no reference counting of their array arguments (an inlined call with it kept an atomic incref/decref pair per
+# array in the inner loops: passes 3.8x slower); so they may not allocate, which numba refuses to compile.
+_inlined = njit(forceinline=True, error_model="numpy", _nrt=False, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 
 
 def atom_top_k(n_atoms: int) -> int:
@@ -148,20 +147,20 @@ def ref_atom_mass(ref16, ref32, use16, lut_p, atom_of, n_atoms):
     return R
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _member(sid, c, V, class_member):
     if sid < V:
         return sid == c
     return class_member[sid - V, c]
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _write(k, scale, off, ptr, tok, w, delta, dflag, touched, cnt):
     for j in range(ptr[k], ptr[k + 1]):
         _add(off + tok[j], scale * w[j], delta, dflag, touched, cnt)
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _note(n, flag, lst, cnt):
     if not flag[n]:
         flag[n] = True
@@ -169,13 +168,13 @@ def _note(n, flag, lst, cnt):
         cnt[0] += 1
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _p_ref(i, v, use16, lut_p, ref16, ref32):
     """The reference's probability of token v at position i (float16 rows through the exp table)."""
     return lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp,
                cuma, atom_of, B, zrel, hi):
     """A fused ledger row changes token v's logit by x: sum it into cum (noting v as touched), add p_ref(v) x to
@@ -195,7 +194,7 @@ def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cf
     return B, zrel, hi
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _dense_finish(brow, cum, cums, cuma, atom_of, V):
     """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by one sequential pass
     over the vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and
@@ -302,7 +301,7 @@ def build_uncond(H, V, row, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_u
     return ptr, otok[:n].copy(), ow[:n].copy(), ucap
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _add(v, val, delta, dflag, touched, cnt):
     if not dflag[v]:
         dflag[v] = True
@@ -311,7 +310,7 @@ def _add(v, val, delta, dflag, touched, cnt):
     delta[v] += val
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, ov_flag, ov_list, ocnt,
            pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt):
     """Attention mass `mass` reaching reader slot `sl` (a head_out, a neuron attending to this head, or a
@@ -328,34 +327,7 @@ def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, 
         _note(k, wr_flag, wr_list, wr_cnt)
 
 
-@register_pass(mutates_CFG=True, analysis_only=False)
-class _CopyPropagate(FunctionPass):
-    """numba's IR copy propagation + dead code removal (ir_utils.simplify), which parallel=True runs on a
-    prange body and a plain @njit does not: without it every inline="always" helper call keeps its array
-    parameters as copies of the caller's arrays, and each copy costs an NRT incref/decref pair in the
-    inner loops: 2.8x slower passes (benchmarks/README.md, "Issue 22 item 4")."""
-
-    _name = "handmodel_copy_propagate"
-
-    def __init__(self):
-        FunctionPass.__init__(self)
-
-    def run_pass(self, state):
-        simplify(state.func_ir, state.typemap, state.calltypes, state.metadata)
-        return True
-
-
-class _SerialPipeline(CompilerBase):
-    """numba's nopython pipeline plus _CopyPropagate after the typed rewrites."""
-
-    def define_pipelines(self):
-        pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
-        pm.add_pass_after(_CopyPropagate, NopythonRewrites)
-        pm.finalize()
-        return [pm]
-
-
-@njit(cache=True, inline="always")
+@_inlined
 def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, df, touched, dcnt):
     """The attention heads at position t (sequence offset lo, eval position i, current token c; RV: output keys,
     rows x V). For each head, position t - D leaves its position table and is folded into the running sums of
@@ -512,7 +484,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
     return nw
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched, dcnt):
     """Output accumulation for the head_outs the heads read at this position: each writes its `next` row
     scaled by its summed attention mass (ov_acc, over the ov_list entries) into dl/df (keyed row x V +
@@ -529,7 +501,7 @@ def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched
     return nw
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, touched, dcnt):
     """Neuron activations and their outputs at this position (current token c). Pre-activations: what the heads
     routed to pre (attention inputs), weighted-set masses read through heads (wr_*), the token-alone inputs
@@ -609,7 +581,7 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
     return nw
 
 
-@njit(cache=True, inline="always")
+@_inlined
 def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, touched, nk, aacc, alist, nak):
     """One position's distribution from its summed outputs, per ledger row: log Z, CE (nx: the next token, -1
     at a sequence's end), the hand argmax and either the full log-prob row (want_logp) or KL against reference
@@ -827,7 +799,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             caflg[ak] = False
 
 
-@njit(cache=True, nogil=True, error_model="numpy", pipeline_class=_SerialPipeline)
+@njit(cache=True, nogil=True, error_model="numpy")
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
              out_agree, out_lse, out_argmax, dense_min, fin):
@@ -839,10 +811,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     The driver, per position t: arm skip-trigrams and presence inputs from the token before t, write the skips
     that fire, then the phase kernels in the model's order: _attend (every head: its attention and what it
     writes itself), _head_out_writes, _neurons, _finish (log Z, CE, argmax, KL or the log-prob row, per ledger
-    row). Each phase is its own function, inlined into this one (inline="always": numba's IR inliner, then the
-    copy-propagating pipeline below); the per-sequence state they share is allocated here and bound into tuples
-    once per sequence. As separately compiled callees they compiled ~10 s faster at the same speed, but a CI run
-    aborted once inside this kernel at a cold cache (benchmarks/README.md, "Phase kernels").
+    row). Each phase is its own function (`_inlined`: compiled once, inlined by LLVM); the per-sequence state they
+    share is allocated here and bound into tuples once per sequence.
 
     Ledger rows in one pass: rule i is on from row `row[i]` on (-1: off), R rows in all; every output
     goes to a delta keyed row x V + token, and row r's logits are the base plus the deltas of rows <= r

@@ -686,3 +686,27 @@ def test_the_kernels_use_no_blas():
            if (isinstance(n, ast.Attribute) and n.attr in blas)
            or (isinstance(n, ast.BinOp) and isinstance(n.op, ast.MatMult))]
     assert not bad, f"handmodel/kernels.py uses BLAS at lines {bad}: drop engine._skip_blas_probe"
+
+
+def test_run_seqs_helpers_are_inlined_by_llvm_without_reference_counts():
+    """run_seqs' helpers and phases (every numba function of handmodel/kernels.py whose name starts with "_") are
+    compiled with `_inlined`'s options: forceinline (LLVM inlines them, so numba's IR inliner does not type and
+    lower every call site again: ~25 s of the cold compile), _nrt=False (with reference counting each inlined
+    call keeps an atomic incref/decref pair per array argument in the inner loops: 3.8x slower passes), and no
+    cache of their own (their code lives in run_seqs' cache entry). The kernels the engine calls are cached."""
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    from handmodel import engine
+
+    kernels = engine._kernels()
+    found = {name: d for name, d in vars(kernels).items() if isinstance(d, CPUDispatcher)}
+    helpers = {name: d for name, d in found.items() if name.startswith("_")}
+    assert {"_attend", "_head_out_writes", "_neurons", "_finish", "_add", "_route"} <= set(helpers)
+    for name, d in helpers.items():
+        opts = d.targetoptions
+        assert opts.get("forceinline") is True and opts.get("_nrt") is False and "inline" not in opts, (name, opts)
+        assert isinstance(d._cache, NullCache), f"{name} has a cache of its own"
+    for name, d in found.items():
+        if not name.startswith("_"):
+            assert not isinstance(d._cache, NullCache), f"kernel {name} is not cached"
