@@ -33,7 +33,7 @@ MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow wi
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
 
 
-_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the run_seqs workers and their number
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # the kernels' worker threads and their number
 
 
 def _kernels():
@@ -64,27 +64,44 @@ def _skip_blas_probe() -> None:
 
 
 def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
-    """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), run on
-    Python threads (the kernel releases the GIL). Chunks are balanced by positions, not sequence count; each
-    writes only its own positions' output entries, so no merge is needed. The kernel itself is serial: a
-    parallel=True kernel of this size costs minutes of numba's parfor analysis at its cold compile
-    (benchmarks/README.md, "Issue 22 item 4")."""
+    """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), chunks
+    balanced by positions, not sequence count; each writes only its own positions' output entries, so no merge is
+    needed. The kernel itself is serial: a parallel=True kernel of this size costs minutes of numba's parfor
+    analysis at its cold compile (benchmarks/README.md, "Issue 22 item 4")."""
     import numba
 
-    global _POOL
-    kernels = _kernels()
     n_seq = len(ptr) - 1
     n = max(1, min(numba.get_num_threads(), n_seq))
-    if n == 1:
-        kernels.run_seqs(np.int64(0), np.int64(n_seq), *args)
-        return
     cuts = np.searchsorted(ptr, np.linspace(0, ptr[-1], n + 1)[1:-1], side="left")
-    bounds = np.unique(np.concatenate([[0], cuts, [n_seq]]).astype(np.int64))
+    _on_threads(_kernels().run_seqs, np.concatenate([[0], cuts, [n_seq]]), args)
+
+
+def _on_rows(fn, n: int, *args) -> None:
+    """fn(lo, hi, *args) over rows 0..n-1 of a kernel whose rows are independent (base rows, reference
+    statistics), in one contiguous chunk per numba thread."""
+    import numba
+
+    k = max(1, min(numba.get_num_threads(), n))
+    _on_threads(fn, np.linspace(0, n, k + 1), args)
+
+
+def _on_threads(fn, bounds: np.ndarray, args: tuple) -> None:
+    """fn(bounds[k], bounds[k + 1], *args) for each chunk k, on Python threads (the kernels release the GIL).
+    Serial kernels on threads instead of parallel=True ones: numba's parfor lowering cost seconds of every cold
+    compile, and a chunk per thread is all these loops need."""
+    global _POOL
+    bounds = np.unique(np.asarray(bounds).astype(np.int64))
+    if len(bounds) < 2:
+        bounds = np.zeros(2, np.int64)
+    n = len(bounds) - 1
+    if n == 1:
+        fn(bounds[0], bounds[1], *args)
+        return
     if _POOL is None or _POOL[1] < n:
         if _POOL is not None:
             _POOL[0].shutdown(wait=False)
-        _POOL = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="run_seqs"), n)
-    futs = [_POOL[0].submit(kernels.run_seqs, bounds[k], bounds[k + 1], *args) for k in range(len(bounds) - 1)]
+        _POOL = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="kernels"), n)
+    futs = [_POOL[0].submit(fn, bounds[k], bounds[k + 1], *args) for k in range(n)]
     for f in futs:
         f.result()
 
@@ -359,8 +376,12 @@ class HandModel:
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            pool.add(need, *_kernels().build_base(need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
-                                               a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka)))
+            U, na, ka = len(need), pool.n_atoms, pool.ka
+            rows = (np.empty((U, V), np.float32), np.empty((U, V)), np.empty(U), np.zeros((U, na)),
+                    np.full((U, na, ka), -1, np.int32))  # base, prob, lse, pat, top
+            _on_rows(_kernels().build_base, U, need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
+                     a.nb_ptr, a.nb_blk, a.atom_of, np.int64(na), np.int64(ka), *rows)
+            pool.add(need, *rows)
         return pool
 
     def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):
@@ -371,18 +392,20 @@ class HandModel:
         key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
         if self._ref_cache is None or self._ref_cache[0] != key:
             kernels = _kernels()
-            stats = kernels.ref_stats(ref16, ref32, use16, _LUT[0], _LUT[1])
-            if len(self.rules.arrays.ncl_cls):
-                R = kernels.ref_atom_mass(ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, np.int64(self._n_atoms))
-            else:  # no class outputs: no atom is ever touched, the mass is never read
-                R = np.zeros((len(ref), self._n_atoms))
+            N = len(ref)
+            stats = (np.empty(N), np.empty(N), np.empty(N, np.int64))  # S, A, arg
+            _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], *stats)
+            R = np.zeros((N, self._n_atoms))
+            if len(self.rules.arrays.ncl_cls):  # else no atom is ever touched: the mass is never read
+                _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, R)
             self._ref_cache = (key, stats + (R,), {})
         _, (S, A, arg, R), dots = self._ref_cache
         dkey = (self._base_key(mask), tok.tobytes())
         B = dots.get(dkey)
         if B is None:
             dots.clear()
-            B = _kernels().base_dot(tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0])
+            B = np.empty(len(tok))
+            _on_rows(_kernels().base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], B)
             dots[dkey] = B
         return S, A, arg, B, R
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
@@ -35,22 +35,19 @@ def atom_top_k(n_atoms: int) -> int:
     return max(8, -(-TOP_K // max(n_atoms, 1)))
 
 
-@njit(cache=True, parallel=True)
-def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk, atom_of, n_atoms, KA):
-    """Dense base rows for the current tokens in `uniq`: logits, probabilities, log-sum-exp, and per atom
-    (atoms: compiled._atoms) its probability mass and its top-KA member ids (value desc, index asc; -1 pads)."""
-    U = len(uniq)
+@njit(cache=True, nogil=True, error_model="numpy")
+def build_base(lo, hi, uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_ptr, nb_blk, atom_of, n_atoms, KA,
+               base, prob, lse, pat, top):
+    """Dense base rows for the current tokens uniq[lo:hi], into rows lo:hi of the outputs: logits (base), probabilities,
+    log-sum-exp, and per atom (atoms: compiled._atoms) its probability mass and its top-KA member ids (value desc,
+    index asc; -1 pads). pat must come zeroed and top filled with -1. Rows are independent: the engine runs
+    chunks of them on its threads (engine._on_threads)."""
     glob = np.zeros(V)
     for b in glob_blk:
         if mask[blk_rule[b]]:
             for j in range(blk_ptr[b], blk_ptr[b + 1]):
                 glob[blk_tok[j]] += blk_w[j]
-    base = np.empty((U, V), dtype=np.float32)
-    prob = np.empty((U, V))
-    lse = np.empty(U)
-    pat = np.zeros((U, n_atoms))
-    top = np.full((U, n_atoms, KA), -1, dtype=np.int32)
-    for u in prange(U):
+    for u in range(lo, hi):
         row = glob.copy()
         c = uniq[u]
         for j in range(nb_ptr[c], nb_ptr[c + 1]):
@@ -88,17 +85,12 @@ def build_base(uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_blk, nb_pt
                 tl[k] = v
                 if n_in[a] < KA:
                     n_in[a] += 1
-    return base, prob, lse, pat, top
 
 
-@njit(cache=True, parallel=True)
-def ref_stats(ref16, ref32, use16, lut_p, lut_pl):
-    """Per reference row: S = sum p, A = sum p log p, argmax p (first on ties). Independent of the rules."""
-    N = ref16.shape[0] if use16 else ref32.shape[0]
-    S = np.empty(N)
-    A = np.empty(N)
-    arg = np.empty(N, dtype=np.int64)
-    for i in prange(N):
+@njit(cache=True, nogil=True, error_model="numpy")
+def ref_stats(lo, hi, ref16, ref32, use16, lut_p, lut_pl, S, A, arg):
+    """Reference rows lo:hi: S = sum p, A = sum p log p, argmax p (first on ties). Independent of the rules."""
+    for i in range(lo, hi):
         s = 0.0
         a = 0.0
         bp = -1.0
@@ -127,15 +119,13 @@ def ref_stats(ref16, ref32, use16, lut_p, lut_pl):
         S[i] = s
         A[i] = a
         arg[i] = best
-    return S, A, arg
 
 
-@njit(cache=True, parallel=True)
-def ref_atom_mass(ref16, ref32, use16, lut_p, atom_of, n_atoms):
-    """Per reference row and atom: sum of p_ref over the atom's tokens (KL's p . class-output term)."""
-    N = ref16.shape[0] if use16 else ref32.shape[0]
-    R = np.zeros((N, n_atoms))
-    for i in prange(N):
+@njit(cache=True, nogil=True, error_model="numpy")
+def ref_atom_mass(lo, hi, ref16, ref32, use16, lut_p, atom_of, R):
+    """Reference rows lo:hi, per atom: sum of p_ref over the atom's tokens (KL's p . class-output term), into R
+    (zeroed by the caller)."""
+    for i in range(lo, hi):
         if use16:
             row = ref16[i]
             for v in range(row.shape[0]):
@@ -144,7 +134,6 @@ def ref_atom_mass(ref16, ref32, use16, lut_p, atom_of, n_atoms):
             frow = ref32[i]
             for v in range(frow.shape[0]):
                 R[i, atom_of[v]] += math.exp(np.float64(frow[v]))
-    return R
 
 
 @_inlined
@@ -212,13 +201,11 @@ def _dense_finish(brow, cum, cums, cuma, atom_of, V):
     return m + math.log(z), best
 
 
-@njit(cache=True, parallel=True)
-def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
-    """sum_v p_ref[i, v] * base[row of tok[i], v] per position: the rule-independent part of the KL dot
+@njit(cache=True, nogil=True, error_model="numpy")
+def base_dot(lo, hi, tok, row_of, base, ref16, ref32, use16, lut_p, out):
+    """sum_v p_ref[i, v] * base[row of tok[i], v] for positions lo:hi: the rule-independent part of the KL dot
     product (depends only on the reference rows, the tokens and the prior/bigram rules), cached by the engine."""
-    N = len(tok)
-    out = np.empty(N)
-    for i in prange(N):
+    for i in range(lo, hi):
         brow = base[row_of[tok[i]]]
         B = 0.0
         if use16:
@@ -230,7 +217,6 @@ def base_dot(tok, row_of, base, ref16, ref32, use16, lut_p):
             for v in range(brow.shape[0]):
                 B += math.exp(np.float64(frow[v])) * brow[v]
         out[i] = B
-    return out
 
 
 @njit(cache=True)
