@@ -41,7 +41,7 @@ def build_base(lo, hi, uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_bl
     """Dense base rows for the current tokens uniq[lo:hi], into rows lo:hi of the outputs: logits (base), probabilities,
     log-sum-exp, and per atom (atoms: compiled._atoms) its probability mass and its top-KA member ids (value desc,
     index asc; -1 pads). pat must come zeroed and top filled with -1. Rows are independent: the engine runs
-    chunks of them on its threads (engine._on_threads)."""
+    chunks of them on its threads (engine._on_rows)."""
     glob = np.zeros(V)
     for b in glob_blk:
         if mask[blk_rule[b]]:
