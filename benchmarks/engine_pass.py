@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from .workload import add_pass_args
+
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rules", type=Path, default=ROOT / "rules")
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt")
-    ap.add_argument("--train-corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt")
+    add_pass_args(ap, 0, "only the first SEQS sequences (0: all)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seqs", type=int, default=0, help="only the first SEQS sequences (0: all)")
     a = ap.parse_args(argv)
     import os
     import resource

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .workload import add_pass_args
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
@@ -83,10 +85,7 @@ def _symbol_range(obj: Path, name: str) -> tuple[str, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rules", type=Path, default=ROOT / "rules")
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt")
-    ap.add_argument("--train-corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt")
-    ap.add_argument("--seqs", type=int, default=150, help="the first SEQS sequences (0: all)")
+    add_pass_args(ap, 150, "the first SEQS sequences (0: all)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long perf samples the repeated passes")
     ap.add_argument("--top", type=int, default=25, help="lines listed")
     a = ap.parse_args(argv)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from .workload import add_pass_args
+
 
 
 def best_of(f, repeats: int) -> float:
@@ -38,10 +38,7 @@ def best_of(f, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rules", type=Path, default=ROOT / "rules")
-    ap.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt")
-    ap.add_argument("--train-corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "tinystories" / "train.txt")
-    ap.add_argument("--seqs", type=int, default=400, help="the first SEQS sequences of the eval set (0: all)")
+    add_pass_args(ap, 400, "the first SEQS sequences of the eval set (0: all)")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     if a.seqs < 0 or a.repeats < 1:

@@ -17,6 +17,16 @@ from .machine import ROOT
 DEFAULT_CHECKPOINT = ROOT / "reference" / "default"
 DEFAULT_RULES = ROOT / "rules"
 DEFAULT_CORPUS = ROOT.parent / "shared" / "corpus" / "tinystories" / "valid.txt"
+DEFAULT_TRAIN = DEFAULT_CORPUS.with_name("train.txt")
+
+
+def add_pass_args(ap, seqs: int, seqs_help: str) -> None:
+    """--rules, --corpus, --train-corpus and --seqs, as the scripts timing one engine pass take them
+    (engine_pass, phases, lineprof)."""
+    ap.add_argument("--rules", type=Path, default=DEFAULT_RULES)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--train-corpus", type=Path, default=DEFAULT_TRAIN)
+    ap.add_argument("--seqs", type=int, default=seqs, help=seqs_help)
 
 
 @dataclass
