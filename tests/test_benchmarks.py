@@ -124,3 +124,20 @@ def test_inner_loop_edits_a_compiled_number_not_a_comment(tmp_path):
     edit_a_number(f, 1)
     assert f.read_text(encoding="utf-8").splitlines() == ["# threshold = 0.5", "[[neuron]]", 'id = "n"',
                                                           "check = { fraction = 0.6 }", "threshold = -0.106"]
+
+
+def test_lineprof_says_what_it_needs_when_perf_is_missing(tmp_path):
+    """Without perf/addr2line/readelf on PATH, `python -m benchmarks.lineprof` names them in one line and exits 2
+    before compiling anything."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PATH": str(tmp_path)}  # an empty folder: none of the tools
+    p = subprocess.run([sys.executable, "-m", "benchmarks.lineprof"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["lineprof: needs perf, addr2line, readelf (linux-perf, binutils) on PATH"]
+    assert "compiling" not in p.stdout
