@@ -15,7 +15,6 @@ import numpy as np
 from .workload import add_pass_args
 
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pass_args(ap, 0, "only the first SEQS sequences (0: all)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import json
 import os
 import shutil
 import subprocess
@@ -101,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         child = subprocess.Popen([sys.executable, "-W", "ignore", "-c", _CHILD, str(a.rules), str(a.corpus),
                                   str(a.train_corpus), str(a.seqs), str(a.seconds), str(work)],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-        import json
-
         line = child.stdout.readline()
         if not line.startswith("READY"):
             child.wait()
@@ -113,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         rec = subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-p", str(child.pid),
                               "-o", str(work / "perf.data"), "--", "sleep", str(a.seconds)],
                              capture_output=True, text=True)
-        done = json.loads(child.stdout.readline().split(" ", 1)[1])
+        last = child.stdout.readline()
         child.wait()
+        if not last.startswith("DONE"):
+            print("lineprof: the engine passes failed while sampled (their error is above)", file=sys.stderr)
+            return 2
+        done = json.loads(last.split(" ", 1)[1])
         if rec.returncode != 0 or not (work / "perf.data").exists():
             print(f"lineprof: perf record failed: {rec.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
             return 2

@@ -24,7 +24,6 @@ import time
 from .workload import add_pass_args
 
 
-
 def best_of(f, repeats: int) -> float:
     """Seconds of the fastest of `repeats` calls after one warm-up call (compile, base rows, reference stats)."""
     f()
