@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         done = json.loads(last.split(" ", 1)[1])
         if rec.returncode != 0 or not (work / "perf.data").exists():
-            print(f"lineprof: perf record failed: {rec.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            why = (rec.stderr.strip().splitlines() or ["no message"])[-1]
+            print(f"lineprof: perf record failed: {why}", file=sys.stderr)
             return 2
         ips = subprocess.run(["perf", "script", "-i", str(work / "perf.data"), "-F", "ip"], capture_output=True,
                              text=True).stdout.split()
