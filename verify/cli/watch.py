@@ -82,11 +82,14 @@ def serve(folder: Path, rerun: Callable[[], object], console, since: tuple[FileS
 
     console.print(f"[dim]watching {folder} (Ctrl-C ends)[/dim]")
     try:
-        signal.signal(signal.SIGTERM, stop)
+        old = signal.signal(signal.SIGTERM, stop)
     except ValueError:  # not the main thread: Ctrl-C only
-        pass
+        old = None
     try:
         warm()
         watch(Path(folder), again, since=since)
     except KeyboardInterrupt:
         console.print("[dim]watch ended[/dim]")
+    finally:
+        if old is not None:  # an in-process caller gets its own SIGTERM handling back
+            signal.signal(signal.SIGTERM, old)
