@@ -1045,32 +1045,21 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                            np.int64(n_live), pres_sum, spread, dl, df, touched, dcnt)  # not a literal 0: typed once
             nk = dcnt[0]
             nak = acnt[0]
-            if ir < 0:  # counted only (the next position finishes): drop the writes
-                for j in range(nk):
-                    delta[touched[j]] = 0.0
-                    dflag[touched[j]] = False
-                dcnt[0] = 0
+            if ir >= 0:
+                _finish(ir, row_of[c], tok[i + 1] if t + 1 < T else -1, R, V, want_logp, dense_min, finish, bases,
+                        refs, atoms, outs, delta, dflag, touched, nk, aacc, alist, nak)  # it clears sd itself
+            else:  # counted only (the next position finishes): its writes are dropped
                 for rr in range(R):
                     if srow[rr]:
                         sd[rr * V:(rr + 1) * V] = 0.0
                         srow[rr] = False
-                for j in range(nak):
-                    aacc[alist[j]] = 0.0
-                    aflag[alist[j]] = False
-                acnt[0] = 0
-                dense_pos = nw >= dense_min
-                continue
-            r = row_of[c]
-            nx = tok[i + 1] if t + 1 < T else -1
-            _finish(ir, r, nx, R, V, want_logp, dense_min, finish, bases, refs, atoms, outs, delta, dflag, touched, nk,
-                    aacc, alist, nak)
             for j in range(nk):
                 delta[touched[j]] = 0.0
                 dflag[touched[j]] = False
             dcnt[0] = 0
-            dense_pos = nw >= dense_min
             for j in range(nak):
                 aacc[alist[j]] = 0.0
                 aflag[alist[j]] = False
                 aexp[alist[j] % n_atoms] = 1.0
             acnt[0] = 0
+            dense_pos = nw >= dense_min
