@@ -139,8 +139,11 @@ class _BasePool:
         self.pat = np.zeros((0, self.n_atoms))
         self.top = np.zeros((0, self.n_atoms, self.ka), dtype=np.int32)
 
-    def add(self, toks: np.ndarray, base: np.ndarray, prob: np.ndarray, lse: np.ndarray, pat: np.ndarray,
-            top: np.ndarray) -> None:
+    def rows_for(self, toks: np.ndarray) -> tuple:
+        """Views of the next len(toks) rows (base, prob, lse, pat, top) for build_base to fill in place, the
+        tokens mapped to them. Fresh memory is what a first pass pays for (the pool is ~140 MB for valid.txt's
+        tokens, and first-touching a page costs more than computing its row on a VM that backs memory lazily),
+        so the rows are built where they stay, not built and then copied in; grown by doubling."""
         n, k = self.n, len(toks)
         if n + k > len(self.base):
             cap = min(max(n + k, 2 * len(self.base), 64), max(self.V, n + k))
@@ -149,13 +152,11 @@ class _BasePool:
                 new = np.empty((cap,) + old.shape[1:], dtype=old.dtype)
                 new[:n] = old[:n]
                 setattr(self, name, new)
-        self.base[n:n + k] = base
-        self.prob[n:n + k] = prob
-        self.lse[n:n + k] = lse
-        self.pat[n:n + k] = pat
-        self.top[n:n + k] = top
+        self.pat[n:n + k] = 0.0  # build_base adds into pat and inserts into top
+        self.top[n:n + k] = -1
         self.slot[toks] = np.arange(n, n + k)
         self.n = n + k
+        return tuple(getattr(self, name)[n:n + k] for name in ("base", "prob", "lse", "pat", "top"))
 
 
 def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> AttentionArrays:
@@ -376,12 +377,9 @@ class HandModel:
                 pool.reset()  # over the memory budget: keep only this call's tokens
                 need = uniq
             a = self.rules.arrays
-            U, na, ka = len(need), pool.n_atoms, pool.ka
-            rows = (np.empty((U, V), np.float32), np.empty((U, V)), np.empty(U), np.zeros((U, na)),
-                    np.full((U, na, ka), -1, np.int32))  # base, prob, lse, pat, top
-            _on_rows(_kernels().build_base, U, need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk,
-                     a.nb_ptr, a.nb_blk, a.atom_of, np.int64(na), np.int64(ka), *rows)
-            pool.add(need, *rows)
+            rows = pool.rows_for(need)  # base, prob, lse, pat, top
+            _on_rows(_kernels().build_base, len(need), need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
+                     a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka), *rows)
         return pool
 
     def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):

@@ -588,6 +588,22 @@ def test_base_rows_cached_across_calls_and_masks():
         np.testing.assert_allclose(one, twin.log_probs(rules, np.array([2, 0]), mask), atol=1e-5, rtol=0)
 
 
+def test_base_rows_built_in_place_as_new_tokens_arrive():
+    """Each call builds rows only for tokens it has not seen, in place at the end of the pool, which grows (its
+    earlier rows copied) past its first capacity of 64: every row stays the twin's, old and new alike."""
+    vocab = [f"t{i}" for i in range(90)]
+    rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "t1" = 2.0, "t7" = -1.0 }\n'
+                                           '[[bigram]]\nid = "q"\ndoc = "d"\nnow = "t3"\nnext = { "t2" = 3.0 }\n'
+                                           '[[bigram]]\nid = "r"\ndoc = "d"\nnow = "t80"\nnext = { "t5" = 1.5 }\n'})
+    hm = HandModel(rules)
+    seen: set[int] = set()
+    for lo, hi in [(0, 5), (3, 40), (40, 41), (30, 75), (70, 90), (0, 90)]:
+        seq = np.arange(lo, hi, dtype=np.int32)[::-1].copy()
+        np.testing.assert_allclose(hm.log_probs(seq), twin.log_probs(rules, seq, None), atol=1e-5, rtol=0)
+        seen |= set(range(lo, hi))
+        (pool,) = hm._base_cache.values()
+        assert pool.n == len(seen) and sorted(np.flatnonzero(pool.slot >= 0)) == sorted(seen)
+
 def test_weighted_set_hand_computed():
     """@w = { a = 1.0, @c0 = 0.5, c = 0.25 } with c0 = {b, c}: w_a = 1, w_b = 0.5, w_c = 0.5 + 0.25 = 0.75 (overlaps
     add); d, e are not members. Neuron: threshold 0.5, now {@w = 2}, attend the uniform head {@w = 1} (weighted
