@@ -227,7 +227,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> AttentionArra
     return AttentionArrays(cb_of=cb_of, cb_ptr=cb_ptr, cb_rep=cb_rep, sl_ptr=sl_ptr,
                            sl_kind=np.array(sl_kind, dtype=np.int64), sl_id=np.array(sl_id, dtype=np.int64),
                            re_ptr=re_ptr, re_slot=np.ascontiguousarray(slots[order]),
-                           re_w=np.ascontiguousarray(ws[order]))
+                           re_w=np.ascontiguousarray(ws[order]), src_by_tok=np.ascontiguousarray(a.src_score.T))
 
 
 class HandModel:

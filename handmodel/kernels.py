@@ -323,7 +323,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
     Returns the entries written. HD: the head rules, A: AttentionArrays, U: UncondOutputs, CP: the copy rules,
     HOR: (ho_rule, ho_now), ST: the running attention state of the sequence, RD: the reader accumulators."""
     (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member) = HD
-    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w, src_by_tok) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = CP
     (ho_rule, ho_now) = HOR
@@ -371,7 +371,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                 r0 = cb_rep[act_cb[a]]
                 sc = 0.0
                 for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
-                    sc += src_score[hg_grp[g], x]
+                    sc += src_by_tok[x, hg_grp[g]]  # one token, many groups: its own row, not a column
                 if sc > fref[a]:
                     if F[a] > 0.0:
                         scale = math.exp(fref[a] - sc)
@@ -836,7 +836,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
      cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
      nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
-    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w, src_by_tok) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     H = len(head_rule)
     n_ho = len(ho_rule)

@@ -110,6 +110,7 @@ class AttentionArrays(NamedTuple):
     re_ptr: np.ndarray  # per head x source token: the slots it feeds, with weights
     re_slot: np.ndarray
     re_w: np.ndarray
+    src_by_tok: np.ndarray  # [V, n_groups]: src_score transposed, for the one token leaving a window (all its groups)
 
 
 class UncondOutputs(NamedTuple):
