@@ -328,7 +328,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
     (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = CP
     (ho_rule, ho_now) = HOR
     (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb, act_last, act_lo,
-     sl_on, sl_list, sl_cnt, att, capp) = ST
+     sl_on, sl_list, sl_cnt, att, capp, exa) = ST
     (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt) = RD
     H = len(head_rule)
     nw = 0
@@ -365,7 +365,10 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                     msup[h * V + mcnt[h]] = x
                     mcnt[h] += 1
                 mx = mix[h * V + x]
-            for a in range(act_lo[h], act_lo[h + 1]):
+            a0 = act_lo[h]
+            na = act_lo[h + 1] - a0  # the head's W is entry-major: (support entry u, combination a) at w_off[a] + u x na
+            for a in range(a0, a0 + na):
+                exa[a] = 0.0
                 if act_last[a] < t:
                     continue  # no position from t on reads this combination's sums
                 r0 = cb_rep[act_cb[a]]
@@ -379,19 +382,26 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                         for u in range(sl_cnt[h]):
                             G[g_off[a] + sl_list[s0 + u]] *= scale
                         for u in range(wcnt[h]):
-                            W[w_off[a] + u] *= scale
+                            W[w_off[a] + u * na] *= scale
                         if mx >= 0:
                             for u in range(mcnt[h]):
                                 M[m_off[a] + u] *= scale
                     fref[a] = sc
                 ex = math.exp(sc - fref[a])
                 F[a] += ex
+                exa[a] = ex
                 for j in range(e0, e1):
                     G[g_off[a] + re_slot[j]] += re_w[j] * ex
-                for j in range(u0, u1):
-                    W[w_off[a] + wix[h * RV + uo_tok[j]]] += uo_w[j] * ex
                 if mx >= 0:
                     M[m_off[a] + mx] += ex
+            # every combination's far outputs gain the leaving token's: contiguous over combinations (vectorised;
+            # a combination no later position reads adds 0). Its reader slots (G) stay combination-major: each
+            # position reads all of one combination's, and the same layout for them measured slower (lineprof)
+            for j in range(u0, u1):
+                o = w_off[a0] + wix[h * RV + uo_tok[j]] * na
+                w = uo_w[j]
+                for k in range(na):
+                    W[o + k] += w * exa[a0 + k]
         if not need:
             continue
         a = act_of[cb_ptr[h] + cb_of[h * V + c]]
@@ -458,8 +468,9 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                                 nw += 1
         if ef > 0.0:
             wo = w_off[a]
+            na = act_lo[h + 1] - act_lo[h]
             for u in range(wcnt[h]):
-                _add(wsup[h * RV + u], W[wo + u] * ef, dl, df, touched, dcnt)
+                _add(wsup[h * RV + u], W[wo + u * na] * ef, dl, df, touched, dcnt)
             nw += wcnt[h]
             go = g_off[a]
             for u in range(sl_cnt[h]):
@@ -943,13 +954,17 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
             for a in range(act_lo[h], act_lo[h + 1]):
                 g_off[a + 1] = g_off[a] + (sl_ptr[h + 1] - sl_ptr[h])
         G = np.zeros(g_off[n_act])
-        # unconditional head_outs: running far output per active combination, over a per-head support
+        # unconditional head_outs: running far output per active combination, over a per-head support; one block per
+        # head laid out [support entry, combination] (the fold adds an entry to every combination at once): w_off[a] =
+        # the block's start + a's column, w_off[n_act] = the total
         w_off = np.empty(n_act + 1, dtype=np.int64)
-        w_off[0] = 0
+        tot = 0
         for h in range(H):
             for a in range(act_lo[h], act_lo[h + 1]):
-                w_off[a + 1] = w_off[a] + ucap[h]
-        W = np.zeros(w_off[n_act])
+                w_off[a] = tot + a - act_lo[h]
+            tot += (act_lo[h + 1] - act_lo[h]) * ucap[h]
+        w_off[n_act] = tot
+        W = np.zeros(tot)
         wix = np.full(H * RV if w_off[n_act] > 0 else 0, -1, dtype=np.int64)  # per (head, output key)
         wsup = np.empty(H * RV if w_off[n_act] > 0 else 0, dtype=np.int64)
         wcnt = np.zeros(H, dtype=np.int64)
@@ -979,7 +994,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         heads = (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member)
         copies = (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id)
         attention = (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb, act_last,
-                     act_lo, sl_on, sl_list, sl_cnt, att, capp)
+                     act_lo, sl_on, sl_list, sl_cnt, att, capp, np.zeros(n_act))
         readers = (ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt)
         neurons = (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w, nn_ptr, nn_neu,
                    nn_w, wrn_ptr, wrn_neu, wrn_w)
