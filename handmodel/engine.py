@@ -227,7 +227,7 @@ def _attention_arrays(a, V: int, H: int, ho_uncond: np.ndarray) -> AttentionArra
     return AttentionArrays(cb_of=cb_of, cb_ptr=cb_ptr, cb_rep=cb_rep, sl_ptr=sl_ptr,
                            sl_kind=np.array(sl_kind, dtype=np.int64), sl_id=np.array(sl_id, dtype=np.int64),
                            re_ptr=re_ptr, re_slot=np.ascontiguousarray(slots[order]),
-                           re_w=np.ascontiguousarray(ws[order]), src_by_tok=np.ascontiguousarray(a.src_score.T))
+                           re_w=np.ascontiguousarray(ws[order]))
 
 
 class HandModel:
@@ -260,7 +260,8 @@ class HandModel:
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
         self.dense_min = max(1, V // DENSE_SHARE)
-        self._P = RuleArrays.of(a, V, used)
+        # the attention reads a token's scores for all its groups at once: a row each, not a cache line per group
+        self._P = RuleArrays.of(a, V, used, src_by_tok=np.ascontiguousarray(np.asarray(a.src_score).T))
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -322,8 +322,8 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
     attending neurons, weighted sets: RD) and write its unconditional outputs (U) and copies (CP) into dl/df.
     Returns the entries written. HD: the head rules, A: AttentionArrays, U: UncondOutputs, CP: the copy rules,
     HOR: (ho_rule, ho_now), ST: the running attention state of the sequence, RD: the reader accumulators."""
-    (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member) = HD
-    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w, src_by_tok) = A
+    (head_rule, head_used, pos_ptr, pos_val, pos_default, src_by_tok, hg_ptr, hg_grp, class_member) = HD
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id) = CP
     (ho_rule, ho_now) = HOR
@@ -413,7 +413,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
             xs = tok[i - d]
             sc = pos_val[p0 + d]
             for g in range(g0, g1):
-                sc += src_score[hg_grp[g], xs]
+                sc += src_by_tok[xs, hg_grp[g]]  # the same table: a window's tokens are rows too
             att[d] = sc
             if sc > m:
                 m = sc
@@ -839,7 +839,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     over the firing neurons (sacc) and each touched set is written once (ws_*); a set attended through a
     head is one reader slot (kind 2) whose weighted mass is fanned out to the neurons reading it (wrn_*).
     """
-    (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp,
+    (V, class_member, head_rule, head_used, pos_ptr, pos_val, pos_default, src_by_tok, hg_ptr, hg_grp,
      ho_rule, ho_now, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id,
      sk_rule, sk_ptr, sk_tok, sk_w, skn_ptr, skn_id, ske_ptr, ske_id,
      nr_rule, nr_thr, nr_always, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, atom_of, ca_ptr, ca_atom, am_ptr, am_tok,
@@ -847,7 +847,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
      npe_neu, npe_w, np_ptr, np_ent, na_ptr, na_neu, na_w,
      cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id,
      nws_ptr, nws_set, nws_w, ws_ptr, ws_tok, ws_w, wrn_ptr, wrn_neu, wrn_w) = P
-    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w, src_by_tok) = A
+    (cb_of, cb_ptr, cb_rep, sl_ptr, sl_kind, sl_id, re_ptr, re_slot, re_w) = A
     (uo_ptr, uo_tok, uo_w, ucap) = U
     H = len(head_rule)
     n_ho = len(ho_rule)
@@ -991,7 +991,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 maxD = pos_ptr[h + 1] - pos_ptr[h]
         att = np.empty(maxD)
         # what each phase kernel reads and updates, bound once per sequence (arrays: updated in place)
-        heads = (head_rule, head_used, pos_ptr, pos_val, pos_default, src_score, hg_ptr, hg_grp, class_member)
+        heads = (head_rule, head_used, pos_ptr, pos_val, pos_default, src_by_tok, hg_ptr, hg_grp, class_member)
         copies = (cp_rule, cp_src, cp_w, cp_cond, cpn_ptr, cpn_id)
         attention = (F, fref, G, g_off, W, w_off, wix, wsup, wcnt, M, m_off, mix, msup, mcnt, act_of, act_cb, act_last,
                      act_lo, sl_on, sl_list, sl_cnt, att, capp, np.zeros(n_act))
