@@ -28,6 +28,11 @@ NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
 # no reference counting of their array arguments (an inlined call with it kept an atomic incref/decref pair per
 # array in the inner loops: passes 3.8x slower); so they may not allocate, which numba refuses to compile.
 _inlined = njit(forceinline=True, error_model="numpy", _nrt=False, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+# In the hottest loops an index that is never negative is cast to np.uint64 (`_u`), the loop variable too: numba
+# wraps a negative signed index around (x[-1]), a compare and a select at every access that LLVM cannot drop when
+# the index comes from an array; an unsigned one has nothing to wrap. The weighted-set writes ran 2x faster so
+# (benchmarks/README.md, "Unsigned indices"). Beware numba's typing: uint64 + int64 is float64, so cast the sum.
+_u = np.uint64
 
 
 def atom_top_k(n_atoms: int) -> int:
@@ -145,15 +150,15 @@ def _member(sid, c, V, class_member):
 
 @_inlined
 def _write(k, scale, off, ptr, tok, w, delta, dflag, touched, cnt):
-    for j in range(ptr[k], ptr[k + 1]):
+    for j in range(_u(ptr[k]), _u(ptr[k + 1])):
         _add(off + tok[j], scale * w[j], delta, dflag, touched, cnt)
 
 
 @_inlined
 def _note(n, flag, lst, cnt):
-    if not flag[n]:
-        flag[n] = True
-        lst[cnt[0]] = n
+    if not flag[_u(n)]:
+        flag[_u(n)] = True
+        lst[_u(cnt[0])] = n
         cnt[0] += 1
 
 
@@ -191,13 +196,13 @@ def _dense_finish(brow, cum, cums, cuma, atom_of, V):
     m = -np.inf
     best = -1
     for v in range(V):
-        y = brow[v] + cum[v] + cums[v] + cuma[atom_of[v]]
+        y = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
         if y > m:
             m = y
             best = v
     z = 0.0
     for v in range(V):
-        z += math.exp(brow[v] + cum[v] + cums[v] + cuma[atom_of[v]] - m)
+        z += math.exp(brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])] - m)
     return m + math.log(z), best
 
 
@@ -289,11 +294,11 @@ def build_uncond(H, V, row, ho_rule, ho_ptr, ho_tok, ho_w, hos_ptr, hos_id, ho_u
 
 @_inlined
 def _add(v, val, delta, dflag, touched, cnt):
-    if not dflag[v]:
-        dflag[v] = True
-        touched[cnt[0]] = v
+    if not dflag[_u(v)]:
+        dflag[_u(v)] = True
+        touched[_u(cnt[0])] = v
         cnt[0] += 1
-    delta[v] += val
+    delta[_u(v)] += val
 
 
 @_inlined
@@ -303,13 +308,13 @@ def _route(sl, mass, k, kind, c, V, row, ho_rule, ho_now, class_member, ov_acc, 
     weighted set read through it: its mass goes to its neurons once the heads are done)."""
     if kind == 0:
         if row[ho_rule[k]] >= 0 and _member(ho_now[k], c, V, class_member):
-            ov_acc[k] += mass
+            ov_acc[_u(k)] += mass
             _note(k, ov_flag, ov_list, ocnt)
     elif kind == 1:
-        pre[k] += mass
+        pre[_u(k)] += mass
         _note(k, pflag, plist, pcnt)
     else:
-        wr_mass[k] += mass
+        wr_mass[_u(k)] += mass
         _note(k, wr_flag, wr_list, wr_cnt)
 
 
@@ -373,8 +378,8 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                     continue  # no position from t on reads this combination's sums
                 r0 = cb_rep[act_cb[a]]
                 sc = 0.0
-                for g in range(hg_ptr[h * V + r0], hg_ptr[h * V + r0 + 1]):
-                    sc += src_by_tok[x, hg_grp[g]]  # one token, many groups: its own row, not a column
+                for g in range(_u(hg_ptr[h * V + r0]), _u(hg_ptr[h * V + r0 + 1])):
+                    sc += src_by_tok[x, _u(hg_grp[g])]  # one token, many groups: its own row, not a column
                 if sc > fref[a]:
                     if F[a] > 0.0:
                         scale = math.exp(fref[a] - sc)
@@ -390,18 +395,19 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
                 ex = math.exp(sc - fref[a])
                 F[a] += ex
                 exa[a] = ex
-                for j in range(e0, e1):
-                    G[g_off[a] + re_slot[j]] += re_w[j] * ex
+                for j in range(_u(e0), _u(e1)):
+                    G[_u(g_off[a] + re_slot[j])] += re_w[j] * ex
                 if mx >= 0:
                     M[m_off[a] + mx] += ex
             # every combination's far outputs gain the leaving token's: contiguous over combinations (vectorised;
             # a combination no later position reads adds 0). Its reader slots (G) stay combination-major: each
             # position reads all of one combination's, and the same layout for them measured slower (lineprof)
-            for j in range(u0, u1):
-                o = w_off[a0] + wix[h * RV + uo_tok[j]] * na
+            ea = exa[a0:a0 + na]
+            for j in range(_u(u0), _u(u1)):
+                o = _u(w_off[a0] + wix[h * RV + uo_tok[j]] * na)
                 w = uo_w[j]
-                for k in range(na):
-                    W[o + k] += w * exa[a0 + k]
+                for k in range(_u(na)):
+                    W[o + k] += w * ea[k]
         if not need:
             continue
         a = act_of[cb_ptr[h] + cb_of[h * V + c]]
@@ -432,12 +438,12 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
         for d in range(nd):
             w = att[d] / z
             key = h * V + tok[i - d]
-            for j in range(uo_ptr[key], uo_ptr[key + 1]):
+            for j in range(_u(uo_ptr[key]), _u(uo_ptr[key + 1])):
                 _add(uo_tok[j], w * uo_w[j], dl, df, touched, dcnt)
             nw += uo_ptr[key + 1] - uo_ptr[key]
-            for j in range(re_ptr[key], re_ptr[key + 1]):
+            for j in range(_u(re_ptr[key]), _u(re_ptr[key + 1])):
                 sl = re_slot[j]
-                _route(sl, re_w[j] * w, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                _route(sl, re_w[j] * w, sl_id[_u(s0 + sl)], sl_kind[_u(s0 + sl)], c, V, row, ho_rule, ho_now,
                        class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
                        wr_mass, wr_flag, wr_list, wr_cnt)
         if cp_cond[h]:
@@ -475,7 +481,7 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
             go = g_off[a]
             for u in range(sl_cnt[h]):
                 sl = sl_list[s0 + u]
-                _route(sl, G[go + sl] * ef, sl_id[s0 + sl], sl_kind[s0 + sl], c, V, row, ho_rule, ho_now,
+                _route(sl, G[_u(go + sl)] * ef, sl_id[_u(s0 + sl)], sl_kind[_u(s0 + sl)], c, V, row, ho_rule, ho_now,
                        class_member, ov_acc, ov_flag, ov_list, ocnt, pre, pflag, plist, pcnt,
                        wr_mass, wr_flag, wr_list, wr_cnt)
     return nw
@@ -518,17 +524,17 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
     nw = 0
     for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
         k = wr_list[j]
-        for j2 in range(wrn_ptr[k], wrn_ptr[k + 1]):
+        for j2 in range(_u(wrn_ptr[k]), _u(wrn_ptr[k + 1])):
             n = wrn_neu[j2]
-            pre[n] += wrn_w[j2] * wr_mass[k]
+            pre[_u(n)] += wrn_w[j2] * wr_mass[k]
             _note(n, pflag, plist, pcnt)
         wr_mass[k] = 0.0
         wr_flag[k] = False
     wr_cnt[0] = 0
     # neurons: candidates are those with an input at t and those whose presence inputs beat the threshold
-    for j in range(nn_ptr[c], nn_ptr[c + 1]):
+    for j in range(_u(nn_ptr[c]), _u(nn_ptr[c + 1])):
         n = nn_neu[j]
-        pre[n] += nn_w[j]
+        pre[_u(n)] += nn_w[j]
         _note(n, pflag, plist, pcnt)
     for j in range(n_live):
         _note(live[j], pflag, plist, pcnt)
@@ -539,14 +545,14 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
             rn = row[nr_rule[n]]
             _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
             nw += nr_ptr[n + 1] - nr_ptr[n]
-            for j2 in range(ncl_ptr[n], ncl_ptr[n + 1]):
+            for j2 in range(_u(ncl_ptr[n]), _u(ncl_ptr[n + 1])):
                 k = rn * n_cls + ncl_cls[j2]
                 _note(k, cflag, clist, ccnt)
-                cacc[k] += act * ncl_w[j2]
-            for j2 in range(nws_ptr[n], nws_ptr[n + 1]):
+                cacc[_u(k)] += act * ncl_w[j2]
+            for j2 in range(_u(nws_ptr[n]), _u(nws_ptr[n + 1])):
                 k = rn * n_ws + nws_set[j2]
                 _note(k, sflag, slist, scnt)
-                sacc[k] += act * nws_w[j2]
+                sacc[_u(k)] += act * nws_w[j2]
         pre[n] = 0.0
         pflag[n] = False
     pcnt[0] = 0
@@ -556,8 +562,8 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
         k = key - rk * n_ws
         val = sacc[key]
         o = rk * V
-        for j2 in range(ws_ptr[k], ws_ptr[k + 1]):
-            sd[o + ws_tok[j2]] += val * ws_w[j2]
+        for j2 in range(_u(ws_ptr[k]), _u(ws_ptr[k + 1])):
+            sd[_u(o + ws_tok[j2])] += val * ws_w[j2]
         nw += ws_ptr[k + 1] - ws_ptr[k]
         srow[rk] = True
         sacc[key] = 0.0
