@@ -165,7 +165,7 @@ def _note(n, flag, lst, cnt):
 @_inlined
 def _p_ref(i, v, use16, lut_p, ref16, ref32):
     """The reference's probability of token v at position i (float16 rows through the exp table)."""
-    return lut_p[ref16[i, v]] if use16 else math.exp(np.float64(ref32[i, v]))
+    return lut_p[ref16[_u(i), _u(v)]] if use16 else math.exp(np.float64(ref32[_u(i), _u(v)]))
 
 
 @_inlined
@@ -175,14 +175,15 @@ def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cf
     the KL's p . logits (B) and, unless the row recomputes zrel from scratch (fresh), v's new minus old
     probability mass (relative to the base row's) to zrel; hi keeps the largest changed logit (overflow guard)."""
     _note(v, cflg, ctl, tcnt)
-    old = cum[v]
-    cum[v] += x
+    u = _u(v)
+    old = cum[u]
+    cum[u] += x
     if not want_logp:
         B += _p_ref(i, v, use16, lut_p, ref16, ref32) * x
     if not fresh:
-        ak = atom_of[v]
-        zrel += base_p[r, v] * aexp[ak] * (math.exp(cum[v]) - (1.0 if old == 0.0 else math.exp(old)))
-        y = base[r, v] + cum[v] + cuma[ak]
+        ak = _u(atom_of[u])
+        zrel += base_p[r, u] * aexp[ak] * (math.exp(cum[u]) - (1.0 if old == 0.0 else math.exp(old)))
+        y = base[r, u] + cum[u] + cuma[ak]
         if y > hi:
             hi = y
     return B, zrel, hi
@@ -540,9 +541,10 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
         _note(live[j], pflag, plist, pcnt)
     for j in range(pcnt[0]):
         n = plist[j]
-        act = pre[n] + pres_sum[n] - nr_thr[n]
-        if act > 0.0 and row[nr_rule[n]] >= 0:
-            rn = row[nr_rule[n]]
+        un = _u(n)
+        act = pre[un] + pres_sum[un] - nr_thr[un]
+        if act > 0.0 and row[_u(nr_rule[un])] >= 0:
+            rn = row[_u(nr_rule[un])]
             _write(n, act, rn * V, nr_ptr, nr_tok, nr_w, dl, df, touched, dcnt)
             nw += nr_ptr[n + 1] - nr_ptr[n]
             for j2 in range(_u(ncl_ptr[n]), _u(ncl_ptr[n + 1])):
@@ -553,8 +555,8 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
                 k = rn * n_ws + nws_set[j2]
                 _note(k, sflag, slist, scnt)
                 sacc[_u(k)] += act * nws_w[j2]
-        pre[n] = 0.0
-        pflag[n] = False
+        pre[un] = 0.0
+        pflag[un] = False
     pcnt[0] = 0
     for j in range(scnt[0]):  # each touched (row, weighted set) once, however many neurons wrote to it
         key = slist[j]
@@ -667,11 +669,11 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                 if use16:
                     rrow = ref16[ir]
                     for j in range(nt):
-                        B += lut_p[rrow[touched[j]]] * delta[touched[j]]
+                        B += lut_p[rrow[_u(touched[j])]] * delta[_u(touched[j])]
                 else:
                     frow = ref32[ir]
                     for j in range(nt):
-                        B += math.exp(np.float64(frow[touched[j]])) * delta[touched[j]]
+                        B += math.exp(np.float64(frow[_u(touched[j])])) * delta[_u(touched[j])]
         else:
             fresh = aptr[rr] > a0
             if srow[rr]:  # this row's flagless outputs join its touched tokens
@@ -713,8 +715,8 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                 if y > hi:
                     hi = y
             for j in range(nt):
-                v = ctl_[j]
-                ak = atom_of[v]
+                v = _u(ctl_[j])
+                ak = _u(atom_of[v])
                 if base[r, v] + cum_[v] + cuma_[ak] > hi:
                     hi = base[r, v] + cum_[v] + cuma_[ak]
                 zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
@@ -758,7 +760,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                         bv = y
             for j in range(nt):
                 v = ctl_[j]
-                y = base[r, v] + cum_[v] + cuma_[atom_of[v]]
+                y = base[r, v] + cum_[_u(v)] + cuma_[_u(atom_of[_u(v)])]
                 if best < 0 or y > bv or (y == bv and v < best):
                     best = v
                     bv = y
@@ -768,17 +770,17 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             brow = base[r]
             if dense:
                 for v in range(V):
-                    orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[atom_of[v]] - lse
+                    orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[_u(atom_of[v])] - lse
             else:
                 if na > 0:
                     for v in range(V):
-                        orow[v] = brow[v] + cuma_[atom_of[v]] - lse
+                        orow[v] = brow[v] + cuma_[_u(atom_of[v])] - lse
                 else:
                     for v in range(V):
                         orow[v] = brow[v] - lse
                 for j in range(nt):
-                    v = ctl_[j]
-                    orow[v] = brow[v] + cum_[v] + cuma_[atom_of[v]] - lse
+                    v = _u(ctl_[j])
+                    orow[v] = brow[v] + cum_[v] + cuma_[_u(atom_of[v])] - lse
         else:
             # KL(p_ref || p_hand), p_ref renormalised: (sum p log p - sum p logit)/S - log S + lse.
             # sum p log p, S, argmax p_ref and p_ref . base come precomputed: only touched entries here.
