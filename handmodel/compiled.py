@@ -369,7 +369,9 @@ def build_arrays(rules: list[Rule], sets: TokenSets, H: int) -> SimpleNamespace:
     a.pos_ptr = np.array(pos_ptr, dtype=np.int64)
     a.pos_val = np.concatenate(pos_val) if pos_val else np.zeros(0)
     a.pos_default = np.array(pos_def, dtype=np.float64)
-    a.src_score = np.array(grp_rows, dtype=np.float64).reshape(len(grp_rows), V)
+    # [V, n_groups]: a token's source scores for every group in one row (the attention scores the token leaving a
+    # window for all active score combinations at once: one cache line, not one per group)
+    a.src_by_tok = np.ascontiguousarray(np.array(grp_rows, dtype=np.float64).reshape(len(grp_rows), V).T)
     cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
     a.hg_ptr, a.hg_grp = _csr(cat(hg_keys), H * V, cat(hg_grp))
 

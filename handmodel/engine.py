@@ -260,8 +260,7 @@ class HandModel:
         # a position touching at least this many tokens finishes log Z and the argmax with one pass over the
         # vocabulary instead of per touched token (kernels._dense_finish); tests set 0 / V + 1 to force a path
         self.dense_min = max(1, V // DENSE_SHARE)
-        # the attention reads a token's scores for all its groups at once: a row each, not a cache line per group
-        self._P = RuleArrays.of(a, V, used, src_by_tok=np.ascontiguousarray(np.asarray(a.src_score).T))
+        self._P = RuleArrays.of(a, V, used)
 
     # -- internals ---------------------------------------------------------------------------
     def _tokens(self, seqs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

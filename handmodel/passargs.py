@@ -28,7 +28,7 @@ class RuleArrays(NamedTuple):
     pos_ptr: np.ndarray
     pos_val: np.ndarray
     pos_default: np.ndarray
-    src_by_tok: np.ndarray  # [V, n_groups]: compiled src_score transposed, a token's scores for every group together
+    src_by_tok: np.ndarray  # [V, n_groups]: source score of token x in score group g at [x, g]
     hg_ptr: np.ndarray  # per head x current token: its score groups (hg_grp)
     hg_grp: np.ndarray
     # [[head_out]] `next` tables, and per head x source token the head_outs reading it
@@ -93,10 +93,10 @@ class RuleArrays(NamedTuple):
     wrn_w: np.ndarray
 
     @classmethod
-    def of(cls, arrays, V: int, head_used: np.ndarray, **derived) -> "RuleArrays":
-        """From compiled.build_arrays' namespace, whose names the fields share, and the engine's `derived` arrays."""
-        return cls(V=np.int64(V), head_used=head_used, **derived,
-                   **{f: getattr(arrays, f) for f in cls._fields if f not in ("V", "head_used", *derived)})
+    def of(cls, arrays, V: int, head_used: np.ndarray) -> "RuleArrays":
+        """From compiled.build_arrays' namespace, whose names the fields share."""
+        return cls(V=np.int64(V), head_used=head_used,
+                   **{f: getattr(arrays, f) for f in cls._fields if f not in ("V", "head_used")})
 
 
 class AttentionArrays(NamedTuple):

@@ -649,21 +649,16 @@ def test_run_seqs_unpacks_its_arrays_in_their_field_order():
 
 
 def test_rule_arrays_are_taken_by_name_from_the_compiled_namespace():
-    """RuleArrays.of reads each field from compiled.build_arrays' namespace by its own name, except those the
-    engine derives and passes by name (src_by_tok: the score table transposed, the same numbers)."""
+    """RuleArrays.of reads each field from compiled.build_arrays' namespace by its own name."""
     from handmodel import passargs
 
     rules = load_rules(DOC_RULES, DOC_VOCAB)
-    marker = np.zeros((1, 1))
-    got = passargs.RuleArrays.of(rules.arrays, rules.vocab_size, np.ones(rules.n_heads, np.bool_), src_by_tok=marker)
+    got = passargs.RuleArrays.of(rules.arrays, rules.vocab_size, np.ones(rules.n_heads, np.bool_))
     for f in passargs.RuleArrays._fields:
-        if f not in ("V", "head_used", "src_by_tok"):
+        if f not in ("V", "head_used"):
             assert getattr(got, f) is getattr(rules.arrays, f), f
-    assert got.src_by_tok is marker
     assert got.V == rules.vocab_size and got.V.dtype == np.int64
-    P = HandModel(rules)._P
-    np.testing.assert_array_equal(P.src_by_tok, rules.arrays.src_score.T)
-    assert P.src_by_tok.flags.c_contiguous
+    assert got.src_by_tok.shape[0] == rules.vocab_size and got.src_by_tok.flags.c_contiguous
 
 
 def test_the_kernels_load_without_scipy_linalg_and_leave_it_importable(tmp_path):
