@@ -346,7 +346,9 @@ def _attend(t, i, lo, c, need, V, RV, row, tok, HD, A, U, CP, HOR, ST, RD, dl, d
         s0 = sl_ptr[h]
         # position t - D leaves the position table: fold it into the running sums of every combination
         sf = t - D
-        if sf >= 0:
+        # a head no position of this sequence computes (`fin`: none finishes) has no active combination, and its
+        # far-sum buffers (wix, mix, ...) were sized for none: nothing to fold, and nothing may be written there
+        if sf >= 0 and act_lo[h + 1] > act_lo[h]:
             x = tok[lo + sf]
             e0 = re_ptr[h * V + x]
             e1 = re_ptr[h * V + x + 1]

@@ -690,6 +690,24 @@ print("ok")
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
+@pytest.mark.skipif(bool(__import__("os").environ.get("NUMBA_BOUNDSCHECK")), reason="already the bounds-checked run")
+def test_the_kernels_stay_in_bounds(tmp_path):
+    """The property tests that drive every kernel path (engine == twin, fused ledger rows, positions in `at`) run
+    again in a child process with numba's bounds checks compiled in: an index past an array raises there instead
+    of silently corrupting memory. (A sequence with no finished position once folded its heads' far sums into
+    buffers sized for none: heap corruption, found this way.) The child compiles the kernels afresh (~1 min)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "HANDMODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    tests = "match_twin or ledger_rows or chosen_positions or write_much or copy"
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", tests],
+                       env=env, cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert p.returncode == 0 and " passed" in p.stdout, (p.stdout[-3000:], p.stderr[-2000:])
+
+
 def test_the_kernels_use_no_blas():
     """What lets engine._skip_blas_probe answer "no BLAS": no kernel calls np.dot, np.linalg, np.matmul, np.vdot,
     np.inner, np.outer, np.tensordot or uses the @ operator."""
