@@ -1,6 +1,7 @@
 """HandModel: next-token log-probs and streaming metrics from CompiledRules (orchestrates kernels.py)."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -274,11 +275,13 @@ class HandModel:
                             "tokenize with the tokenizer the rules were compiled against")
         return tok, ptr
 
-    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None):
+    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None, ref_rows=None):
         """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
         base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N]).
         `at` (bool [N], N the positions of `seqs`): only those positions are finished, `ref` holds their rows
-        only and every output has one entry per such position (kernels.run_seqs, `fin`)."""
+        only and every output has one entry per such position (kernels.run_seqs, `fin`). `ref_rows` (int, one per
+        output position): `ref` is a larger array (a memory-mapped cache) and output position k reads its row
+        ref_rows[k], read in place instead of gathered."""
         rules = self.rules
         V = rules.vocab_size
         if self.before_first_pass is not None:
@@ -309,9 +312,18 @@ class HandModel:
         ref16 = np.zeros((0, V), np.uint16)
         ref32 = np.zeros((0, V), np.float32)
         use16 = False
+        rows = np.zeros(0, np.int64)
         if ref is not None:
             ref = np.asarray(ref)
-            if ref.ndim != 2 or ref.shape != (N, V):
+            if ref_rows is not None:
+                rows = np.ascontiguousarray(ref_rows, dtype=np.int64)
+                if rows.shape != (N,):
+                    raise UserError(f"ref_rows has shape {rows.shape}, expected ({N},): one reference row per "
+                                    "position finished")
+                if ref.ndim != 2 or ref.shape[1] != V or (N and (rows.min() < 0 or rows.max() >= len(ref))):
+                    raise UserError(f"ref_rows must index rows of ref_logp (shape {ref.shape}); reference rows have "
+                                    f"{V} entries")
+            elif ref.ndim != 2 or ref.shape != (N, V):
                 raise UserError(f"ref_logp has shape {ref.shape}, expected ({N}, {V}): one row of reference "
                                 "log-probs per position of the concatenated sequences (per position of `at`)")
             if ref.dtype == np.float16:
@@ -326,12 +338,12 @@ class HandModel:
         hand_lse = np.empty((R, N))
         argmax = np.empty((R, N), dtype=np.int64)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, tok_out, pool, m)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, m)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                 self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
+                rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
         _run_chunks(ptr, args)
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
@@ -382,20 +394,22 @@ class HandModel:
                      a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka), *rows)
         return pool
 
-    def _ref_stats(self, ref, ref16, ref32, use16, tok, pool, mask):
+    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, mask):
         """sum p, sum p log p and argmax of each reference row, and p_ref mass per atom: independent of the
         mask, so cached for the same array (identified by buffer address, shape, dtype and a sample of its
-        bytes). Also p . base row per position, cached for the same array, tokens and prior/bigram mask."""
+        bytes) and the same rows of it (`rows`: kernels.run_seqs' ref_row). Also p . base row per position, cached for
+        the same array, rows, tokens and prior/bigram mask."""
         sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
-        key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample))
+        key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample),
+               hashlib.sha1(rows.tobytes()).digest())
         if self._ref_cache is None or self._ref_cache[0] != key:
             kernels = _kernels()
-            N = len(ref)
+            N = len(rows) if len(rows) else len(ref)
             stats = (np.empty(N), np.empty(N), np.empty(N, np.int64))  # S, A, arg
-            _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], *stats)
+            _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], rows, *stats)
             R = np.zeros((N, self._n_atoms))
             if len(self.rules.arrays.ncl_cls):  # else no atom is ever touched: the mass is never read
-                _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, R)
+                _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, rows, R)
             self._ref_cache = (key, stats + (R,), {})
         _, (S, A, arg, R), dots = self._ref_cache
         dkey = (self._base_key(mask), tok.tobytes())
@@ -403,7 +417,7 @@ class HandModel:
         if B is None:
             dots.clear()
             B = np.empty(len(tok))
-            _on_rows(_kernels().base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], B)
+            _on_rows(_kernels().base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], rows, B)
             dots[dkey] = B
         return S, A, arg, B, R
 
@@ -461,34 +475,38 @@ class HandModel:
             out.extend([(run, row)] if ok else [([k], None) for k in run])
         return out
 
-    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None) -> list[dict]:
+    def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None,
+                            ref_rows=None) -> list[dict]:
         """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
         row_passes allows: a fused pass computes the attention and neurons once for all its rows.
 
         `at` (bool, one per position of the concatenated sequences): the metrics at those positions only, each
         exactly what the same call without `at` gives there; `ref_logp` then holds the reference rows of those
-        positions only. The other positions cost the attention's running sums (and, before a position in `at`,
-        its heads and neurons), not their distributions: a prefix that leads up to a few positions is cheap."""
+        positions only, unless `ref_rows` (int, one per position in `at`) says which row of ref_logp each reads: a
+        large memory-mapped cache is then read in place, not gathered. The other positions cost the attention's
+        running sums (and, before a position in `at`, its heads and neurons), not their distributions: a prefix
+        that leads up to a few positions is cheap."""
         seqs = list(seqs)
         out: list[dict | None] = [None] * len(masks)
         for run, row in self.row_passes(masks):
             if row is None:
-                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at)
-                self._check_finite(m["kl"], ref_logp)
+                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at, ref_rows=ref_rows)
+                self._check_finite(m["kl"], ref_logp, ref_rows)
                 out[run[0]] = m
                 continue
-            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at)
-            self._check_finite(m["kl"], ref_logp)
+            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at, ref_rows=ref_rows)
+            self._check_finite(m["kl"], ref_logp, ref_rows)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}
         return out
 
     @staticmethod
-    def _check_finite(kl: np.ndarray, ref_logp=None) -> None:
+    def _check_finite(kl: np.ndarray, ref_logp=None, ref_rows=None) -> None:
         bad = ~np.isfinite(kl)
         if bad.any():
             i = int(np.flatnonzero(bad.reshape(-1))[0]) % kl.shape[-1]
-            r = None if ref_logp is None else np.asarray(ref_logp[i], np.float32)
+            q = i if ref_rows is None else int(ref_rows[i])
+            r = None if ref_logp is None else np.asarray(ref_logp[q], np.float32)
             if r is not None and not (np.isnan(r).any() or np.isposinf(r).any() or np.isneginf(r).all()):
                 raise UserError(f"the hand model's log-probs at eval position {i} are not finite (the reference's are): "
                                 "a rule number too large for float32 sums? keep rule numbers small (|w| <= 1e6)")

@@ -93,15 +93,17 @@ def build_base(lo, hi, uniq, V, mask, blk_rule, blk_ptr, blk_tok, blk_w, glob_bl
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def ref_stats(lo, hi, ref16, ref32, use16, lut_p, lut_pl, S, A, arg):
-    """Reference rows lo:hi: S = sum p, A = sum p log p, argmax p (first on ties). Independent of the rules."""
+def ref_stats(lo, hi, ref16, ref32, use16, lut_p, lut_pl, rows, S, A, arg):
+    """Reference rows lo:hi (row rows[i] of ref16/ref32; rows empty: row i): S = sum p, A = sum p log p, argmax p
+    (first on ties). Independent of the rules."""
     for i in range(lo, hi):
+        q = rows[i] if len(rows) > 0 else i
         s = 0.0
         a = 0.0
         bp = -1.0
         best = 0
         if use16:
-            row = ref16[i]
+            row = ref16[q]
             for v in range(row.shape[0]):
                 u = row[v]
                 p = lut_p[u]
@@ -111,7 +113,7 @@ def ref_stats(lo, hi, ref16, ref32, use16, lut_p, lut_pl, S, A, arg):
                     bp = p
                     best = v
         else:
-            frow = ref32[i]
+            frow = ref32[q]
             for v in range(frow.shape[0]):
                 y = np.float64(frow[v])
                 p = math.exp(y)
@@ -127,16 +129,17 @@ def ref_stats(lo, hi, ref16, ref32, use16, lut_p, lut_pl, S, A, arg):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def ref_atom_mass(lo, hi, ref16, ref32, use16, lut_p, atom_of, R):
-    """Reference rows lo:hi, per atom: sum of p_ref over the atom's tokens (KL's p . class-output term), into R
-    (zeroed by the caller)."""
+def ref_atom_mass(lo, hi, ref16, ref32, use16, lut_p, atom_of, rows, R):
+    """Reference rows lo:hi (rows: as ref_stats), per atom: sum of p_ref over the atom's tokens (KL's p .
+    class-output term), into R (zeroed by the caller)."""
     for i in range(lo, hi):
+        q = rows[i] if len(rows) > 0 else i
         if use16:
-            row = ref16[i]
+            row = ref16[q]
             for v in range(row.shape[0]):
                 R[i, atom_of[v]] += lut_p[row[v]]
         else:
-            frow = ref32[i]
+            frow = ref32[q]
             for v in range(frow.shape[0]):
                 R[i, atom_of[v]] += math.exp(np.float64(frow[v]))
 
@@ -208,18 +211,20 @@ def _dense_finish(brow, cum, cums, cuma, atom_of, V):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def base_dot(lo, hi, tok, row_of, base, ref16, ref32, use16, lut_p, out):
-    """sum_v p_ref[i, v] * base[row of tok[i], v] for positions lo:hi: the rule-independent part of the KL dot
-    product (depends only on the reference rows, the tokens and the prior/bigram rules), cached by the engine."""
+def base_dot(lo, hi, tok, row_of, base, ref16, ref32, use16, lut_p, rows, out):
+    """sum_v p_ref[i, v] * base[row of tok[i], v] for positions lo:hi (reference row rows[i]; rows empty: i): the
+    rule-independent part of the KL dot product (depends only on the reference rows, the tokens and the
+    prior/bigram rules), cached by the engine."""
     for i in range(lo, hi):
         brow = base[row_of[tok[i]]]
+        q = rows[i] if len(rows) > 0 else i
         B = 0.0
         if use16:
-            rrow = ref16[i]
+            rrow = ref16[q]
             for v in range(brow.shape[0]):
                 B += lut_p[rrow[v]] * brow[v]
         else:
-            frow = ref32[i]
+            frow = ref32[q]
             for v in range(brow.shape[0]):
                 B += math.exp(np.float64(frow[v])) * brow[v]
         out[i] = B
@@ -598,12 +603,13 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
     K: scratch, S: base rows, B: reference rows, F: atoms, O: outputs (tuples unpacked below)."""
     (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp) = K
     (base, base_p, base_lse, base_pat, base_atop) = S
-    (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R) = B
+    (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row) = B
     (atom_of, am_ptr, am_tok) = F
     (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax) = O
     n_atoms = len(am_ptr) - 1
     KA = base_atop.shape[2]
     lb = base_lse[r]
+    iq = ref_row[ir] if len(ref_row) > 0 else ir  # its row of ref16/ref32 (ref_S, ref_B...: row ir)
     if R == 1:  # one row: the keys are the tokens and atoms themselves, nothing to bucket or sum
         cum_ = delta
         cflg_ = dflag
@@ -662,18 +668,18 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             if sused and not want_logp:
                 for v in range(V):
                     if sd[v] != 0.0:
-                        B += _p_ref(ir, v, use16, lut_p, ref16, ref32) * sd[v]
+                        B += _p_ref(iq, v, use16, lut_p, ref16, ref32) * sd[v]
             for j in range(na):
                 aexp[alist[j]] = math.exp(aacc[alist[j]])
             if not want_logp:
                 for j in range(na):
                     B += aacc[alist[j]] * ref_R[ir, alist[j]]
                 if use16:
-                    rrow = ref16[ir]
+                    rrow = ref16[iq]
                     for j in range(nt):
                         B += lut_p[rrow[_u(touched[j])]] * delta[_u(touched[j])]
                 else:
-                    frow = ref32[ir]
+                    frow = ref32[iq]
                     for j in range(nt):
                         B += math.exp(np.float64(frow[_u(touched[j])])) * delta[_u(touched[j])]
         else:
@@ -685,10 +691,10 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                     x = sd[o + v]
                     if x != 0.0:
                         sd[o + v] = 0.0
-                        B, zrel, hi = _row_entry(v, x, ir, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
+                        B, zrel, hi = _row_entry(v, x, iq, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
                                                  cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
             for j in range(b0, bptr[rr]):
-                B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], ir, r, fresh, want_logp, use16, lut_p,
+                B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], iq, r, fresh, want_logp, use16, lut_p,
                                          ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
                                          B, zrel, hi)
             b0 = bptr[rr]
@@ -808,8 +814,8 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
-             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, want_logp, out_logp, out_kl, out_ce,
-             out_agree, out_lse, out_argmax, dense_min, fin):
+             ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row, want_logp, out_logp, out_kl,
+             out_ce, out_agree, out_lse, out_argmax, dense_min, fin):
     """P, A, U: handmodel.passargs' RuleArrays, AttentionArrays, UncondOutputs, unpacked below in their field order.
 
     Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
@@ -832,6 +838,9 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     that later positions read), but computes no heads or neurons, unless the next position finishes: then its
     outputs are summed (and dropped) for their write count, which decides how the next position writes (below).
     So a finished position computes exactly what a full pass computes there (verify/ledger/incremental.py).
+    "Reference row k" is row ref_row[k] of ref16/ref32 when ref_row is given (else row k; ref_S, ref_B and the
+    other precomputed statistics are always indexed by k), so a caller finishing a few positions of a large
+    reference cache does not gather their rows out of it first.
 
     Attention is incremental: a position at distance >= D (the head's position-table length) from t has
     score default + srcscore(token), the same for every later t, so it is folded once into running sums
@@ -1012,7 +1021,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                   slist, scnt, aacc, aflag, alist, acnt, sd, srow)
         finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp)
         bases = (base, base_p, base_lse, base_pat, base_atop)
-        refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R)
+        refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row)
         atoms = (atom_of, am_ptr, am_tok)
         outs = (out_logp, out_kl, out_ce, out_agree, out_lse, out_argmax)
         for t in range(T):

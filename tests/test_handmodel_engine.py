@@ -315,6 +315,15 @@ def test_metrics_at_chosen_positions_equal_the_full_pass_there(case, n_rows, fin
             assert np.array_equal(g[key], f[key][at], equal_nan=True), key
     again = hm.stream_metrics_rows(seqs, ref[at], masks, at=at)  # base rows and reference statistics cached
     assert all(np.array_equal(a["kl"], g["kl"]) for a, g in zip(again, got))
+    # the same reference rows read in place out of a larger array, in another order (ref_rows): the same bits
+    n_at = int(at.sum())
+    big = (rng.normal(0, 1, size=(n_at + 5, len(vocab))) - np.log(len(vocab))).astype(np.float16)
+    where = rng.permutation(n_at + 5)[:n_at]
+    big[where] = ref[at]
+    inplace = hm.stream_metrics_rows(seqs, big, masks, at=at, ref_rows=where)
+    for g, f in zip(inplace, full):
+        for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+            assert np.array_equal(g[key], f[key][at], equal_nan=True), key
 
 
 @pytest.mark.parametrize("n_rows", [1, 2])
@@ -350,6 +359,36 @@ def test_metrics_at_chosen_positions_after_positions_that_write_much(n_rows):
         for g, f in zip(got, full):
             for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
                 assert np.array_equal(g[key], f[key][at], equal_nan=True), key
+
+
+def test_reference_rows_read_in_place_are_keyed_by_their_rows():
+    """ref_rows picks each finished position's row out of one array: the reference statistics cached for that
+    array are per set of rows (two calls on the same array with other rows give each its own answer), for
+    float16 and float32 references; rows outside the array or of the wrong count are refused."""
+    rng = np.random.default_rng(3)
+    vocab = [f"t{k}" for k in range(9)]
+    text = ('[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 0.5, 1 = 1.0, default = -0.5 }\n'
+            '[[head_out]]\nid = "o"\ndoc = "d"\nhead = "h"\nnow = "@all"\nsrc = "t1"\nnext = { "t2" = 1.5 }\n'
+            '[[bigram]]\nid = "b"\ndoc = "d"\nnow = "t3"\nnext = { "t4" = 2.0 }\n')
+    rules = compile_text(vocab, {"00_r.toml": text})
+    seqs = [rng.integers(0, 9, 30).astype(np.int32) for _ in range(3)]
+    N = sum(len(x) for x in seqs)
+    at = rng.random(N) < 0.5
+    n_at = int(at.sum())
+    z = rng.normal(0, 2, size=(3 * N, 9))
+    for dtype in (np.float16, np.float32):
+        big = (z - logsumexp(z)[:, None]).astype(dtype)
+        hm = HandModel(rules)
+        for _ in range(2):
+            rows = rng.choice(len(big), n_at, replace=False)
+            got = hm.stream_metrics_rows(seqs, big, [None], at=at, ref_rows=rows)[0]
+            want = HandModel(rules).stream_metrics_rows(seqs, big[rows], [None], at=at)[0]
+            for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+                assert np.array_equal(got[key], want[key], equal_nan=True), (dtype, key)
+        with pytest.raises(UserError, match="ref_rows must index rows"):
+            hm.stream_metrics_rows(seqs, big, [None], at=at, ref_rows=np.full(n_at, len(big)))
+        with pytest.raises(UserError, match="ref_rows has shape"):
+            hm.stream_metrics_rows(seqs, big, [None], at=at, ref_rows=np.zeros(n_at + 1, np.int64))
 
 
 def test_metrics_at_positions_checks_its_mask():
@@ -702,7 +741,7 @@ def test_the_kernels_stay_in_bounds(tmp_path):
 
     env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
            "HANDMODEL_CACHE": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(sys.path)}
-    tests = "match_twin or ledger_rows or chosen_positions or write_much or copy"
+    tests = "match_twin or ledger_rows or chosen_positions or write_much or read_in_place or copy"
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", tests],
                        env=env, cwd=Path(__file__).parent, capture_output=True, text=True)
     assert p.returncode == 0 and " passed" in p.stdout, (p.stdout[-3000:], p.stderr[-2000:])
