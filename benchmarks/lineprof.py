@@ -29,9 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .machine import ROOT
 from .workload import add_pass_args
-
-ROOT = Path(__file__).resolve().parents[1]
 
 _CHILD = r"""
 import json, sys, time
