@@ -28,7 +28,7 @@ def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _LUT: tuple[np.ndarray, np.ndarray] | None = None
-_BASE_POOLS = 2  # base-row pools kept (one per prior/bigram mask)
+_BASE_POOLS = 2  # base-row pools kept in this process (one per prior/bigram content)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
@@ -118,6 +118,17 @@ def kernels_cold() -> bool:
         return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
     except (AttributeError, OSError):
         return True
+
+
+# Base-row pools by what build_base reads (HandModel._pool_key), shared by every HandModel of the process, most
+# recently used last: `verify --watch` compiles a new HandModel per edit, and an edit that leaves the prior and
+# bigram rules alone keeps their rows (~1 s of fresh memory here for valid.txt's tokens).
+_POOLS: dict[bytes, "_BasePool"] = {}
+# The statistics of the last _REF_HELD reference row sets read under a caller's name for them, most recent last
+# (HandModel._ref_stats): `verify --watch` reads all rows for an edit that spans everything and a subset for one
+# that does not.
+_REF_STATS: dict = {}
+_REF_HELD = 2
 
 
 class _BasePool:
@@ -248,11 +259,11 @@ class HandModel:
             used[h] = True  # heads nobody reads need no attention computed
             self._neuron_heads[n].add(h)
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
-        self._base_cache = None  # {base-mask key: _BasePool}, at most _BASE_POOLS of them (most recent last)
-        self._ref_cache = None
+        self._base_digest = None  # of the arrays build_base reads (_pool_key), computed on the first pass
         # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond),
         # their `copy` outputs included; copy outputs of head_outs with a `now` condition: kernels.run_seqs
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
+        self._ref_held = None  # _ref_stats of the last unnamed reference rows
         self._uo_cache = None
         self._explainer = None
         self.before_first_pass = None  # called (then dropped) before the first engine pass: verify's compile notice
@@ -275,13 +286,14 @@ class HandModel:
                             "tokenize with the tokenizer the rules were compiled against")
         return tok, ptr
 
-    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None, ref_rows=None):
+    def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None, ref_rows=None,
+             ref_key=None):
         """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
         base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N]).
         `at` (bool [N], N the positions of `seqs`): only those positions are finished, `ref` holds their rows
         only and every output has one entry per such position (kernels.run_seqs, `fin`). `ref_rows` (int, one per
         output position): `ref` is a larger array (a memory-mapped cache) and output position k reads its row
-        ref_rows[k], read in place instead of gathered."""
+        ref_rows[k], read in place instead of gathered. `ref_key`: a name for ref's content (_ref_stats)."""
         rules = self.rules
         V = rules.vocab_size
         if self.before_first_pass is not None:
@@ -338,7 +350,7 @@ class HandModel:
         hand_lse = np.empty((R, N))
         argmax = np.empty((R, N), dtype=np.int64)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, m)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, m, ref_key)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
@@ -367,20 +379,30 @@ class HandModel:
     def _base_key(self, mask: np.ndarray) -> bytes:
         return mask[self._base_rules].tobytes()
 
+    def _pool_key(self, mask: np.ndarray) -> bytes:
+        """What build_base's rows depend on: the vocabulary, atoms and prior/bigram blocks of these rules and which
+        of those blocks the mask switches on. Equal keys mean equal rows, whichever HandModel asks."""
+        a = self.rules.arrays
+        if self._base_digest is None:
+            h = hashlib.sha256(np.array([self.rules.vocab_size, self._n_atoms], np.int64).tobytes())
+            for x in (a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of):
+                x = np.ascontiguousarray(x)
+                h.update(x.dtype.str.encode() + np.int64(x.size).tobytes() + x.tobytes())
+            self._base_digest = h.digest()
+        return self._base_digest + np.ascontiguousarray(mask[a.blk_rule], np.bool_).tobytes()
+
     def _base(self, uniq: np.ndarray, mask: np.ndarray) -> "_BasePool":
         """Base rows (prior + bigram rules for one current token) depend only on that token and the
-        prior/bigram part of the mask, so they are kept across calls (ablating a head, neuron, skip or
-        head_out reuses them) and only tokens never seen before are built."""
-        key = self._base_key(mask)
-        if self._base_cache is None:
-            self._base_cache = {}
-        pools = self._base_cache
-        pool = pools.pop(key, None)
+        prior/bigram part of the mask, so they are kept across calls and across HandModels of equal prior and
+        bigram rules (_POOLS: ablating a head, neuron, skip or head_out, or editing one, reuses them) and only
+        tokens never seen before are built."""
+        key = self._pool_key(mask)
+        pool = _POOLS.pop(key, None)
         if pool is None:
-            while len(pools) >= _BASE_POOLS:
-                pools.pop(next(iter(pools)))
+            while len(_POOLS) >= _BASE_POOLS:
+                _POOLS.pop(next(iter(_POOLS)))
             pool = _BasePool(self.rules.vocab_size, self._n_atoms)
-        pools[key] = pool  # most recently used last
+        _POOLS[key] = pool  # most recently used last
         need = uniq[pool.slot[uniq] < 0]
         if len(need):
             V = self.rules.vocab_size
@@ -394,30 +416,49 @@ class HandModel:
                      a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka), *rows)
         return pool
 
-    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, mask):
-        """sum p, sum p log p and argmax of each reference row, and p_ref mass per atom: independent of the
-        mask, so cached for the same array (identified by buffer address, shape, dtype and a sample of its
-        bytes) and the same rows of it (`rows`: kernels.run_seqs' ref_row). Also p . base row per position, cached for
-        the same array, rows, tokens and prior/bigram mask."""
-        sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
-        key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample),
-               hashlib.sha1(rows.tobytes()).digest())
-        if self._ref_cache is None or self._ref_cache[0] != key:
-            kernels = _kernels()
-            N = len(rows) if len(rows) else len(ref)
+    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, mask, ref_key=None):
+        """sum p, sum p log p and argmax of each reference row: independent of the rules, so kept for the same
+        array and the same rows of it (`rows`: kernels.run_seqs' ref_row). The array is identified by `ref_key`
+        when the caller names its content (then the statistics serve every HandModel of the process: a new one
+        per edit under `verify --watch`), else by buffer address, shape, dtype and a sample of its bytes (then
+        only this HandModel's later calls). With them, p_ref mass per atom, kept for the same atoms, and p . base
+        row per position, for the same tokens and base rows (_pool_key)."""
+        rkey = hashlib.sha1(rows.tobytes()).digest()
+        if ref_key is not None:
+            key = ("named", ref_key, ref.shape, ref.dtype.str, rkey)
+            held = _REF_STATS.pop(key, None)
+        else:
+            sample = ref[:: max(1, len(ref) // 16)].tobytes() if len(ref) else b""
+            key = (ref.__array_interface__["data"][0], ref.shape, ref.dtype.str, ref.strides, hash(sample), rkey)
+            held = self._ref_held if self._ref_held is not None and self._ref_held[0] == key else None
+        kernels = _kernels()
+        N = len(rows) if len(rows) else len(ref)
+        if held is None:
             stats = (np.empty(N), np.empty(N), np.empty(N, np.int64))  # S, A, arg
             _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], rows, *stats)
+            held = (key, stats, {}, {})
+        if ref_key is not None:
+            while len(_REF_STATS) >= _REF_HELD:
+                _REF_STATS.pop(next(iter(_REF_STATS)))
+            _REF_STATS[key] = held
+        else:
+            self._ref_held = held
+        _, (S, A, arg), masses, dots = held
+        a = self.rules.arrays
+        akey = hashlib.sha1(np.ascontiguousarray(a.atom_of).tobytes()).digest() if len(a.ncl_cls) else b""
+        R = masses.get(akey)
+        if R is None:
+            masses.clear()
             R = np.zeros((N, self._n_atoms))
-            if len(self.rules.arrays.ncl_cls):  # else no atom is ever touched: the mass is never read
-                _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], self.rules.arrays.atom_of, rows, R)
-            self._ref_cache = (key, stats + (R,), {})
-        _, (S, A, arg, R), dots = self._ref_cache
-        dkey = (self._base_key(mask), tok.tobytes())
+            if akey:  # else no atom is ever touched: the mass is never read
+                _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], a.atom_of, rows, R)
+            masses[akey] = R
+        dkey = (self._pool_key(mask), tok.tobytes())
         B = dots.get(dkey)
         if B is None:
             dots.clear()
             B = np.empty(len(tok))
-            _on_rows(_kernels().base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], rows, B)
+            _on_rows(kernels.base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], rows, B)
             dots[dkey] = B
         return S, A, arg, B, R
 
@@ -476,7 +517,7 @@ class HandModel:
         return out
 
     def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None,
-                            ref_rows=None) -> list[dict]:
+                            ref_rows=None, ref_key=None) -> list[dict]:
         """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
         row_passes allows: a fused pass computes the attention and neurons once for all its rows.
 
@@ -485,16 +526,21 @@ class HandModel:
         positions only, unless `ref_rows` (int, one per position in `at`) says which row of ref_logp each reads: a
         large memory-mapped cache is then read in place, not gathered. The other positions cost the attention's
         running sums (and, before a position in `at`, its heads and neurons), not their distributions: a prefix
-        that leads up to a few positions is cheap."""
+        that leads up to a few positions is cheap.
+
+        `ref_key` (hashable, optional): a name the caller gives to ref_logp's content (verify: its reference cache's
+        content key). The reference rows' statistics are then kept for every HandModel of the process, not only
+        this one: a caller that passes the same name for different contents gets wrong metrics."""
         seqs = list(seqs)
         out: list[dict | None] = [None] * len(masks)
         for run, row in self.row_passes(masks):
             if row is None:
-                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at, ref_rows=ref_rows)
+                _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at, ref_rows=ref_rows, ref_key=ref_key)
                 self._check_finite(m["kl"], ref_logp, ref_rows)
                 out[run[0]] = m
                 continue
-            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at, ref_rows=ref_rows)
+            _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at, ref_rows=ref_rows,
+                                ref_key=ref_key)
             self._check_finite(m["kl"], ref_logp, ref_rows)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import DOC_RULES, DOC_VOCAB
-from handmodel import HandModel, load_rules, twin
+from handmodel import HandModel, engine, load_rules, twin
 from handmodel.errors import UserError
 
 SETTINGS = settings(deadline=None, derandomize=True, max_examples=60, suppress_health_check=list(HealthCheck))
@@ -391,6 +391,40 @@ def test_reference_rows_read_in_place_are_keyed_by_their_rows():
             hm.stream_metrics_rows(seqs, big, [None], at=at, ref_rows=np.zeros(n_at + 1, np.int64))
 
 
+def test_named_reference_rows_share_their_statistics_across_models():
+    """ref_key names the reference's content: every HandModel of the process then reuses one computation of its
+    statistics (sum p, sum p log p, argmax), and recomputes what depends on its own rules (mass per atom of its
+    classes, p . base row). Each model's metrics equal an unnamed call's; another name recomputes."""
+    rng = np.random.default_rng(5)
+    vocab = [f"t{k}" for k in range(12)]
+
+    def rules_with(members: str, big: str):
+        return compile_text(vocab, {"00_r.toml": (
+            f'[[class]]\nid = "c0"\ndoc = "d"\ntokens = [{members}]\n'
+            '[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 0.5, 1 = 1.0, default = -0.5 }\n'
+            f'[[bigram]]\nid = "b"\ndoc = "d"\nnow = "t3"\nnext = {{ "t4" = {big} }}\n'
+            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nnow = { "t1" = 1.0, "t2" = 0.5 }\n'
+            'attend = { h = { "t5" = 1.0 } }\nnext = { "@c0" = 1.5, "t7" = -1.0 }\n')})
+
+    seqs = [rng.integers(0, 12, 25).astype(np.int32) for _ in range(3)]
+    N = sum(len(x) for x in seqs)
+    z = rng.normal(0, 2, size=(N, 12))
+    ref = (z - logsumexp(z)[:, None]).astype(np.float16)
+    engine._REF_STATS.clear()
+    held = None
+    for name, members, big in (("a", '"t1", "t2"', "2.0"), ("a", '"t1", "t2"', "2.5"), ("a", '"t2", "t6", "t9"', "2.0"),
+                               ("b", '"t2", "t6", "t9"', "2.0")):
+        rules = rules_with(members, big)
+        got = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key=name)[0]
+        want = HandModel(rules).stream_metrics_rows(seqs, ref, [None])[0]
+        for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+            assert np.array_equal(got[key], want[key], equal_nan=True), (name, members, big, key)
+        (entry,) = [v for k, v in engine._REF_STATS.items() if k[1] == name]
+        stats = entry[1]
+        assert (stats is held) == (name == "a" and held is not None), name  # reused for the same name only
+        held = stats
+
+
 def test_metrics_at_positions_checks_its_mask():
     rules = compile_text(["a", "b"], {"00_r.toml": '[[bigram]]\nid = "x"\ndoc = "d"\nnow = "a"\nnext = { "b" = 1.0 }\n'})
     hm = HandModel(rules)
@@ -640,8 +674,39 @@ def test_base_rows_built_in_place_as_new_tokens_arrive():
         seq = np.arange(lo, hi, dtype=np.int32)[::-1].copy()
         np.testing.assert_allclose(hm.log_probs(seq), twin.log_probs(rules, seq, None), atol=1e-5, rtol=0)
         seen |= set(range(lo, hi))
-        (pool,) = hm._base_cache.values()
+        pool = engine._POOLS[hm._pool_key(rules.mask_of(None))]
         assert pool.n == len(seen) and sorted(np.flatnonzero(pool.slot >= 0)) == sorted(seen)
+
+
+def test_base_rows_shared_by_models_with_the_same_prior_and_bigrams():
+    """A second HandModel whose prior and bigram rules compile to the same blocks (here: a neuron edited, as in
+    `verify --watch`) reuses the first one's base rows; a changed bigram number, a different mask of the base rules
+    or a different vocabulary gets rows of its own. Every model stays the twin's."""
+    vocab = [f"t{i}" for i in range(40)]
+    base = ('[[prior]]\nid = "p"\ndoc = "d"\nnext = { "t1" = 2.0, "t7" = -1.0 }\n'
+            '[[bigram]]\nid = "q"\ndoc = "d"\nnow = "t3"\nnext = { "t2" = BIG }\n'
+            '[[head]]\nid = "h"\ndoc = "uniform"\n'
+            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = THR\nnow = { "t3" = 1.0 }\nattend = { h = { "t5" = 2.0 } }\n'
+            'next = { "t9" = 1.5 }\n')
+    seq = np.array([3, 5, 3, 0, 5, 3, 9], dtype=np.int32)
+    engine._POOLS.clear()
+
+    def model(big: str, thr: str, v=vocab):
+        rules = compile_text(v, {"r.toml": base.replace("BIG", big).replace("THR", thr)})
+        hm = HandModel(rules)
+        for mask in (None, np.array([True, False, True, True])):
+            np.testing.assert_allclose(hm.log_probs(seq, mask), twin.log_probs(rules, seq, mask), atol=1e-5, rtol=0)
+        return hm, rules
+
+    a, ra = model("3.0", "0.5")
+    assert len(engine._POOLS) == 2  # all on; the bigram off
+    pool = engine._POOLS[a._pool_key(ra.mask_of(None))]
+    b, rb = model("3.0", "0.25")  # the neuron edited: the same base rows
+    assert engine._POOLS[b._pool_key(rb.mask_of(None))] is pool and len(engine._POOLS) == 2
+    c, rc = model("3.5", "0.25")  # a bigram number edited: new rows
+    assert engine._POOLS[c._pool_key(rc.mask_of(None))] is not pool
+    d, rd = model("3.0", "0.25", vocab + ["t40"])  # another vocabulary: new rows
+    assert d._pool_key(rd.mask_of(None)) != a._pool_key(ra.mask_of(None))
 
 def test_weighted_set_hand_computed():
     """@w = { a = 1.0, @c0 = 0.5, c = 0.25 } with c0 = {b, c}: w_a = 1, w_b = 0.5, w_c = 0.5 + 0.25 = 0.75 (overlaps

@@ -3,6 +3,8 @@ with only the changed rules' spans recomputed equals a full recompute of that ro
 bigram edit, a head_out edit, an added rule and a deleted rule; a neuron edit falls back to a full pass."""
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -87,18 +89,21 @@ def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
     x = rng.normal(size=(len(tokens), len(VOCAB))) * 2
     logp = (x - np.log(np.exp(x).sum(1, keepdims=True))).astype(np.float16)
     (tmp / name).mkdir()
+    # content_key names the log-probs (the engine keeps their statistics under it): unique per content, as a
+    # reference cache's key is
     return SimpleNamespace(dir=tmp / name, meta={"key": "test"}, tokens=tokens, offsets=offsets, logp=logp,
+                           content_key=hashlib.sha256(logp.tobytes()).hexdigest(),
                            seqs=[tokens[offsets[i]:offsets[i + 1]] for i in range(len(seqs))])
 
 
 class _Counting(handmodel.HandModel):
     """Records how many positions each engine call covered and how many it finished (`at`)."""
 
-    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None):
+    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None, ref_key=None):
         n = sum(len(s) for s in seqs)
         self.positions = getattr(self, "positions", []) + [n]
         self.finished = getattr(self, "finished", []) + [n if at is None else int(np.sum(at))]
-        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows)
+        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows, ref_key=ref_key)
 
 
 def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):

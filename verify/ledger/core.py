@@ -250,7 +250,8 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
                 got[b.row] = m
         rest = [i for i in todo if got[i] is None]
         if rest:
-            for i, m in zip(rest, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in rest])):
+            for i, m in zip(rest, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in rest],
+                                                                   ref_key=ref.content_key)):
                 got[i] = m
         for i in todo:
             _store_row(ref, keys[i], got[i], None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head})

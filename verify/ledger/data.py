@@ -155,6 +155,15 @@ class RefCache:
         return self._seqs
 
     @property
+    def content_key(self) -> str | None:
+        """What its log-probs are, for HandModel.stream_metrics_rows(ref_key=) to keep their statistics across the
+        HandModels of one process: the key its folder was built under (checkpoint and eval set) and the checksum
+        of logp16.npy that loading checked (a file rewritten and re-recorded gets a new name)."""
+        rec = (self.meta.get("files") or {}).get("logp16.npy") or {}
+        key, crc = self.meta.get("key"), rec.get("crc32")
+        return None if key is None or crc is None else f"{key}:{crc}"
+
+    @property
     def seq_id(self) -> np.ndarray:
         """[N] index of the sequence each position belongs to."""
         return np.repeat(np.arange(len(self.offsets) - 1), np.diff(self.offsets))

@@ -226,7 +226,8 @@ def splice(hm, ref, masks: list[np.ndarray], bases: list[Base], fields: tuple[st
         sub = np.concatenate([at[a:a + n] for a, n in zip(starts[idx], run)])
         seqs = [ref.seqs[q][:n] for q, n in zip(idx, run)]
         # the reference rows are read in place (ref_rows), not gathered: a copy of them is fresh memory, ~1 s here
-        new = hm.stream_metrics_rows(seqs, ref.logp, [masks[b.row] for b in bases], at=sub, ref_rows=where)
+        new = hm.stream_metrics_rows(seqs, ref.logp, [masks[b.row] for b in bases], at=sub, ref_rows=where,
+                                     ref_key=ref.content_key)
         for o, m in zip(out, new):
             for k in fields:
                 o[k][where] = m[k]
