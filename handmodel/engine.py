@@ -31,6 +31,7 @@ _LUT: tuple[np.ndarray, np.ndarray] | None = None
 _BASE_POOLS = 2  # base-row pools kept in this process (one per prior/bigram content)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
+FINISH_COST = 50  # a finished position costs about this many of a position only folded into the attention sums
 DENSE_SHARE = 2  # dense finish once a position touches 1/DENSE_SHARE of the vocabulary (benchmarks/dense_finish.py)
 
 
@@ -64,16 +65,22 @@ def _skip_blas_probe() -> None:
             del sys.modules["scipy.linalg"]
 
 
-def _run_chunks(ptr: np.ndarray, args: tuple) -> None:
+def _run_chunks(ptr: np.ndarray, args: tuple, fin: np.ndarray | None = None) -> None:
     """kernels.run_seqs over all sequences, one contiguous chunk per numba thread (numba.get_num_threads), chunks
-    balanced by positions, not sequence count; each writes only its own positions' output entries, so no merge is
-    needed. The kernel itself is serial: a parallel=True kernel of this size costs minutes of numba's parfor
-    analysis at its cold compile (benchmarks/README.md, "Issue 22 item 4")."""
+    balanced by cost, not sequence count: a position, and FINISH_COST more for each position that finishes (fin:
+    kernels.run_seqs' map; empty or None, all finish). Each writes only its own positions' output entries, so no
+    merge is needed. The kernel itself is serial: a parallel=True kernel of this size costs minutes of numba's
+    parfor analysis at its cold compile (benchmarks/README.md, "Issue 22 item 4")."""
     import numba
 
     n_seq = len(ptr) - 1
     n = max(1, min(numba.get_num_threads(), n_seq))
-    cuts = np.searchsorted(ptr, np.linspace(0, ptr[-1], n + 1)[1:-1], side="left")
+    cost = ptr.astype(np.float64)
+    if fin is not None and len(fin):
+        done = np.zeros(len(fin) + 1)
+        np.cumsum(fin >= 0, out=done[1:])
+        cost = cost + FINISH_COST * done[ptr]
+    cuts = np.searchsorted(cost, np.linspace(0, cost[-1], n + 1)[1:-1], side="left")
     _on_threads(_kernels().run_seqs, np.concatenate([[0], cuts, [n_seq]]), args)
 
 
@@ -349,15 +356,18 @@ class HandModel:
         agree = np.zeros((R, N), dtype=np.bool_)
         hand_lse = np.empty((R, N))
         argmax = np.empty((R, N), dtype=np.int64)
+        dense = np.zeros(N, dtype=np.int8)
         if ref is not None:
             S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, m, ref_key)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                 self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, np.int64(self.dense_min), fin)
-        _run_chunks(ptr, args)
-        out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax}
+                rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, dense, np.int64(self.dense_min), fin)
+        _run_chunks(ptr, args, fin)
+        # dense: per position, how it stored its outputs (kernels.run_seqs' out_dense): the same in every row
+        out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax,
+               "dense": np.broadcast_to(dense, (R, N))}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
 
     def _attention_state(self) -> AttentionArrays:

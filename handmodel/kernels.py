@@ -815,7 +815,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row, want_logp, out_logp, out_kl,
-             out_ce, out_agree, out_lse, out_argmax, dense_min, fin):
+             out_ce, out_agree, out_lse, out_argmax, out_dense, dense_min, fin):
     """P, A, U: handmodel.passargs' RuleArrays, AttentionArrays, UncondOutputs, unpacked below in their field order.
 
     Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
@@ -838,6 +838,9 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     that later positions read), but computes no heads or neurons, unless the next position finishes: then its
     outputs are summed (and dropped) for their write count, which decides how the next position writes (below).
     So a finished position computes exactly what a full pass computes there (verify/ledger/incremental.py).
+    out_dense[k] (one per finished position, whatever R) says how: bit 0, it stored its outputs densely (its
+    previous position's write count); bit 1, its own write count makes the next position store densely. A caller
+    that recomputes some positions after an edit reads there whether the position after each needs it too.
     "Reference row k" is row ref_row[k] of ref16/ref32 when ref_row is given (else row k; ref_S, ref_B and the
     other precomputed statistics are always indexed by k), so a caller finishing a few positions of a large
     reference cache does not gather their rows out of it first.
@@ -1096,4 +1099,6 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                 aflag[alist[j]] = False
                 aexp[alist[j] % n_atoms] = 1.0
             acnt[0] = 0
+            if ir >= 0:
+                out_dense[ir] = np.int8(dense_pos) + np.int8(2) * np.int8(nw >= dense_min)
             dense_pos = nw >= dense_min

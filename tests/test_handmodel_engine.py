@@ -311,7 +311,7 @@ def test_metrics_at_chosen_positions_equal_the_full_pass_there(case, n_rows, fin
     hm = _model(rules, finish)
     got = hm.stream_metrics_rows(seqs, ref[at], masks, at=at)
     for g, f in zip(got, full):
-        for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+        for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax", "dense"):
             assert np.array_equal(g[key], f[key][at], equal_nan=True), key
     again = hm.stream_metrics_rows(seqs, ref[at], masks, at=at)  # base rows and reference statistics cached
     assert all(np.array_equal(a["kl"], g["kl"]) for a, g in zip(again, got))
@@ -353,11 +353,18 @@ def test_metrics_at_chosen_positions_after_positions_that_write_much(n_rows):
     first[np.asarray(rules.rule_kinds) == "head"] = 0
     masks = [first <= k for k in range(n_rows)]
     full = HandModel(rules).stream_metrics_rows(seqs, ref, masks)
+    # how each position stored its outputs (bit 0) is what the write count before it said (bit 1 there), in
+    # every row alike; both ways occur
+    dense = full[0]["dense"]
+    start = np.zeros(N, bool)
+    start[np.cumsum([0] + [len(x) for x in seqs[:-1]])] = True
+    assert not (dense[start] & 1).any() and np.array_equal(dense[1:][~start[1:]] & 1, (dense[:-1] >> 1 & 1)[~start[1:]])
+    assert 0 < (dense & 1).sum() < N - len(seqs) and all(np.array_equal(f["dense"], dense) for f in full)
     for share in (0.1, 0.3):
         at = rng.random(N) < share
         got = HandModel(rules).stream_metrics_rows(seqs, ref[at], masks, at=at)
         for g, f in zip(got, full):
-            for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
+            for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax", "dense"):
                 assert np.array_equal(g[key], f[key][at], equal_nan=True), key
 
 

@@ -69,8 +69,8 @@ def group_masks(rules) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-ROW_CACHE_VERSION = 4  # 2: keyed by what load_rules compiled (not file bytes); 3: not by docs or lines;
-# 4: rows carry their rules' span records (verify/ledger/incremental.py)
+ROW_CACHE_VERSION = 5  # 2: keyed by what load_rules compiled (not file bytes); 3: not by docs or lines;
+# 4: rows carry their rules' span records (verify/ledger/incremental.py); 5: and how each position stored its outputs
 
 
 def row_keys(rules, masks: list[np.ndarray], ref) -> list[str | None]:
@@ -254,7 +254,8 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
                                                                    ref_key=ref.content_key)):
                 got[i] = m
         for i in todo:
-            _store_row(ref, keys[i], got[i], None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head})
+            _store_row(ref, keys[i], got[i], None if specs is None else
+                       {**specs.to_arrays(masks[i]), "sp_head": head, "sp_dense": np.ascontiguousarray(got[i]["dense"])})
     if labels is not None:
         for label, k in zip(labels, keys):
             I.write_lineage(ref, label, k)

@@ -142,17 +142,19 @@ class _Positions:
 
     def at(self, s: Specs, i: int) -> np.ndarray:
         """[N] bool: the positions where rule i of `s` can change a log-prob (its span: up to the last of them).
-        A head_out or skip also writes there, and a position's write count decides how the next position stores
-        its outputs (kernels.run_seqs, dense_pos), which changes that position's float64 rounding: so the
-        position after each of its positions counts too (a bigram row writes nothing: its base rows change)."""
+        A head_out or skip also writes there (writes(s, i)), and a position's write count decides how the next
+        position stores its outputs (kernels.run_seqs, dense_pos), which changes that position's float64
+        rounding: splice checks those next positions (a bigram row writes nothing: its base rows change)."""
         hit = self._inset(s.now[s.now_ptr[i]:s.now_ptr[i + 1]])
         if s.kind[i] != SPAN_BIGRAM:
             f = self.first(s.src[i])[self.seq]
             hit &= (self.pos > f) if s.kind[i] == SPAN_SKIP else (self.pos >= f)
-            after = np.zeros_like(hit)
-            after[1:] = hit[:-1]
-            hit |= after & (self.pos > 0)
         return hit
+
+    @staticmethod
+    def writes(s: Specs, i: int) -> bool:
+        """Rule i of `s` writes outputs at its positions (so their write counts can change)."""
+        return bool(s.kind[i] != SPAN_BIGRAM)
 
     def span(self, s: Specs, i: int) -> np.ndarray:
         """[n_seqs] prefix length outside which rule i of `s` cannot change a log-prob (0: nowhere)."""
@@ -173,6 +175,8 @@ class Base:
     row: int  # index into the masks being computed
     old: dict
     at: np.ndarray  # [N] bool
+    wrote: np.ndarray  # [N] bool: positions of `at` where a changed rule writes (a head_out or skip)
+    dense: np.ndarray  # [N] int8: how the old row's positions stored their outputs (kernels.run_seqs, out_dense)
 
 
 def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: Specs, on: np.ndarray,
@@ -186,7 +190,7 @@ def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: 
     if got is None:
         return None
     m, ex = got
-    if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head):
+    if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head) or ex.get("sp_dense", np.zeros(0)).shape != (len(pos.tok),):
         return None
     try:
         old, old_on = Specs.from_arrays(ex)
@@ -197,38 +201,64 @@ def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: 
     if len(changed) > MAX_CHANGED or any(s.kind[i] == SPAN_ALL for s, i in changed):
         return None
     at = np.zeros(len(pos.tok), np.bool_)
+    wrote = np.zeros(len(pos.tok), np.bool_)
     for s, i in changed:
-        at |= pos.at(s, i)
-    return Base(row, m, at)
+        hit = pos.at(s, i)
+        at |= hit
+        if pos.writes(s, i):
+            wrote |= hit
+    return Base(row, m, at, wrote, ex["sp_dense"])
 
 
 def splice(hm, ref, masks: list[np.ndarray], bases: list[Base], fields: tuple[str, ...]) -> list[dict] | None:
     """The rows of `bases` (masks[b.row]) with the union of their positions recomputed in one engine pass
     (stream_metrics_rows at those positions of the prefixes leading to them: the same row fusion as a full pass
-    over these masks) and spliced into the old rows. None when the union covers more than MAX_SHARE of the
-    positions."""
+    over these masks) and spliced into the old rows, `fields` and "dense" (how each position stored its outputs).
+    Then the position after each one where a changed rule writes: if its storage (dense or not, decided by the
+    write count before it) is not the old row's any more, it is recomputed too, in a second pass (a number edit
+    keeps every count). None when the union covers more than MAX_SHARE of the positions."""
     at = np.logical_or.reduce([b.at for b in bases])
     n_at = int(at.sum())
     if n_at > MAX_SHARE * len(at):
         return None
-    out = [{k: np.array(b.old[k]) for k in fields} for b in bases]
-    if n_at:
-        starts = np.asarray(ref.offsets[:-1], np.int64)
-        lens = np.diff(ref.offsets).astype(np.int64)
-        seq = np.repeat(np.arange(len(lens)), lens)
-        ends = np.zeros(len(lens), np.int64)  # per sequence: one past its last position to recompute
-        where = np.flatnonzero(at)
-        np.maximum.at(ends, seq[where], where - starts[seq[where]] + 1)
-        idx = np.flatnonzero(ends)
-        # each prefix runs one token past its last such position (when there is one) so that position sees its
-        # true next token (ce); that extra position is read, not finished
-        run = np.minimum(ends[idx] + 1, lens[idx])
-        sub = np.concatenate([at[a:a + n] for a, n in zip(starts[idx], run)])
-        seqs = [ref.seqs[q][:n] for q, n in zip(idx, run)]
-        # the reference rows are read in place (ref_rows), not gathered: a copy of them is fresh memory, ~1 s here
-        new = hm.stream_metrics_rows(seqs, ref.logp, [masks[b.row] for b in bases], at=sub, ref_rows=where,
-                                     ref_key=ref.content_key)
-        for o, m in zip(out, new):
-            for k in fields:
-                o[k][where] = m[k]
+    out = [{k: np.array(b.old[k]) for k in fields} | {"dense": np.array(b.dense)} for b in bases]
+    _recompute(hm, ref, masks, bases, at, fields, out)
+    # the positions after those where a changed rule writes, in the same sequence, not recomputed yet
+    wrote = np.logical_or.reduce([b.wrote for b in bases])
+    after = np.zeros_like(at)
+    after[1:] = wrote[:-1]
+    after[np.asarray(ref.offsets[:-1], np.int64)] = False
+    after &= ~at
+    if after.any():
+        before = np.flatnonzero(after) - 1
+        flip = np.zeros_like(at)
+        for b, o in zip(bases, out):  # old storage against the new count before them (its row's own pass)
+            flip[after] |= (b.dense[after] & 1) != (o["dense"][before] >> 1 & 1)
+        if flip.any():
+            _recompute(hm, ref, masks, bases, flip, fields, out)
     return out
+
+
+def _recompute(hm, ref, masks: list[np.ndarray], bases: list[Base], at: np.ndarray, fields: tuple[str, ...],
+               out: list[dict]) -> None:
+    """`out`'s rows (one per base) at the positions `at`, from one stream_metrics_rows pass."""
+    starts = np.asarray(ref.offsets[:-1], np.int64)
+    lens = np.diff(ref.offsets).astype(np.int64)
+    seq = np.repeat(np.arange(len(lens)), lens)
+    ends = np.zeros(len(lens), np.int64)  # per sequence: one past its last position to recompute
+    where = np.flatnonzero(at)
+    if not len(where):
+        return
+    np.maximum.at(ends, seq[where], where - starts[seq[where]] + 1)
+    idx = np.flatnonzero(ends)
+    # each prefix runs one token past its last such position (when there is one) so that position sees its
+    # true next token (ce); that extra position is read, not finished
+    run = np.minimum(ends[idx] + 1, lens[idx])
+    sub = np.concatenate([at[a:a + n] for a, n in zip(starts[idx], run)])
+    seqs = [ref.seqs[q][:n] for q, n in zip(idx, run)]
+    # the reference rows are read in place (ref_rows), not gathered: a copy of them is fresh memory, ~1 s here
+    new = hm.stream_metrics_rows(seqs, ref.logp, [masks[b.row] for b in bases], at=sub, ref_rows=where,
+                                 ref_key=ref.content_key)
+    for o, m in zip(out, new):
+        for k in fields + ("dense",):
+            o[k][where] = m[k]
