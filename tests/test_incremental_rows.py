@@ -110,7 +110,7 @@ def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
     rules = handmodel.load_rules(d, VOCAB)
     hm = _Counting(rules)
     masks = L.group_masks(rules)
-    labels = ["all:" + label for label, _ in masks] if lineage else None
+    labels = ["all:" + label + L.lineage_scope(rules) for label, _ in masks] if lineage else None
     return hm, L.cached_metrics(hm, rules, ref, [m for _, m in masks], cache=cache, labels=labels)
 
 
@@ -224,6 +224,23 @@ def test_splice_after_a_position_whose_write_count_changed(tmp_path, edit):
     _, full = _ledger(after, ref_full, lineage=False)
     for g, f in zip(got, full):
         assert _same(g, f)
+
+
+def test_two_rules_folders_on_one_eval_set_keep_their_own_lineage(tmp_path):
+    """Rows are spliced onto the last rows of the same rules folder (core.lineage_scope): verifying another
+    folder in between (here one whose neuron differs: nothing of it can be spliced onto) leaves the first
+    folder's next edit incremental, and equal to a full recompute. (A folder never seen before splices onto the
+    last rows of any folder: the other tests edit a copy.)"""
+    ref = _ref(tmp_path)
+    a = _write(tmp_path / "a")
+    _ledger(a, ref)
+    _ledger(_write(tmp_path / "b", EDITS["neuron"]), ref)
+    name, old, new = EDITS["head_out"]
+    (a / name).write_text((a / name).read_text().replace(old, new))
+    hm, got = _ledger(a, ref)
+    assert len(hm.positions) == 1 and 0 < hm.positions[0] < len(ref.tokens), hm.positions
+    _, full = _ledger(a, ref, cache=False)
+    assert all(np.allclose(g["kl"], f["kl"], rtol=0, atol=1e-12) for g, f in zip(got, full))
 
 
 @pytest.mark.parametrize("case", ["class", "damaged"])

@@ -262,6 +262,17 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
     return got
 
 
+def lineage_scope(rules) -> str:
+    """What a row's lineage (verify/ledger/incremental.py) is kept per, besides its label: this engine and the
+    folders the rules were read from. Two rules folders verified on one eval set (the shipped rules and an
+    experiment), or two checkouts sharing one cache, each splice onto their own last rows instead of replacing
+    each other's pointer with a row the other cannot splice onto (another engine) or that is far from it."""
+    from pathlib import Path
+
+    folders = sorted({str(Path(f).resolve().parent) for f in rules.rule_files})
+    return "\0" + _engine_sha() + "\0" + "\0".join(folders)
+
+
 def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True,
                within: np.ndarray | None = None):
     """-> (rows, per-position metrics of the last row (all rules on)). `within` [n_rules] bool: only these rules
@@ -271,7 +282,8 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
         masks = masks[-1:]
     if within is not None:
         masks = [(label, m & within) for label, m in masks]
-    lineage = [("verified:" if within is not None else "all:") + label for label, _ in masks]
+    scope = lineage_scope(rules)
+    lineage = [("verified:" if within is not None else "all:") + label + scope for label, _ in masks]
     got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache, labels=lineage)
     numbers = np.asarray(rules.rule_numbers)
     rows = [summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum()))

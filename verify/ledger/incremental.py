@@ -1,7 +1,8 @@
 """Incremental ledger rows: after an edit, recompute only the positions the changed rules can touch.
 
 A ledger row is a pure function of the rules it switches on (verify/ledger/core.row_keys). When a row's
-key misses, the last row stored under the same label (its *lineage*: "all:+ neurons", "verified:+ copying")
+key misses, the last row stored under the same label (its *lineage*: "all:+ neurons", "verified:+ copying", per
+engine and rules folder when that one was seen before: core.lineage_scope)
 usually differs from it by one edited rule: the old version off, the new one on. Switching a rule on or off
 changes log-probs only at the positions it acts on (_Positions.at: a bigram row where the current token is
 in its rows; a head_out where the current token is in its `now`, at or after the first `src` token of the
@@ -76,11 +77,14 @@ def context_digest(head: str) -> np.ndarray:
 
 
 # -- lineage pointers: label -> the key of the last row stored or read under it ---------------------
+# A label may end in a scope ("\0" and what core.lineage_scope says: engine and rules folders). The pointer is kept
+# under the scoped label and under the bare one: a scope seen before splices onto its own last row, a new one (a
+# copied rules folder) onto the last row of any scope.
 def _lineage_file(ref, label: str) -> Path:
     return ref.dir / "ledger" / f"lineage-{hashlib.sha256(label.encode()).hexdigest()[:16]}.txt"
 
 
-def read_lineage(ref, label: str) -> str | None:
+def _read_one(ref, label: str) -> str | None:
     try:
         key = _lineage_file(ref, label).read_text().strip()
         return key if key.isalnum() else None
@@ -88,17 +92,23 @@ def read_lineage(ref, label: str) -> str | None:
         return None
 
 
+def read_lineage(ref, label: str) -> str | None:
+    key = _read_one(ref, label)
+    return key if key is not None or "\0" not in label else _read_one(ref, label.split("\0", 1)[0])
+
+
 def write_lineage(ref, label: str, key: str) -> None:
-    if read_lineage(ref, label) == key:
-        return
-    f = _lineage_file(ref, label)
-    try:
-        f.parent.mkdir(exist_ok=True)
-        tmp = f.with_name(f".{f.stem}.tmp{os.getpid()}")
-        tmp.write_text(key)
-        tmp.replace(f)
-    except OSError:
-        pass
+    for lab in dict.fromkeys([label, label.split("\0", 1)[0]]):
+        if _read_one(ref, lab) == key:
+            continue
+        f = _lineage_file(ref, lab)
+        try:
+            f.parent.mkdir(exist_ok=True)
+            tmp = f.with_name(f".{f.stem}.tmp{os.getpid()}")
+            tmp.write_text(key)
+            tmp.replace(f)
+        except OSError:
+            pass
 
 
 # -- spans -------------------------------------------------------------------------------------------
