@@ -11,7 +11,7 @@ in the same minutes only). The edits are real: each step's rows and compiled rul
 
 --watch: the same edits under one `verify --watch` process (verify/cli/watch.py), each timed from just before
 the file is written until the process prints that it is watching again: the save-to-ledger latency a user
-sees, its polling (<= 0.25 s) included.
+sees, its polling (<= 0.125 s) included.
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def changed_names(old: tuple[FileStamp, ...], new: tuple[FileStamp, ...]) -> lis
     return sorted(n for n in a.keys() | b.keys() if a.get(n) != b.get(n))
 
 
-def watch(folder: Path, run: Callable[[list[str]], None], poll: float = 0.2,
+def watch(folder: Path, run: Callable[[list[str]], None], poll: float = 0.1,
           stop: Callable[[], bool] = lambda: False, since: tuple[FileStamp, ...] | None = None) -> None:
     """Call run(names of the changed files) after each settled change to the folder's rule files, until
     stop() (or Ctrl-C, which the caller handles). `run` reports its own errors: a bad edit must not end the
