@@ -28,7 +28,6 @@ def _float16_tables() -> tuple[np.ndarray, np.ndarray]:
 
 
 _LUT: tuple[np.ndarray, np.ndarray] | None = None
-_BASE_POOLS = 2  # base-row pools kept in this process (one per prior/bigram content)
 _POOL_BYTES = 1 << 30  # a pool larger than this is cut back to the tokens of the current call
 MAX_FUSED_ROWS = 32  # ledger rows per engine pass (per-sequence buffers grow with rows x vocabulary)
 FINISH_COST = 50  # a finished position costs about this many of a position only folded into the attention sums
@@ -127,10 +126,10 @@ def kernels_cold() -> bool:
         return True
 
 
-# Base-row pools by what build_base reads (HandModel._pool_key), shared by every HandModel of the process, most
-# recently used last: `verify --watch` compiles a new HandModel per edit, and an edit that leaves the prior and
-# bigram rules alone keeps their rows (~1 s of fresh memory here for valid.txt's tokens).
-_POOLS: dict[bytes, "_BasePool"] = {}
+# Base rows by the content that builds them (HandModel._row_digests), one pool per vocabulary size and atom count,
+# shared by every HandModel of the process: `verify --watch` compiles a new HandModel per edit, and an edit
+# rebuilds only the rows whose prior or bigram blocks it changed (fresh memory is ~1 s here for valid.txt's tokens).
+_POOLS: dict[tuple[int, int], "_BasePool"] = {}
 # The statistics of the last _REF_HELD reference row sets read under a caller's name for them, most recent last
 # (HandModel._ref_stats): `verify --watch` reads all rows for an edit that spans everything and a subset for one
 # that does not.
@@ -140,17 +139,17 @@ _REF_HELD = 2
 
 class _BasePool:
     """Dense base rows (float32 logits, float64 probabilities, log-sum-exp; per atom its mass and top
-    members) for the current tokens seen so far."""
+    members), each under the digest of what builds it (HandModel._row_digests): tokens with the same blocks share
+    a row, and so do HandModels with the same prior and bigram rules."""
 
     def __init__(self, V: int, n_atoms: int):
         self.V = V
         self.n_atoms = n_atoms
         self.ka = _kernels().atom_top_k(n_atoms)
-        self.slot = np.full(V, -1, dtype=np.int64)  # token -> row, -1 = not built
         self.reset()
 
     def reset(self) -> None:
-        self.slot[:] = -1
+        self.index: dict[bytes, int] = {}  # row digest -> row
         self.n = 0
         self.base = np.zeros((0, self.V), dtype=np.float32)
         self.prob = np.zeros((0, self.V))
@@ -158,12 +157,12 @@ class _BasePool:
         self.pat = np.zeros((0, self.n_atoms))
         self.top = np.zeros((0, self.n_atoms, self.ka), dtype=np.int32)
 
-    def rows_for(self, toks: np.ndarray) -> tuple:
-        """Views of the next len(toks) rows (base, prob, lse, pat, top) for build_base to fill in place, the
-        tokens mapped to them. Fresh memory is what a first pass pays for (the pool is ~140 MB for valid.txt's
+    def rows_for(self, digests: list[bytes]) -> tuple:
+        """Views of the next len(digests) rows (base, prob, lse, pat, top) for build_base to fill in place, the
+        digests mapped to them. Fresh memory is what a first pass pays for (the pool is ~140 MB for valid.txt's
         tokens, and first-touching a page costs more than computing its row on a VM that backs memory lazily),
         so the rows are built where they stay, not built and then copied in; grown by doubling."""
-        n, k = self.n, len(toks)
+        n, k = self.n, len(digests)
         if n + k > len(self.base):
             cap = min(max(n + k, 2 * len(self.base), 64), max(self.V, n + k))
             for name in ("base", "prob", "lse", "pat", "top"):
@@ -173,7 +172,7 @@ class _BasePool:
                 setattr(self, name, new)
         self.pat[n:n + k] = 0.0  # build_base adds into pat and inserts into top
         self.top[n:n + k] = -1
-        self.slot[toks] = np.arange(n, n + k)
+        self.index.update(zip(digests, range(n, n + k)))
         self.n = n + k
         return tuple(getattr(self, name)[n:n + k] for name in ("base", "prob", "lse", "pat", "top"))
 
@@ -266,7 +265,8 @@ class HandModel:
             used[h] = True  # heads nobody reads need no attention computed
             self._neuron_heads[n].add(h)
         self._base_rules = np.array([k in ("prior", "bigram") for k in rules.rule_kinds], dtype=np.bool_)
-        self._base_digest = None  # of the arrays build_base reads (_pool_key), computed on the first pass
+        self._blk_digests = None  # per prior/bigram block, of its content (_row_digests), on the first pass
+        self._row_digs: dict[bytes, list[bytes]] = {}  # base-mask key -> per token, its base row's digest
         # head_outs with now = @all are merged per (head, source token) for each mask (kernels.build_uncond),
         # their `copy` outputs included; copy outputs of head_outs with a `now` condition: kernels.run_seqs
         self._ho_uncond = np.asarray(a.ho_now, dtype=np.int64) == rules.sets.ALL
@@ -324,7 +324,7 @@ class HandModel:
             fin[at] = np.arange(int(at.sum()))
             tok_out = tok[at]  # base rows and reference statistics only where positions finish
         N = len(tok_out)
-        pool = self._base(np.unique(tok_out), m)
+        pool, slot = self._base(np.unique(tok_out), m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -358,10 +358,10 @@ class HandModel:
         argmax = np.empty((R, N), dtype=np.int64)
         dense = np.zeros(N, dtype=np.int8)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, m, ref_key)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, slot, m, ref_key)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
-        args = (tok, ptr, pool.slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
+        args = (tok, ptr, slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                 self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
                 rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, dense, np.int64(self.dense_min), fin)
         _run_chunks(ptr, args, fin)
@@ -389,50 +389,73 @@ class HandModel:
     def _base_key(self, mask: np.ndarray) -> bytes:
         return mask[self._base_rules].tobytes()
 
-    def _pool_key(self, mask: np.ndarray) -> bytes:
-        """What build_base's rows depend on: the vocabulary, atoms and prior/bigram blocks of these rules and which
-        of those blocks the mask switches on. Equal keys mean equal rows, whichever HandModel asks."""
+    def _row_digests(self, mask: np.ndarray) -> list[bytes]:
+        """Per token, a digest of what build_base makes its base row from: the vocabulary size and atoms, the
+        switched-on global (prior) blocks and the token's switched-on bigram blocks, each by its content, in the
+        order they are summed. Equal digests mean equal rows, whichever token or HandModel asks (the token itself
+        is not in it: tokens without bigram rows share one). Kept per prior/bigram mask."""
+        key = self._base_key(mask)
+        got = self._row_digs.get(key)
+        if got is not None:
+            return got
         a = self.rules.arrays
-        if self._base_digest is None:
-            h = hashlib.sha256(np.array([self.rules.vocab_size, self._n_atoms], np.int64).tobytes())
-            for x in (a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w, a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of):
-                x = np.ascontiguousarray(x)
-                h.update(x.dtype.str.encode() + np.int64(x.size).tobytes() + x.tobytes())
-            self._base_digest = h.digest()
-        return self._base_digest + np.ascontiguousarray(mask[a.blk_rule], np.bool_).tobytes()
+        V = self.rules.vocab_size
+        sha = hashlib.sha1
+        if self._blk_digests is None:
+            p, bt, bw = a.blk_ptr, np.ascontiguousarray(a.blk_tok, np.int64), np.ascontiguousarray(a.blk_w, np.float64)
+            self._blk_digests = [sha(bt[p[k]:p[k + 1]].tobytes() + bw[p[k]:p[k + 1]].tobytes()).digest()
+                                 for k in range(len(p) - 1)]
+        d = self._blk_digests
+        on = mask[a.blk_rule]
+        head = sha(np.array([V, self._n_atoms], np.int64).tobytes()
+                   + np.ascontiguousarray(a.atom_of, np.int64).tobytes()
+                   + b"".join(d[k] for k in a.glob_blk if on[k])).digest()
+        nb_ptr, nb_blk = a.nb_ptr, a.nb_blk
+        got = [sha(head + b"".join(d[k] for k in nb_blk[nb_ptr[c]:nb_ptr[c + 1]] if on[k])).digest() for c in range(V)]
+        if len(self._row_digs) >= 8:
+            self._row_digs.clear()
+        self._row_digs[key] = got
+        return got
 
-    def _base(self, uniq: np.ndarray, mask: np.ndarray) -> "_BasePool":
-        """Base rows (prior + bigram rules for one current token) depend only on that token and the
-        prior/bigram part of the mask, so they are kept across calls and across HandModels of equal prior and
-        bigram rules (_POOLS: ablating a head, neuron, skip or head_out, or editing one, reuses them) and only
-        tokens never seen before are built."""
-        key = self._pool_key(mask)
-        pool = _POOLS.pop(key, None)
+    def _base(self, uniq: np.ndarray, mask: np.ndarray) -> tuple["_BasePool", np.ndarray]:
+        """Base rows (prior + bigram rules for one current token) for the tokens `uniq`, and the map token ->
+        row (-1 elsewhere). A row depends only on the blocks that build it (_row_digests), so rows are kept across
+        calls and across the HandModels of the process (_POOLS: ablating or editing a head, neuron, skip or
+        head_out reuses all of them, editing a bigram row rebuilds that row's tokens only) and only rows never
+        built before are built."""
+        V = self.rules.vocab_size
+        digs = self._row_digests(mask)
+        pool = _POOLS.get((V, self._n_atoms))
         if pool is None:
-            while len(_POOLS) >= _BASE_POOLS:
-                _POOLS.pop(next(iter(_POOLS)))
-            pool = _BasePool(self.rules.vocab_size, self._n_atoms)
-        _POOLS[key] = pool  # most recently used last
-        need = uniq[pool.slot[uniq] < 0]
-        if len(need):
-            V = self.rules.vocab_size
+            pool = _POOLS[(V, self._n_atoms)] = _BasePool(V, self._n_atoms)
+        want = [digs[c] for c in uniq.tolist()]
+        first = {}  # each digest not built yet -> the first token that needs it
+        for c, g in zip(uniq.tolist(), want):
+            if g not in pool.index and g not in first:
+                first[g] = c
+        if first:
             row_bytes = 12 * V + pool.n_atoms * (8 + 4 * pool.ka)
-            if pool.n + len(need) > max(_POOL_BYTES // max(row_bytes, 1), len(uniq)):
-                pool.reset()  # over the memory budget: keep only this call's tokens
-                need = uniq
+            if pool.n + len(first) > max(_POOL_BYTES // max(row_bytes, 1), len(uniq)):
+                pool.reset()  # over the memory budget: keep only this call's rows
+                first = {}
+                for c, g in zip(uniq.tolist(), want):
+                    first.setdefault(g, c)
+            need = np.array(list(first.values()), dtype=np.int64)
             a = self.rules.arrays
-            rows = pool.rows_for(need)  # base, prob, lse, pat, top
+            rows = pool.rows_for(list(first))  # base, prob, lse, pat, top
             _on_rows(_kernels().build_base, len(need), need, V, mask, a.blk_rule, a.blk_ptr, a.blk_tok, a.blk_w,
                      a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka), *rows)
-        return pool
+        slot = np.full(V, -1, dtype=np.int64)
+        slot[uniq] = [pool.index[g] for g in want]
+        return pool, slot
 
-    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, mask, ref_key=None):
+    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, slot, mask, ref_key=None):
         """sum p, sum p log p and argmax of each reference row: independent of the rules, so kept for the same
         array and the same rows of it (`rows`: kernels.run_seqs' ref_row). The array is identified by `ref_key`
         when the caller names its content (then the statistics serve every HandModel of the process: a new one
         per edit under `verify --watch`), else by buffer address, shape, dtype and a sample of its bytes (then
         only this HandModel's later calls). With them, p_ref mass per atom, kept for the same atoms, and p . base
-        row per position, for the same tokens and base rows (_pool_key)."""
+        row per position, for the same tokens and base rows (_row_digests)."""
         rkey = hashlib.sha1(rows.tobytes()).digest()
         if ref_key is not None:
             key = ("named", ref_key, ref.shape, ref.dtype.str, rkey)
@@ -463,12 +486,13 @@ class HandModel:
             if akey:  # else no atom is ever touched: the mass is never read
                 _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], a.atom_of, rows, R)
             masses[akey] = R
-        dkey = (self._pool_key(mask), tok.tobytes())
+        digs = self._row_digests(mask)
+        dkey = (hashlib.sha1(b"".join(digs[c] for c in np.unique(tok).tolist())).digest(), tok.tobytes())
         B = dots.get(dkey)
         if B is None:
             dots.clear()
             B = np.empty(len(tok))
-            _on_rows(kernels.base_dot, len(tok), tok, pool.slot, pool.base, ref16, ref32, use16, _LUT[0], rows, B)
+            _on_rows(kernels.base_dot, len(tok), tok, slot, pool.base, ref16, ref32, use16, _LUT[0], rows, B)
             dots[dkey] = B
         return S, A, arg, B, R
 

@@ -669,51 +669,50 @@ def test_base_rows_cached_across_calls_and_masks():
 
 
 def test_base_rows_built_in_place_as_new_tokens_arrive():
-    """Each call builds rows only for tokens it has not seen, in place at the end of the pool, which grows (its
-    earlier rows copied) past its first capacity of 64: every row stays the twin's, old and new alike."""
+    """Each call builds rows only for tokens whose row it has not built, in place at the end of the pool, which
+    grows (its earlier rows copied) past its first capacity of 64: every row stays the twin's, old and new alike.
+    Tokens whose rows are built from the same blocks share one (here every token from t60 on: the prior only)."""
     vocab = [f"t{i}" for i in range(90)]
+    rows = ", ".join(f'"t{i}" = {{ "t{(7 * i) % 90}" = {1 + i / 8:.3f} }}' for i in range(60))
     rules = compile_text(vocab, {"r.toml": '[[prior]]\nid = "p"\ndoc = "d"\nnext = { "t1" = 2.0, "t7" = -1.0 }\n'
-                                           '[[bigram]]\nid = "q"\ndoc = "d"\nnow = "t3"\nnext = { "t2" = 3.0 }\n'
-                                           '[[bigram]]\nid = "r"\ndoc = "d"\nnow = "t80"\nnext = { "t5" = 1.5 }\n'})
+                                           f'[[bigram]]\nid = "q"\ndoc = "d"\nrows = {{ {rows} }}\n'})
+    engine._POOLS.clear()
     hm = HandModel(rules)
     seen: set[int] = set()
     for lo, hi in [(0, 5), (3, 40), (40, 41), (30, 75), (70, 90), (0, 90)]:
         seq = np.arange(lo, hi, dtype=np.int32)[::-1].copy()
         np.testing.assert_allclose(hm.log_probs(seq), twin.log_probs(rules, seq, None), atol=1e-5, rtol=0)
-        seen |= set(range(lo, hi))
-        pool = engine._POOLS[hm._pool_key(rules.mask_of(None))]
-        assert pool.n == len(seen) and sorted(np.flatnonzero(pool.slot >= 0)) == sorted(seen)
+        seen |= {min(t, 60) for t in range(lo, hi)}  # t60..t89: one row
+        (pool,) = engine._POOLS.values()
+        assert pool.n == len(pool.index) == len(seen)
 
 
 def test_base_rows_shared_by_models_with_the_same_prior_and_bigrams():
     """A second HandModel whose prior and bigram rules compile to the same blocks (here: a neuron edited, as in
-    `verify --watch`) reuses the first one's base rows; a changed bigram number, a different mask of the base rules
-    or a different vocabulary gets rows of its own. Every model stays the twin's."""
+    `verify --watch`) builds no base row; a changed bigram number rebuilds the row of its token only; a masked
+    bigram reuses the rows of tokens built from the prior alone; another vocabulary has a pool of its own. Every
+    model stays the twin's."""
     vocab = [f"t{i}" for i in range(40)]
     base = ('[[prior]]\nid = "p"\ndoc = "d"\nnext = { "t1" = 2.0, "t7" = -1.0 }\n'
-            '[[bigram]]\nid = "q"\ndoc = "d"\nnow = "t3"\nnext = { "t2" = BIG }\n'
+            '[[bigram]]\nid = "q"\ndoc = "d"\nrows = { "t3" = { "t2" = BIG }, "t5" = { "t9" = 0.5 } }\n'
             '[[head]]\nid = "h"\ndoc = "uniform"\n'
             '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = THR\nnow = { "t3" = 1.0 }\nattend = { h = { "t5" = 2.0 } }\n'
             'next = { "t9" = 1.5 }\n')
     seq = np.array([3, 5, 3, 0, 5, 3, 9], dtype=np.int32)
     engine._POOLS.clear()
 
-    def model(big: str, thr: str, v=vocab):
+    def built(big: str, thr: str, v=vocab) -> int:
         rules = compile_text(v, {"r.toml": base.replace("BIG", big).replace("THR", thr)})
         hm = HandModel(rules)
         for mask in (None, np.array([True, False, True, True])):
             np.testing.assert_allclose(hm.log_probs(seq, mask), twin.log_probs(rules, seq, mask), atol=1e-5, rtol=0)
-        return hm, rules
+        return sum(p.n for p in engine._POOLS.values())
 
-    a, ra = model("3.0", "0.5")
-    assert len(engine._POOLS) == 2  # all on; the bigram off
-    pool = engine._POOLS[a._pool_key(ra.mask_of(None))]
-    b, rb = model("3.0", "0.25")  # the neuron edited: the same base rows
-    assert engine._POOLS[b._pool_key(rb.mask_of(None))] is pool and len(engine._POOLS) == 2
-    c, rc = model("3.5", "0.25")  # a bigram number edited: new rows
-    assert engine._POOLS[c._pool_key(rc.mask_of(None))] is not pool
-    d, rd = model("3.0", "0.25", vocab + ["t40"])  # another vocabulary: new rows
-    assert d._pool_key(rd.mask_of(None)) != a._pool_key(ra.mask_of(None))
+    assert built("3.0", "0.5") == 3  # t3, t5 and the prior-only row (t0, t9; every token with the bigram off)
+    assert built("3.0", "0.25") == 3  # the neuron edited: the same rows
+    assert built("3.5", "0.25") == 4  # t3's bigram number edited: its row only
+    assert built("3.0", "0.25", vocab + ["t40"]) == 7 and len(engine._POOLS) == 2  # another vocabulary
+
 
 def test_weighted_set_hand_computed():
     """@w = { a = 1.0, @c0 = 0.5, c = 0.25 } with c0 = {b, c}: w_a = 1, w_b = 0.5, w_c = 0.5 + 0.25 = 0.75 (overlaps
