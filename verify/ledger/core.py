@@ -269,7 +269,7 @@ def lineage_scope(rules) -> str:
     each other's pointer with a row the other cannot splice onto (another engine) or that is far from it."""
     from pathlib import Path
 
-    folders = sorted({str(Path(f).resolve().parent) for f in rules.rule_files})
+    folders = sorted({str(Path(f).parent.resolve()) for f in set(rules.rule_files)})  # one per file, not rule
     return "\0" + _engine_sha() + "\0" + "\0".join(folders)
 
 
