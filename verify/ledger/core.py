@@ -254,8 +254,9 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
                                                                    ref_key=ref.content_key)):
                 got[i] = m
         for i in todo:
-            _store_row(ref, keys[i], got[i], None if specs is None else
-                       {**specs.to_arrays(masks[i]), "sp_head": head, "sp_dense": np.ascontiguousarray(got[i]["dense"])})
+            extra = None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head,
+                                                "sp_dense": np.ascontiguousarray(got[i]["dense"])}
+            _store_row(ref, keys[i], got[i], extra)
     if labels is not None:
         for label, k in zip(labels, keys):
             I.write_lineage(ref, label, k)

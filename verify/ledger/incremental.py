@@ -200,7 +200,9 @@ def find_base(ref, sets, row: int, label: str, key: str, head: np.ndarray, cur: 
     if got is None:
         return None
     m, ex = got
-    if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head) or ex.get("sp_dense", np.zeros(0)).shape != (len(pos.tok),):
+    if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head):
+        return None
+    if ex.get("sp_dense", np.zeros(0)).shape != (len(pos.tok),):  # a row stored before rows carried it
         return None
     try:
         old, old_on = Specs.from_arrays(ex)
