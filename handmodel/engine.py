@@ -324,7 +324,7 @@ class HandModel:
             fin[at] = np.arange(int(at.sum()))
             tok_out = tok[at]  # base rows and reference statistics only where positions finish
         N = len(tok_out)
-        pool, slot = self._base(np.unique(tok_out), m)
+        pool, slot, rows_key = self._base(np.unique(tok_out), m)
         global _LUT
         if _LUT is None:
             _LUT = _float16_tables()
@@ -358,7 +358,7 @@ class HandModel:
         argmax = np.empty((R, N), dtype=np.int64)
         dense = np.zeros(N, dtype=np.int8)
         if ref is not None:
-            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, slot, m, ref_key)
+            S, A, arg, Bd, Rm = self._ref_stats(ref, ref16, ref32, use16, rows, tok_out, pool, slot, rows_key, ref_key)
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
         args = (tok, ptr, slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
@@ -417,9 +417,9 @@ class HandModel:
         self._row_digs[key] = got
         return got
 
-    def _base(self, uniq: np.ndarray, mask: np.ndarray) -> tuple["_BasePool", np.ndarray]:
-        """Base rows (prior + bigram rules for one current token) for the tokens `uniq`, and the map token ->
-        row (-1 elsewhere). A row depends only on the blocks that build it (_row_digests), so rows are kept across
+    def _base(self, uniq: np.ndarray, mask: np.ndarray) -> tuple["_BasePool", np.ndarray, bytes]:
+        """Base rows (prior + bigram rules for one current token) for the tokens `uniq`, the map token -> row (-1
+        elsewhere) and a key of those rows' contents (the digests of uniq's rows, in order). A row depends only on the blocks that build it (_row_digests), so rows are kept across
         calls and across the HandModels of the process (_POOLS: ablating or editing a head, neuron, skip or
         head_out reuses all of them, editing a bigram row rebuilds that row's tokens only) and only rows never
         built before are built."""
@@ -429,17 +429,15 @@ class HandModel:
         if pool is None:
             pool = _POOLS[(V, self._n_atoms)] = _BasePool(V, self._n_atoms)
         want = [digs[c] for c in uniq.tolist()]
-        first = {}  # each digest not built yet -> the first token that needs it
+        every = {}  # each digest -> the first token that needs it
         for c, g in zip(uniq.tolist(), want):
-            if g not in pool.index and g not in first:
-                first[g] = c
+            every.setdefault(g, c)
+        first = {g: c for g, c in every.items() if g not in pool.index}  # not built yet
         if first:
             row_bytes = 12 * V + pool.n_atoms * (8 + 4 * pool.ka)
             if pool.n + len(first) > max(_POOL_BYTES // max(row_bytes, 1), len(uniq)):
                 pool.reset()  # over the memory budget: keep only this call's rows
-                first = {}
-                for c, g in zip(uniq.tolist(), want):
-                    first.setdefault(g, c)
+                first = every
             need = np.array(list(first.values()), dtype=np.int64)
             a = self.rules.arrays
             rows = pool.rows_for(list(first))  # base, prob, lse, pat, top
@@ -447,15 +445,15 @@ class HandModel:
                      a.glob_blk, a.nb_ptr, a.nb_blk, a.atom_of, np.int64(pool.n_atoms), np.int64(pool.ka), *rows)
         slot = np.full(V, -1, dtype=np.int64)
         slot[uniq] = [pool.index[g] for g in want]
-        return pool, slot
+        return pool, slot, hashlib.sha1(b"".join(want)).digest()
 
-    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, slot, mask, ref_key=None):
+    def _ref_stats(self, ref, ref16, ref32, use16, rows, tok, pool, slot, rows_key, ref_key=None):
         """sum p, sum p log p and argmax of each reference row: independent of the rules, so kept for the same
         array and the same rows of it (`rows`: kernels.run_seqs' ref_row). The array is identified by `ref_key`
         when the caller names its content (then the statistics serve every HandModel of the process: a new one
         per edit under `verify --watch`), else by buffer address, shape, dtype and a sample of its bytes (then
         only this HandModel's later calls). With them, p_ref mass per atom, kept for the same atoms, and p . base
-        row per position, for the same tokens and base rows (_row_digests)."""
+        row per position, for the same tokens and base rows (rows_key: _base's)."""
         rkey = hashlib.sha1(rows.tobytes()).digest()
         if ref_key is not None:
             key = ("named", ref_key, ref.shape, ref.dtype.str, rkey)
@@ -486,8 +484,7 @@ class HandModel:
             if akey:  # else no atom is ever touched: the mass is never read
                 _on_rows(kernels.ref_atom_mass, N, ref16, ref32, use16, _LUT[0], a.atom_of, rows, R)
             masses[akey] = R
-        digs = self._row_digests(mask)
-        dkey = (hashlib.sha1(b"".join(digs[c] for c in np.unique(tok).tolist())).digest(), tok.tobytes())
+        dkey = (rows_key, tok.tobytes())
         B = dots.get(dkey)
         if B is None:
             dots.clear()
@@ -510,7 +507,8 @@ class HandModel:
 
         kl: KL(p_ref || p_hand) >= 0 (p_ref renormalised); ce: -log p_hand(next token), NaN at each
         sequence's last position; agree: argmax p_hand == argmax p_ref; hand_lse: log Z of the hand
-        logits; hand_argmax: the hand model's top token. Hand log-probs are never materialised.
+        logits; hand_argmax: the hand model's top token; dense: how the engine stored each position's outputs
+        (kernels.run_seqs' out_dense, for verify/ledger/incremental.py). Hand log-probs are never materialised.
         """
         _, _, out = self._run(list(seqs), mask, ref=ref_logp)
         self._check_finite(out["kl"], ref_logp)
