@@ -1,7 +1,7 @@
 """numba kernels. Plain loops over the CSR arrays built in compiled.py; semantics in docs/rules.md.
 
-Cost model (docs/method.md, "Where the hand model's time goes"): a full-row exp is ~10 us per token, a
-row dot ~1 us. So each distinct current token gets a dense *base row* (prior + bigram rows) with its
+Cost model (docs/method.md, "Where the hand model's time goes"): a row of libm exps is ~18 us per position
+(4,096 tokens, one thread), a row dot ~1 us. So each distinct current token gets a dense *base row* (prior + bigram rows) with its
 log-sum-exp and top-K computed once; per position only the sparse changes from heads, neurons and
 skip-trigrams are applied, and log Z is updated with O(changed) exps. KL needs p_ref: float16 input
 is read through a 65536-entry table (exp of every float16), so no exp per vocabulary entry at all.
@@ -10,14 +10,16 @@ rows are computed in one pass (outputs keyed by row, each row finished from the 
 A position whose outputs touch much of the vocabulary (large weighted sets written by many neurons) is
 the exception: there the per-token bookkeeping costs more than the exps, so weighted-set outputs, and all
 outputs once the previous position was that large, are summed into a dense row without flags and log Z
-and the argmax come from one sequential pass over the vocabulary (_dense_finish).
+and the argmax come from passes over the vocabulary (_dense_finish, with a vectorised exp: ~4 us a row).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 TOP_K = 64
 NEVER = 1 << 62  # "token not seen yet" for first-occurrence positions
@@ -192,21 +194,98 @@ def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cf
     return B, zrel, hi
 
 
+@intrinsic
+def _two_to(typingctx, k):
+    """2.0 ** k for an integer k in -1022 .. 1023, assembled from its exponent bits: straight-line code, so a
+    loop of it vectorises (a table read or math.ldexp does not)."""
+    if not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        k64 = context.cast(builder, args[0], sig.args[0], types.int64)
+        bits = builder.shl(builder.add(k64, ir.Constant(ir.IntType(64), 1023)), ir.Constant(ir.IntType(64), 52))
+        return builder.bitcast(bits, ir.DoubleType())
+    return types.float64(k), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693145751953125  # ln 2 in two parts (Cody and Waite): n x _LN2_HI is exact for |n| < 2^11
+_LN2_LO = 1.42860682030941723212e-06
+_EXP_LOW = -700.0  # exp(-700) ~ 1e-304: under half an ulp of any sum that holds exp(0) = 1
+(_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13) = (1.0 / math.factorial(k) for k in range(14))
+
+
+# contract: each Horner step is one fused multiply-add (half the instructions; rounding at least as good)
+@njit(forceinline=True, error_model="numpy", _nrt=False, no_cpython_wrapper=True, no_cfunc_wrapper=True,
+      fastmath={"contract"})
+def _exp_le0(x):
+    """exp(x) for x <= 0 within one ulp of libm's, as straight-line arithmetic that a loop vectorises (libm's exp
+    is a call per element: a third of a dense finish). x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series
+    to degree 13 (remainder < 5e-18), times 2^n. Below _EXP_LOW it gives exp(_EXP_LOW); NaN stays NaN."""
+    x = x if not (x < _EXP_LOW) else _EXP_LOW
+    n = np.floor(x * _LOG2E + 0.5)
+    r = (x - n * _LN2_HI) - n * _LN2_LO
+    p = ((((((((((((_E13 * r + _E12) * r + _E11) * r + _E10) * r + _E9) * r + _E8) * r + _E7) * r + _E6) * r + _E5)
+                * r + _E4) * r + _E3) * r + _E2) * r + _E1) * r + _E0
+    return p * _two_to(np.int64(n if n == n else 0.0))
+
+
 @_inlined
-def _dense_finish(brow, cum, cums, cuma, atom_of, V):
-    """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by one sequential pass
-    over the vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and
-    exact (no cancellation), so it is also the fallback when the incremental log Z is at risk."""
-    m = -np.inf
-    best = -1
+def _dense_finish(brow, cum, cums, cuma, atom_of, V, yb, eb):
+    """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by passes over the
+    vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and exact (no
+    cancellation), so it is also the fallback when the incremental log Z is at risk. Leaves the logits in yb
+    (eb: scratch). Each pass is a loop LLVM vectorises or one with independent chains (four running maxima,
+    eight partial sums, in a fixed order): a sequential max and sum wait on every previous element."""
     for v in range(V):
-        y = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
-        if y > m:
-            m = y
-            best = v
-    z = 0.0
+        yb[v] = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
+    m0 = m1 = m2 = m3 = -np.inf  # lane j: the first largest of yb[v], v = j mod 4
+    b0 = b1 = b2 = b3 = -1
+    V4 = V - V % 4
+    for v in range(0, V4, 4):
+        if yb[v] > m0:
+            m0 = yb[v]
+            b0 = v
+        if yb[v + 1] > m1:
+            m1 = yb[v + 1]
+            b1 = v + 1
+        if yb[v + 2] > m2:
+            m2 = yb[v + 2]
+            b2 = v + 2
+        if yb[v + 3] > m3:
+            m3 = yb[v + 3]
+            b3 = v + 3
+    for v in range(V4, V):
+        if yb[v] > m0:
+            m0 = yb[v]
+            b0 = v
+    m = m0
+    best = b0
+    if m1 > m or (m1 == m and b1 >= 0 and (best < 0 or b1 < best)):
+        m = m1
+        best = b1
+    if m2 > m or (m2 == m and b2 >= 0 and (best < 0 or b2 < best)):
+        m = m2
+        best = b2
+    if m3 > m or (m3 == m and b3 >= 0 and (best < 0 or b3 < best)):
+        m = m3
+        best = b3
     for v in range(V):
-        z += math.exp(brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])] - m)
+        eb[v] = _exp_le0(yb[v] - m)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    V8 = V - V % 8
+    for v in range(0, V8, 8):
+        s0 += eb[v]
+        s1 += eb[v + 1]
+        s2 += eb[v + 2]
+        s3 += eb[v + 3]
+        s4 += eb[v + 4]
+        s5 += eb[v + 5]
+        s6 += eb[v + 6]
+        s7 += eb[v + 7]
+    for v in range(V8, V):
+        s0 += eb[v]
+    z = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
     return m + math.log(z), best
 
 
@@ -601,7 +680,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
     atom keys) hold this position's outputs keyed by row (R > 1) or by token (R = 1); sd/srow (in K) its
     flagless dense outputs. Leaves K's scratch clear; the caller clears delta and aacc.
     K: scratch, S: base rows, B: reference rows, F: atoms, O: outputs (tuples unpacked below)."""
-    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp) = K
+    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp, yb, eb) = K
     (base, base_p, base_lse, base_pat, base_atop) = S
     (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row) = B
     (atom_of, am_ptr, am_tok) = F
@@ -710,7 +789,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             na = tacnt[0]
             dense = fresh and nt >= dense_min
         if dense:
-            lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+            lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V, yb, eb)
             zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
             hi = lse  # >= every logit: keeps the overflow guard
         elif fresh:
@@ -730,7 +809,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                 zrel += base_p[r, v] * aexp[ak] * (math.exp(cum_[v]) - 1.0)
         if not dense:
             if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
-                lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V)
+                lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V, yb, eb)
             else:
                 lse = lb + math.log(zrel)
                 best = -2  # argmax below
@@ -776,9 +855,9 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
         if want_logp:
             orow = out_logp[ir]
             brow = base[r]
-            if dense:
+            if dense:  # _dense_finish left this row's logits in yb
                 for v in range(V):
-                    orow[v] = brow[v] + cum_[v] + cums_[v] + cuma_[_u(atom_of[v])] - lse
+                    orow[v] = yb[v] - lse
             else:
                 if na > 0:
                     for v in range(V):
@@ -1022,7 +1101,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                    nn_w, wrn_ptr, wrn_neu, wrn_w)
         spread = (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt, sacc, sflag,
                   slist, scnt, aacc, aflag, alist, acnt, sd, srow)
-        finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp)
+        finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp,
+                  np.empty(V), np.empty(V))  # _dense_finish's logits and exps
         bases = (base, base_p, base_lse, base_pat, base_atop)
         refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row)
         atoms = (atom_of, am_ptr, am_tok)

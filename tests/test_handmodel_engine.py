@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from conftest import DOC_RULES, DOC_VOCAB
@@ -855,3 +855,84 @@ def test_run_seqs_helpers_are_inlined_by_llvm_without_reference_counts():
     for name, d in found.items():
         if not name.startswith("_"):
             assert not isinstance(d._cache, NullCache), f"kernel {name} is not cached"
+
+
+def _dense_finish_runner():
+    """A jitted caller of kernels._dense_finish and _exp_le0 (they have no Python entry of their own)."""
+    from numba import njit
+
+    k = engine._kernels()
+    dense_finish, exp_le0 = k._dense_finish, k._exp_le0
+
+    @njit
+    def finish(y, atom_of, cuma):
+        V = len(y)
+        zero = np.zeros(V)
+        yb = np.empty(V)
+        lse, best = dense_finish(y, zero, zero, cuma, atom_of, V, yb, np.empty(V))
+        return lse, best, yb
+
+    @njit
+    def exps(x):
+        out = np.empty_like(x)
+        for i in range(len(x)):
+            out[i] = exp_le0(x[i])
+        return out
+    return finish, exps
+
+
+def _sequential_finish(y: np.ndarray) -> tuple[float, int]:
+    """What _dense_finish computes, one element after another: the first largest logit and log sum exp."""
+    import math
+
+    m, best = -np.inf, -1
+    for v, x in enumerate(y):
+        if x > m:
+            m, best = x, v
+    if best < 0:  # every logit -inf: -inf - -inf is NaN, as in the kernel
+        return math.nan, best
+    return m + math.log(sum(math.exp(x - m) for x in y)), best
+
+
+def test_exp_le0_is_within_an_ulp_of_libm():
+    """The dense finish's exp (straight-line, vectorised) against libm's over x <= 0: within one ulp where the
+    result is normal, exact at 0, exp(-700) below -700 (the sums it feeds hold a term 1), NaN kept."""
+    import math
+
+    _, exps = _dense_finish_runner()
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.uniform(0, 700, 200_000), -rng.uniform(0, 1, 50_000), -np.log(2) / 2 * np.arange(0, 2.0, 1e-4),
+                        [0.0, -0.0, -5e-324, -1e-300, -700.0]])
+    got = exps(x)
+    want = np.array([math.exp(v) for v in x])
+    ulp = np.spacing(want)
+    assert np.max(np.abs(got - want) / ulp) <= 1.0
+    assert exps(np.array([0.0, -0.0]))[0] == 1.0 and exps(np.array([-0.0]))[0] == 1.0
+    low = exps(np.array([-700.5, -745.0, -1e300, -np.inf]))
+    assert np.all(low == math.exp(-700.0))
+    assert np.isnan(exps(np.array([np.nan]))[0])
+
+
+@settings(deadline=None, derandomize=True, max_examples=200, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from([-np.inf, -3.0, -0.5, 0.0, 0.25, 1.0, 2.0, 2.0, 7.5]), min_size=1, max_size=23),
+       st.integers(1, 3))
+@example([-np.inf] * 5, 1)
+@example([2.0, 0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0], 1)  # the maximum in lanes 0, 1 and 2: token 0 wins
+@example([0.0, 0.0, 2.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0], 1)  # in lanes 2, 1, 2: token 2
+def test_dense_finish_equals_a_sequential_pass_ties_included(vals, n_atoms):
+    """Four running maxima and eight partial sums give the sequential pass's argmax exactly (ties: the lowest token,
+    whichever lane holds it; -inf logits never win; all -inf: -1) and its log Z to rounding; the logits stay in yb."""
+    y = np.array(vals)
+    V = len(y)
+    atom_of = (np.arange(V) % n_atoms).astype(np.int32)
+    cuma = np.linspace(-0.5, 0.5, n_atoms) if n_atoms > 1 else np.zeros(1)
+    logits = y + cuma[atom_of]
+    finish, _ = _dense_finish_runner()
+    lse, best, yb = finish(y, atom_of, cuma)
+    want_lse, want_best = _sequential_finish(logits)
+    assert best == want_best
+    np.testing.assert_array_equal(yb, logits)
+    if np.isnan(want_lse):
+        assert np.isnan(lse)
+    else:
+        assert lse == pytest.approx(want_lse, rel=1e-14, abs=1e-14)
