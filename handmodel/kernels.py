@@ -231,14 +231,9 @@ def _exp_le0(x):
 
 
 @_inlined
-def _dense_finish(brow, cum, cums, cuma, atom_of, V, yb, eb):
-    """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by passes over the
-    vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and exact (no
-    cancellation), so it is also the fallback when the incremental log Z is at risk. Leaves the logits in yb
-    (eb: scratch). Each pass is a loop LLVM vectorises or one with independent chains (four running maxima,
-    eight partial sums, in a fixed order): a sequential max and sum wait on every previous element."""
-    for v in range(V):
-        yb[v] = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
+def _argmax4(yb, V):
+    """The largest of yb[:V] and its first index (-inf and -1 when none is larger than -inf, NaN never wins), in
+    four interleaved lanes (a sequential max waits on every previous compare); ties go to the lower index."""
     m0 = m1 = m2 = m3 = -np.inf  # lane j: the first largest of yb[v], v = j mod 4
     b0 = b1 = b2 = b3 = -1
     V4 = V - V % 4
@@ -270,6 +265,42 @@ def _dense_finish(brow, cum, cums, cuma, atom_of, V, yb, eb):
     if m3 > m or (m3 == m and b3 >= 0 and (best < 0 or b3 < best)):
         m = m3
         best = b3
+    return m, best
+
+
+@_inlined
+def _argmax_after(yb, ymax, ybest, chg, nch, brow, cum, cums, cuma, atom_of, V):
+    """The argmax (ties: lower id) of logits that differ from yb's (largest ymax, first at ybest) only at the tokens
+    chg[:nch] (repeats allowed), whose logits are computed afresh into yb. The largest unchanged logit is ymax, and
+    ybest comes first among the tokens holding it, so ybest (when its logit did not fall) and the changed tokens are
+    the only candidates; otherwise yb is scanned. Returns (argmax, its logit)."""
+    for j in range(nch):
+        v = _u(chg[j])
+        yb[v] = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
+    if ybest < 0 or not (yb[_u(ybest)] >= ymax):
+        m, best = _argmax4(yb, V)
+        return best, m
+    best = ybest
+    bv = yb[_u(ybest)]
+    for j in range(nch):
+        v = chg[j]
+        y = yb[_u(v)]
+        if y > bv or (y == bv and v < best):
+            best = v
+            bv = y
+    return best, bv
+
+
+@_inlined
+def _dense_finish(brow, cum, cums, cuma, atom_of, V, yb, eb):
+    """log Z and argmax (ties: lower id) of the logits brow + cum + cums + cuma[atom] by passes over the
+    vocabulary: cheaper than the per-touched-token bookkeeping once most of it is touched, and exact (no
+    cancellation), so it is also the fallback when the incremental log Z is at risk. Leaves the logits in yb
+    (eb: scratch). Each pass is a loop LLVM vectorises or one with independent chains (_argmax4's four running
+    maxima, eight partial sums, in a fixed order): a sequential max and sum wait on every previous element."""
+    for v in range(V):
+        yb[v] = brow[v] + cum[v] + cums[v] + cuma[_u(atom_of[v])]
+    m, best = _argmax4(yb, V)
     for v in range(V):
         eb[v] = _exp_le0(yb[v] - m)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
@@ -680,7 +711,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
     atom keys) hold this position's outputs keyed by row (R > 1) or by token (R = 1); sd/srow (in K) its
     flagless dense outputs. Leaves K's scratch clear; the caller clears delta and aacc.
     K: scratch, S: base rows, B: reference rows, F: atoms, O: outputs (tuples unpacked below)."""
-    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp, yb, eb) = K
+    (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp, yb, eb, chg) = K
     (base, base_p, base_lse, base_pat, base_atop) = S
     (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row) = B
     (atom_of, am_ptr, am_tok) = F
@@ -736,9 +767,14 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
     B = ref_B[ir] if not want_logp else 0.0
     # dense: this position touches at least dense_min tokens, so log Z and the argmax come from one pass
     # over the vocabulary (_dense_finish). In R > 1 only a row that must recompute zrel from scratch
-    # (it changes atoms) goes dense; the rows after it go on from the exact log Z it leaves.
+    # (it changes atoms, or it is the first row to reach dense_min touched tokens) goes dense; the rows after it
+    # go on from the exact log Z it leaves, and from the logits it leaves in yb (ybok): their argmax is the
+    # best of yb's and the tokens they change (chg), not a scan of every touched token and atom.
     dense = False
     sused = False
+    ybok = False
+    ymax = -np.inf  # with ybok: yb's largest logit and its first token
+    ybest = -1
     for rr in range(R):
         if R == 1:
             fresh = True
@@ -762,7 +798,8 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                     for j in range(nt):
                         B += math.exp(np.float64(frow[_u(touched[j])])) * delta[_u(touched[j])]
         else:
-            fresh = aptr[rr] > a0
+            fresh = aptr[rr] > a0 or (not ybok and tcnt[0] >= dense_min)
+            nch = 0
             if srow[rr]:  # this row's flagless outputs join its touched tokens
                 srow[rr] = False
                 o = rr * V
@@ -772,10 +809,14 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                         sd[o + v] = 0.0
                         B, zrel, hi = _row_entry(v, x, iq, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
                                                  cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                        chg[nch] = v
+                        nch += 1
             for j in range(b0, bptr[rr]):
-                B, zrel, hi = _row_entry(bkey[j] - rr * V, delta[bkey[j]], iq, r, fresh, want_logp, use16, lut_p,
-                                         ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of,
-                                         B, zrel, hi)
+                v = bkey[j] - rr * V
+                B, zrel, hi = _row_entry(v, delta[bkey[j]], iq, r, fresh, want_logp, use16, lut_p, ref16, ref32,
+                                         cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                chg[nch] = v
+                nch += 1
             b0 = bptr[rr]
             for j in range(a0, aptr[rr]):
                 ak = akey[j] - rr * n_atoms
@@ -792,7 +833,9 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V, yb, eb)
             zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
             hi = lse  # >= every logit: keeps the overflow guard
+            ybok = True
         elif fresh:
+            ybok = False  # atoms changed: yb's logits are stale
             zrel = 1.0
             hi = -np.inf
             for j in range(na):
@@ -810,9 +853,15 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
         if not dense:
             if hi - lb > 30.0 or zrel < 1e-4:  # overflow or cancellation risk: recompute densely
                 lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V, yb, eb)
+                ybok = R > 1
             else:
                 lse = lb + math.log(zrel)
                 best = -2  # argmax below
+                if ybok:  # R > 1, a row without atom changes after one that left its logits in yb
+                    best, ymax = _argmax_after(yb, ymax, ybest, chg, nch, base[r], cum_, cums_, cuma_, atom_of, V)
+        if ybok and best != -2:
+            ybest = best
+            ymax = yb[best] if best >= 0 else -np.inf
         out_lse[rr, ir] = lse
         if nx >= 0:
             out_ce[rr, ir] = lse - (base[r, nx] + cum_[nx] + cums_[nx] + cuma_[atom_of[nx]])
@@ -1102,7 +1151,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         spread = (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt, sacc, sflag,
                   slist, scnt, aacc, aflag, alist, acnt, sd, srow)
         finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp,
-                  np.empty(V), np.empty(V))  # _dense_finish's logits and exps
+                  np.empty(V), np.empty(V), np.empty(2 * V, dtype=np.int64))  # _dense_finish's logits and exps;
+        # the tokens one fused row changes (_finish)
         bases = (base, base_p, base_lse, base_pat, base_atop)
         refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row)
         atoms = (atom_of, am_ptr, am_tok)

@@ -1,6 +1,7 @@
 """Engine == twin on random vocabularies, rule sets (written as TOML text), sequences and masks."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tempfile
@@ -936,3 +937,44 @@ def test_dense_finish_equals_a_sequential_pass_ties_included(vals, n_atoms):
         assert np.isnan(lse)
     else:
         assert lse == pytest.approx(want_lse, rel=1e-14, abs=1e-14)
+
+
+@functools.lru_cache(maxsize=None)
+def _argmax_after_runner():
+    """A jitted caller of kernels._argmax_after: yb holds the previous row's logits `old`, the row changes `chg`."""
+    from numba import njit
+
+    k = engine._kernels()
+    after, argmax4 = k._argmax_after, k._argmax4
+
+    @njit
+    def run(old, cum, chg, nch):
+        V = len(old)
+        yb = old.copy()
+        ymax, ybest = argmax4(yb, V)
+        zero = np.zeros(V)
+        best, bv = after(yb, ymax, ybest, chg, nch, old, cum, zero, zero[:1], np.zeros(V, np.int32), V)
+        return best, bv, yb
+    return run
+
+
+@settings(deadline=None, derandomize=True, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, 2.0]), min_size=1, max_size=13), st.data())
+def test_argmax_after_a_fused_rows_changes_equals_a_full_argmax(prev, data):
+    """_argmax_after (a fused ledger row's argmax from the previous row's logits in yb and the tokens it changes)
+    against the first largest logit of the new row: changes that raise, lower (the previous argmax too, which
+    needs a rescan), tie or repeat a token."""
+    V = len(prev)
+    old = np.array(prev)
+    changed = data.draw(st.lists(st.integers(0, V - 1), max_size=2 * V))
+    new_vals = data.draw(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0, 3.0]), min_size=len(changed),
+                                  max_size=len(changed)))
+    cum = np.zeros(V)
+    for v, x in zip(changed, new_vals):
+        cum[v] = x - old[v] if np.isfinite(old[v]) and np.isfinite(x) else 0.0
+    logits = old + cum
+    best, bv, yb = _argmax_after_runner()(old, cum, np.array(changed + [0], np.int64), len(changed))
+    want = -1 if not np.any(logits > -np.inf) else int(np.argmax(logits))
+    assert best == want
+    np.testing.assert_array_equal(yb, logits)
+    assert bv == (logits[want] if want >= 0 else -np.inf)
