@@ -1,8 +1,8 @@
 """numba kernels. Plain loops over the CSR arrays built in compiled.py; semantics in docs/rules.md.
 
 Cost model (docs/method.md, "Where the hand model's time goes"): a row of libm exps is ~18 us per position
-(4,096 tokens, one thread), a row dot ~1 us. So each distinct current token gets a dense *base row* (prior + bigram rows) with its
-log-sum-exp and top-K computed once; per position only the sparse changes from heads, neurons and
+(4,096 tokens, one thread), a row dot ~1 us. So each distinct current token gets a dense *base row* (prior +
+bigram rows) with its log-sum-exp and top-K computed once; per position only the sparse changes from heads, neurons and
 skip-trigrams are applied, and log Z is updated with O(changed) exps. KL needs p_ref: float16 input
 is read through a 65536-entry table (exp of every float16), so no exp per vocabulary entry at all.
 Class outputs of neurons change whole atoms (one exp per atom, not per member token); the ledger's
@@ -212,7 +212,8 @@ _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125  # ln 2 in two parts (Cody and Waite): n x _LN2_HI is exact for |n| < 2^11
 _LN2_LO = 1.42860682030941723212e-06
 _EXP_LOW = -700.0  # exp(-700) ~ 1e-304: under half an ulp of any sum that holds exp(0) = 1
-(_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13) = (1.0 / math.factorial(k) for k in range(14))
+_E0, _E1, _E2, _E3, _E4, _E5, _E6, _E7, _E8, _E9, _E10, _E11, _E12, _E13 = (1.0 / math.factorial(k)
+                                                                      for k in range(14))  # 1 / k!
 
 
 # contract: each Horner step is one fused multiply-add (half the instructions; rounding at least as good)
@@ -220,7 +221,7 @@ _EXP_LOW = -700.0  # exp(-700) ~ 1e-304: under half an ulp of any sum that holds
       fastmath={"contract"})
 def _exp_le0(x):
     """exp(x) for x <= 0 within one ulp of libm's, as straight-line arithmetic that a loop vectorises (libm's exp
-    is a call per element: a third of a dense finish). x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series
+    is a call per element: most of what a dense finish cost). x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor series
     to degree 13 (remainder < 5e-18), times 2^n. Below _EXP_LOW it gives exp(_EXP_LOW); NaN stays NaN."""
     x = x if not (x < _EXP_LOW) else _EXP_LOW
     n = np.floor(x * _LOG2E + 0.5)
@@ -1151,8 +1152,8 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         spread = (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt, sacc, sflag,
                   slist, scnt, aacc, aflag, alist, acnt, sd, srow)
         finish = (cum, cflg, ctl, tcnt, cuma, cal, tacnt, bptr, aptr, bkey, akey, caflg, sd, srow, cums, aexp,
-                  np.empty(V), np.empty(V), np.empty(2 * V, dtype=np.int64))  # _dense_finish's logits and exps;
-        # the tokens one fused row changes (_finish)
+                  np.empty(V), np.empty(V), np.empty(2 * V, dtype=np.int64))
+        # (the last three: _dense_finish's logits and exps, the tokens one fused row changes)
         bases = (base, base_p, base_lse, base_pat, base_atop)
         refs = (ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row)
         atoms = (atom_of, am_ptr, am_tok)
