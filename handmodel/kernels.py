@@ -175,20 +175,21 @@ def _p_ref(i, v, use16, lut_p, ref16, ref32):
 
 @_inlined
 def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp,
-               cuma, atom_of, B, zrel, hi):
+               cums, cuma, atom_of, B, zrel, hi):
     """A fused ledger row changes token v's logit by x: sum it into cum (noting v as touched), add p_ref(v) x to
     the KL's p . logits (B) and, unless the row recomputes zrel from scratch (fresh), v's new minus old
-    probability mass (relative to the base row's) to zrel; hi keeps the largest changed logit (overflow guard)."""
+    probability mass (relative to the base row's) to zrel; hi keeps the largest changed logit (overflow guard).
+    v's logit is base + cum + cums + cuma[atom] (cums: an earlier row's dense outputs, or zeros)."""
     _note(v, cflg, ctl, tcnt)
     u = _u(v)
-    old = cum[u]
+    old = cum[u] + cums[u]
     cum[u] += x
     if not want_logp:
         B += _p_ref(i, v, use16, lut_p, ref16, ref32) * x
     if not fresh:
         ak = _u(atom_of[u])
-        zrel += base_p[r, u] * aexp[ak] * (math.exp(cum[u]) - (1.0 if old == 0.0 else math.exp(old)))
-        y = base[r, u] + cum[u] + cuma[ak]
+        zrel += base_p[r, u] * aexp[ak] * (math.exp(cum[u] + cums[u]) - (1.0 if old == 0.0 else math.exp(old)))
+        y = base[r, u] + cum[u] + cums[u] + cuma[ak]
         if y > hi:
             hi = y
     return B, zrel, hi
@@ -776,7 +777,9 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
     ybok = False
     ymax = -np.inf  # with ybok: yb's largest logit and its first token
     ybest = -1
+    sdin = False  # R > 1: a row's flagless outputs (sd) are in cums, for it and every later row
     for rr in range(R):
+        yrow = False
         if R == 1:
             fresh = True
             dense = nk >= dense_min or srow[0]
@@ -801,7 +804,21 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
         else:
             fresh = aptr[rr] > a0 or (not ybok and tcnt[0] >= dense_min)
             nch = 0
-            if srow[rr]:  # this row's flagless outputs join its touched tokens
+            if srow[rr] and fresh and not sdin:
+                # the first row that recomputes log Z from scratch and has flagless outputs: they are cums for it and
+                # every later row (not summed entry by entry into cum), and it goes dense (below: only a dense pass
+                # reads cums whole)
+                srow[rr] = False
+                sdin = True
+                o = rr * V
+                for v in range(V):
+                    cums[v] = sd[o + v]
+                    sd[o + v] = 0.0
+                if not want_logp:
+                    for v in range(V):
+                        if cums[v] != 0.0:
+                            B += _p_ref(iq, v, use16, lut_p, ref16, ref32) * cums[v]
+            if srow[rr]:  # a later row's flagless outputs join its touched tokens
                 srow[rr] = False
                 o = rr * V
                 for v in range(V):
@@ -809,13 +826,14 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                     if x != 0.0:
                         sd[o + v] = 0.0
                         B, zrel, hi = _row_entry(v, x, iq, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum,
-                                                 cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                                                 cflg, ctl, tcnt, base, base_p, aexp, cums, cuma, atom_of, B, zrel,
+                                                 hi)
                         chg[nch] = v
                         nch += 1
             for j in range(b0, bptr[rr]):
                 v = bkey[j] - rr * V
                 B, zrel, hi = _row_entry(v, delta[bkey[j]], iq, r, fresh, want_logp, use16, lut_p, ref16, ref32,
-                                         cum, cflg, ctl, tcnt, base, base_p, aexp, cuma, atom_of, B, zrel, hi)
+                                         cum, cflg, ctl, tcnt, base, base_p, aexp, cums, cuma, atom_of, B, zrel, hi)
                 chg[nch] = v
                 nch += 1
             b0 = bptr[rr]
@@ -829,7 +847,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             a0 = aptr[rr]
             nt = tcnt[0]
             na = tacnt[0]
-            dense = fresh and nt >= dense_min
+            dense = fresh and (nt >= dense_min or sdin)
         if dense:
             lse, best = _dense_finish(base[r], cum_, cums_, cuma_, atom_of, V, yb, eb)
             zrel = math.exp(lse - lb)  # the next rows (R > 1) add their changes to it
@@ -860,6 +878,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                 best = -2  # argmax below
                 if ybok:  # R > 1, a row without atom changes after one that left its logits in yb
                     best, ymax = _argmax_after(yb, ymax, ybest, chg, nch, base[r], cum_, cums_, cuma_, atom_of, V)
+                    yrow = True  # yb holds this row's logits
         if ybok and best != -2:
             ybest = best
             ymax = yb[best] if best >= 0 else -np.inf
@@ -905,7 +924,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
         if want_logp:
             orow = out_logp[ir]
             brow = base[r]
-            if dense:  # _dense_finish left this row's logits in yb
+            if dense or yrow:  # _dense_finish left this row's logits in yb, or _argmax_after updated them
                 for v in range(V):
                     orow[v] = yb[v] - lse
             else:
@@ -925,7 +944,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             kl = (ref_A[ir] - B) / S - math.log(S) + lse
             out_kl[rr, ir] = kl if kl > 0.0 else (0.0 if kl == kl else kl)
             out_agree[rr, ir] = ref_arg[ir] == best
-    if sused:  # R = 1 (R > 1 clears each row of sd as it sums it into cum)
+    if sused:  # R = 1 (R > 1 clears each row of sd as it moves it to cums or sums it into cum)
         for v in range(V):
             if sd[v] != 0.0:
                 sd[v] = 0.0
@@ -934,6 +953,9 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
         for j in range(nt):
             cum[ctl[j]] = 0.0
             cflg[ctl[j]] = False
+        if sdin:
+            for v in range(V):
+                cums[v] = 0.0
         for j in range(na):
             ak = cal[j]
             cuma[ak] = 0.0
@@ -1051,7 +1073,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         # a dense row per ledger row (sd) and a position that writes one finishes densely
         sd = np.zeros(R * V)
         srow = np.zeros(R, dtype=np.bool_)
-        cums = np.zeros(V)  # R > 1: stays 0 (each row's sd entries are summed into cum with the touched tokens)
+        cums = np.zeros(V)  # R > 1: the first row's with flagless outputs (sd), for it and the rows after (_finish)
         # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
         # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before (its
         # write count nw: outputs come from the heads and neurons, which change slowly along a sequence). Both ways
