@@ -1073,7 +1073,7 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
         # a dense row per ledger row (sd) and a position that writes one finishes densely
         sd = np.zeros(R * V)
         srow = np.zeros(R, dtype=np.bool_)
-        cums = np.zeros(V)  # R > 1: the first row's with flagless outputs (sd), for it and the rows after (_finish)
+        cums = np.zeros(V)  # R > 1: the flagless outputs (sd) of the first fresh row that has them (_finish)
         # A position that touches much of the vocabulary writes *every* output into sd without flags (dl, df =
         # sd, all-true flags: _add then only adds). Whether it does is predicted from the position before (its
         # write count nw: outputs come from the heads and neurons, which change slowly along a sequence). Both ways
