@@ -419,10 +419,10 @@ class HandModel:
 
     def _base(self, uniq: np.ndarray, mask: np.ndarray) -> tuple["_BasePool", np.ndarray, bytes]:
         """Base rows (prior + bigram rules for one current token) for the tokens `uniq`, the map token -> row (-1
-        elsewhere) and a key of those rows' contents (the digests of uniq's rows, in order). A row depends only on the blocks that build it (_row_digests), so rows are kept across
-        calls and across the HandModels of the process (_POOLS: ablating or editing a head, neuron, skip or
-        head_out reuses all of them, editing a bigram row rebuilds that row's tokens only) and only rows never
-        built before are built."""
+        elsewhere) and a key of those rows' contents (the digests of uniq's rows, in order). A row depends only on
+        the blocks that build it (_row_digests), so rows are kept across calls and across the HandModels of the
+        process (_POOLS: ablating or editing a head, neuron, skip or head_out reuses all of them, editing a bigram
+        row rebuilds that row's tokens only) and only rows never built before are built."""
         V = self.rules.vocab_size
         digs = self._row_digests(mask)
         pool = _POOLS.get((V, self._n_atoms))

@@ -174,6 +174,16 @@ def _p_ref(i, v, use16, lut_p, ref16, ref32):
 
 
 @_inlined
+def _add_p_dot(B, i, x, V, use16, lut_p, ref16, ref32):
+    """B plus p_ref(v) x[v] over reference row i, for each v with x[v] != 0 in token order: a dense row of outputs'
+    share of the KL's p . logits."""
+    for v in range(V):
+        if x[v] != 0.0:
+            B += _p_ref(i, v, use16, lut_p, ref16, ref32) * x[v]
+    return B
+
+
+@_inlined
 def _row_entry(v, x, i, r, fresh, want_logp, use16, lut_p, ref16, ref32, cum, cflg, ctl, tcnt, base, base_p, aexp,
                cums, cuma, atom_of, B, zrel, hi):
     """A fused ledger row changes token v's logit by x: sum it into cum (noting v as touched), add p_ref(v) x to
@@ -785,9 +795,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
             dense = nk >= dense_min or srow[0]
             sused = srow[0]
             if sused and not want_logp:
-                for v in range(V):
-                    if sd[v] != 0.0:
-                        B += _p_ref(iq, v, use16, lut_p, ref16, ref32) * sd[v]
+                B = _add_p_dot(B, iq, sd, V, use16, lut_p, ref16, ref32)
             for j in range(na):
                 aexp[alist[j]] = math.exp(aacc[alist[j]])
             if not want_logp:
@@ -815,9 +823,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
                     cums[v] = sd[o + v]
                     sd[o + v] = 0.0
                 if not want_logp:
-                    for v in range(V):
-                        if cums[v] != 0.0:
-                            B += _p_ref(iq, v, use16, lut_p, ref16, ref32) * cums[v]
+                    B = _add_p_dot(B, iq, cums, V, use16, lut_p, ref16, ref32)
             if srow[rr]:  # a later row's flagless outputs join its touched tokens
                 srow[rr] = False
                 o = rr * V

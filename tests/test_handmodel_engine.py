@@ -858,6 +858,7 @@ def test_run_seqs_helpers_are_inlined_by_llvm_without_reference_counts():
             assert not isinstance(d._cache, NullCache), f"kernel {name} is not cached"
 
 
+@functools.lru_cache(maxsize=None)
 def _dense_finish_runner():
     """A jitted caller of kernels._dense_finish and _exp_le0 (they have no Python entry of their own)."""
     from numba import njit
@@ -902,8 +903,8 @@ def test_exp_le0_is_within_an_ulp_of_libm():
 
     _, exps = _dense_finish_runner()
     rng = np.random.default_rng(0)
-    x = np.concatenate([-rng.uniform(0, 700, 200_000), -rng.uniform(0, 1, 50_000), -np.log(2) / 2 * np.arange(0, 2.0, 1e-4),
-                        [0.0, -0.0, -5e-324, -1e-300, -700.0]])
+    x = np.concatenate([-rng.uniform(0, 700, 200_000), -rng.uniform(0, 1, 50_000),
+                        -np.log(2) / 2 * np.arange(0, 2.0, 1e-4), [0.0, -0.0, -5e-324, -1e-300, -700.0]])
     got = exps(x)
     want = np.array([math.exp(v) for v in x])
     ulp = np.spacing(want)
