@@ -141,3 +141,32 @@ def test_lineprof_says_what_it_needs_when_perf_is_missing(tmp_path):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["lineprof: needs perf, addr2line, readelf (linux-perf, binutils) on PATH"]
     assert "compiling" not in p.stdout
+
+
+def test_batching_bound_forms_compute_the_same_sums():
+    """benchmarks/batching_bound.py times the engine's scattered weighted-set writes against a blocked matrix product:
+    both must be the same sums (measure() checks that before timing), here over overlapping sets and a ragged last
+    block, so a wrong union column or a dropped entry fails."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from benchmarks.batching_bound import blocked_blas, measure, scattered, written_sets
+
+    V = 40
+    ws_ptr = np.array([0, 5, 9, 12, 15])
+    ws_tok = np.array([1, 3, 5, 7, 9, 3, 4, 5, 30, 0, 1, 2, 9, 3, 39], np.int32)
+    ws_w = np.linspace(-1.0, 2.0, len(ws_tok))
+    a = SimpleNamespace(nws_set=np.array([3, 0, 3, 1]), ws_ptr=ws_ptr, ws_tok=ws_tok, ws_w=ws_w)  # set 2 unwritten
+    ws = written_sets(a, V)
+    assert len(ws.ptr) == 4 and ws.union.tolist() == [1, 3, 4, 5, 7, 9, 30, 39]
+    res = measure(ws, V, positions=37, repeats=1, blocks=(4, 16))
+    assert set(res) == {"scattered", "blocked BLAS, 4 positions", "blocked BLAS, 16 positions"}
+    vals = np.random.default_rng(1).normal(size=(37, 3))
+    want = np.array([sum(vals[n, i] * ws_w[ws_ptr[k]:ws_ptr[k + 1]].sum() for i, k in enumerate([0, 1, 3]))
+                     for n in range(37)])
+    got, sd = np.empty(37), np.zeros(V)
+    scattered(vals, ws.ptr, ws.tok, ws.w, sd, got)
+    assert np.allclose(got, want) and not sd.any()
+    blocked_blas(vals, ws, sd, got, 16)
+    assert np.allclose(got, want) and not sd.any()
