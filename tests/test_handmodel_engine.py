@@ -399,30 +399,37 @@ def test_reference_rows_read_in_place_are_keyed_by_their_rows():
             hm.stream_metrics_rows(seqs, big, [None], at=at, ref_rows=np.zeros(n_at + 1, np.int64))
 
 
+_CLASS_VOCAB = [f"t{k}" for k in range(12)]
+
+
+def _class_rules(members: str, big: str):
+    """A class of `members` that a neuron writes to (so atoms), a head the neuron reads, a bigram row of weight `big`."""
+    return compile_text(_CLASS_VOCAB, {"00_r.toml": (
+        f'[[class]]\nid = "c0"\ndoc = "d"\ntokens = [{members}]\n'
+        '[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 0.5, 1 = 1.0, default = -0.5 }\n'
+        f'[[bigram]]\nid = "b"\ndoc = "d"\nnow = "t3"\nnext = {{ "t4" = {big} }}\n'
+        '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nnow = { "t1" = 1.0, "t2" = 0.5 }\n'
+        'attend = { h = { "t5" = 1.0 } }\nnext = { "@c0" = 1.5, "t7" = -1.0 }\n')})
+
+
+def _class_world(seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Three random sequences over _CLASS_VOCAB and float16 reference log-probs for their positions."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, 12, 25).astype(np.int32) for _ in range(3)]
+    z = rng.normal(0, 2, size=(sum(len(x) for x in seqs), 12))
+    return seqs, (z - logsumexp(z)[:, None]).astype(np.float16)
+
+
 def test_named_reference_rows_share_their_statistics_across_models():
     """ref_key names the reference's content: every HandModel of the process then reuses one computation of its
     statistics (sum p, sum p log p, argmax), and recomputes what depends on its own rules (mass per atom of its
     classes, p . base row). Each model's metrics equal an unnamed call's; another name recomputes."""
-    rng = np.random.default_rng(5)
-    vocab = [f"t{k}" for k in range(12)]
-
-    def rules_with(members: str, big: str):
-        return compile_text(vocab, {"00_r.toml": (
-            f'[[class]]\nid = "c0"\ndoc = "d"\ntokens = [{members}]\n'
-            '[[head]]\nid = "h"\ndoc = "d"\nposition = { 0 = 0.5, 1 = 1.0, default = -0.5 }\n'
-            f'[[bigram]]\nid = "b"\ndoc = "d"\nnow = "t3"\nnext = {{ "t4" = {big} }}\n'
-            '[[neuron]]\nid = "n"\ndoc = "d"\nthreshold = 0.1\nnow = { "t1" = 1.0, "t2" = 0.5 }\n'
-            'attend = { h = { "t5" = 1.0 } }\nnext = { "@c0" = 1.5, "t7" = -1.0 }\n')})
-
-    seqs = [rng.integers(0, 12, 25).astype(np.int32) for _ in range(3)]
-    N = sum(len(x) for x in seqs)
-    z = rng.normal(0, 2, size=(N, 12))
-    ref = (z - logsumexp(z)[:, None]).astype(np.float16)
+    seqs, ref = _class_world(5)
     engine._REF_STATS.clear()
     held = None
     for name, members, big in (("a", '"t1", "t2"', "2.0"), ("a", '"t1", "t2"', "2.5"), ("a", '"t2", "t6", "t9"', "2.0"),
                                ("b", '"t2", "t6", "t9"', "2.0")):
-        rules = rules_with(members, big)
+        rules = _class_rules(members, big)
         got = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key=name)[0]
         want = HandModel(rules).stream_metrics_rows(seqs, ref, [None])[0]
         for key in ("kl", "ce", "agree", "hand_lse", "hand_argmax"):
@@ -431,6 +438,82 @@ def test_named_reference_rows_share_their_statistics_across_models():
         stats = entry[1]
         assert (stats is held) == (name == "a" and held is not None), name  # reused for the same name only
         held = stats
+
+
+class _DictStore:
+    """A StatsStore in memory that counts what the engine asks of it; `corrupt` hands back misshapen arrays."""
+
+    def __init__(self, corrupt=False):
+        self.files, self.loads, self.saves, self.corrupt = {}, [], [], corrupt
+
+    def load(self, name, want):
+        self.loads.append(name)
+        got = self.files.get(name)
+        if got is not None and self.corrupt:
+            return {k: v[:-1] for k, v in got.items()}
+        return got
+
+    def save(self, name, arrays):
+        self.saves.append(name)
+        self.files[name] = {k: np.array(v) for k, v in arrays.items()}
+
+
+def test_a_stats_store_keeps_whole_reference_statistics_between_processes():
+    """stats_store: a whole-reference pass saves the reference statistics (sum p, sum p log p, argmax; mass per atom;
+    p . base row) under names of what they depend on, and a later model with the in-process cache gone reads them
+    from the store instead of computing them, with the same metrics bit for bit. Other rules for the classes or
+    the bigram rows name other entries; misshapen arrays are computed again; a pass at some positions (`at`)
+    leaves the store alone."""
+    seqs, ref = _class_world(11)
+    N = len(ref)
+    fields = ("kl", "ce", "agree", "hand_lse", "hand_argmax")
+    store = _DictStore()
+    rules = _class_rules('"t1", "t2"', "2.0")
+    want = HandModel(rules).stream_metrics_rows(seqs, ref, [None])[0]
+    engine._REF_STATS.clear()
+    first = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key="r", stats_store=store)[0]
+    kinds = sorted(n.split("-")[0] for n in store.saves)
+    assert kinds == ["atoms", "base", "ref"] and set(store.files) == set(store.saves)
+    saved = {n: {k: v.copy() for k, v in a.items()} for n, a in store.files.items()}
+    engine._REF_STATS.clear()  # a new process
+    store.loads.clear()
+    store.saves.clear()
+    again = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key="r", stats_store=store)[0]
+    assert sorted(store.loads) == sorted(saved) and store.saves == []
+    for key in fields:
+        assert np.array_equal(first[key], want[key], equal_nan=True), key
+        assert np.array_equal(again[key], want[key], equal_nan=True), key
+    # the stored statistics are what the metrics read: a stored argmax moved moves the top-1 flags
+    (ref_name,) = [n for n in saved if n.startswith("ref-")]
+    store.files[ref_name] = dict(saved[ref_name], arg=(saved[ref_name]["arg"] + 1) % 12)
+    engine._REF_STATS.clear()
+    moved = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key="r", stats_store=store)[0]
+    assert not np.array_equal(moved["agree"], want["agree"])
+    store.files[ref_name] = saved[ref_name]
+    # other classes and other bigram rows: new atom-mass and base-dot entries, the same reference entry
+    engine._REF_STATS.clear()
+    store.saves.clear()
+    other = _class_rules('"t2", "t6", "t9"', "2.5")
+    got = HandModel(other).stream_metrics_rows(seqs, ref, [None], ref_key="r", stats_store=store)[0]
+    assert sorted(n.split("-")[0] for n in store.saves) == ["atoms", "base"]
+    ref_other = HandModel(other).stream_metrics_rows(seqs, ref, [None])[0]
+    for key in fields:
+        assert np.array_equal(got[key], ref_other[key], equal_nan=True), key
+    # misshapen arrays from a store are not used
+    bad = _DictStore(corrupt=True)
+    bad.files = {n: dict(a) for n, a in saved.items()}
+    engine._REF_STATS.clear()
+    got = HandModel(rules).stream_metrics_rows(seqs, ref, [None], ref_key="r", stats_store=bad)[0]
+    assert sorted(n.split("-")[0] for n in bad.saves) == ["atoms", "base", "ref"]
+    for key in fields:
+        assert np.array_equal(got[key], want[key], equal_nan=True), key
+    # a pass at some positions (a splice) computes its own: the store is not asked
+    at = np.zeros(N, np.bool_)
+    at[[3, 30, 60]] = True
+    engine._REF_STATS.clear()
+    quiet = _DictStore()
+    HandModel(rules).stream_metrics_rows(seqs, ref[at], [None], at=at, ref_key="r", stats_store=quiet)
+    assert quiet.loads == [] and quiet.saves == []
 
 
 def test_metrics_at_positions_checks_its_mask():

@@ -99,11 +99,12 @@ def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
 class _Counting(handmodel.HandModel):
     """Records how many positions each engine call covered and how many it finished (`at`)."""
 
-    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None, ref_key=None):
+    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None, ref_key=None, stats_store=None):
         n = sum(len(s) for s in seqs)
         self.positions = getattr(self, "positions", []) + [n]
         self.finished = getattr(self, "finished", []) + [n if at is None else int(np.sum(at))]
-        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows, ref_key=ref_key)
+        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows, ref_key=ref_key,
+                                           stats_store=stats_store)
 
 
 def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):

@@ -377,3 +377,70 @@ def test_ledger_row_cache_recomputes_only_changed_rows(tiny_world, tmp_path):
     fresh, _ = L.run_ledger(second.hand, second.rules, ref, second.baselines[1]["kl"],
                             L.boot_weights(len(ref.offsets) - 1), cache=False)
     assert [r["kl"] for r in fresh] == pytest.approx([r["kl"] for r in second.ledger], abs=1e-12)
+
+
+def test_reference_statistics_store_checks_what_it_reads(tmp_path, capsys):
+    """verify/ledger/refstats.py: what it saved comes back as saved; a damaged or swapped file is reported,
+    deleted and not used; each kind keeps its KEEP most recently used files."""
+    from verify.ledger.refstats import KEEP, RefStatsStore
+
+    store = RefStatsStore(tmp_path)
+    a = {"S": np.linspace(0, 1, 7), "arg": np.arange(7, dtype=np.int64)}
+    want = {"S": ((7,), "f8"), "arg": ((7,), "i8")}
+    assert store.load("ref-x", want) is None  # nothing saved yet: no message
+    store.save("ref-x", a)
+    got = store.load("ref-x", want)
+    assert set(got) == {"S", "arg"} and all(np.array_equal(got[k], a[k]) for k in a)
+    assert capsys.readouterr().err == ""
+    f = tmp_path / "stats" / "ref-x.npz"
+    shutil.copy(f, tmp_path / "stats" / "ref-y.npz")  # a file under another name
+    assert store.load("ref-y", want) is None and "holds 'ref-x'" in capsys.readouterr().err
+    assert not (tmp_path / "stats" / "ref-y.npz").exists()
+    with np.load(f, allow_pickle=False) as z:  # other arrays under the right name and the old checksum
+        np.savez(f, name=z["name"], crc=z["crc"], S=a["S"] + 1.0, arg=a["arg"])
+    assert store.load("ref-x", want) is None
+    assert "checksum mismatch" in capsys.readouterr().err and not f.exists()
+    store.save("ref-x", a)
+    data = bytearray(f.read_bytes())
+    i = data.index(a["S"][3].tobytes())  # a flipped byte: the zip's own CRC catches it
+    data[i] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert store.load("ref-x", want) is None and "unreadable" in capsys.readouterr().err
+    f.write_bytes(b"not a zip")
+    assert store.load("ref-x", want) is None and "unreadable" in capsys.readouterr().err
+    store.save("ref-x", a)
+    for k in range(KEEP):
+        store.save(f"atoms-{k}", {"R": np.full((2, 3), float(k))})
+        os.utime(tmp_path / "stats" / f"atoms-{k}.npz", ns=((k + 1) * 10**9, (k + 1) * 10**9))
+    store.load("atoms-0", {"R": ((2, 3), "f8")})  # the oldest, used: now the most recent
+    store.save("atoms-new", {"R": np.zeros((2, 3))})
+    left = sorted(p.stem for p in (tmp_path / "stats").glob("atoms-*.npz"))
+    assert len(left) == KEEP and "atoms-0" in left and "atoms-1" not in left and "atoms-new" in left, left
+    assert (tmp_path / "stats" / "ref-x.npz").exists()  # another kind: not evicted
+
+
+def test_a_full_pass_keeps_reference_statistics_next_to_the_reference_cache(tiny_world, tmp_path, capsys):
+    """The ledger's whole-eval-set passes save the reference statistics in the reference entry's stats/ folder;
+    a new process reads them there, and a damaged one is computed again with the same ledger."""
+    from handmodel import engine
+
+    ckpt, evalf, train = tiny_world
+    rules = write_rules(tmp_path / "r", {"10_prior.toml": PRIOR, "20_bigrams.toml": BIGRAMS})
+    first = run(ckpt, rules, evalf, train)
+    stats = first.ref.dir / "stats"
+    shutil.rmtree(stats, ignore_errors=True)  # the eval set's entry is shared with other tests: start from nothing
+    shutil.rmtree(first.ref.dir / "ledger")
+    engine._REF_STATS.clear()
+    assert run(ckpt, rules, evalf, train).ledger == first.ledger
+    kinds = sorted(p.name.split("-")[0] for p in stats.glob("*.npz"))
+    assert kinds.count("ref") == 1 and set(kinds) == {"base", "ref"}, kinds  # no classes, so no atom masses
+    for p in stats.glob("ref-*.npz"):  # other statistics under the right name and checksum
+        with np.load(p, allow_pickle=False) as z:
+            np.savez(p, **{k: z[k] for k in z.files if k != "S"}, S=z["S"] * 0.5)
+    shutil.rmtree(first.ref.dir / "ledger")  # the rows must be computed again
+    engine._REF_STATS.clear()  # as in a new process
+    capsys.readouterr()
+    second = run(ckpt, rules, evalf, train)
+    assert "was damaged" in capsys.readouterr().err
+    assert [r["kl"] for r in second.ledger] == [r["kl"] for r in first.ledger]
+    assert sorted(p.name.split("-")[0] for p in stats.glob("*.npz")) == kinds

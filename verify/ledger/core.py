@@ -228,6 +228,7 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
     together (HandModel.stream_metrics_rows: one engine pass for all rows that share the bigram rules)."""
     from verify.ledger import incremental as I
     from verify.ledger.integrity import clean_stale
+    from verify.ledger.refstats import RefStatsStore
 
     for folder in (ref.dir, ref.dir / "ledger"):  # temporaries of killed runs (row and baseline writes)
         clean_stale(folder)
@@ -250,8 +251,9 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
                 got[b.row] = m
         rest = [i for i in todo if got[i] is None]
         if rest:
+            store = RefStatsStore(ref.dir) if cache else None  # the reference's statistics, across processes
             for i, m in zip(rest, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in rest],
-                                                                   ref_key=ref.content_key)):
+                                                         ref_key=ref.content_key, stats_store=store)):
                 got[i] = m
         for i in todo:
             extra = None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head,
