@@ -115,15 +115,18 @@ def _on_threads(fn, bounds: np.ndarray, args: tuple) -> None:
 
 
 def kernels_cold() -> bool:
-    """True when the engine's numba kernels will compile on first use (no cache index newer than
-    kernels.py: a fresh checkout or an edited kernel), so a caller can say why the first call is slow."""
-    import os
+    """True when the engine's numba kernels will compile on first use (a fresh checkout or an edited kernel), so a
+    caller can say why the first call is slow."""
+    return _cache_cold(_kernels().run_seqs)
 
-    kernels = _kernels()
+
+def _cache_cold(dispatcher) -> bool:
+    """True when numba has no cached machine code for `dispatcher` that it would load: no index, one from another
+    numba version, or one written for other source. numba's own check (its index's source stamp), not file times:
+    numba stamps the source by a hash of its content, so a file touched but unchanged (a checkout) is not cold."""
     try:
-        idx = kernels.run_seqs._cache._cache_file._index_path
-        return os.path.getmtime(idx) < os.path.getmtime(kernels.__file__)
-    except (AttributeError, OSError):
+        return not dispatcher._cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001 -- no cache, another numba's layout or an unreadable index: say it compiles
         return True
 
 

@@ -1062,3 +1062,30 @@ def test_argmax_after_a_fused_rows_changes_equals_a_full_argmax(prev, data):
     assert best == want
     np.testing.assert_array_equal(yb, logits)
     assert bv == (logits[want] if want >= 0 else -np.inf)
+
+
+def test_cache_cold_follows_numbas_own_check(tmp_path):
+    """engine._cache_cold (behind verify's "compiling the hand model's numba kernels" notice): cold before the first
+    compile and after the source changes, not after a compile, and not when the file is only touched (numba
+    stamps the source by its content: a checkout that rewrites a file unchanged must not announce a compile)."""
+    import importlib.util
+    import os
+
+    src = tmp_path / "cold_probe_kernels.py"
+    src.write_text("from numba import njit\n\n\n@njit(cache=True)\ndef f(x):\n    return x + 1\n")
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, src)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod.f
+
+    f = load("cold_probe_a")
+    assert engine._cache_cold(f)
+    assert f(1) == 2  # compiles and saves
+    assert not engine._cache_cold(f)
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))  # touched, ten seconds newer than its cache
+    assert not engine._cache_cold(load("cold_probe_b"))
+    src.write_text(src.read_text().replace("x + 1", "x + 2"))
+    assert engine._cache_cold(load("cold_probe_c"))
