@@ -63,8 +63,8 @@ def main() -> None:
     print("quantiles over the neurons:  " + "  ".join(f"{int(p * 100)}%" .rjust(6) for p in q))
     print("active share (finished)      " + "  ".join(f"{x:6.1%}" for x in np.quantile(active, q)))
     print("prefix share (attention run) " + "  ".join(f"{x:6.1%}" for x in np.quantile(prefix, q)))
-    print(f"neurons active on at most {MAX_SHARE:.0%} of the positions: {int((active <= MAX_SHARE).sum())} of {len(idx)}; "
-          f"with a prefix share that low: {int((prefix <= MAX_SHARE).sum())}")
+    print(f"neurons active on at most {MAX_SHARE:.0%} of the positions: {int((active <= MAX_SHARE).sum())} of "
+          f"{len(idx)}; with a prefix share that low: {int((prefix <= MAX_SHARE).sum())}")
     for i, k in enumerate(idx[:1]):
         print(f"the first neuron ({rules.rule_ids[k]}, the one benchmarks/edit_loop.py edits): active {active[i]:.1%}, "
               f"prefix {prefix[i]:.1%}")

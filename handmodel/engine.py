@@ -512,7 +512,8 @@ class HandModel:
         if held is None:
             def stats():
                 got = {"S": np.empty(N), "A": np.empty(N), "arg": np.empty(N, np.int64)}
-                _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], rows, got["S"], got["A"], got["arg"])
+                _on_rows(kernels.ref_stats, N, ref16, ref32, use16, _LUT[0], _LUT[1], rows,
+                         got["S"], got["A"], got["arg"])
                 return got
 
             got = _stored(store, "ref-" + name, {"S": ((N,), "f8"), "A": ((N,), "f8"), "arg": ((N,), "i8")}, stats)
