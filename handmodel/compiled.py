@@ -159,16 +159,19 @@ def _resolve(keys, vocab, set_entries, heads, rule_entries, fresh):
 
 # Rule kinds whose numbers land in build_arrays' output one for one (their `next`/`rows` tables and `copy`),
 # so an edit that changes only such numbers patches the last entry's arrays instead of rebuilding them.
-_PATCHABLE = ("prior", "bigram", "head_out", "skip")
+_PATCHABLE = ("prior", "bigram", "head_out", "skip", "neuron")  # neuron: its threshold, `next` and `present` numbers
 MAX_PATCHED = 16  # changed rules beyond which one build is as cheap
 
 
 def _skeleton(r: Rule) -> Rule:
-    """The rule with every number of its tables, `copy` and the fresh text fields blanked: equal skeletons
-    and kinds in _PATCHABLE mean build_arrays lays both rules out alike (same tokens, same order)."""
+    """The rule with every number of its tables, `copy`, a neuron's threshold and `present` numbers and the fresh
+    text fields blanked: equal skeletons and kinds in _PATCHABLE mean build_arrays lays both rules out alike (same
+    tokens, same order). A neuron's `now` and `attend` numbers stay: build_arrays spreads them over token-sorted
+    tables of every neuron, so an edit of one of those is built."""
     zero = lambda items: [(s, 0.0) for s, _ in items]  # noqa: E731
     return dataclasses.replace(r, next=zero(r.next), rows=[(now, zero(row)) for now, row in r.rows],
-                               copy=None if r.copy is None else 0.0, numbers=0, doc="", file="", line=0, group="")
+                               copy=None if r.copy is None else 0.0, threshold=0.0, n_present=zero(r.n_present),
+                               numbers=0, doc="", file="", line=0, group="")
 
 
 def _patched_arrays(prev, keys, rules: list[Rule], sets: TokenSets) -> SimpleNamespace | None:
@@ -186,7 +189,7 @@ def _patched_arrays(prev, keys, rules: list[Rule], sets: TokenSets) -> SimpleNam
         if new.kind not in _PATCHABLE or old.kind != new.kind or old.id != new.id or _skeleton(old) != _skeleton(new):
             return None
     a = SimpleNamespace(**vars(prev.arrays))
-    for name in ("blk_w", "ho_w", "cp_w", "sk_w"):
+    for name in ("blk_w", "ho_w", "cp_w", "sk_w", "nr_thr", "nr_w", "ncl_w", "nws_w", "npe_w"):
         setattr(a, name, getattr(a, name).copy())  # the entry's own arrays stay as read
 
     def put(ptr, tok, w, k, items) -> bool:
@@ -212,11 +215,37 @@ def _patched_arrays(prev, keys, rules: list[Rule], sets: TokenSets) -> SimpleNam
             if len(k) != 1 or len(c) != (r.copy is not None) or not put(a.ho_ptr, a.ho_tok, a.ho_w, k[0], r.next):
                 return None
             a.cp_w[c] = r.copy
-        else:
+        elif r.kind == "skip":
             k = np.flatnonzero(a.sk_rule == i)
             if len(k) != 1 or not put(a.sk_ptr, a.sk_tok, a.sk_w, k[0], r.next):
                 return None
+        elif not _patch_neuron(a, sets, i, r, put):
+            return None
+    if any(rules[i].kind == "neuron" for i in changed):
+        a.nr_always = np.flatnonzero(a.nr_thr < 0).astype(np.int64)
     return a
+
+
+def _patch_neuron(a: SimpleNamespace, sets: TokenSets, i: int, r: Rule, put) -> bool:
+    """Rule i, a neuron whose skeleton is unchanged, written into a's neuron arrays as build_arrays lays them out:
+    its threshold, its token outputs (nr_*, through `put`), its class and weighted-set outputs in `next` order
+    (ncl_w, nws_w) and its `present` entries in order (npe_w). False when the layout does not match."""
+    V = sets.V
+    n = np.flatnonzero(a.nr_rule == i)
+    if len(n) != 1:
+        return False
+    n = int(n[0])
+    a.nr_thr[n] = r.threshold
+    cls = [w for s, w in r.next if s >= V and not sets.is_weighted(s)]
+    wsw = [w for s, w in r.next if sets.is_weighted(s)]
+    pres = np.flatnonzero(a.npe_neu == n)
+    if (a.ncl_ptr[n + 1] - a.ncl_ptr[n] != len(cls) or a.nws_ptr[n + 1] - a.nws_ptr[n] != len(wsw)
+            or len(pres) != len(r.n_present)):
+        return False
+    a.ncl_w[a.ncl_ptr[n]:a.ncl_ptr[n + 1]] = cls
+    a.nws_w[a.nws_ptr[n]:a.nws_ptr[n + 1]] = wsw
+    a.npe_w[pres] = [w for _, w in r.n_present]
+    return put(a.nr_ptr, a.nr_tok, a.nr_w, n, [(s, w) for s, w in r.next if s < V])
 
 
 def _compiled(vocab: list[str], rules: list[Rule], sets: TokenSets, n_heads: int, arrays: SimpleNamespace) -> CompiledRules:

@@ -33,7 +33,7 @@ doc = "A pet now or looked at."
 threshold = 0.3
 now = { "@pets_w" = 0.8 }
 attend = { "head.prev" = { "@pets_w" = 1.5 } }
-next = { " sat" = 0.5, "@pets_w" = -0.7 }
+next = { " sat" = 0.5, "@pets_w" = -0.7, "@animal" = 0.2 }
 
 [[bigram]]
 id = "rare.ice"
@@ -117,8 +117,9 @@ def test_an_edited_number_is_recompiled_and_only_its_rule_resolved(tmp_path, mon
     _assert_same(got, _fresh(d, tmp_path / "fresh", monkeypatch))
 
 
-# (file, old, new): numbers only of a prior, a bigram row of a class, a head_out's next, a copy, a skip, and
-# two rules at once; then edits that change what build_arrays lays out (a token added, a neuron number)
+# (file, old, new): numbers only of a prior, a bigram row of a class, a head_out's next, a copy, a skip, two rules
+# at once, and a neuron's outputs, threshold and present inputs; then edits that build_arrays must lay out again (a
+# token added; a neuron's now and attend numbers, spread over tables of every neuron)
 NUMBER_EDITS = {
     "prior": ("10_base.toml", '"@food" = -1.0', '"@food" = -0.25'),
     "bigram rows": ("10_base.toml", '"@animal" = { " sat" = 1.0, " ran" = 1.0 }', '"@animal" = { " sat" = 1.5, " ran" = -1.0 }'),
@@ -126,17 +127,23 @@ NUMBER_EDITS = {
     "copy": ("30_extra.toml", "copy = 2.0", "copy = 0.75"),
     "skip": ("20_attention.toml", 'next = { " ran" = 1.5 }', 'next = { " ran" = 0.5 }'),
     "two rules": ("10_base.toml", '" ice" = { " cream" = 3.0 }\n" dog" = { " ran" = 0.5 }', '" ice" = { " cream" = 1.0 }\n" dog" = { " ran" = 0.5 }'),
+    "neuron next": ("20_attention.toml", 'next = { " ran" = 1.0, "." = -0.5 }', 'next = { " ran" = 1.0, "." = -0.25 }'),
+    "neuron threshold": ("20_attention.toml", "threshold = 1.0", "threshold = -0.25"),  # and now it always fires
+    "neuron present": ("20_attention.toml", 'present = { " cat" = 1.0, "@animal" = 0.5 }', 'present = { " cat" = 1.0, "@animal" = 1.5 }'),
+    "neuron class and set outputs": ("30_extra.toml", '"@pets_w" = -0.7, "@animal" = 0.2', '"@pets_w" = 0.4, "@animal" = -1.0'),
 }
 LAYOUT_EDITS = {
     "token added": ("10_base.toml", '" ice" = { " cream" = 3.0 }', '" ice" = { " cream" = 3.0, "." = 1.0 }'),
-    "neuron number": ("20_attention.toml", 'next = { " ran" = 1.0, "." = -0.5 }', 'next = { " ran" = 1.0, "." = -0.25 }'),
+    "neuron now number": ("20_attention.toml", 'now = { " dog" = 1.0 }', 'now = { " dog" = 1.5 }'),
+    "neuron attend number": ("30_extra.toml", '{ "@pets_w" = 1.5 }', '{ "@pets_w" = 0.5 }'),
 }
 
 
 @pytest.mark.parametrize("kind", list(NUMBER_EDITS) + list(LAYOUT_EDITS))
 def test_an_edited_number_patches_the_arrays_as_a_build_would(tmp_path, monkeypatch, kind):
-    """After an edit of numbers only (prior, bigram, head_out, skip), the last entry's arrays are patched, not
-    rebuilt: equal, array for array, to a fresh compile. Any other edit is built as before."""
+    """After an edit of numbers only (prior, bigram, head_out, skip; a neuron's threshold, `next` and `present`), the
+    last entry's arrays are patched, not rebuilt: equal, array for array, to a fresh compile. Any other edit is built
+    as before."""
     d = _folder(tmp_path)
     handmodel.load_rules(d, VOCAB)
     name, old, new = {**NUMBER_EDITS, **LAYOUT_EDITS}[kind]
