@@ -46,6 +46,22 @@ class CompiledRules:
     rule_numbers: np.ndarray
     arrays: SimpleNamespace
     _digests: list[bytes] | None = dataclasses.field(default=None, repr=False, compare=False)
+    # the ruleset loaded before this one in the same context (same token sets and heads): (its cache entry, None)
+    # or (None, its cache key) when not read yet (load_rules); replaced_rules() reads it
+    _before: tuple = dataclasses.field(default=(None, None), repr=False, compare=False)
+
+    def replaced_rules(self) -> dict:
+        """{rule_digest: Rule} of the rules of the ruleset loaded before this one (same token sets and heads) that
+        this one no longer has: what an edit replaced, as they were (verify/ledger/incremental.find_gate). Empty
+        when there was none, or its cache entry is gone."""
+        prev, key = self._before
+        if prev is None and key is not None:
+            prev = rulecache.load(key, self.vocab, None, None)
+            self._before = (prev, None)
+        if prev is None:
+            return {}
+        now = set(self.rule_digests())
+        return {d: r for r, d in zip(prev.rules, prev.digests) if d not in now}
 
     def rule_digests(self) -> list[bytes]:
         """rule_digest of every rule (from the compiled-ruleset cache when it had them)."""
@@ -104,7 +120,9 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
               "group": e.body.get("group", e.file.group)} for e in rule_entries]
     class_docs = ["every token"] + [e.body["doc"] for e in set_entries]
     keys = rulecache.keys_of(vocab, entries, set_entries, list(heads), rule_entries)
+    before = rulecache.context_entry(keys.context)  # the ruleset loaded last in this context: what an edit replaced
     hit = rulecache.load(keys.full, vocab, fresh, class_docs)
+    prev = None
     if hit is not None:
         rules, sets, arrays, digests = hit.rules, hit.sets, hit.arrays, hit.digests
         rulecache.note_context(keys.context, keys.full)
@@ -117,6 +135,7 @@ def load_rules(rules_dir_or_file, vocab: list[str]) -> CompiledRules:
     sets.class_docs = class_docs
     out = _compiled(vocab, rules, sets, len(heads), arrays)
     out._digests = digests
+    out._before = (prev, None) if prev is not None else (None, before if before != keys.full else None)
     return out
 
 

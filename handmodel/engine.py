@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -152,6 +152,14 @@ class StatsStore(Protocol):
 
     def save(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Keep `arrays` under `name` (best effort: a store that cannot write just keeps nothing)."""
+
+
+class NeuronGate(NamedTuple):
+    """What a pass after an edit of neurons' numbers needs to keep the old rows where the edit cannot act
+    (HandModel.stream_metrics_rows' gate)."""
+    rules: list[int]  # the edited neurons, as rule indices of the HandModel's ruleset
+    margins: np.ndarray  # [len(rules)] >= 0: a bound on how far the edit moved each one's activation, anywhere
+    old_dense: list  # per mask: the old row's `dense` (kernels.run_seqs' out_dense), [N] int8
 
 
 def _store_name(*parts) -> str:
@@ -330,14 +338,14 @@ class HandModel:
         return tok, ptr
 
     def _run(self, seqs, mask, ref=None, want_logp=False, row=None, n_rows=1, at=None, ref_rows=None,
-             ref_key=None, stats_store=None):
+             ref_key=None, stats_store=None, gate: "NeuronGate | None" = None):
         """One pass; `row` (per rule: first of the n_rows ledger rows it is on in, -1 = off; rows share the
         base) computes several rows at once (metrics arrays [n_rows, N]); else `mask`: one row (arrays [N]).
         `at` (bool [N], N the positions of `seqs`): only those positions are finished, `ref` holds their rows
         only and every output has one entry per such position (kernels.run_seqs, `fin`). `ref_rows` (int, one per
         output position): `ref` is a larger array (a memory-mapped cache) and output position k reads its row
         ref_rows[k], read in place instead of gathered. `ref_key`: a name for ref's content, `stats_store`: where its
-        statistics are kept between processes (_ref_stats)."""
+        statistics are kept between processes (_ref_stats). `gate`: stream_metrics_rows'."""
         rules = self.rules
         V = rules.vocab_size
         if self.before_first_pass is not None:
@@ -399,14 +407,37 @@ class HandModel:
                                                 stats_store if at is None else None)  # whole passes only
         else:
             S, A, arg, Bd, Rm = np.ones(0), np.ones(0), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, self._n_atoms))
+        gate_n, gate_m, old_dense = np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int8)
+        kept = np.zeros(N, np.bool_)
+        if gate is not None:
+            gate_n, gate_m, old_dense = self._gate_arrays(gate, at, want_logp, N)
         args = (tok, ptr, slot, pool.base, pool.prob, pool.lse, pool.pat, pool.top, row, np.int64(R),
                 self._P, self._attention_state(), self._uncond(row), ref16, ref32, use16, _LUT[0], S, A, arg, Bd, Rm,
-                rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, dense, np.int64(self.dense_min), fin)
+                rows, want_logp, out_logp, kl, ce, agree, hand_lse, argmax, dense, np.int64(self.dense_min), fin,
+                gate_n, gate_m, old_dense, kept)
         _run_chunks(ptr, args, fin)
+        if kept.any():  # nothing computed there: the caller takes the old row's values (stream_metrics_rows)
+            ce[:, kept] = np.nan
+            hand_lse[:, kept] = np.nan
+            argmax[:, kept] = -1
         # dense: per position, how it stored its outputs (kernels.run_seqs' out_dense): the same in every row
         out = {"kl": kl, "ce": ce, "agree": agree, "hand_lse": hand_lse, "hand_argmax": argmax,
-               "dense": np.broadcast_to(dense, (R, N))}
+               "dense": np.broadcast_to(dense, (R, N)), "kept": np.broadcast_to(kept, (R, N))}
         return ptr, out_logp, out if n_rows > 1 else {k: v[0] for k, v in out.items()}
+
+    def _gate_arrays(self, gate: "NeuronGate", at, want_logp: bool, N: int):
+        """run_seqs' gate_n (neuron indices), gate_m (bounds) and old_dense from a NeuronGate, checked."""
+        if at is not None or want_logp:
+            raise UserError("a neuron gate needs a pass over every position of the KL path (no `at`, no log-probs)")
+        nr_rule = np.asarray(self.rules.arrays.nr_rule)
+        where = {int(r): n for n, r in enumerate(nr_rule)}
+        if any(int(r) not in where for r in gate.rules):
+            raise UserError("a neuron gate names rules that are not neurons of this ruleset")
+        old = np.ascontiguousarray(gate.old_dense, dtype=np.int8)
+        margin = np.ascontiguousarray(gate.margins, dtype=np.float64)
+        if old.shape != (N,) or margin.shape != (len(gate.rules),) or not np.all(margin >= 0):
+            raise UserError(f"a neuron gate needs one old storage flag per position ({N}) and one margin >= 0 per rule")
+        return np.array([where[int(r)] for r in gate.rules], np.int64), margin, old
 
     def _attention_state(self) -> AttentionArrays:
         if self._attention is None:
@@ -611,7 +642,7 @@ class HandModel:
         return out
 
     def stream_metrics_rows(self, seqs: list[np.ndarray], ref_logp: np.ndarray, masks: list, at=None,
-                            ref_rows=None, ref_key=None, stats_store=None) -> list[dict]:
+                            ref_rows=None, ref_key=None, stats_store=None, gate: "NeuronGate | None" = None) -> list[dict]:
         """stream_metrics under each of several masks (the ledger's rows), in as few engine passes as
         row_passes allows: a fused pass computes the attention and neurons once for all its rows.
 
@@ -625,18 +656,28 @@ class HandModel:
         `ref_key` (hashable, optional): a name the caller gives to ref_logp's content (verify: its reference cache's
         content key). The reference rows' statistics are then kept for every HandModel of the process, not only
         this one: a caller that passes the same name for different contents gets wrong metrics. With it,
-        `stats_store` (a StatsStore, optional) keeps a whole-reference pass's statistics between processes."""
+        `stats_store` (a StatsStore, optional) keeps a whole-reference pass's statistics between processes.
+
+        `gate` (a NeuronGate, optional; every position, no `at`): after an edit of some neurons' numbers, the rows
+        as they were (their ledger rows before the edit) stand wherever every edited neuron is certainly off both
+        before and after it (kernels.run_seqs, "Gated positions"). Each row then has "kept" (bool per position):
+        there it holds no metrics of its own (kl 0, ce and hand_lse NaN, hand_argmax -1, agree False) and "dense" is
+        the old one; the caller takes the old row's values. A pass fusing rows whose old rows were stored
+        differently (their `dense` differs) is not gated: all False."""
         seqs = list(seqs)
         out: list[dict | None] = [None] * len(masks)
         for run, row in self.row_passes(masks):
+            g = None
+            if gate is not None and all(np.array_equal(gate.old_dense[k], gate.old_dense[run[0]]) for k in run):
+                g = gate._replace(old_dense=gate.old_dense[run[0]])  # one storage per position in a pass
             if row is None:
                 _, _, m = self._run(seqs, masks[run[0]], ref=ref_logp, at=at, ref_rows=ref_rows, ref_key=ref_key,
-                                    stats_store=stats_store)
+                                    stats_store=stats_store, gate=g)
                 self._check_finite(m["kl"], ref_logp, ref_rows)
                 out[run[0]] = m
                 continue
             _, _, m = self._run(seqs, None, ref=ref_logp, row=row, n_rows=len(run), at=at, ref_rows=ref_rows,
-                                ref_key=ref_key, stats_store=stats_store)
+                                ref_key=ref_key, stats_store=stats_store, gate=g)
             self._check_finite(m["kl"], ref_logp, ref_rows)
             for j, k in enumerate(run):
                 out[k] = {name: v[j] for name, v in m.items()}

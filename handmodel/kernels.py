@@ -635,23 +635,15 @@ def _head_out_writes(V, row, HO, ov_acc, ov_flag, ov_list, ocnt, dl, df, touched
 
 
 @_inlined
-def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, touched, dcnt):
-    """Neuron activations and their outputs at this position (current token c). Pre-activations: what the heads
-    routed to pre (attention inputs), weighted-set masses read through heads (wr_*), the token-alone inputs
-    (nn_*); candidates are those plus the `live` neurons (presence inputs over the threshold: they fire with no
-    other input). A firing neuron (act = pre + presence - threshold > 0, its rule on) writes its token pattern
-    into dl/df, sums its weighted-set outputs per (row, set) into the dense rows sd (srow flags a written row)
-    and its class outputs per (row, class), spread to atoms in aacc/alist. Returns the entries written.
-    NR: the neuron rule arrays, WS: the weighted sets, CA: class -> atoms, Q: the per-sequence scratch."""
+def _neuron_inputs(c, NR, live, n_live, Q):
+    """The neurons' pre-activations at this position (current token c), before any fires: what the heads routed to
+    pre (attention inputs), weighted-set masses read through heads (wr_*, fanned out here), the token-alone inputs
+    (nn_*). Candidates (plist) are those plus the `live` neurons (presence inputs over the threshold: they fire
+    with no other input). NR: the neuron rule arrays, Q: the per-sequence scratch."""
     (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w,
      nn_ptr, nn_neu, nn_w, wrn_ptr, wrn_neu, wrn_w) = NR
-    (ws_ptr, ws_tok, ws_w) = WS
-    (ca_ptr, ca_atom) = CA
     (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt,
      sacc, sflag, slist, scnt, aacc, aflag, alist, acnt, sd, srow) = Q
-    n_cls = len(ca_ptr) - 1
-    n_ws = len(ws_ptr) - 1
-    nw = 0
     for j in range(wr_cnt[0]):  # each attended weighted set's mass, once, to the neurons reading it
         k = wr_list[j]
         for j2 in range(_u(wrn_ptr[k]), _u(wrn_ptr[k + 1])):
@@ -668,6 +660,36 @@ def _neurons(V, c, row, n_atoms, NR, WS, CA, live, n_live, pres_sum, Q, dl, df, 
         _note(n, pflag, plist, pcnt)
     for j in range(n_live):
         _note(live[j], pflag, plist, pcnt)
+
+
+@_inlined
+def _gate_quiet(gate_n, gate_m, pre, pres_sum, nr_thr):
+    """True when every gated neuron (gate_n) is certainly off at this position both as it is and as it was before
+    an edit: its activation (as _neurons computes it, from the inputs _neuron_inputs summed) plus gate_m, a bound
+    on how much the edit moved it, is <= 0."""
+    for k in range(len(gate_n)):
+        n = _u(gate_n[k])
+        if pre[n] + pres_sum[n] - nr_thr[n] + gate_m[k] > 0.0:
+            return False
+    return True
+
+
+@_inlined
+def _neurons(V, row, n_atoms, NR, WS, CA, pres_sum, Q, dl, df, touched, dcnt):
+    """Neuron activations and their outputs at this position, from the inputs _neuron_inputs summed. A firing
+    neuron (act = pre + presence - threshold > 0, its rule on) writes its token pattern into dl/df, sums its
+    weighted-set outputs per (row, set) into the dense rows sd (srow flags a written row) and its class outputs per
+    (row, class), spread to atoms in aacc/alist. Returns the entries written. NR: the neuron rule arrays, WS: the
+    weighted sets, CA: class -> atoms, Q: the per-sequence scratch."""
+    (nr_rule, nr_thr, nr_ptr, nr_tok, nr_w, ncl_ptr, ncl_cls, ncl_w, nws_ptr, nws_set, nws_w,
+     nn_ptr, nn_neu, nn_w, wrn_ptr, wrn_neu, wrn_w) = NR
+    (ws_ptr, ws_tok, ws_w) = WS
+    (ca_ptr, ca_atom) = CA
+    (pre, pflag, plist, pcnt, wr_mass, wr_flag, wr_list, wr_cnt, cacc, cflag, clist, ccnt,
+     sacc, sflag, slist, scnt, aacc, aflag, alist, acnt, sd, srow) = Q
+    n_cls = len(ca_ptr) - 1
+    n_ws = len(ws_ptr) - 1
+    nw = 0
     for j in range(pcnt[0]):
         n = plist[j]
         un = _u(n)
@@ -972,7 +994,7 @@ def _finish(ir, r, nx, R, V, want_logp, dense_min, K, S, B, F, O, delta, dflag, 
 @njit(cache=True, nogil=True, error_model="numpy")
 def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, base_atop, row, R, P, A, U,
              ref16, ref32, use16, lut_p, ref_S, ref_A, ref_arg, ref_B, ref_R, ref_row, want_logp, out_logp, out_kl,
-             out_ce, out_agree, out_lse, out_argmax, out_dense, dense_min, fin):
+             out_ce, out_agree, out_lse, out_argmax, out_dense, dense_min, fin, gate_n, gate_m, old_dense, out_kept):
     """P, A, U: handmodel.passargs' RuleArrays, AttentionArrays, UncondOutputs, unpacked below in their field order.
 
     Sequences q0 .. q1 - 1, every position: base row + sparse rule deltas -> log Z, CE, argmax, and either the
@@ -1001,6 +1023,13 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
     "Reference row k" is row ref_row[k] of ref16/ref32 when ref_row is given (else row k; ref_S, ref_B and the
     other precomputed statistics are always indexed by k), so a caller finishing a few positions of a large
     reference cache does not gather their rows out of it first.
+
+    Gated positions (gate_n not empty; every position finishes): after an edit of the neurons gate_n (numbers
+    only), a position where each of them is certainly off both before and after it (_gate_quiet: its activation
+    plus gate_m, a bound on the edit's change of it, <= 0) writes and finishes nothing: the old row's outputs stand
+    there (out_kept[k] = True, out_dense[k] = old_dense[k], the old row's out_dense). That holds only where the
+    position stores its outputs as it did then (dense_pos = old_dense bit 0), else it is computed. Its write
+    count, which decides the next position's storage, is the old one (bit 1): every write is the same as then.
 
     Attention is incremental: a position at distance >= D (the head's position-table length) from t has
     score default + srcscore(token), the same for every later t, so it is folded once into running sums
@@ -1235,10 +1264,34 @@ def run_seqs(q0, q1, tok, seq_ptr, row_of, base, base_p, base_lse, base_pat, bas
                           readers, dl, df, touched, dcnt)
             if not need:
                 continue  # nothing written at t
+            _neuron_inputs(c, neurons, live, np.int64(n_live), spread)  # not a literal 0: typed once
+            if (ir >= 0 and len(gate_n) > 0 and np.int8(dense_pos) == (old_dense[ir] & 1)
+                    and _gate_quiet(gate_n, gate_m, pre, pres_sum, nr_thr)):
+                # the old row's outputs stand (docstring, "Gated positions"): drop what was summed, finish nothing
+                for j in range(ocnt[0]):
+                    ov_acc[ov_list[j]] = 0.0
+                    ov_flag[ov_list[j]] = False
+                ocnt[0] = 0
+                for j in range(pcnt[0]):
+                    pre[plist[j]] = 0.0
+                    pflag[plist[j]] = False
+                pcnt[0] = 0
+                for rr in range(R):
+                    if srow[rr]:
+                        sd[rr * V:(rr + 1) * V] = 0.0
+                        srow[rr] = False
+                for j in range(dcnt[0]):
+                    delta[touched[j]] = 0.0
+                    dflag[touched[j]] = False
+                dcnt[0] = 0
+                out_kept[ir] = True
+                out_dense[ir] = old_dense[ir]
+                dense_pos = (old_dense[ir] & 2) != 0
+                continue
             nw += _head_out_writes(V, row, (ho_rule, ho_ptr, ho_tok, ho_w), ov_acc, ov_flag, ov_list, ocnt, dl, df,
                                    touched, dcnt)
-            nw += _neurons(V, c, row, n_atoms, neurons, (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), live,
-                           np.int64(n_live), pres_sum, spread, dl, df, touched, dcnt)  # not a literal 0: typed once
+            nw += _neurons(V, row, n_atoms, neurons, (ws_ptr, ws_tok, ws_w), (ca_ptr, ca_atom), pres_sum, spread, dl,
+                           df, touched, dcnt)
             nk = dcnt[0]
             nak = acnt[0]
             if ir >= 0:

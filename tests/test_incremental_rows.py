@@ -1,6 +1,7 @@
 """Incremental ledger rows (verify/ledger/incremental.py): after an edit, a row spliced from its predecessor
 with only the changed rules' spans recomputed equals a full recompute of that row, bit for bit, for a
-bigram edit, a head_out edit, an added rule and a deleted rule; a neuron edit falls back to a full pass."""
+bigram edit, a head_out edit, an added rule and a deleted rule; a neuron edit is a full pass that keeps the old
+rows where the edited neuron stays off (incremental.find_gate), equal to a full recompute all the same."""
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,14 @@ EDITS = {
     "head_out": ("30_extra.toml", 'next = { "." = 1.0 }', 'next = { "." = -0.75 }'),
     "added": ("30_extra.toml", "", ADDED),
     "deleted": ("30_extra.toml", EXTRA[EXTRA.index("[[head_out]]"):], ""),
-    "neuron": ("20_attention.toml", "threshold = 1.0", "threshold = 0.5"),
+    "neuron": ("20_attention.toml", "threshold = 1.0", "threshold = 0.8"),
+    # an edit that lowers an activation somewhere keeps a position only within the edit's bound of it: each input
+    # kind is lowered once (a bound without that kind's term fails), and the threshold moves both ways
+    "neuron threshold up": ("20_attention.toml", "threshold = 1.0", "threshold = 1.25"),
+    "neuron now": ("20_attention.toml", 'now = { " dog" = 1.0 }', 'now = { " dog" = 0.6 }'),
+    "neuron present": ("20_attention.toml", '"@animal" = 0.5 }', '"@animal" = -0.25 }'),
+    "neuron attend": ("20_attention.toml", '{ " the" = 0.5 }', '{ " the" = 0.1 }'),
+    "neuron next": ("20_attention.toml", 'next = { " ran" = 1.0, "." = -0.5 }', 'next = { " ran" = 1.0, "." = 0.25 }'),
 }
 
 
@@ -99,12 +107,15 @@ def _ref(tmp: Path, seed: int = 0, name: str = "ref") -> SimpleNamespace:
 class _Counting(handmodel.HandModel):
     """Records how many positions each engine call covered and how many it finished (`at`)."""
 
-    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None, ref_key=None, stats_store=None):
+    def stream_metrics_rows(self, seqs, ref_logp, masks, at=None, ref_rows=None, ref_key=None, stats_store=None,
+                            gate=None):
         n = sum(len(s) for s in seqs)
         self.positions = getattr(self, "positions", []) + [n]
         self.finished = getattr(self, "finished", []) + [n if at is None else int(np.sum(at))]
-        return super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows, ref_key=ref_key,
-                                           stats_store=stats_store)
+        out = super().stream_metrics_rows(seqs, ref_logp, masks, at=at, ref_rows=ref_rows, ref_key=ref_key,
+                                          stats_store=stats_store, gate=gate)
+        self.kept = getattr(self, "kept", []) + [0 if gate is None else int(np.sum(out[0]["kept"]))]
+        return out
 
 
 def _ledger(d: Path, ref, cache: bool = True, lineage: bool = True):
@@ -138,8 +149,8 @@ def test_spliced_rows_equal_a_full_recompute(tmp_path, kind):
     _, whole = _ledger(after, ref, cache=False)
     for g, f in zip(got, whole):
         assert np.allclose(g["kl"], f["kl"], rtol=0, atol=1e-12) and np.array_equal(g["agree"], f["agree"])
-    if kind == "neuron":  # spans everything: one full pass
-        assert hm.positions == [N]
+    if kind.startswith("neuron"):  # spans everything: one full pass, keeping the old rows where it stays off
+        assert hm.positions == [N] and 0 < hm.kept[0] < N, hm.kept
     elif kind in ("bigram", "head_out"):  # a number: every write count stays, one pass
         assert len(hm.positions) == 1 and 0 < hm.positions[0] < N, hm.positions
     else:  # a rule added or deleted: a second pass for positions whose storage changed, if any
@@ -276,3 +287,85 @@ def test_spans_match_touched_spans(tmp_path):
             last = np.zeros(len(ref.seqs), np.int64)  # one past the last position in `at`, per sequence
             np.maximum.at(last, pos.seq[at], pos.pos[at] + 1)
             assert np.array_equal(last, want), rules.rule_ids[i]
+
+
+NEAR_ZERO = '''vocab = "9:10557a0e"
+group = "near zero"
+
+[[neuron]]
+id = "near.zero"
+doc = "Attention-driven, so its activation takes many values around its threshold."
+threshold = 0.45
+now = { " dog" = 0.3, "@animal" = 0.2 }
+present = { " cat" = 0.25 }
+attend = { "head.prev" = { " the" = 1.0, "@animal" = 0.5 } }
+next = { "." = 0.5, " sat" = -0.25 }
+'''
+# (old, new) text of near.zero: each input kind lowered once, the threshold both ways, and `next` alone
+GATED_EDITS = {
+    "threshold up": ("threshold = 0.45", "threshold = 0.6"),
+    "threshold down": ("threshold = 0.45", "threshold = 0.3"),
+    "now down": ('" dog" = 0.3', '" dog" = 0.1'),
+    "present down": ('{ " cat" = 0.25 }', '{ " cat" = -0.1 }'),
+    "attend down": ('{ " the" = 1.0,', '{ " the" = 0.7,'),
+    "next": ('"." = 0.5', '"." = 0.9'),
+}
+
+
+def _near_zero(d: Path, edit=None) -> handmodel.CompiledRules:
+    _write(d)
+    text = NEAR_ZERO if edit is None else NEAR_ZERO.replace(*edit)
+    (d / "50_near_zero.toml").write_text(text)
+    return handmodel.load_rules(d, VOCAB)
+
+
+def _activations(rules, seqs) -> np.ndarray:
+    """near.zero's activation at every position (the twin)."""
+    from handmodel import twin
+
+    (r,) = [r for r in rules.rules if r.id == "near.zero"]
+    out = []
+    for s in seqs:
+        for t in range(len(s)):
+            out.append(twin.neuron_activation(twin.neuron_preactivation(rules, r, s, t, twin.head_attentions(rules, s, t))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", list(GATED_EDITS))
+def test_a_gate_keeps_only_positions_where_the_neuron_is_off_before_and_after(tmp_path, kind):
+    """HandModel.stream_metrics_rows(gate=) after an edit of a neuron's numbers, with incremental.neuron_margin's
+    bound: every position it keeps has the neuron off before and after the edit (the twin's activations), the
+    merged rows equal a full pass bit for bit, and it keeps some. Without the bound (margin 0) an edit that lowers
+    the activation keeps positions where the neuron was on: the bound is what makes it right."""
+    from handmodel.engine import NeuronGate
+
+    ref = _ref(tmp_path)
+    old = _near_zero(tmp_path / "old")
+    new = _near_zero(tmp_path / "new", GATED_EDITS[kind])
+    masks = [m for _, m in L.group_masks(new)]
+    (want_old,) = [m for _, m in L.group_masks(old)][-1:]
+    before = handmodel.HandModel(old).stream_metrics_rows(ref.seqs, ref.logp, [want_old])[0]
+    j = new.rule_ids.index("near.zero")
+    (r_old,) = [r for r in old.rules if r.id == "near.zero"]
+    margin = I.neuron_margin(new.sets, r_old, new.rules[j])
+    hm = handmodel.HandModel(new)
+    full = hm.stream_metrics_rows(ref.seqs, ref.logp, masks[-1:])[0]
+    gated = hm.stream_metrics_rows(ref.seqs, ref.logp, masks[-1:], gate=NeuronGate([j], np.array([margin]),
+                                                                                   [np.asarray(before["dense"])]))[0]
+    kept = np.asarray(gated["kept"])
+    merged = I.merge_kept(gated, before, L.ROW_FIELDS)
+    assert 0 < kept.sum() < len(kept)
+    a_old, a_new = _activations(old, ref.seqs), _activations(new, ref.seqs)
+    assert np.all(a_old[kept] == 0) and np.all(a_new[kept] == 0)
+    for k in L.ROW_FIELDS:
+        assert np.array_equal(merged[k], full[k], equal_nan=True), k
+    assert np.array_equal(gated["dense"], full["dense"])
+    lowered = a_old > a_new
+    if kind != "next":  # the bound matters: without it, positions where the neuron fired before would be kept
+        unsafe = hm.stream_metrics_rows(ref.seqs, ref.logp, masks[-1:], gate=NeuronGate([j], np.zeros(1),
+                                                                                       [np.asarray(before["dense"])]))[0]
+        wrongly = np.asarray(unsafe["kept"]) & (a_old > 0)
+        assert wrongly.any() == bool((lowered & (a_new == 0)).any()), kind
+        if wrongly.any():
+            bad = I.merge_kept(unsafe, before, L.ROW_FIELDS)
+            assert not np.array_equal(bad["kl"], full["kl"])

@@ -252,9 +252,12 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
         rest = [i for i in todo if got[i] is None]
         if rest:
             store = RefStatsStore(ref.dir) if cache else None  # the reference's statistics, across processes
+            # an edit of neurons' numbers: their old rows stand wherever those neurons stay off (incremental.find_gate)
+            gate = I.find_gate(ref, rules, rest, labels, keys, head, specs, masks, load) if labels is not None else None
             for i, m in zip(rest, hm.stream_metrics_rows(ref.seqs, ref.logp, [masks[i] for i in rest],
-                                                         ref_key=ref.content_key, stats_store=store)):
-                got[i] = m
+                                                         ref_key=ref.content_key, stats_store=store,
+                                                         gate=None if gate is None else gate.gate)):
+                got[i] = m if gate is None else I.merge_kept(m, gate.olds[gate.rows.index(i)], ROW_FIELDS)
         for i in todo:
             extra = None if specs is None else {**specs.to_arrays(masks[i]), "sp_head": head,
                                                 "sp_dense": np.ascontiguousarray(got[i]["dense"])}

@@ -17,6 +17,13 @@ came from such a pass). Each stored row carries what that needs: per rule of its
 rule_digests) and the sets its span depends on, and the context (engine, eval set, token sets) it was
 computed in; a changed context, a changed rule spanning everything, too many changed rules or spans
 covering over MAX_SHARE of the positions mean a full pass instead.
+
+A neuron acts wherever it fires, which for the shipped neurons is 16–74% of the positions, and its positions' prefixes
+cover nearly everything: an edit of a neuron's numbers (find_gate) is a full pass that keeps the old rows where the
+neuron is certainly off both before and after the edit (its new activation plus neuron_margin, a bound on how far
+the edit moved it, <= 0: kernels.run_seqs, "Gated positions"), bit for bit what a full pass over the same rows gives
+under the same condition on the old rows' pass grouping. The replaced rule's numbers come from the rule cache
+(CompiledRules.replaced_rules: the ruleset loaded before).
 """
 from __future__ import annotations
 
@@ -274,3 +281,106 @@ def _recompute(hm, ref, masks: list[np.ndarray], bases: list[Base], at: np.ndarr
     for o, m in zip(out, new):
         for k in fields + ("dense",):
             o[k][where] = m[k]
+
+
+# -- neuron edits: a full pass that keeps the old rows where the edited neurons stay off ----------------------
+GATE_SLOP = 1e-9  # relative: the float rounding of a pre-activation sum, many times over
+
+
+def _scale(sets, sid: int) -> float:
+    """The largest |weight| a token can have in set sid: what one input number of a neuron is multiplied by."""
+    if sid < sets.V or not sets.is_weighted(sid):
+        return 1.0
+    w = np.abs(np.asarray(sets.weights_of(sid), np.float64))
+    return float(w.max()) if len(w) else 0.0
+
+
+def _neuron_numbers(sets, r) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """(its inputs' layout, its input numbers, their scales): threshold, `now`, `present`, `attend`."""
+    layout = (tuple(s for s, _ in r.n_now), tuple(s for s, _ in r.n_present), tuple((h, s) for h, s, _ in r.n_attend))
+    nums = [r.threshold] + [w for _, w in r.n_now] + [w for _, w in r.n_present] + [w for _, _, w in r.n_attend]
+    scale = [1.0] + [_scale(sets, s) for s, _ in r.n_now] + [1.0] * len(r.n_present) + \
+        [_scale(sets, s) for _, s, _ in r.n_attend]
+    return layout, np.array(nums, np.float64), np.array(scale, np.float64)
+
+
+def neuron_margin(sets, old, new) -> float | None:
+    """A bound on |activation after − before| of a neuron edited from `old` to `new` (numbers only: the same
+    inputs), at any position: |Δthreshold| + Σ |Δw|·(the largest weight its set gives a token), since a `now` input
+    is one token's weight, a `present` one is 0 or 1, and an `attend` one is attention (summing to 1) times weights;
+    plus a relative slop for the rounding of either sum. None when the inputs differ in more than numbers."""
+    if old.kind != "neuron" or new.kind != "neuron" or old.id != new.id:
+        return None
+    lo, xo, so = _neuron_numbers(sets, old)
+    ln, xn, sn = _neuron_numbers(sets, new)
+    if lo != ln:
+        return None
+    size = float(np.abs(xo) @ so + np.abs(xn) @ sn)
+    return float(np.abs(xn - xo) @ sn) + GATE_SLOP * (1.0 + size)
+
+
+@dataclass
+class Gate:
+    """Old rows to keep where the edited neurons stay off (HandModel.stream_metrics_rows' gate)."""
+    rows: list[int]  # indices into the masks being computed
+    olds: list[dict]  # their old rows (ROW fields), in the same order
+    gate: object  # handmodel.engine.NeuronGate
+
+
+def find_gate(ref, rules, rows: list[int], labels: list[str], keys: list[str], head: np.ndarray, cur: Specs,
+              on: list[np.ndarray], load) -> Gate | None:
+    """When every row of `rows` has a last row under its label, computed in this context, that differs from it only
+    in neurons whose numbers an edit changed (the replaced versions known: rules.replaced_rules()): the gate that
+    keeps those old rows where the edited neurons stay off. Else None."""
+    from handmodel.engine import NeuronGate
+
+    olds, dense, pairs = [], [], None
+    for i in rows:
+        old_key = read_lineage(ref, labels[i])
+        got = load(old_key) if old_key is not None and old_key != keys[i] else None
+        if got is None:
+            return None
+        m, ex = got
+        if "sp_head" not in ex or not np.array_equal(ex["sp_head"], head):
+            return None
+        d = ex.get("sp_dense")
+        if d is None or d.shape != (len(ref.tokens),):
+            return None
+        dense.append(d)
+        try:
+            old, old_on = Specs.from_arrays(ex)
+        except (KeyError, ValueError):
+            return None
+        ok, nk = old.keys(old_on), cur.keys(on[i])
+        gone = sorted(dg for dg in ok if dg not in nk)
+        came = sorted(nk[dg] for dg in nk if dg not in ok)
+        if not came or len(gone) != len(came) or pairs is not None and (gone, came) != pairs:
+            return None
+        pairs = (gone, came)
+        olds.append(m)
+    gone, came = pairs
+    by_id = {rules.rules[j].id: j for j in came}
+    replaced = rules.replaced_rules() if hasattr(rules, "replaced_rules") else {}
+    margins, idx = [], []
+    for dg in gone:
+        r_old = replaced.get(dg)
+        j = by_id.get(r_old.id) if r_old is not None else None
+        mg = neuron_margin(rules.sets, r_old, rules.rules[j]) if j is not None else None
+        if mg is None:
+            return None
+        idx.append(j)
+        margins.append(mg)
+    if sorted(idx) != sorted(came):
+        return None
+    return Gate(list(rows), olds, NeuronGate(idx, np.array(margins), dense))
+
+
+def merge_kept(m: dict, old: dict, fields: tuple[str, ...]) -> dict:
+    """A gated pass's row with the old row's values where it kept them (m["kept"])."""
+    kept = np.asarray(m["kept"])
+    out = dict(m)
+    for k in fields:
+        a = np.array(m[k])
+        a[kept] = np.asarray(old[k])[kept]
+        out[k] = a
+    return out
