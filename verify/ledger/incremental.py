@@ -359,6 +359,8 @@ def find_gate(ref, rules, rows: list[int], labels: list[str], keys: list[str], h
         pairs = (gone, came)
         olds.append(m)
     gone, came = pairs
+    if any(rules.rules[j].kind != "neuron" for j in came):
+        return None  # before reading the replaced rules from the rule cache
     by_id = {rules.rules[j].id: j for j in came}
     replaced = rules.replaced_rules() if hasattr(rules, "replaced_rules") else {}
     margins, idx = [], []
