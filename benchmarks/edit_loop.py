@@ -43,8 +43,25 @@ _NUM = re.compile(r"(=\s*)(-?\d+\.\d+)")
 def edit_number(path: Path, rule_id: str | None, delta: float) -> str:
     """Add `delta` to the first number of the rule's `next` table (a bigram/head_out) or, with no id, to the
     first neuron threshold. Returns what changed."""
+    if rule_id:
+        return edit_field(path, rule_id, "next", delta)
     text = path.read_text()
-    start = text.index("next =", text.index(f'id = "{rule_id}"')) if rule_id else text.index("threshold =")
+    return _bump(path, text, text.index("threshold ="), delta)
+
+
+def edit_field(path: Path, rule_id: str, field: str, delta: float) -> str:
+    """Add `delta` to the first number of the rule's `field` (its value, or the first in its table). Returns what
+    changed; a rule without that key is an error saying so."""
+    text = path.read_text()
+    at = text.index(f'id = "{rule_id}"')
+    end = text.find("\n[[", at)
+    start = text.find(f"\n{field} =", at, len(text) if end < 0 else end)
+    if start < 0:
+        raise SystemExit(f"{path.name}: rule {rule_id} has no `{field}`; pick another")
+    return _bump(path, text, start, delta)
+
+
+def _bump(path: Path, text: str, start: int, delta: float) -> str:
     m = _NUM.search(text, start)
     new = f"{float(m.group(2)) + delta:.6f}"
     path.write_text(text[:m.start(2)] + new + text[m.end(2):])

@@ -12,7 +12,6 @@ bit-identical. Prints the share of positions kept and both times. Needs verify's
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import tempfile
 import time
@@ -21,23 +20,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-_NUM = re.compile(r"(=\s*)(-?\d+\.\d+)")
-
-
-def edit_field(path: Path, rule_id: str, field: str, delta: float) -> str:
-    """Add delta to the first number after `field =` in the rule's table; what changed."""
-    text = path.read_text()
-    at = text.index(f'id = "{rule_id}"')
-    end = text.find("\n[[", at)
-    start = text.find(f"\n{field} =", at, len(text) if end < 0 else end)
-    if start < 0:
-        raise SystemExit(f"{path.name}: rule {rule_id} has no `{field}` table; pick another --field")
-    m = _NUM.search(text, start)
-    new = f"{float(m.group(2)) + delta:.6f}"
-    path.write_text(text[:m.start(2)] + new + text[m.end(2):])
-    return f"{rule_id}.{field}: {m.group(2)} -> {new}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rules", type=Path, default=ROOT / "rules")
@@ -45,6 +27,7 @@ def main() -> None:
     ap.add_argument("--rule", default="neuron.250")
     ap.add_argument("--field", default="threshold", choices=["threshold", "now", "present", "attend", "next"])
     args = ap.parse_args()
+    from benchmarks.edit_loop import edit_field
     from handmodel import HandModel, load_rules
     from handmodel.vocab import load_vocab
     from verify.ledger import core as C
@@ -61,9 +44,8 @@ def main() -> None:
         rules = load_rules(d, vocab)
         hm = HandModel(rules)
         masks = C.group_masks(rules)
-        labels = ["all:" + label + C.lineage_scope(rules) for label, _ in masks]
         t = time.perf_counter()
-        got = C.cached_metrics(hm, rules, ref, [m for _, m in masks], True, labels=labels)
+        got = C.cached_metrics(hm, rules, ref, [m for _, m in masks], True, labels=C.lineage_labels(rules, masks))
         return got, time.perf_counter() - t, hm, [m for _, m in masks]
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,9 +54,9 @@ def main() -> None:
         f = next(p for p in sorted(d.glob("*.toml")) if f'id = "{args.rule}"' in p.read_text())
         ledger(d, gate=True)
         rng = np.random.default_rng()  # new numbers each run, so no row comes from the cache
-        print(edit_field(f, args.rule, args.field, float(rng.uniform(0.001, 0.002))))
+        print(f"{args.rule}.{args.field}:", edit_field(f, args.rule, args.field, float(rng.uniform(0.001, 0.002))))
         _, t1, _, _ = ledger(d, gate=False)
-        print(edit_field(f, args.rule, args.field, float(rng.uniform(0.001, 0.002))))
+        print(f"{args.rule}.{args.field}:", edit_field(f, args.rule, args.field, float(rng.uniform(0.001, 0.002))))
         got, t2, hm, masks = ledger(d, gate=True)
         I.find_gate = find_gate
     rows = [i for i, m in enumerate(got) if "kept" in m]

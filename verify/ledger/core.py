@@ -242,7 +242,8 @@ def cached_metrics(hm, rules, ref, masks: list[np.ndarray], cache: bool = True,
         bases = []
         if labels is not None:
             pos = I._Positions(rules.sets, ref.tokens, ref.offsets)
-            load = lambda k: _load_row(ref, k, extras=True)  # noqa: E731
+            olds: dict = {}  # find_base and find_gate read the same predecessor rows: each is read and checked once
+            load = lambda k: olds[k] if k in olds else olds.setdefault(k, _load_row(ref, k, extras=True))  # noqa: E731
             bases = [b for i in todo
                      if (b := I.find_base(ref, rules.sets, i, labels[i], keys[i], head, specs, masks[i], pos, load))]
         spliced = I.splice(hm, ref, masks, bases, ROW_FIELDS) if bases else None
@@ -279,6 +280,12 @@ def lineage_scope(rules) -> str:
     return "\0" + _engine_sha() + "\0" + "\0".join(folders)
 
 
+def lineage_labels(rules, masks: list[tuple[str, np.ndarray]], ledger: str = "all:") -> list[str]:
+    """Each row's lineage label (incremental.py): the ledger it is in, its group label, this rules folder's scope."""
+    scope = lineage_scope(rules)
+    return [ledger + label + scope for label, _ in masks]
+
+
 def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_only: bool = False, cache: bool = True,
                within: np.ndarray | None = None):
     """-> (rows, per-position metrics of the last row (all rules on)). `within` [n_rules] bool: only these rules
@@ -288,9 +295,8 @@ def run_ledger(hm, rules, ref, kl_unigram: float, weights: np.ndarray, final_onl
         masks = masks[-1:]
     if within is not None:
         masks = [(label, m & within) for label, m in masks]
-    scope = lineage_scope(rules)
-    lineage = [("verified:" if within is not None else "all:") + label + scope for label, _ in masks]
-    got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache, labels=lineage)
+    got = cached_metrics(hm, rules, ref, [m for _, m in masks], cache,
+                         labels=lineage_labels(rules, masks, "verified:" if within is not None else "all:"))
     numbers = np.asarray(rules.rule_numbers)
     rows = [summarize(label, m, ref, weights, kl_unigram, int(mask.sum()), int(numbers[mask].sum()))
             for (label, mask), m in zip(masks, got)]

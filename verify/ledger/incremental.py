@@ -362,7 +362,7 @@ def find_gate(ref, rules, rows: list[int], labels: list[str], keys: list[str], h
     if any(rules.rules[j].kind != "neuron" for j in came):
         return None  # before reading the replaced rules from the rule cache
     by_id = {rules.rules[j].id: j for j in came}
-    replaced = rules.replaced_rules() if hasattr(rules, "replaced_rules") else {}
+    replaced = rules.replaced_rules()
     margins, idx = [], []
     for dg in gone:
         r_old = replaced.get(dg)
